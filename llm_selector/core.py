@@ -1,0 +1,371 @@
+"""The selector's logic, independent of the transport (Ray Serve gRPC proxy or a plain grpc.aio server).
+
+A request goes through `admit` (validation, step ordering, idempotent replay) and then a batched compute
+(`compute_select` / `compute_decode`, synchronous torch, run off the event loop) and `release`, which
+records the reply for retries and lets the session's next step in.
+
+The selection rule is the paper's: the index of the candidate with the highest LLM probability, ties to
+the lower index (the SLM's higher rank). A position diverges when that index is not 0 and the trigger
+fires; the reply stops at the first divergence and the session is cut back to it, so the selector's
+cache never keeps a rejected token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import grpc
+import torch
+
+from s2t.v1 import selector_pb2 as pb
+from slm_worker.config import SelectorSettings
+from slm_worker.runtime import Engine
+from slm_worker.trigger import ThresholdTable, kl_on_support
+
+from .selection_log import SelectionLog
+from .sessions import Session, SessionStore
+
+log = logging.getLogger(__name__)
+
+MAX_ID_LEN = 128
+
+
+class SelectorError(Exception):
+    """An expected failure with the gRPC status it maps to."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> SelectorError:
+    return SelectorError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def stale(message: str) -> SelectorError:
+    return SelectorError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+@dataclasses.dataclass
+class Ticket:
+    """An admitted request: its session is reserved (busy) until `release`."""
+
+    session: Session
+    request: object
+    kind: str  # "select" or "decode"
+    admitted: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class SelectorCore:
+    def __init__(self, engine: Engine, settings: SelectorSettings, selection_log: SelectionLog | None = None,
+                 kl_thresholds: dict[float, float] | None = None, model_name: str | None = None):
+        self.engine = engine
+        self.settings = settings
+        self.log = selection_log
+        self.vocab_size = engine.vocab_size
+        self.model_name = model_name or engine.lm.name
+        self.kl = ThresholdTable(kl_thresholds if kl_thresholds is not None else settings.kl_thresholds, "KL")
+        self.sessions = SessionStore(engine, settings.max_sessions, settings.session_idle_ttl_s,
+                                     settings.kv_budget_mb << 20)
+        self.counters = {"select": 0, "decode": 0, "replayed": 0, "failed_precondition": 0, "positions": 0,
+                         "diverged": 0, "forwards": 0}
+
+    @classmethod
+    def from_settings(cls, settings) -> "SelectorCore":
+        """Load the selector model, its KL calibration and the selection log as configured."""
+        from slm_worker.calibration import read_calibration
+        from slm_worker.runtime import load_model
+
+        from .selection_log import SelectionLog
+
+        sel = settings.selector
+        lm = load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats, sel.runtime.threads)
+        calibration = read_calibration(settings.calibration_file()) or {}
+        selection_log = None
+        if sel.log_enabled:
+            selection_log = SelectionLog(
+                settings.selection_log_dir(),
+                header={"selector_model": lm.name, "selector_vocab_sha256": lm.vocab_sha256,
+                        "weight_formats": lm.plan.describe()},
+                segment_records=sel.log_segment_records, segment_seconds=sel.log_segment_seconds,
+                fsync_every=sel.log_fsync_every)
+        log.info("selector ready: %s", lm.describe())
+        return cls(Engine(lm), sel, selection_log, kl_thresholds=calibration.get("kl"))
+
+    # -- info ---------------------------------------------------------------------------------------------
+
+    def info(self) -> pb.GetSelectorInfoResponse:
+        s = self.settings
+        return pb.GetSelectorInfoResponse(
+            model_name=self.model_name, vocab_size=self.vocab_size, vocab_sha256=self.engine.lm.vocab_sha256,
+            max_candidates=s.max_candidates, max_positions=s.max_positions, max_context_tokens=s.max_context_tokens,
+            max_decode_tokens=s.max_decode_tokens,
+            kl_thresholds=self.kl.as_dict(),
+            weight_formats=self.engine.lm.plan.describe(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+
+    def close_session(self, session_id: str) -> pb.CloseSessionResponse:
+        return pb.CloseSessionResponse(existed=self.sessions.remove(session_id))
+
+    # -- validation ---------------------------------------------------------------------------------------
+
+    def _check_common(self, req) -> None:
+        if not req.session_id:
+            raise invalid("session_id: must not be empty")
+        if len(req.session_id) > MAX_ID_LEN:
+            raise invalid(f"session_id: {len(req.session_id)} characters, at most {MAX_ID_LEN}")
+        if len(req.request_id) > MAX_ID_LEN:
+            raise invalid(f"request_id: {len(req.request_id)} characters, at most {MAX_ID_LEN}")
+        if len(req.token_ids) == 0:
+            raise invalid("token_ids: at least one token is required")
+        total = req.prefix_length + len(req.token_ids)
+        if total > self.settings.max_context_tokens:
+            raise invalid(f"token_ids: prefix_length {req.prefix_length} + {len(req.token_ids)} tokens exceeds "
+                          f"max_context_tokens {self.settings.max_context_tokens}")
+        self._check_ids("token_ids", req.token_ids)
+
+    def _check_ids(self, field: str, ids) -> None:
+        for i, t in enumerate(ids):
+            if not 0 <= t < self.vocab_size:
+                raise invalid(f"{field}[{i}]: {t} is outside the vocabulary [0, {self.vocab_size})")
+
+    def validate_select(self, req: pb.SelectRequest) -> None:
+        self._check_common(req)
+        s = self.settings
+        n = len(req.positions)
+        if n == 0:
+            raise invalid("positions: at least one position is required")
+        if n > s.max_positions:
+            raise invalid(f"positions: {n} positions, at most {s.max_positions}")
+        kind = req.trigger.kind
+        if kind not in (pb.SELECT_TRIGGER_ALWAYS, pb.SELECT_TRIGGER_WORKER, pb.SELECT_TRIGGER_KL):
+            raise invalid("trigger.kind: must be SELECT_TRIGGER_ALWAYS, SELECT_TRIGGER_WORKER or SELECT_TRIGGER_KL")
+        if kind == pb.SELECT_TRIGGER_KL:
+            if req.trigger.kl_threshold < 0:
+                raise invalid(f"trigger.kl_threshold: {req.trigger.kl_threshold:g} must be > 0")
+            if req.trigger.kl_threshold == 0:
+                if not 0 < req.trigger.kl_rate <= 1:
+                    raise invalid(f"trigger.kl_rate: {req.trigger.kl_rate:g} must be in (0, 1] "
+                                  "when trigger.kl_threshold is not set")
+                self._kl_threshold(req.trigger.kl_rate)
+        lo, hi = req.prefix_length + 1, req.prefix_length + len(req.token_ids)
+        prev = 0
+        for j, pos in enumerate(req.positions):
+            f = f"positions[{j}]"
+            if not lo <= pos.position <= hi:
+                raise invalid(f"{f}.position: {pos.position} is outside [{lo}, {hi}] "
+                              "(prefix_length + 1 .. prefix_length + len(token_ids))")
+            if pos.position <= prev:
+                raise invalid(f"{f}.position: positions must be strictly increasing ({pos.position} after {prev})")
+            prev = pos.position
+            k = len(pos.candidate_ids)
+            if k == 0:
+                raise invalid(f"{f}.candidate_ids: K = 0, at least one candidate is required")
+            if k > s.max_candidates:
+                raise invalid(f"{f}.candidate_ids: K = {k} exceeds max_candidates {s.max_candidates}")
+            self._check_ids(f"{f}.candidate_ids", pos.candidate_ids)
+            self._check_ids(f"{f}.support_ids", pos.support_ids)
+            if len(set(pos.candidate_ids) | set(pos.support_ids)) != k + len(pos.support_ids):
+                raise invalid(f"{f}.candidate_ids: ids must be distinct (across candidate_ids and support_ids)")
+            for name, ids, probs in (("candidate", pos.candidate_ids, pos.candidate_probs),
+                                     ("support", pos.support_ids, pos.support_probs)):
+                if probs and len(probs) != len(ids):
+                    raise invalid(f"{f}.{name}_probs: {len(probs)} probabilities for {len(ids)} {name}_ids")
+                for i, p in enumerate(probs):
+                    if not 0.0 <= p <= 1.0:  # also rejects NaN
+                        raise invalid(f"{f}.{name}_probs[{i}]: {p} is not a probability in [0, 1]")
+            if kind == pb.SELECT_TRIGGER_KL and not pos.candidate_probs:
+                raise invalid(f"{f}.candidate_probs: SELECT_TRIGGER_KL needs the SLM's probabilities")
+
+    def validate_decode(self, req: pb.DecodeRequest) -> None:
+        self._check_common(req)
+        if not 1 <= req.max_tokens <= self.settings.max_decode_tokens:
+            raise invalid(f"max_tokens: {req.max_tokens} is outside [1, {self.settings.max_decode_tokens}]")
+        self._check_ids("stop_ids", req.stop_ids)
+        if req.prefix_length + len(req.token_ids) + req.max_tokens > self.settings.max_context_tokens:
+            raise invalid(f"max_tokens: the session would exceed max_context_tokens {self.settings.max_context_tokens}")
+
+    def _kl_threshold(self, rate: float) -> float:
+        try:
+            return self.kl.threshold(rate)
+        except ValueError as e:
+            raise invalid(f"trigger.kl_rate: {e}; send trigger.kl_threshold instead") from None
+
+    # -- ordering -----------------------------------------------------------------------------------------
+
+    async def admit(self, req, kind: str) -> Ticket | object:
+        """Validate and wait for the request's turn in its session. Returns a Ticket, or the recorded reply of
+        an identical earlier request (idempotent retry); raises SelectorError."""
+        (self.validate_select if kind == "select" else self.validate_decode)(req)
+        sid, step = req.session_id, req.step
+        session = self.sessions.get(sid)
+        if session is None:
+            if req.prefix_length != 0:
+                self.counters["failed_precondition"] += 1
+                raise stale(f"session_id: unknown session {sid!r}; resend the full context with prefix_length 0")
+            session = self.sessions.create(sid)
+            session.next_step = step
+        async with session.changed:
+            deadline = time.monotonic() + self.settings.step_gap_wait_s
+            while True:
+                replay = self._replay(session, step)
+                if replay is not None:
+                    return replay
+                if session.busy:  # another step (or this one, retried) is computing: wait for it
+                    await session.changed.wait()
+                    continue
+                if step < session.next_step:
+                    raise stale(f"step: {step} is older than the session's next step {session.next_step} and its "
+                                "reply is no longer kept (or it was superseded); resend the full context")
+                timeout = deadline - time.monotonic()
+                if step > session.next_step and req.prefix_length != 0 and timeout > 0:
+                    # An earlier step may still be on its way (requests can overtake each other); after the wait
+                    # the missing steps are given up, and a late one is refused as superseded.
+                    try:
+                        await asyncio.wait_for(session.changed.wait(), timeout=timeout)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                break
+            if self.sessions.get(sid) is not session:  # evicted while waiting
+                if req.prefix_length != 0:
+                    raise stale(f"session_id: session {sid!r} was evicted; resend the full context")
+                session = self.sessions.create(sid)
+            session.next_step = step + 1
+            if req.prefix_length == 0 and session.tokens:
+                self.sessions.reset(session)
+            if req.prefix_length > len(session.tokens):
+                err = stale(f"prefix_length: {req.prefix_length} is beyond the {len(session.tokens)} tokens the "
+                            f"selector holds for session {sid!r}; resend from at most that length")
+                session.remember(step, err, self.settings.reply_cache_steps)
+                self.counters["failed_precondition"] += 1
+                session.changed.notify_all()
+                raise err
+            session.busy = True
+            return Ticket(session, req, kind)
+
+    def _replay(self, session: Session, step: int):
+        if step in session.replies:
+            self.counters["replayed"] += 1
+            reply = session.replies[step]
+            if isinstance(reply, SelectorError):
+                raise reply
+            return reply
+        return None
+
+    async def release(self, ticket: Ticket, reply) -> None:
+        s = ticket.session
+        async with s.changed:
+            s.busy = False
+            s.remember(ticket.request.step, reply, self.settings.reply_cache_steps)
+            s.changed.notify_all()
+
+    # -- compute (synchronous; call off the event loop) ---------------------------------------------------
+
+    def compute_select(self, tickets: list[Ticket]) -> list[pb.SelectResponse]:
+        for t in tickets:
+            if t.request.prefix_length < len(t.session.tokens):
+                t.session.crop(t.request.prefix_length)
+        logits = self.engine.forward(
+            [t.session.cache for t in tickets], [list(t.request.token_ids) for t in tickets],
+            [[p.position - t.request.prefix_length - 1 for p in t.request.positions] for t in tickets])
+        self.counters["forwards"] += 1
+        return [self._select_one(t, lg) for t, lg in zip(tickets, logits)]
+
+    def _select_one(self, ticket: Ticket, logits: torch.Tensor) -> pb.SelectResponse:
+        req, session = ticket.request, ticket.session
+        session.tokens.extend(req.token_ids)
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        trigger = req.trigger
+        threshold = 0.0
+        if trigger.kind == pb.SELECT_TRIGGER_KL:
+            threshold = trigger.kl_threshold or self._kl_threshold(trigger.kl_rate)
+        selections, logged = [], []
+        outcome = pb.SELECT_OUTCOME_ACCEPTED
+        for j, pos in enumerate(req.positions):
+            cand = torch.tensor(list(pos.candidate_ids))
+            cand_logp = logp[j, cand]
+            index = int(torch.argmax(cand_logp))  # first maximum: ties go to the SLM's higher rank
+            if trigger.kind == pb.SELECT_TRIGGER_ALWAYS:
+                fired, value = True, 0.0
+            elif trigger.kind == pb.SELECT_TRIGGER_WORKER:
+                fired, value = pos.worker_triggered, 0.0
+            else:
+                value = kl_on_support(list(pos.candidate_ids) + list(pos.support_ids),
+                                      list(pos.candidate_probs) + list(pos.support_probs), logp[j])
+                fired = value > threshold
+            diverged = fired and index != 0
+            selections.append(pb.Selection(position=pos.position, index=index, diverged=diverged, trigger_value=value))
+            if self.log is not None:
+                top1 = int(torch.argmax(logp[j]))
+                logged.append({"position": pos.position, "candidate_ids": list(pos.candidate_ids),
+                               "slm_probs": [round(p, 6) for p in pos.candidate_probs],
+                               "llm_probs": [round(p, 6) for p in cand_logp.exp().tolist()],
+                               "llm_top1": top1, "llm_top1_prob": round(float(logp[j, top1].exp()), 6),
+                               "index": index, "diverged": diverged, "trigger_value": round(value, 6),
+                               "worker_triggered": pos.worker_triggered,
+                               "worker_trigger_value": round(pos.worker_trigger_value, 6)})
+            if diverged:
+                outcome = pb.SELECT_OUTCOME_DIVERGED
+                session.crop(pos.position)
+                break
+        self.counters["select"] += 1
+        self.counters["positions"] += len(req.positions)
+        self.counters["diverged"] += outcome == pb.SELECT_OUTCOME_DIVERGED
+        if self.log is not None:
+            self.log.write({"kind": "select", "ts": time.time(), "session_id": req.session_id, "step": req.step,
+                            "request_id": req.request_id, "prefix_length": req.prefix_length,
+                            "token_ids": list(req.token_ids), "trigger": pb.SelectTrigger.Name(trigger.kind),
+                            "kl_threshold": threshold,
+                            "outcome": "diverged" if outcome == pb.SELECT_OUTCOME_DIVERGED else "accepted",
+                            "positions": logged})
+        return pb.SelectResponse(session_id=req.session_id, step=req.step, outcome=outcome, selections=selections,
+                                 session_length=len(session.tokens))
+
+    def compute_decode(self, tickets: list[Ticket]) -> list[pb.DecodeResponse]:
+        """Greedy generation for several sessions at once: one forward per generated token."""
+        for t in tickets:
+            if t.request.prefix_length < len(t.session.tokens):
+                t.session.crop(t.request.prefix_length)
+        feed = [list(t.request.token_ids) for t in tickets]
+        outputs: list[list[int]] = [[] for _ in tickets]
+        active = list(range(len(tickets)))
+        while active:
+            logits = self.engine.forward([tickets[i].session.cache for i in active], [feed[i] for i in active],
+                                         [[len(feed[i]) - 1] for i in active])
+            self.counters["forwards"] += 1
+            still = []
+            for i, lg in zip(active, logits):
+                tickets[i].session.tokens.extend(feed[i])
+                token = int(torch.argmax(lg[0]))
+                outputs[i].append(token)
+                req = tickets[i].request
+                if token not in req.stop_ids and len(outputs[i]) < req.max_tokens:
+                    feed[i] = [token]
+                    still.append(i)
+            active = still
+        self.counters["decode"] += len(tickets)
+        return [pb.DecodeResponse(session_id=t.request.session_id, step=t.request.step, token_ids=out,
+                                  session_length=len(t.session.tokens)) for t, out in zip(tickets, outputs)]
+
+    # -- one request end to end, without cross-request batching -------------------------------------------
+
+    async def handle(self, req, kind: str, run: Callable | None = None):
+        """admit -> compute -> release for one request; `run` executes the compute (default: a thread)."""
+        admitted = await self.admit(req, kind)
+        if not isinstance(admitted, Ticket):
+            return admitted
+        compute = self.compute_select if kind == "select" else self.compute_decode
+        try:
+            reply = (await (run or asyncio.to_thread)(compute, [admitted]))[0]
+        except BaseException:
+            # The session's cache may be half-updated: drop it so the worker resyncs.
+            self.sessions.remove(req.session_id)
+            await self.release(admitted, stale("session_id: the selector lost this session; resend the full context"))
+            raise
+        await self.release(admitted, reply)
+        return reply

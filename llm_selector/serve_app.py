@@ -1,0 +1,149 @@
+"""The selector as a Ray Serve application behind Serve's gRPC proxy.
+
+Method names equal the RPC names of s2t.v1.SelectorService (Ray routes by name). Concurrent Select calls
+from different sessions are batched into one forward with @serve.batch; Decode calls likewise. Sessions are
+routed to replicas by consistent hashing over the `session_id` gRPC metadata, so a session's cache is
+usually warm; when it is not, the worker resyncs (correctness never depends on routing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from ray import serve
+
+from s2t.v1 import selector_pb2 as pb
+from slm_worker.config import Settings
+
+from .core import SelectorCore, SelectorError, Ticket, stale
+
+log = logging.getLogger("s2t.selector")
+
+SERVICER_FUNCTION = "s2t.v1.selector_pb2_grpc.add_SelectorServiceServicer_to_server"
+CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
+
+
+@serve.deployment(name="Selector")
+class SelectorDeployment:
+    def __init__(self, settings: dict):
+        self.settings = Settings.model_validate(settings)
+        self.core = SelectorCore.from_settings(self.settings)
+        sel = self.settings.selector
+        for batched in (self._select_batch, self._decode_batch):
+            batched.set_max_batch_size(sel.max_batch_size)
+            batched.set_batch_wait_timeout_s(sel.batch_wait_timeout_s)
+
+    async def Select(self, request: pb.SelectRequest, grpc_context) -> pb.SelectResponse:
+        return await self._serve(request, grpc_context, "select", pb.SelectResponse)
+
+    async def Decode(self, request: pb.DecodeRequest, grpc_context) -> pb.DecodeResponse:
+        return await self._serve(request, grpc_context, "decode", pb.DecodeResponse)
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, grpc_context) -> pb.CloseSessionResponse:
+        return self.core.close_session(request.session_id)
+
+    async def GetSelectorInfo(self, request: pb.GetSelectorInfoRequest, grpc_context) -> pb.GetSelectorInfoResponse:
+        return self.core.info()
+
+    async def _serve(self, request, grpc_context, kind: str, empty):
+        try:
+            admitted = await self.core.admit(request, kind)
+            if not isinstance(admitted, Ticket):
+                return admitted
+            batch = self._select_batch if kind == "select" else self._decode_batch
+            reply = await batch(admitted)
+            if isinstance(reply, SelectorError):
+                raise reply
+            return reply
+        except SelectorError as e:
+            # Expected failures carry their own status; Serve would turn a raised exception into INTERNAL.
+            grpc_context.set_code(e.code)
+            grpc_context.set_details(e.message)
+            return empty()
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _select_batch(self, tickets: list[Ticket]) -> list:
+        return await self._compute(self.core.compute_select, tickets)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _decode_batch(self, tickets: list[Ticket]) -> list:
+        return await self._compute(self.core.compute_decode, tickets)
+
+    async def _compute(self, compute, tickets: list[Ticket]) -> list:
+        try:
+            replies = await asyncio.to_thread(compute, tickets)
+        except Exception:
+            log.exception("selector compute failed for %d sessions", len(tickets))
+            lost = stale("session_id: the selector lost this session; resend the full context")
+            for t in tickets:  # their caches may be half-updated
+                self.core.sessions.remove(t.session.id)
+            replies = [lost] * len(tickets)
+        for t, r in zip(tickets, replies):
+            await self.core.release(t, r)
+        return replies
+
+    def check_health(self) -> None:
+        if self.core.engine is None:
+            raise RuntimeError("selector engine not loaded")
+
+    def __del__(self):
+        if getattr(self, "core", None) is not None and self.core.log is not None:
+            self.core.log.close()
+
+
+def build_app(settings: Settings):
+    """The bound application; options come from the settings (a serve config file may override them)."""
+    sel = settings.selector
+    from ray.serve.config import RequestRouterConfig
+    from ray.serve.schema import LoggingConfig
+
+    deployment = SelectorDeployment.options(
+        num_replicas=sel.num_replicas,
+        max_ongoing_requests=sel.max_ongoing_requests,
+        ray_actor_options={"num_cpus": sel.replica_num_cpus},
+        request_router_config=RequestRouterConfig(
+            request_router_class=CONSISTENT_HASH_ROUTER,
+            request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 0}),
+        health_check_period_s=10,
+        graceful_shutdown_timeout_s=30,
+        # One access-log line per Select call would be a line per few tokens.
+        logging_config=LoggingConfig(enable_access_log=False),
+    )
+    return deployment.bind(settings.model_dump(mode="json"))
+
+
+def app_builder(args: dict):
+    """Entry point for `serve run` / serve config files: `import_path: llm_selector.serve_app:app_builder`.
+
+    `args` may name a config file (`config: path`); everything else comes from S2T_* environment variables.
+    """
+    from slm_worker.config import load_settings
+
+    return build_app(load_settings(args.get("config") or os.environ.get("S2T_CONFIG")))
+
+
+def start(settings: Settings, blocking: bool = False):
+    """Start a local Ray instance, Serve with gRPC ingress, and the selector app; returns the gRPC address."""
+    import ray
+    from ray.serve.config import gRPCOptions, HTTPOptions
+
+    sel = settings.selector
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    serve.start(http_options=HTTPOptions(host=sel.host, port=sel.http_port),
+                grpc_options=gRPCOptions(port=sel.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]))
+    serve.run(build_app(settings), name=sel.application, route_prefix=f"/{sel.application}", blocking=blocking)
+    return f"{sel.host}:{sel.grpc_port}"
+
+
+def stop() -> None:
+    import ray
+
+    try:
+        serve.shutdown()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()

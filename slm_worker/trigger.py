@@ -1,0 +1,108 @@
+"""What the SLM proposes at a position, and when to ask the large model about it.
+
+At every drafted position the worker keeps the SLM's top-64 ids and probabilities: the first K are the
+candidates offered to the selector, all 64 are the support of the paper's KL trigger. The LLM-free
+triggers read the same numbers: the entropy of the top-64 distribution renormalised (high = unsure), or
+the top-1 minus top-2 probability margin (low = unsure). Thresholds come from a calibration on GSM8K
+*train* prompts (`s2t calibrate`), as a table from target rate to threshold.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+import torch
+
+SUPPORT = 64
+KL_P_FLOOR = 1e-12  # teacher probabilities at or below this leave the KL support, as in the paper's code
+
+
+@dataclasses.dataclass
+class Proposal:
+    """The SLM's view of one position."""
+
+    ids: list[int]  # top-SUPPORT ids, best first; ids[0] is the draft token
+    probs: list[float]  # their full-softmax probabilities
+    entropy: float  # of the renormalised top-SUPPORT distribution, nats
+    margin: float  # probs[0] - probs[1]
+    triggered: bool = False  # the worker's LLM-free trigger fired here
+
+    @property
+    def token(self) -> int:
+        return self.ids[0]
+
+
+def propose(logits: torch.Tensor, support: int = SUPPORT) -> list[Proposal]:
+    """One Proposal per row of logits [rows, vocab]."""
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    top = probs.topk(min(support, probs.shape[-1]), dim=-1)
+    p, ids = top.values, top.indices
+    renorm = p / p.sum(-1, keepdim=True)
+    entropy = -(renorm * renorm.clamp_min(1e-30).log()).sum(-1)
+    second = p[:, 1] if p.shape[1] > 1 else torch.zeros_like(p[:, 0])
+    margin = p[:, 0] - second
+    return [Proposal(ids=i, probs=q, entropy=e, margin=m)
+            for i, q, e, m in zip(ids.tolist(), p.tolist(), entropy.tolist(), margin.tolist())]
+
+
+class ThresholdTable:
+    """Target rate -> threshold, linearly interpolated between calibrated rates."""
+
+    def __init__(self, table: dict, name: str):
+        items = sorted((float(r), float(v)) for r, v in table.items())
+        self.rates = [r for r, _ in items]
+        self.values = [v for _, v in items]
+        self.name = name
+
+    def __bool__(self) -> bool:
+        return bool(self.rates)
+
+    def threshold(self, rate: float) -> float:
+        if not self.rates:
+            raise ValueError(f"no calibrated {self.name} thresholds; run `s2t calibrate`")
+        if not self.rates[0] <= rate <= self.rates[-1]:
+            raise ValueError(f"{self.name} trigger rate {rate:g} is outside the calibrated rates "
+                             f"[{self.rates[0]:g}, {self.rates[-1]:g}]")
+        i = bisect.bisect_left(self.rates, rate)
+        if self.rates[i] == rate:
+            return self.values[i]
+        r0, r1, v0, v1 = self.rates[i - 1], self.rates[i], self.values[i - 1], self.values[i]
+        return v0 + (v1 - v0) * (rate - r0) / (r1 - r0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {f"{r:g}": v for r, v in zip(self.rates, self.values)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTrigger:
+    """The worker's LLM-free trigger: fires on high entropy or low margin, never in the warm-up steps."""
+
+    kind: str  # "entropy" or "margin"
+    threshold: float
+    warmup_steps: int
+
+    def fires(self, proposal: Proposal, generation_step: int) -> bool:
+        if generation_step < self.warmup_steps:
+            return False
+        if self.kind == "entropy":
+            return proposal.entropy > self.threshold
+        return proposal.margin < self.threshold
+
+    def value(self, proposal: Proposal) -> float:
+        return proposal.entropy if self.kind == "entropy" else proposal.margin
+
+
+def kl_on_support(ids: list[int], student_probs: list[float], teacher_logp: torch.Tensor) -> float:
+    """KL(p_S || p_L) on the SLM's top ids, both distributions renormalised on that support: the paper's
+    LLM-side trigger statistic (its code's `compute_trigger`). teacher_logp is a full-vocabulary log-softmax.
+    """
+    idx = torch.tensor(ids)
+    p_s = torch.tensor(student_probs, dtype=torch.float64)
+    p_l = teacher_logp[idx].double().exp()
+    keep = (p_l > KL_P_FLOOR) & (p_s > 0)
+    if not bool(keep.any()):
+        return 0.0
+    p_s, p_l = p_s[keep], p_l[keep]
+    p_s, p_l = p_s / p_s.sum(), p_l / p_l.sum()
+    return float((p_s * (p_s.log() - p_l.log())).sum())
