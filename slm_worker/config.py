@@ -1,0 +1,182 @@
+"""The one typed configuration of s2t: defaults here, then a YAML file, then S2T_* environment, then flags.
+
+Nested fields use `__` in the environment: S2T_WORKER__PORT=50052, S2T_SELECTOR__MODEL=/path/to/model.
+Unknown keys are errors everywhere, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from .model_store import default_cache_dir
+
+Mode = Literal["greedy", "s2t", "llm"]
+TriggerName = Literal["always", "entropy", "margin", "kl"]
+VerifyPolicyName = Literal["wait", "commit_after_lag"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RuntimeSettings(_Section):
+    """How a process runs its model: threads and weight formats (see slm_worker/kernels.py)."""
+
+    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+    weight_formats: str = Field(
+        "auto",
+        description="'auto' (measure on this machine at start-up), one format for every row count "
+        "('bf16', 'fp32', 'fp32_packed', 'int8', 'native'), or five comma-separated formats for calls of "
+        "1, 2-4, 5-8, 9-16 and more rows",
+    )
+
+
+class TriggerThresholds(_Section):
+    """LLM-free trigger thresholds by target rate; a calibration file beside the models overrides these."""
+
+    # Shipped defaults for the embedded pair, from ../shared/docs/anchors.md (GSM8K, 7,899 steps).
+    entropy: dict[float, float] = {0.05: 1.213, 0.10: 0.8236, 0.20: 0.423, 0.30: 0.123}
+    margin: dict[float, float] = {0.05: 0.217, 0.10: 0.461, 0.20: 0.822, 0.30: 0.966}
+
+
+class WorkerSettings(_Section):
+    model: str = Field("qwen2.5-coder-0.5b-instruct", description="registry name or transformers directory")
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    runtime: RuntimeSettings = RuntimeSettings()
+    selector_address: str = Field("127.0.0.1:9000", description="host:port of the selector's gRPC endpoint")
+    selector_application: str = Field("s2t-selector", description="Ray Serve application name (gRPC metadata)")
+    default_mode: Mode = "s2t"
+    num_candidates: int = Field(8, ge=1, le=64)
+    trigger: TriggerName = "kl"
+    trigger_rate: float = Field(0.10, gt=0, le=1)
+    warmup_steps: int = Field(3, ge=0, description="generation steps that never trigger (paper default 3)")
+    block_size: int = Field(8, ge=1, description="drafted positions per selector request")
+    max_block_size: int = Field(32, ge=1)
+    max_inflight_blocks: int = Field(2, ge=1, description="1 = wait for each block; more = keep drafting")
+    verify_policy: VerifyPolicyName = "wait"
+    verify_deadline_ms: int = Field(30_000, ge=1, description="wait policy: how long a block may stay unverified")
+    commit_lag_ms: int = Field(2_000, ge=1, description="commit_after_lag policy: age at which drafts commit")
+    select_timeout_ms: int = Field(10_000, ge=1, description="deadline of one selector RPC")
+    selector_calls_per_s: float = Field(0.0, ge=0, description="selector call budget (asyncio-throttle); 0 = none")
+    breaker_failures: int = Field(3, ge=1, description="consecutive selector failures that open the breaker")
+    breaker_open_s: float = Field(10.0, gt=0, description="how long an open breaker skips the selector")
+    decode_chunk: int = Field(16, ge=1, description="llm mode: tokens per Decode call")
+    max_new_tokens: int = Field(512, ge=1, description="default when a request sets none")
+    max_new_tokens_limit: int = Field(4096, ge=1)
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_batch_size: int = Field(64, ge=1, description="sequences per SLM forward")
+    max_concurrent_requests: int = Field(256, ge=1, description="above this, RESOURCE_EXHAUSTED")
+    requests_per_s: float = Field(0.0, ge=0, description="admission rate limit; 0 = none")
+    auth_token: SecretStr | None = Field(None, description="if set, clients must send 'authorization: Bearer <token>'")
+    thresholds: TriggerThresholds = TriggerThresholds()
+    system_prompt: str = (
+        "You are a helpful assistant. Please answer the math problem step by step, and put the final answer "
+        "in the format \\boxed{answer}."
+    )
+
+    @field_validator("selector_address")
+    @classmethod
+    def _has_port(cls, v: str) -> str:
+        if ":" not in v:
+            raise ValueError("selector_address must be host:port")
+        return v
+
+
+class SelectorSettings(_Section):
+    model: str = Field("qwen2.5-coder-1.5b-instruct", description="registry name or transformers directory")
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(9000, ge=0, le=65535)
+    http_port: int = Field(8123, ge=0, le=65535, description="Ray Serve's HTTP proxy (required by Serve)")
+    application: str = "s2t-selector"
+    runtime: RuntimeSettings = RuntimeSettings()
+    num_replicas: int = Field(1, ge=1)
+    replica_num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per replica (0: don't reserve)")
+    max_candidates: int = Field(16, ge=1, le=256)
+    max_positions: int = Field(64, ge=1)
+    max_context_tokens: int = Field(8192, ge=1)
+    max_decode_tokens: int = Field(64, ge=1)
+    max_sessions: int = Field(512, ge=1)
+    session_idle_ttl_s: float = Field(600.0, gt=0)
+    kv_budget_mb: int = Field(4096, ge=1, description="KV cache memory for all sessions; LRU beyond it")
+    reply_cache_steps: int = Field(16, ge=1, description="replies kept per session for idempotent retries")
+    step_gap_wait_s: float = Field(1.0, ge=0, description="how long a request waits for an earlier step")
+    max_batch_size: int = Field(32, ge=1, description="sessions per LLM forward (@serve.batch)")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_ongoing_requests: int = Field(512, ge=1)
+    kl_thresholds: dict[float, float] = Field(
+        default_factory=dict, description="KL trigger thresholds by rate; a calibration file overrides these"
+    )
+    log_dir: Path | None = Field(None, description="selection log segments; default <data dir>/selection-logs")
+    log_enabled: bool = True
+    log_segment_records: int = Field(50_000, ge=1)
+    log_segment_seconds: float = Field(300.0, gt=0)
+    log_fsync_every: int = Field(256, ge=1, description="records between fsyncs of the open segment")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "s2t"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="S2T_", env_nested_delimiter="__", extra="forbid",
+                                      validate_assignment=True)
+
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="model cache (XDG_CACHE_HOME/s2t/models)")
+    data_dir: Path = Field(default_factory=default_data_dir, description="logs and results (XDG_DATA_HOME/s2t)")
+    worker: WorkerSettings = WorkerSettings()
+    selector: SelectorSettings = SelectorSettings()
+
+    # Set by load_settings(); pydantic-settings reads the YAML source from here.
+    _yaml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        sources = [init_settings, env_settings]
+        if cls._yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_file))
+        return tuple(sources)
+
+    def calibration_file(self) -> Path:
+        return self.cache_dir / "calibration" / f"{_slug(self.worker.model)}__{_slug(self.selector.model)}.json"
+
+    def selection_log_dir(self) -> Path:
+        return self.selector.log_dir or self.data_dir / "selection-logs"
+
+
+def _slug(spec: str) -> str:
+    return Path(spec).name or spec
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings: flags (overrides) > S2T_* env > YAML (config_file or $S2T_CONFIG) > defaults."""
+    path = config_file or os.environ.get("S2T_CONFIG")
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    Settings._yaml_file = Path(path) if path else None
+    try:
+        return Settings(**_nest(overrides))
+    finally:
+        Settings._yaml_file = None
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'worker.port': 1} -> {'worker': {'port': 1}}; None values are dropped (flag not given)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out

@@ -1,0 +1,292 @@
+"""The worker process: the SLM, the decode loop, the selector client, and the client-facing gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from typing import AsyncIterator
+
+import grpc
+from asyncio_throttle import Throttler
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from s2t.v1 import generation_pb2 as gen_pb
+from s2t.v1 import generation_pb2_grpc as gen_grpc
+
+from .calibration import read_calibration
+from .config import Settings
+from .decode import DecodeOptions, Event, Scheduler, Sequence
+from .runtime import Engine, LoadedModel, load_model
+from .selector_client import SelectorClient
+from .trigger import LocalTrigger, ThresholdTable
+from .wire import WireError, check_wire_types, parse
+
+log = logging.getLogger("s2t.worker")
+
+SERVICE = gen_pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+MODE_NAMES = {gen_pb.MODE_GREEDY: "greedy", gen_pb.MODE_S2T: "s2t", gen_pb.MODE_LLM: "llm"}
+TRIGGER_NAMES = {gen_pb.TRIGGER_ALWAYS: "always", gen_pb.TRIGGER_ENTROPY: "entropy", gen_pb.TRIGGER_MARGIN: "margin",
+                 gen_pb.TRIGGER_KL: "kl"}
+ROLES = {"system", "user", "assistant"}
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class Worker:
+    """Owns the SLM engine, the scheduler and the selector connection; turns requests into sequences."""
+
+    def __init__(self, settings: Settings, lm: LoadedModel | None = None):
+        self.settings = settings
+        ws = settings.worker
+        self.lm = lm or load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads)
+        self.engine = Engine(self.lm)
+        self.selector = SelectorClient(ws.selector_address, ws.selector_application, ws.select_timeout_ms / 1000,
+                                       ws.breaker_failures, ws.breaker_open_s, ws.selector_calls_per_s)
+        self.scheduler = Scheduler(self.engine, None, ws.max_batch_size)
+        self.selector_info = None
+        self.selector_problem = "selector not contacted yet"
+        calibration = read_calibration(settings.calibration_file()) or {}
+        self.thresholds = {kind: ThresholdTable(calibration.get(kind) or getattr(ws.thresholds, kind), kind)
+                           for kind in ("entropy", "margin")}
+        self.active = 0
+        self.rate = Throttler(rate_limit=max(1, round(ws.requests_per_s)), period=1.0) if ws.requests_per_s else None
+        self._watch: asyncio.Task | None = None
+
+    async def start(self, wait_for_selector_s: float = 0.0) -> None:
+        self.scheduler.start()
+        deadline = time.monotonic() + wait_for_selector_s
+        while not await self.check_selector() and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        if self.selector_info is None:
+            log.warning("%s; s2t and llm requests degrade to the SLM until it answers", self.selector_problem)
+            self._watch = asyncio.create_task(self._watch_selector())
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.scheduler.stop()
+        await self.selector.close()
+
+    async def check_selector(self) -> bool:
+        """Contact the selector and refuse a vocabulary different from the SLM's (candidate ids would lie)."""
+        try:
+            info = await self.selector.info(timeout_s=5.0)
+        except grpc.aio.AioRpcError as e:
+            self.selector_problem = f"selector at {self.selector.address} unreachable: {e.code().name}"
+            return False
+        if info.vocab_sha256 != self.lm.vocab_sha256:
+            raise RuntimeError(
+                f"the selector's model {info.model_name!r} has a different vocabulary (sha256 {info.vocab_sha256[:12]}…) "
+                f"than the worker's {self.lm.name!r} ({self.lm.vocab_sha256[:12]}…): S2T needs one tokenizer for both")
+        self.selector_info = info
+        self.scheduler.selector = self.selector
+        log.info("selector %s: model %s, weights %s", self.selector.address, info.model_name, info.weight_formats)
+        return True
+
+    async def _watch_selector(self) -> None:
+        while self.selector_info is None:
+            await asyncio.sleep(2.0)
+            try:
+                await self.check_selector()
+            except RuntimeError as e:
+                self.selector_problem = str(e)
+                log.error("%s", e)
+                return
+
+    # -- requests -----------------------------------------------------------------------------------------
+
+    def admit(self, metadata) -> None:
+        ws = self.settings.worker
+        if ws.auth_token is not None:
+            expected = f"Bearer {ws.auth_token.get_secret_value()}"
+            got = dict(metadata or ()).get("authorization")
+            if got != expected:
+                raise RequestError(grpc.StatusCode.UNAUTHENTICATED,
+                                   "authorization: missing or wrong bearer token" if got else
+                                   "authorization: this worker requires 'authorization: Bearer <token>' metadata")
+        if self.active >= ws.max_concurrent_requests:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"worker at its limit of {ws.max_concurrent_requests} concurrent requests; retry later")
+        if self.rate is not None:
+            self.rate.flush()
+            if len(self.rate._task_logs) >= self.rate.rate_limit:  # noqa: SLF001 (no public capacity check)
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"worker rate limit of {ws.requests_per_s:g} requests/s reached; retry later")
+            self.rate._task_logs.append(self.rate.time_func())  # noqa: SLF001
+
+    def prompt_ids(self, request) -> list[int]:
+        ws = self.settings.worker
+        which = request.WhichOneof("input")
+        if which is None:
+            raise _invalid("prompt: a prompt or a conversation is required")
+        if which == "prompt":
+            if not request.prompt.strip():
+                raise _invalid("prompt: must not be empty")
+            messages = [{"role": "system", "content": ws.system_prompt}, {"role": "user", "content": request.prompt}]
+        else:
+            msgs = request.conversation.messages
+            if not msgs:
+                raise _invalid("conversation.messages: at least one message is required")
+            messages = []
+            for i, m in enumerate(msgs):
+                if m.role not in ROLES:
+                    raise _invalid(f"conversation.messages[{i}].role: {m.role!r} is not one of {sorted(ROLES)}")
+                if not m.content.strip():
+                    raise _invalid(f"conversation.messages[{i}].content: must not be empty")
+                messages.append({"role": m.role, "content": m.content})
+        ids = self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        if len(ids) > ws.max_prompt_tokens:
+            raise _invalid(f"{which}: {len(ids)} tokens after the chat template, at most {ws.max_prompt_tokens}")
+        return ids
+
+    def options(self, request) -> tuple[DecodeOptions, int]:
+        ws, o = self.settings.worker, request.options
+        mode_requested = o.mode or gen_pb.Mode.Value(f"MODE_{ws.default_mode.upper()}")
+        if mode_requested not in MODE_NAMES:
+            raise _invalid(f"options.mode: unknown value {o.mode}")
+        mode = MODE_NAMES[mode_requested]
+        max_new = o.max_new_tokens or ws.max_new_tokens
+        if max_new > ws.max_new_tokens_limit:
+            raise _invalid(f"options.max_new_tokens: {max_new} exceeds the limit {ws.max_new_tokens_limit}")
+        k = o.num_candidates or ws.num_candidates
+        k_limit = self.selector_info.max_candidates if self.selector_info else 64
+        if k > k_limit:
+            raise _invalid(f"options.num_candidates: K = {k} exceeds the selector's max_candidates {k_limit}")
+        trigger = TRIGGER_NAMES.get(o.trigger) if o.trigger else ws.trigger
+        if trigger is None:
+            raise _invalid(f"options.trigger: unknown value {o.trigger}")
+        rate = o.trigger_rate or ws.trigger_rate
+        if math.isnan(rate) or not 0 < rate <= 1:
+            raise _invalid(f"options.trigger_rate: {rate} must be in (0, 1]")
+        local = None
+        if trigger in ("entropy", "margin"):
+            try:
+                local = LocalTrigger(trigger, self.thresholds[trigger].threshold(rate), ws.warmup_steps)
+            except ValueError as e:
+                raise _invalid(f"options.trigger_rate: {e}") from None
+        block = o.block_size or ws.block_size
+        if block > ws.max_block_size:
+            raise _invalid(f"options.block_size: {block} exceeds the limit {ws.max_block_size}")
+        policy = o.verify_policy or (gen_pb.VERIFY_POLICY_WAIT if ws.verify_policy == "wait"
+                                     else gen_pb.VERIFY_POLICY_COMMIT_AFTER_LAG)
+        if policy not in (gen_pb.VERIFY_POLICY_WAIT, gen_pb.VERIFY_POLICY_COMMIT_AFTER_LAG):
+            raise _invalid(f"options.verify_policy: unknown value {o.verify_policy}")
+        if policy == gen_pb.VERIFY_POLICY_WAIT:
+            deadline_ms = o.verify_deadline_ms or ws.verify_deadline_ms
+        else:
+            deadline_ms = o.commit_lag_ms or ws.commit_lag_ms
+        opts = DecodeOptions(mode=mode, max_new_tokens=max_new, num_candidates=k, trigger=trigger, local_trigger=local,
+                             kl_rate=rate, warmup_steps=ws.warmup_steps, block_size=block,
+                             max_inflight_blocks=ws.max_inflight_blocks, block_deadline_s=deadline_ms / 1000,
+                             decode_chunk=ws.decode_chunk)
+        return opts, mode_requested
+
+    def start_sequence(self, request) -> Sequence:
+        if len(request.request_id) > 128:
+            raise _invalid(f"request_id: {len(request.request_id)} characters, at most 128")
+        prompt = self.prompt_ids(request)
+        opts, mode_requested = self.options(request)
+        request_id = request.request_id or uuid.uuid4().hex
+        seq = Sequence(request_id, f"{request_id}-{uuid.uuid4().hex[:8]}", prompt, opts, self.engine,
+                       self.lm.stop_ids, self.lm.tokenizer, mode_requested)
+        if opts.mode != "greedy" and self.scheduler.selector is None:
+            seq.stats.degraded_reason = self.selector_problem
+        self.scheduler.submit(seq)
+        return seq
+
+    async def run(self, request) -> AsyncIterator[Event]:
+        """Stream a request's events; cancelling the iteration cancels the request."""
+        seq = self.start_sequence(request)
+        self.active += 1
+        try:
+            while True:
+                event = await seq.events.get()
+                yield event
+                if event.final is not None:
+                    return
+        finally:
+            self.active -= 1
+            if not seq.done:
+                seq.cancelled = True
+                self.scheduler.wake()
+
+
+class GenerationServicer:
+    """grpc.aio handlers. Requests arrive as bytes so that undecodable or mistyped input is INVALID_ARGUMENT
+    with the field named, rather than the INTERNAL grpc would answer."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    async def _start(self, cls, data: bytes, context) -> AsyncIterator[Event]:
+        try:
+            request = parse(cls, data)
+            self.worker.admit(context.invocation_metadata())
+            return self.worker.run(request)
+        except WireError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+
+    async def Generate(self, data: bytes, context) -> gen_pb.GenerateResponse:
+        events = await self._start(gen_pb.GenerateRequest, data, context)
+        try:
+            async for event in events:
+                if event.final is not None:
+                    return event.final
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+
+    async def GenerateStream(self, data: bytes, context):
+        events = await self._start(gen_pb.GenerateStreamRequest, data, context)
+        try:
+            async for event in events:
+                if event.final is not None:
+                    yield gen_pb.GenerateStreamResponse(final=event.final)
+                elif event.text or event.token_ids:
+                    yield gen_pb.GenerateStreamResponse(delta=gen_pb.TextDelta(text=event.text,
+                                                                                token_ids=event.token_ids))
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+
+
+def _handlers(servicer: GenerationServicer) -> grpc.GenericRpcHandler:
+    raw = lambda b: b  # noqa: E731 - parsed (strictly) inside the handler
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=raw, response_serializer=gen_pb.GenerateResponse.SerializeToString),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream, request_deserializer=raw,
+            response_serializer=gen_pb.GenerateStreamResponse.SerializeToString),
+    })
+
+
+async def serve(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start the worker's gRPC server (generation, health, reflection); returns it and the bound port."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+    server.add_generic_rpc_handlers((_handlers(GenerationServicer(worker)),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot bind the worker to {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
