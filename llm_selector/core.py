@@ -354,14 +354,18 @@ class SelectorCore:
 
     # -- one request end to end, without cross-request batching -------------------------------------------
 
+    async def run_compute(self, compute: Callable, tickets: list[Ticket]) -> list:
+        """Run a batched compute on the engine's compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.engine.executor, compute, tickets)
+
     async def handle(self, req, kind: str, run: Callable | None = None):
-        """admit -> compute -> release for one request; `run` executes the compute (default: a thread)."""
+        """admit -> compute -> release for one request; `run` executes the compute (default: run_compute)."""
         admitted = await self.admit(req, kind)
         if not isinstance(admitted, Ticket):
             return admitted
         compute = self.compute_select if kind == "select" else self.compute_decode
         try:
-            reply = (await (run or asyncio.to_thread)(compute, [admitted]))[0]
+            reply = (await (run or self.run_compute)(compute, [admitted]))[0]
         except BaseException:
             # The session's cache may be half-updated: drop it so the worker resyncs.
             self.sessions.remove(req.session_id)

@@ -6,7 +6,6 @@ Same core and protocol as the Ray Serve app; the difference is that requests are
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -24,15 +23,10 @@ log = logging.getLogger("s2t.selector")
 class SelectorServicer(pb_grpc.SelectorServiceServicer):
     def __init__(self, core: SelectorCore):
         self.core = core
-        self._compute = asyncio.Lock()  # one forward at a time: the model is not reentrant
-
-    async def _run(self, fn, tickets):
-        async with self._compute:
-            return await asyncio.to_thread(fn, tickets)
 
     async def _handle(self, request, context, kind):
         try:
-            return await self.core.handle(request, kind, run=self._run)
+            return await self.core.handle(request, kind)
         except SelectorError as e:
             await context.abort(e.code, e.message)
 

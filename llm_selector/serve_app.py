@@ -8,7 +8,6 @@ usually warm; when it is not, the worker resyncs (correctness never depends on r
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 
@@ -73,7 +72,7 @@ class SelectorDeployment:
 
     async def _compute(self, compute, tickets: list[Ticket]) -> list:
         try:
-            replies = await asyncio.to_thread(compute, tickets)
+            replies = await self.core.run_compute(compute, tickets)
         except Exception:
             log.exception("selector compute failed for %d sessions", len(tickets))
             lost = stale("session_id: the selector lost this session; resend the full context")
@@ -109,7 +108,7 @@ def build_app(settings: Settings):
         health_check_period_s=10,
         graceful_shutdown_timeout_s=30,
         # One access-log line per Select call would be a line per few tokens.
-        logging_config=LoggingConfig(enable_access_log=False),
+        logging_config=LoggingConfig(log_level="WARNING", enable_access_log=False),
     )
     return deployment.bind(settings.model_dump(mode="json"))
 
@@ -128,13 +127,16 @@ def start(settings: Settings, blocking: bool = False):
     """Start a local Ray instance, Serve with gRPC ingress, and the selector app; returns the gRPC address."""
     import ray
     from ray.serve.config import gRPCOptions, HTTPOptions
+    from ray.serve.schema import LoggingConfig
 
     sel = settings.selector
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1",
+                                           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}})
     serve.start(http_options=HTTPOptions(host=sel.host, port=sel.http_port),
-                grpc_options=gRPCOptions(port=sel.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]))
+                grpc_options=gRPCOptions(port=sel.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+                logging_config=LoggingConfig(log_level="WARNING", enable_access_log=False))
     serve.run(build_app(settings), name=sel.application, route_prefix=f"/{sel.application}", blocking=blocking)
     return f"{sel.host}:{sel.grpc_port}"
 

@@ -8,8 +8,10 @@ attention layers call `past_key_values.update(...)` and accept a 4D attention ma
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -47,8 +49,8 @@ class LoadedModel:
 
 
 def set_threads(threads: int) -> None:
-    if threads > 0:
-        torch.set_num_threads(threads)
+    """0 means every core: said explicitly, because Ray starts actors with OMP_NUM_THREADS=1."""
+    torch.set_num_threads(threads if threads > 0 else (len(os.sched_getaffinity(0)) or 1))
 
 
 def resolve_plan(spec: str, model_dir: Path | None = None) -> FormatPlan:
@@ -196,10 +198,17 @@ class _BatchCache:
 
 
 class Engine:
-    """Batched, ragged forwards of one causal LM over sequences that each keep their own KVCache."""
+    """Batched, ragged forwards of one causal LM over sequences that each keep their own KVCache.
+
+    Async callers run forwards on `executor`, the engine's one compute thread: one OpenMP thread team per
+    process (several teams on few cores measurably slow each other down), one forward at a time.
+    """
 
     def __init__(self, lm: LoadedModel):
         self.lm = lm
+        threads = torch.get_num_threads()
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="s2t-compute", initializer=torch.set_num_threads, initargs=(threads,))
         cfg = lm.model.config
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
