@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+PREFIX = "seg-"
 OPEN_SUFFIX = ".jsonl.open"
 CLOSED_SUFFIX = ".jsonl"
 SCHEMA_VERSION = 1
@@ -73,7 +74,7 @@ class SelectionLog:
     def _open(self) -> None:
         self._seq += 1
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        name = f"seg-{stamp}-{self.writer_id}-{self._seq:06d}"
+        name = f"{PREFIX}{stamp}-{self.writer_id}-{self._seq:06d}"
         self._path = self.directory / (name + OPEN_SUFFIX)
         self._file = open(self._path, "w", encoding="utf-8")
         self._file.write(json.dumps({**self.header, "segment": name, "created": time.time()}) + "\n")
@@ -106,7 +107,7 @@ def _fsync_dir(path: Path) -> None:
 def recover_open_segments(directory: Path) -> list[Path]:
     """Cut leftover open segments (from a crashed writer) to their last complete record and close them."""
     closed = []
-    for path in sorted(Path(directory).glob("*" + OPEN_SUFFIX)):
+    for path in sorted(Path(directory).glob(PREFIX + "*" + OPEN_SUFFIX)):
         data = path.read_bytes()
         keep = data[: data.rfind(b"\n") + 1]
         lines = keep.splitlines(keepends=True)
@@ -133,7 +134,7 @@ def recover_open_segments(directory: Path) -> list[Path]:
 
 
 def closed_segments(directory: Path) -> list[Path]:
-    return sorted(Path(directory).rglob("*" + CLOSED_SUFFIX))
+    return sorted(Path(directory).rglob(PREFIX + "*" + CLOSED_SUFFIX))
 
 
 def read_segment(path: Path) -> tuple[dict, Iterator[dict]]:
@@ -162,7 +163,7 @@ def replay_contexts(records: list[dict]) -> Iterator[tuple[dict, dict, list[int]
     for r in records:
         if r.get("kind") == "select":
             by_session.setdefault(r["session_id"], {}).setdefault(r["step"], r)
-    for session_id, steps in by_session.items():
+    for steps in by_session.values():
         tokens: list[int] = []
         for step in sorted(steps):
             r = steps[step]

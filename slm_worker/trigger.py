@@ -61,12 +61,13 @@ class ThresholdTable:
     def threshold(self, rate: float) -> float:
         if not self.rates:
             raise ValueError(f"no calibrated {self.name} thresholds; run `s2t calibrate`")
+        for r, v in zip(self.rates, self.values):  # rates cross the wire as float32: 0.1 arrives as 0.10000000149
+            if abs(rate - r) <= 1e-6 * max(1.0, r):
+                return v
         if not self.rates[0] <= rate <= self.rates[-1]:
             raise ValueError(f"{self.name} trigger rate {rate:g} is outside the calibrated rates "
                              f"[{self.rates[0]:g}, {self.rates[-1]:g}]")
         i = bisect.bisect_left(self.rates, rate)
-        if self.rates[i] == rate:
-            return self.values[i]
         r0, r1, v0, v1 = self.rates[i - 1], self.rates[i], self.values[i - 1], self.values[i]
         return v0 + (v1 - v0) * (rate - r0) / (r1 - r0)
 
