@@ -101,7 +101,8 @@ class Sequence:
                                             prompt_tokens=self.prompt_len)
         self.started = time.monotonic()
         self.first_commit: float | None = None
-        self.emitted_text = ""
+        self.emitted_text = ""  # text streamed so far
+        self.unstreamed: list[int] = []  # committed ids not streamed yet (an incomplete UTF-8 character)
         self.unverified_reasons: collections.Counter[str] = collections.Counter()
 
     # -- drafting -----------------------------------------------------------------------------------------
@@ -271,10 +272,11 @@ class Sequence:
             del self.proposals[p]
         if self.first_commit is None:
             self.first_commit = time.monotonic()
+        self.unstreamed.extend(new)
         text = self.tokenizer.decode(self.tokens[self.prompt_len:upto], skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-            self.events.put_nowait(Event(text[len(self.emitted_text):], new))
-            self.emitted_text = text
+        if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character (and its ids) until it completes
+            self.events.put_nowait(Event(text[len(self.emitted_text):], self.unstreamed))
+            self.emitted_text, self.unstreamed = text, []
         if self.finish_reason:
             self.finish()
 
@@ -299,9 +301,9 @@ class Sequence:
             st.degraded_reason = (st.degraded_reason + "; " if st.degraded_reason else "") + \
                 f"committed unverified ({reasons})"
         text = self.tokenizer.decode(completion, skip_special_tokens=True)
-        if text != self.emitted_text:  # a held-back partial character
-            self.events.put_nowait(Event(text[len(self.emitted_text):], []))
-            self.emitted_text = text
+        if text != self.emitted_text or self.unstreamed:  # a held-back partial character
+            self.events.put_nowait(Event(text[len(self.emitted_text):], self.unstreamed))
+            self.emitted_text, self.unstreamed = text, []
         self.events.put_nowait(Event(final=gen_pb.GenerateResponse(
             request_id=self.request_id, text=text, token_ids=completion, finish_reason=self.finish_reason, stats=st)))
 
@@ -388,8 +390,8 @@ class Scheduler:
             self._rr = (self._rr + self.max_batch_size) % len(ready)
             ready = (ready[self._rr:] + ready[:self._rr])[:self.max_batch_size]
         feeds = [s.feed() for s in ready]
-        logits = await asyncio.to_thread(self.engine.forward, [s.cache for s in ready], feeds,
-                                         [[len(f) - 1] for f in feeds])
+        logits = await asyncio.get_running_loop().run_in_executor(
+            self.engine.executor, self.engine.forward, [s.cache for s in ready], feeds, [[len(f) - 1] for f in feeds])
         for seq, lg in zip(ready, logits):
             if not seq.cancelled:
                 seq.add_proposal(propose(lg)[0])

@@ -10,20 +10,18 @@ import uuid
 from typing import AsyncIterator
 
 import grpc
-from asyncio_throttle import Throttler
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from s2t.v1 import generation_pb2 as gen_pb
-from s2t.v1 import generation_pb2_grpc as gen_grpc
 
 from .calibration import read_calibration
 from .config import Settings
 from .decode import DecodeOptions, Event, Scheduler, Sequence
 from .runtime import Engine, LoadedModel, load_model
-from .selector_client import SelectorClient
+from .selector_client import CallBudget, SelectorClient
 from .trigger import LocalTrigger, ThresholdTable
-from .wire import WireError, check_wire_types, parse
+from .wire import WireError, parse
 
 log = logging.getLogger("s2t.worker")
 
@@ -61,7 +59,7 @@ class Worker:
         self.thresholds = {kind: ThresholdTable(calibration.get(kind) or getattr(ws.thresholds, kind), kind)
                            for kind in ("entropy", "margin")}
         self.active = 0
-        self.rate = Throttler(rate_limit=max(1, round(ws.requests_per_s)), period=1.0) if ws.requests_per_s else None
+        self.admissions = CallBudget(ws.requests_per_s)
         self._watch: asyncio.Task | None = None
 
     async def start(self, wait_for_selector_s: float = 0.0) -> None:
@@ -107,7 +105,7 @@ class Worker:
 
     # -- requests -----------------------------------------------------------------------------------------
 
-    def admit(self, metadata) -> None:
+    async def admit(self, metadata) -> None:
         ws = self.settings.worker
         if ws.auth_token is not None:
             expected = f"Bearer {ws.auth_token.get_secret_value()}"
@@ -119,12 +117,9 @@ class Worker:
         if self.active >= ws.max_concurrent_requests:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"worker at its limit of {ws.max_concurrent_requests} concurrent requests; retry later")
-        if self.rate is not None:
-            self.rate.flush()
-            if len(self.rate._task_logs) >= self.rate.rate_limit:  # noqa: SLF001 (no public capacity check)
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"worker rate limit of {ws.requests_per_s:g} requests/s reached; retry later")
-            self.rate._task_logs.append(self.rate.time_func())  # noqa: SLF001
+        if not await self.admissions.try_take():
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"worker rate limit of {ws.requests_per_s:g} requests/s reached; retry later")
 
     def prompt_ids(self, request) -> list[int]:
         ws = self.settings.worker
@@ -235,7 +230,7 @@ class GenerationServicer:
     async def _start(self, cls, data: bytes, context) -> AsyncIterator[Event]:
         try:
             request = parse(cls, data)
-            self.worker.admit(context.invocation_metadata())
+            await self.worker.admit(context.invocation_metadata())
             return self.worker.run(request)
         except WireError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
