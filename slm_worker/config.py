@@ -39,9 +39,16 @@ class RuntimeSettings(_Section):
 class TriggerThresholds(_Section):
     """LLM-free trigger thresholds by target rate; a calibration file beside the models overrides these."""
 
-    # Shipped defaults for the embedded pair, from ../shared/docs/anchors.md (GSM8K, 7,899 steps).
-    entropy: dict[float, float] = {0.05: 1.213, 0.10: 0.8236, 0.20: 0.423, 0.30: 0.123}
-    margin: dict[float, float] = {0.05: 0.217, 0.10: 0.461, 0.20: 0.822, 0.30: 0.966}
+    # Defaults for the embedded pair: `s2t calibrate --problems 32 --max-new-tokens 384` (GSM8K train 0..31,
+    # 9012 steps of the 0.5B's greedy trajectories). Other models need their own calibration.
+    entropy: dict[float, float] = {
+        0.01: 1.901, 0.02: 1.67, 0.05: 1.249, 0.1: 0.8754, 0.15: 0.6638, 0.2: 0.4834,
+        0.3: 0.1589, 0.5: 0.01088
+    }
+    margin: dict[float, float] = {
+        0.01: 0.03525, 0.02: 0.07039, 0.05: 0.1955, 0.1: 0.4053, 0.15: 0.6208, 0.2: 0.7807,
+        0.3: 0.9487, 0.5: 0.998
+    }
 
 
 class WorkerSettings(_Section):
@@ -109,9 +116,12 @@ class SelectorSettings(_Section):
     max_batch_size: int = Field(32, ge=1, description="sessions per LLM forward (@serve.batch)")
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_ongoing_requests: int = Field(512, ge=1)
+    # Defaults for the embedded pair, from the same calibration run as TriggerThresholds.
     kl_thresholds: dict[float, float] = Field(
-        default_factory=dict, description="KL trigger thresholds by rate; a calibration file overrides these"
-    )
+        default_factory=lambda: {
+            0.01: 2.556, 0.02: 1.752, 0.05: 0.9762,
+            0.1: 0.5128, 0.15: 0.2915, 0.2: 0.1638, 0.3: 0.04619, 0.5: 0.002485},
+        description="KL trigger thresholds by rate; a calibration file overrides these")
     log_dir: Path | None = Field(None, description="selection log segments; default <data dir>/selection-logs")
     log_enabled: bool = True
     log_segment_records: int = Field(50_000, ge=1)
