@@ -7,6 +7,7 @@
   s2t serve-selector      the selector: Ray Serve with gRPC ingress (or --no-ray: a plain grpc.aio server)
   s2t serve-worker        the worker's gRPC server
   s2t generate PROMPT     a client request to a running worker
+  s2t distill-groups      selection logs -> S2T-Local training groups (JSON lines)
   s2t config              print the effective configuration
 
 Configuration: --config FILE (YAML), S2T_* environment variables, --set section.key=value (highest).
@@ -21,7 +22,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -188,39 +188,38 @@ def cmd_generate(args) -> None:
 def cmd_run(args) -> None:
     """The main job: everything on this machine, one GSM8K test question through the client API."""
     from . import gsm8k
+    from .local_stack import LocalStack
 
     settings = _settings(args)
-    t0 = time.time()
-    _fetch_needed(settings)
     problem = gsm8k.load("test", args.problem, 1)[0]
-    from llm_selector import serve_app
-
-    print(f"[run] starting the selector ({settings.selector.model}) on Ray Serve ...", file=sys.stderr, flush=True)
-    address = serve_app.start(settings)
-    settings.worker.selector_address = address
 
     async def main():
-        from .server import Worker, serve
-
-        print(f"[run] starting the worker ({settings.worker.model}) ...", file=sys.stderr, flush=True)
-        worker = Worker(settings)
-        await worker.start(wait_for_selector_s=120)
-        server, port = await serve(worker, settings.worker.host, settings.worker.port)
-        try:
-            print(f"[run] ready after {time.time() - t0:.0f}s; GSM8K test problem {problem['idx']} "
-                  f"(gold answer {problem['gold']}):\n{problem['question']}\n", file=sys.stderr, flush=True)
-            final = await stream_generation(f"{settings.worker.host}:{port}", _request(problem["question"], args))
+        async with LocalStack(settings) as stack:
+            print(f"[run] GSM8K test problem {problem['idx']} (gold answer {problem['gold']}):\n"
+                  f"{problem['question']}\n", file=sys.stderr, flush=True)
+            final = await stream_generation(stack.address, _request(problem["question"], args))
             print_stats(final)
             print(f"--- answer {gsm8k.extract(final.text)}, gold {problem['gold']}: "
                   f"{'correct' if gsm8k.is_correct(final.text, problem['gold']) else 'wrong'}")
-        finally:
-            await server.stop(grace=1)
-            await worker.stop()
 
-    try:
-        asyncio.run(main())
-    finally:
-        serve_app.stop()
+    asyncio.run(main())
+
+
+def cmd_distill_groups(args) -> None:
+    from distill.groups import read_groups, write_groups
+
+    from .runtime import load_model
+
+    settings = _settings(args)
+    log_dir = Path(args.log_dir) if args.log_dir else settings.selection_log_dir()
+    vocab = None
+    if not args.any_vocabulary:  # the worker's SLM is what S2T-Local trains: its vocabulary must match the log's
+        from .model_store import read_manifest, resolve_model
+
+        manifest = read_manifest(resolve_model(settings.worker.model, settings.cache_dir)) or {}
+        vocab = manifest.get("vocab_sha256") or load_model(settings.worker.model, settings.cache_dir, "native").vocab_sha256
+    summary = write_groups(read_groups(log_dir, vocab, args.context_tail), Path(args.out))
+    print(json.dumps({**summary, "out": args.out, "log_dir": str(log_dir)}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,6 +268,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--address", help="worker host:port (default from the config)")
     gen_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("distill-groups", help="selection logs -> S2T-Local training groups")
+    p.add_argument("--out", required=True, help="output JSON-lines file")
+    p.add_argument("--log-dir", help="default: the selector's selection-log directory")
+    p.add_argument("--context-tail", type=int, default=511)
+    p.add_argument("--any-vocabulary", action="store_true", help="do not check the log against the worker's SLM")
+    p.set_defaults(func=cmd_distill_groups)
 
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)
