@@ -1,0 +1,107 @@
+"""Running a selector (plain grpc.aio) and a worker in the test's event loop, with optional fault injection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import grpc
+
+from llm_selector.core import SelectorCore, SelectorError
+from llm_selector.grpc_server import SelectorServicer
+from s2t.v1 import generation_pb2 as gen_pb
+from s2t.v1 import generation_pb2_grpc as gen_grpc
+from s2t.v1 import selector_pb2_grpc as sel_grpc
+from slm_worker.server import Worker, serve
+
+
+class FaultySelector(SelectorServicer):
+    """The real servicer with injected faults: random delays (which reorder concurrent requests), duplicated
+    deliveries of a request, UNAVAILABLE answers, and a 'restart' that throws every session away."""
+
+    def __init__(self, core: SelectorCore, seed: int = 0):
+        super().__init__(core)
+        self.rng = random.Random(seed)
+        self.max_delay_s = 0.0
+        self.duplicate_rate = 0.0
+        self.unavailable_calls = 0  # the next N calls fail with UNAVAILABLE
+        self.restart_after_calls: int | None = None
+        self.calls = 0
+        self.hold: asyncio.Event | None = None  # when set, Select waits for it (a stalled selector)
+
+    async def Select(self, request, context):
+        self.calls += 1
+        if self.restart_after_calls is not None and self.calls >= self.restart_after_calls:
+            self.restart_after_calls = None
+            for sid in list(self.core.sessions._sessions):
+                self.core.sessions.remove(sid)
+            self.unavailable_calls = max(self.unavailable_calls, 2)
+        if self.unavailable_calls > 0:
+            self.unavailable_calls -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "injected: selector restarting")
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.max_delay_s:
+            await asyncio.sleep(self.rng.uniform(0, self.max_delay_s))
+        if self.rng.random() < self.duplicate_rate:
+            with contextlib.suppress(SelectorError):
+                await self.core.handle(request, "select")  # the first delivery's reply is lost
+        return await super().Select(request, context)
+
+
+class Stack:
+    """A selector and a worker serving on loopback; `stub` talks to the worker."""
+
+    def __init__(self, settings, faulty_seed: int | None = None):
+        self.settings = settings
+        self.faulty_seed = faulty_seed
+
+    async def __aenter__(self):
+        self.core = SelectorCore.from_settings(self.settings)
+        self.servicer = FaultySelector(self.core, self.faulty_seed or 0)
+        self.selector_server = grpc.aio.server()
+        sel_grpc.add_SelectorServiceServicer_to_server(self.servicer, self.selector_server)
+        self.selector_port = self.selector_server.add_insecure_port("127.0.0.1:0")
+        await self.selector_server.start()
+        self.settings.worker.selector_address = f"127.0.0.1:{self.selector_port}"
+        self.worker = Worker(self.settings)
+        await self.worker.start(wait_for_selector_s=10)
+        self.server, self.port = await serve(self.worker, "127.0.0.1", 0)
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = gen_grpc.GenerationServiceStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.channel.close()
+        await self.server.stop(0)
+        await self.worker.stop()
+        await self.selector_server.stop(0)
+        if self.core.log is not None:
+            self.core.log.close()
+
+    async def stop_selector(self):
+        await self.selector_server.stop(0)
+
+    async def restart_selector(self):
+        """A new selector process on the same port: same model, no sessions."""
+        self.core = SelectorCore(self.core.engine, self.core.settings, self.core.log)
+        self.servicer = FaultySelector(self.core)
+        self.selector_server = grpc.aio.server()
+        sel_grpc.add_SelectorServiceServicer_to_server(self.servicer, self.selector_server)
+        self.selector_server.add_insecure_port(f"127.0.0.1:{self.selector_port}")
+        await self.selector_server.start()
+
+    async def generate(self, prompt="What is 2 + 3?", **options) -> gen_pb.GenerateResponse:
+        return await self.stub.Generate(gen_pb.GenerateRequest(prompt=prompt,
+                                                               options=gen_pb.GenerationOptions(**options)))
+
+    async def stream(self, prompt="What is 2 + 3?", **options) -> tuple[list, gen_pb.GenerateResponse]:
+        deltas, final = [], None
+        async for msg in self.stub.GenerateStream(gen_pb.GenerateStreamRequest(
+                prompt=prompt, options=gen_pb.GenerationOptions(**options))):
+            if msg.HasField("delta"):
+                deltas.append(msg.delta)
+            else:
+                final = msg.final
+        return deltas, final

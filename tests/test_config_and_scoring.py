@@ -1,0 +1,105 @@
+"""Configuration precedence, GSM8K answer scoring, trigger tables and calibration on the tiny pair."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from slm_worker import gsm8k
+from slm_worker.calibration import calibrate, read_calibration, recall, thresholds, write_calibration
+from slm_worker.config import load_settings
+from slm_worker.runtime import Engine, load_model
+from slm_worker.trigger import LocalTrigger, Proposal, ThresholdTable, propose
+
+
+def test_flags_beat_environment_beat_yaml_beat_defaults(tmp_path, monkeypatch):
+    cfg = tmp_path / "s2t.yaml"
+    cfg.write_text("worker:\n  block_size: 4\n  port: 1111\n  num_candidates: 6\nselector:\n  grpc_port: 9999\n")
+    monkeypatch.setenv("S2T_WORKER__PORT", "2222")
+    monkeypatch.setenv("S2T_WORKER__NUM_CANDIDATES", "5")
+    s = load_settings(cfg, **{"worker.num_candidates": 4})
+    assert s.worker.block_size == 4 and s.selector.grpc_port == 9999  # yaml over defaults
+    assert s.worker.port == 2222  # environment over yaml
+    assert s.worker.num_candidates == 4  # flags over environment
+    assert s.worker.trigger_rate == 0.1  # default
+
+
+def test_unknown_keys_and_bad_values_are_errors(tmp_path):
+    with pytest.raises(ValidationError, match="blok"):
+        load_settings(**{"worker.blok": 3})
+    with pytest.raises(ValidationError, match="selector_address"):
+        load_settings(**{"worker.selector_address": "no-port"})
+    with pytest.raises(FileNotFoundError):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_calibration_file_sits_beside_the_models(tmp_path):
+    s = load_settings(**{"cache_dir": str(tmp_path)})
+    assert s.calibration_file().parent == tmp_path / "calibration"
+    assert "qwen2.5-coder-0.5b-instruct__qwen2.5-coder-1.5b-instruct" in s.calibration_file().name
+
+
+@pytest.mark.parametrize("text,gold,ok", [
+    ("so the total is \\boxed{18}.", "18", True),
+    ("\\boxed{1,200} dollars", "1200", True),
+    ("The answer is \\boxed{\\frac{3}{4}}", "0.75", True),
+    ("first 5 then 7", "7", True),
+    ("\\boxed{20}", "18", False),
+    ("no number at all", "3", False),
+    ("\\boxed{\\$42.00}", "42", True),
+])
+def test_gsm8k_scoring(text, gold, ok):
+    assert gsm8k.is_correct(text, gold) is ok
+
+
+def test_gsm8k_loads_train_and_test_with_gold_answers():
+    test = gsm8k.load("test", 0, 2)
+    assert [p["idx"] for p in test] == [0, 1] and test[0]["gold"] == "18"
+    assert gsm8k.load("train", 5, 1)[0]["idx"] == 5
+    with pytest.raises(ValueError):
+        gsm8k.load("dev")
+
+
+def test_threshold_table_interpolates_and_refuses_extrapolation():
+    table = ThresholdTable({0.1: 1.0, "0.2": 0.5}, "entropy")
+    assert table.threshold(0.15) == pytest.approx(0.75)
+    assert table.threshold(float(torch.tensor(0.1, dtype=torch.float32))) == 1.0
+    with pytest.raises(ValueError, match="outside"):
+        table.threshold(0.5)
+
+
+def test_local_trigger_respects_warmup_and_direction():
+    p = Proposal(ids=[1, 2], probs=[0.5, 0.4], entropy=2.0, margin=0.1)
+    assert LocalTrigger("entropy", 1.0, 3).fires(p, 3) and not LocalTrigger("entropy", 1.0, 3).fires(p, 2)
+    assert LocalTrigger("margin", 0.2, 0).fires(p, 0) and not LocalTrigger("margin", 0.05, 0).fires(p, 0)
+
+
+def test_propose_reads_top64_entropy_and_margin():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2] + [1e-9] * 100], dtype=torch.float64))
+    (p,) = propose(logits)
+    assert p.ids[:3] == [0, 1, 2] and len(p.ids) == 64
+    assert p.margin == pytest.approx(0.2, abs=1e-6)
+    probs = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    assert p.entropy == pytest.approx(float(-(probs * probs.log()).sum()), abs=1e-5)
+
+
+def test_quantile_thresholds_hit_their_rates_and_recall():
+    values = [float(i) for i in range(100)]
+    t = thresholds(values, high_fires=True)
+    assert sum(v > t["0.1"] for v in values) == pytest.approx(10, abs=1)
+    divergent = [v >= 90 for v in values]
+    assert recall(values, divergent, high_fires=True)["0.1"] == 1.0
+    assert recall(values, divergent, high_fires=False)["0.1"] == 0.0
+
+
+def test_calibration_on_the_tiny_pair(tiny_pair, tmp_path):
+    slm = Engine(load_model(str(tiny_pair[0]), tmp_path, "native"))
+    llm = Engine(load_model(str(tiny_pair[1]), tmp_path, "native"))
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
+    result = calibrate(slm, llm, prompts, max_new_tokens=20, warmup_steps=3, log=lambda m: None)
+    assert result["steps"] > 30
+    ent = [result["entropy"][k] for k in sorted(result["entropy"], key=float)]
+    assert ent == sorted(ent, reverse=True)  # a lower rate needs a higher entropy
+    assert set(result["kl"]) == set(result["entropy"]) and 0 <= result["divergence_rate"] <= 1
+    path = tmp_path / "cal.json"
+    write_calibration(path, result)
+    assert read_calibration(path) == result

@@ -1,0 +1,263 @@
+"""The selector's rule, session protocol and validation, against full recomputation with the tiny LLM."""
+
+import asyncio
+import random
+
+import grpc
+import pytest
+import torch
+
+from llm_selector.core import SelectorCore, SelectorError
+from s2t.v1 import selector_pb2 as pb
+from slm_worker.runtime import Engine, load_model
+from slm_worker.trigger import kl_on_support
+
+ALWAYS = pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_ALWAYS)
+
+
+@pytest.fixture
+def core(make_settings, tiny_pair):
+    settings = make_settings(**{"selector.log_enabled": False})
+    return SelectorCore(Engine(load_model(str(tiny_pair[1]), tiny_pair[1].parent, "native")), settings.selector)
+
+
+def llm_logp(llm, seq):
+    with torch.no_grad():
+        return torch.log_softmax(llm(torch.tensor([seq])).logits[0, -1], -1)
+
+
+def expected_index(llm, context, candidates):
+    return int(torch.argmax(llm_logp(llm, context)[torch.tensor(candidates)]))
+
+
+def position(pos, candidates, **kw):
+    return pb.CandidatePosition(position=pos, candidate_ids=candidates, **kw)
+
+
+def run(core, req, kind="select"):
+    return asyncio.run(core.handle(req, kind, run=_inline))
+
+
+async def _inline(fn, tickets):
+    return fn(tickets)
+
+
+def test_pick_is_argmax_over_candidates_for_every_delta_size(core, tiny_models):
+    _, llm = tiny_models
+    rng = random.Random(1)
+    seq = [rng.randrange(259) for _ in range(6)]
+    length, step = 0, 0
+    for delta_size in range(1, 7):
+        new = [rng.randrange(259) for _ in range(delta_size)]
+        seq = seq + new if length else seq
+        delta = seq[length:]
+        positions = []
+        for pos in range(length + 1, len(seq) + 1):  # every position the delta lets the selector check
+            cands = rng.sample(range(259), 5)
+            positions.append(position(pos, cands))
+        req = pb.SelectRequest(session_id="s", step=step, prefix_length=length, token_ids=delta, positions=positions,
+                               trigger=pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_WORKER))
+        reply = run(core, req)
+        assert reply.outcome == pb.SELECT_OUTCOME_ACCEPTED  # the worker trigger never fired
+        assert [s.position for s in reply.selections] == [p.position for p in positions]
+        for sel, p in zip(reply.selections, positions):
+            assert sel.index == expected_index(llm, seq[:p.position], list(p.candidate_ids))
+        assert reply.session_length == len(seq)
+        length, step = len(seq), step + 1
+
+
+def test_divergence_stops_the_reply_and_cuts_the_session(core, tiny_models):
+    _, llm = tiny_models
+    context = [10, 20, 30, 40]
+    logp = llm_logp(llm, context)
+    worst, best = int(torch.argmin(logp)), int(torch.argmax(logp))
+    req = pb.SelectRequest(session_id="d", step=0, prefix_length=0, token_ids=context + [5, 6],
+                           positions=[position(4, [worst, best]), position(5, [1, 2]), position(6, [3, 4])],
+                           trigger=ALWAYS)
+    reply = run(core, req)
+    assert reply.outcome == pb.SELECT_OUTCOME_DIVERGED
+    assert [(s.position, s.index, s.diverged) for s in reply.selections] == [(4, 1, True)]
+    assert reply.session_length == 4
+    session = core.sessions.get("d")
+    assert session.tokens == context and session.cache.length == 4
+    # the next request builds on the cut session and matches recomputation
+    follow = pb.SelectRequest(session_id="d", step=1, prefix_length=4, token_ids=[best, 7],
+                              positions=[position(6, [8, 9, 11])], trigger=ALWAYS)
+    got = run(core, follow).selections[0].index
+    assert got == expected_index(llm, context + [best, 7], [8, 9, 11])
+
+
+def test_resync_and_eviction_recover_with_full_context(core, tiny_models):
+    _, llm = tiny_models
+    run(core, pb.SelectRequest(session_id="r", step=0, prefix_length=0, token_ids=[1, 2, 3],
+                               positions=[position(3, [4, 5])], trigger=ALWAYS))
+    core.sessions.remove("r")  # evicted, or the replica restarted
+    with pytest.raises(SelectorError) as e:
+        run(core, pb.SelectRequest(session_id="r", step=1, prefix_length=3, token_ids=[4],
+                                   positions=[position(4, [6, 7])], trigger=ALWAYS))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "session_id" in e.value.message
+    reply = run(core, pb.SelectRequest(session_id="r", step=2, prefix_length=0, token_ids=[1, 2, 3, 4],
+                                       positions=[position(4, [6, 7])], trigger=ALWAYS))
+    assert reply.selections[0].index == expected_index(llm, [1, 2, 3, 4], [6, 7])
+    # a full-context request on a live session restarts it (worker-side resync)
+    reply = run(core, pb.SelectRequest(session_id="r", step=3, prefix_length=0, token_ids=[9, 9],
+                                       positions=[position(2, [1, 2, 3])], trigger=ALWAYS))
+    assert reply.selections[0].index == expected_index(llm, [9, 9], [1, 2, 3])
+    assert core.sessions.get("r").tokens == [9, 9]
+
+
+def test_lru_and_budget_eviction(make_settings, tiny_pair):
+    settings = make_settings(**{"selector.max_sessions": 2, "selector.log_enabled": False})
+    core = SelectorCore(Engine(load_model(str(tiny_pair[1]), tiny_pair[1].parent, "native")), settings.selector)
+    for i in range(3):
+        run(core, pb.SelectRequest(session_id=f"s{i}", step=0, prefix_length=0, token_ids=[1, 2],
+                                   positions=[position(2, [3])], trigger=ALWAYS))
+    assert "s0" not in core.sessions and "s1" in core.sessions and "s2" in core.sessions
+    core.sessions.idle_ttl_s = 0.0
+    core.sessions.evict(now=float("inf"))
+    assert len(core.sessions) == 0
+
+
+def test_retry_returns_the_same_reply_and_advances_once(core):
+    req = pb.SelectRequest(session_id="i", step=0, prefix_length=0, token_ids=[1, 2, 3],
+                           positions=[position(2, [4, 5, 6]), position(3, [7, 8])], trigger=ALWAYS)
+    first = run(core, req)
+    forwards = core.counters["forwards"]
+    length = len(core.sessions.get("i").tokens)
+    again = run(core, req)
+    assert again == first
+    assert core.counters["forwards"] == forwards and core.counters["replayed"] == 1
+    assert len(core.sessions.get("i").tokens) == length and core.sessions.get("i").next_step == 1
+
+
+def test_out_of_order_steps_are_applied_in_order(core, tiny_models):
+    _, llm = tiny_models
+    first = pb.SelectRequest(session_id="o", step=0, prefix_length=0, token_ids=[1, 2, 3],
+                             positions=[position(3, [4])], trigger=ALWAYS)
+    second = pb.SelectRequest(session_id="o", step=1, prefix_length=2, token_ids=[3, 4, 5],
+                              positions=[position(5, [6, 7])], trigger=ALWAYS)
+    run(core, first)
+
+    async def both():
+        third = pb.SelectRequest(session_id="o", step=2, prefix_length=5, token_ids=[6],
+                                 positions=[position(6, [8, 9])], trigger=ALWAYS)
+        t3 = asyncio.create_task(core.handle(third, "select", run=_inline))
+        await asyncio.sleep(0.05)  # step 2 arrives first and waits for step 1
+        assert not t3.done()
+        r2 = await core.handle(second, "select", run=_inline)
+        return r2, await t3
+
+    r2, r3 = asyncio.run(both())
+    assert r2.selections[0].index == expected_index(llm, [1, 2, 3, 4, 5], [6, 7])
+    assert r3.selections[0].index == expected_index(llm, [1, 2, 3, 4, 5, 6], [8, 9])
+
+
+def test_missing_step_is_given_up_and_a_late_one_refused(core):
+    run(core, pb.SelectRequest(session_id="g", step=0, prefix_length=0, token_ids=[1, 2],
+                               positions=[position(2, [3])], trigger=ALWAYS))
+    later = pb.SelectRequest(session_id="g", step=5, prefix_length=2, token_ids=[3],
+                             positions=[position(3, [4])], trigger=ALWAYS)
+    assert run(core, later).session_length == 3  # waited step_gap_wait_s for steps 1..4, then went ahead
+    with pytest.raises(SelectorError) as e:
+        run(core, pb.SelectRequest(session_id="g", step=2, prefix_length=2, token_ids=[3],
+                                   positions=[position(3, [4])], trigger=ALWAYS))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "step" in e.value.message
+
+
+def test_prefix_beyond_the_session_is_refused_and_recorded(core):
+    run(core, pb.SelectRequest(session_id="p", step=0, prefix_length=0, token_ids=[1, 2],
+                               positions=[position(2, [3])], trigger=ALWAYS))
+    bad = pb.SelectRequest(session_id="p", step=1, prefix_length=9, token_ids=[3],
+                           positions=[position(10, [4])], trigger=ALWAYS)
+    for _ in range(2):  # the retry gets the same answer
+        with pytest.raises(SelectorError) as e:
+            run(core, bad)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "prefix_length" in e.value.message
+
+
+def test_kl_trigger_uses_student_teacher_kl_on_the_support(core, tiny_models):
+    _, llm = tiny_models
+    context = [3, 1, 4, 1, 5]
+    logp = llm_logp(llm, context)
+    cands, support = [7, 8, 9], [10, 11]
+    probs, sprobs = [0.5, 0.2, 0.1], [0.1, 0.05]
+    kl = kl_on_support(cands + support, probs + sprobs, logp)
+    # reference: renormalise both on the support and sum p_s log(p_s / p_l)
+    p_s = torch.tensor(probs + sprobs, dtype=torch.float64)
+    p_s = p_s / p_s.sum()
+    p_l = logp[torch.tensor(cands + support)].exp()
+    p_l = p_l / p_l.sum()
+    assert kl == pytest.approx(float((p_s * (p_s / p_l).log()).sum()), rel=1e-9)
+    for threshold, fires in ((kl * 0.5, True), (kl * 2, False)):
+        sid = f"kl{fires}"
+        reply = run(core, pb.SelectRequest(
+            session_id=sid, step=0, prefix_length=0, token_ids=context,
+            positions=[position(5, cands, candidate_probs=probs, support_ids=support, support_probs=sprobs)],
+            trigger=pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_KL, kl_threshold=threshold)))
+        sel = reply.selections[0]
+        assert sel.trigger_value == pytest.approx(kl, rel=1e-6)
+        assert sel.diverged == (fires and sel.index != 0)
+
+
+def test_kl_rate_maps_through_the_calibrated_table(make_settings, tiny_pair):
+    settings = make_settings(**{"selector.log_enabled": False})
+    core = SelectorCore(Engine(load_model(str(tiny_pair[1]), tiny_pair[1].parent, "native")), settings.selector,
+                        kl_thresholds={0.1: 2.0, 0.2: 1.0})
+    assert core._kl_threshold(0.15) == pytest.approx(1.5)
+    with pytest.raises(SelectorError) as e:
+        core._kl_threshold(0.5)
+    assert "kl_rate" in e.value.message
+    assert core.info().kl_thresholds == {"0.1": 2.0, "0.2": 1.0}
+
+
+def test_decode_generates_greedily_and_keeps_the_session(core, tiny_models):
+    _, llm = tiny_models
+    req = pb.DecodeRequest(session_id="dec", step=0, prefix_length=0, token_ids=[1, 2, 3], max_tokens=5)
+    reply = run(core, req, "decode")
+    seq = [1, 2, 3]
+    for _ in range(5):
+        seq.append(int(torch.argmax(llm_logp(llm, seq))))
+    assert list(reply.token_ids) == seq[3:]
+    assert reply.session_length == len(seq) - 1
+
+
+BAD = [
+    ("session_id", lambda r: r.ClearField("session_id")),
+    ("session_id", lambda r: setattr(r, "session_id", "x" * 200)),
+    ("token_ids", lambda r: r.ClearField("token_ids")),
+    ("token_ids[1]", lambda r: r.token_ids.__setitem__(1, 999_999)),
+    ("token_ids", lambda r: r.token_ids.extend([1] * 9000)),
+    ("positions", lambda r: r.ClearField("positions")),
+    ("positions[0].candidate_ids", lambda r: r.positions[0].ClearField("candidate_ids")),
+    ("positions[0].candidate_ids", lambda r: r.positions[0].candidate_ids.extend(range(20, 40))),
+    ("positions[0].candidate_ids[0]", lambda r: r.positions[0].candidate_ids.__setitem__(0, -1)),
+    ("positions[0].candidate_ids", lambda r: r.positions[0].candidate_ids.__setitem__(1, 4)),
+    ("positions[0].candidate_probs", lambda r: r.positions[0].candidate_probs.extend([0.5])),
+    ("positions[0].candidate_probs[0]", lambda r: r.positions[0].candidate_probs.extend([1.5, 0.1])),
+    ("positions[0].position", lambda r: setattr(r.positions[0], "position", 9)),
+    ("positions[1].position", lambda r: r.positions.append(position(3, [1]))),
+    ("trigger.kind", lambda r: r.trigger.ClearField("kind")),
+    ("trigger.kl_rate", lambda r: setattr(r.trigger, "kind", pb.SELECT_TRIGGER_KL)),
+]
+
+
+@pytest.mark.parametrize("field,mutate", BAD, ids=[f"{i}-{f}" for i, (f, _) in enumerate(BAD)])
+def test_bad_select_requests_name_the_field(core, field, mutate):
+    req = pb.SelectRequest(session_id="bad", step=0, prefix_length=0, token_ids=[1, 2, 3],
+                           positions=[position(3, [4, 5])], trigger=ALWAYS)
+    mutate(req)
+    with pytest.raises(SelectorError) as e:
+        run(core, req)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.message.startswith(field), e.value.message
+    assert "bad" not in core.sessions  # nothing was created or lost
+
+
+def test_bad_decode_requests_name_the_field(core):
+    for field, req in [("max_tokens", pb.DecodeRequest(session_id="d", token_ids=[1], max_tokens=0)),
+                       ("max_tokens", pb.DecodeRequest(session_id="d", token_ids=[1], max_tokens=10_000)),
+                       ("stop_ids[0]", pb.DecodeRequest(session_id="d", token_ids=[1], max_tokens=1,
+                                                         stop_ids=[10 ** 6]))]:
+        with pytest.raises(SelectorError) as e:
+            run(core, req, "decode")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.message.startswith(field)

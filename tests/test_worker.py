@@ -1,0 +1,332 @@
+"""The worker end to end over real gRPC, against a real selector: exactness of greedy and of (speculative)
+S2T against offline references, fault tolerance, and the client-facing error contract."""
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import reference_s2t
+from s2t.v1 import generation_pb2 as pb
+from servers import Stack
+from slm_worker import decode
+
+PROMPT = "What is 2 + 3?"
+
+
+def prompt_ids(stack, prompt=PROMPT):
+    return stack.worker.prompt_ids(pb.GenerateRequest(prompt=prompt))
+
+
+def assert_stream_is_committed_text(deltas, final):
+    """Every streamed token is final: the stream concatenates to exactly the final completion."""
+    assert [t for d in deltas for t in d.token_ids] == list(final.token_ids)
+    assert "".join(d.text for d in deltas) == final.text
+
+
+async def test_greedy_equals_model_generate(make_settings, tiny_models):
+    slm, _ = tiny_models
+    async with Stack(make_settings()) as stack:
+        ids = prompt_ids(stack)
+        expected = slm.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40,
+                                eos_token_id=list(stack.worker.lm.stop_ids), pad_token_id=256)[0, len(ids):].tolist()
+        deltas, final = await stack.stream(PROMPT, mode=pb.MODE_GREEDY, max_new_tokens=40)
+    assert list(final.token_ids) == expected
+    assert_stream_is_committed_text(deltas, final)
+    assert final.stats.mode_used == pb.MODE_GREEDY and final.stats.selector_calls == 0
+
+
+@pytest.mark.parametrize("block_size", range(1, 17))
+async def test_speculative_s2t_equals_every_step_loop(make_settings, tiny_models, block_size):
+    slm, llm = tiny_models
+    async with Stack(make_settings(**{"worker.max_inflight_blocks": 3})) as stack:
+        ids = prompt_ids(stack)
+        expected = reference_s2t(slm, llm, ids, 40, 8, set(stack.worker.lm.stop_ids))
+        deltas, final = await stack.stream(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40, block_size=block_size)
+    assert list(final.token_ids) == expected
+    assert_stream_is_committed_text(deltas, final)
+    st = final.stats
+    assert st.picks_changed > 0 and st.rolled_back_tokens > 0, "the tiny pair should disagree often"
+    assert st.unverified_tokens == 0 and st.verified_tokens == st.completion_tokens
+
+
+async def test_non_speculative_s2t_waits_and_matches(make_settings, tiny_models):
+    slm, llm = tiny_models
+    async with Stack(make_settings(**{"worker.max_inflight_blocks": 1, "worker.block_size": 1})) as stack:
+        expected = reference_s2t(slm, llm, prompt_ids(stack), 30, 4, set(stack.worker.lm.stop_ids))
+        final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=30, num_candidates=4)
+    assert list(final.token_ids) == expected
+    assert final.stats.rolled_back_tokens == final.stats.picks_changed  # only the replaced draft itself
+
+
+def entropy_top64(p_s):
+    top = p_s.topk(64).values
+    top = top / top.sum()
+    return float(-(top * top.clamp_min(1e-30).log()).sum())
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 8])
+async def test_s2t_with_entropy_trigger_equals_reference(make_settings, tiny_models, block_size):
+    slm, llm = tiny_models
+    threshold = 3.7  # about the median entropy of the tiny SLM: fires at roughly half the steps
+    settings = make_settings(**{"worker.trigger": "entropy", "worker.thresholds.entropy": {0.1: threshold}})
+    fires = lambda step, p_s, logp_l: step >= 3 and entropy_top64(p_s) > threshold  # noqa: E731
+    async with Stack(settings) as stack:
+        expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids), fires)
+        final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40, block_size=block_size,
+                                     trigger_rate=0.1)
+    assert list(final.token_ids) == expected
+    assert 0 < final.stats.triggered_positions < final.stats.drafted_tokens
+
+
+async def test_s2t_with_kl_trigger_equals_reference(make_settings, tiny_models):
+    slm, llm = tiny_models
+    threshold = 0.5
+
+    def fires(step, p_s, logp_l):
+        top = p_s.topk(64)
+        q = top.values.float().double()  # the worker sends probabilities as float32
+        q = q / q.sum()
+        p = logp_l[top.indices].exp()
+        p = p / p.sum()
+        return step >= 3 and float((q * (q / p).log()).sum()) > threshold
+
+    settings = make_settings(**{"worker.trigger": "kl", "selector.kl_thresholds": {0.1: threshold}})
+    async with Stack(settings) as stack:
+        expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids), fires)
+        final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40, block_size=6, trigger_rate=0.1)
+    assert list(final.token_ids) == expected
+    assert final.stats.positions_checked > 0
+
+
+async def test_delays_reordering_and_duplicates_do_not_change_the_output(make_settings, tiny_models):
+    slm, llm = tiny_models
+    async with Stack(make_settings(**{"worker.max_inflight_blocks": 4}), faulty_seed=7) as stack:
+        stack.servicer.max_delay_s = 0.03
+        stack.servicer.duplicate_rate = 0.3
+        expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids))
+        deltas, final = await stack.stream(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40, block_size=3)
+        assert stack.core.counters["replayed"] > 0, "some duplicates should have been answered from the reply cache"
+    assert list(final.token_ids) == expected
+    assert_stream_is_committed_text(deltas, final)
+
+
+async def test_selector_losing_state_mid_request_resyncs(make_settings, tiny_models):
+    slm, llm = tiny_models
+    async with Stack(make_settings(**{"worker.breaker_failures": 1000})) as stack:
+        stack.servicer.restart_after_calls = 4
+        expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids))
+        final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40, block_size=4)
+    assert list(final.token_ids) == expected
+    assert final.stats.resyncs >= 1 and final.stats.unverified_tokens == 0
+
+
+async def test_selector_process_restart_mid_request(make_settings, tiny_models):
+    slm, llm = tiny_models
+    async with Stack(make_settings(**{"worker.breaker_failures": 1000})) as stack:
+        expected = reference_s2t(slm, llm, prompt_ids(stack), 60, 8, set(stack.worker.lm.stop_ids))
+        task = asyncio.create_task(stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=60, block_size=4))
+        while stack.servicer.calls < 3:  # let the session get going, then stall and restart the selector
+            await asyncio.sleep(0.001)
+        stack.servicer.hold = asyncio.Event()
+        await asyncio.sleep(0.1)
+        await stack.stop_selector()
+        await asyncio.sleep(0.3)
+        await stack.restart_selector()
+        final = await asyncio.wait_for(task, 60)
+    assert list(final.token_ids) == expected
+    assert final.stats.resyncs >= 1
+
+
+async def test_rollback_leaves_caches_equal_to_a_fresh_prefill(make_settings, monkeypatch):
+    checks = []
+    original = decode.Sequence.apply_reply
+
+    async with Stack(make_settings()) as stack:
+        slm_engine, llm_engine = stack.worker.engine, stack.core.engine
+
+        def fresh_keys(engine, tokens):
+            cache = engine.new_cache()
+            engine.forward([cache], [tokens], [[len(tokens) - 1]])
+            return cache
+
+        def same(a, b, n):
+            return all(torch.allclose(x[:, :n], y[:, :n], atol=1e-10) for x, y in zip(a.keys + a.values, b.keys + b.values))
+
+        def checked(self, block, reply):
+            original(self, block, reply)
+            if reply.outcome == decode.sel_pb.SELECT_OUTCOME_DIVERGED and not self.done:
+                n = self.cache.length
+                assert n == len(self.tokens) - 1  # everything but the selected token, which is fed next
+                assert same(self.cache, fresh_keys(slm_engine, self.tokens[:n]), n)
+                session = stack.core.sessions.get(self.session_id)
+                assert session.tokens == self.tokens[:len(session.tokens)] and len(session.tokens) == self.chain
+                assert same(session.cache, fresh_keys(llm_engine, session.tokens), len(session.tokens))
+                checks.append(n)
+
+        monkeypatch.setattr(decode.Sequence, "apply_reply", checked)
+        await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=30, block_size=5)
+    assert len(checks) >= 3
+
+
+async def test_cancelled_stream_releases_everything(make_settings):
+    async with Stack(make_settings()) as stack:
+        stack.servicer.max_delay_s = 0.05
+        call = stack.stub.GenerateStream(pb.GenerateStreamRequest(
+            prompt=PROMPT, options=pb.GenerationOptions(mode=pb.MODE_S2T, max_new_tokens=500, block_size=2)))
+        async for msg in call:
+            if msg.HasField("delta"):
+                break
+        call.cancel()
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not stack.worker.scheduler.active and len(stack.core.sessions) == 0:
+                break
+        assert not stack.worker.scheduler.active and stack.worker.active == 0
+        assert len(stack.core.sessions) == 0  # the worker closed its session
+        final = await stack.generate(PROMPT, mode=pb.MODE_GREEDY, max_new_tokens=5)
+        assert final.stats.completion_tokens == 5
+
+
+async def test_selector_down_degrades_to_greedy(make_settings):
+    async with Stack(make_settings(**{"worker.breaker_failures": 1})) as stack:
+        greedy = await stack.generate(PROMPT, mode=pb.MODE_GREEDY, max_new_tokens=20)
+        await stack.stop_selector()
+        final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=20, block_size=4)
+        llm = await stack.generate(PROMPT, mode=pb.MODE_LLM, max_new_tokens=20)
+    assert list(final.token_ids) == list(greedy.token_ids)
+    assert final.stats.mode_used == pb.MODE_GREEDY and final.stats.unverified_tokens == 20
+    assert "unverified" in final.stats.degraded_reason
+    assert llm.stats.mode_used == pb.MODE_GREEDY and list(llm.token_ids) == list(greedy.token_ids)
+    assert "selector unavailable" in llm.stats.degraded_reason
+
+
+async def test_commit_after_lag_commits_unverified_while_the_selector_stalls(make_settings):
+    async with Stack(make_settings()) as stack:
+        greedy = await stack.generate(PROMPT, mode=pb.MODE_GREEDY, max_new_tokens=12)
+        stack.servicer.hold = asyncio.Event()
+        final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=12, block_size=4,
+                                     verify_policy=pb.VERIFY_POLICY_COMMIT_AFTER_LAG, commit_lag_ms=100)
+        stack.servicer.hold.set()
+    assert list(final.token_ids) == list(greedy.token_ids)
+    assert final.stats.unverified_tokens == 12 and final.stats.verified_tokens == 0
+
+
+async def test_call_budget_decides_locally(make_settings):
+    async with Stack(make_settings(**{"worker.selector_calls_per_s": 0.001})) as stack:
+        final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=24, block_size=4)
+    assert final.stats.local_decisions > 0
+    assert final.stats.selector_calls <= 2  # one call per 1000 s of budget (plus a resync at most)
+
+
+def _raw(stack, method="Generate"):
+    return stack.channel.unary_unary(f"/s2t.v1.GenerationService/{method}", request_serializer=lambda b: b,
+                                     response_deserializer=pb.GenerateResponse.FromString)
+
+
+BAD_REQUESTS = [
+    ("prompt", pb.GenerateRequest()),
+    ("prompt", pb.GenerateRequest(prompt="   ")),
+    ("conversation.messages", pb.GenerateRequest(conversation=pb.Conversation())),
+    ("conversation.messages[0].role", pb.GenerateRequest(conversation=pb.Conversation(
+        messages=[pb.ChatMessage(role="robot", content="hi")]))),
+    ("conversation.messages[1].content", pb.GenerateRequest(conversation=pb.Conversation(
+        messages=[pb.ChatMessage(role="user", content="hi"), pb.ChatMessage(role="user", content="")]))),
+    ("options.max_new_tokens", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(max_new_tokens=10 ** 6))),
+    ("options.num_candidates", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(num_candidates=10 ** 4))),
+    ("options.mode", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(mode=42))),
+    ("options.trigger", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(trigger=42))),
+    ("options.trigger_rate", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(trigger_rate=1.5))),
+    ("options.trigger_rate", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(
+        trigger=pb.TRIGGER_ENTROPY, trigger_rate=0.9))),
+    ("options.block_size", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(block_size=10 ** 4))),
+    ("options.verify_policy", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(verify_policy=9))),
+    ("request_id", pb.GenerateRequest(prompt="x", request_id="r" * 200)),
+    ("prompt", pb.GenerateRequest(prompt="word " * 5000)),
+]
+
+
+@pytest.mark.parametrize("field,request_msg", BAD_REQUESTS, ids=[f"{i}-{f}" for i, (f, _) in enumerate(BAD_REQUESTS)])
+async def test_bad_requests_get_invalid_argument_naming_the_field(make_settings, field, request_msg):
+    async with Stack(make_settings()) as stack:
+        for call in (stack.stub.Generate(request_msg),
+                     stack.stub.GenerateStream(pb.GenerateStreamRequest.FromString(request_msg.SerializeToString()))):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                if isinstance(call, grpc.aio.UnaryStreamCall):
+                    async for _ in call:
+                        pass
+                else:
+                    await call
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details().startswith(field), e.value.details()
+        assert not stack.worker.scheduler.active and stack.worker.active == 0  # nothing left behind
+
+
+async def test_wrong_wire_types_and_bad_bytes_are_invalid_argument(make_settings):
+    async with Stack(make_settings()) as stack:
+        options = bytes([0x12, 3]) + b"abc"  # max_new_tokens (varint) sent as a string
+        wrong_type = bytes([0x0A, 2]) + b"hi" + bytes([0x1A, len(options)]) + options
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await _raw(stack)(wrong_type)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "options.max_new_tokens" in e.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await _raw(stack)(bytes([0x0A, 2, 0xFF, 0xFE]))  # prompt that is not UTF-8
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "GenerateRequest" in e.value.details()
+
+
+async def test_auth_token_is_required_when_configured(make_settings):
+    async with Stack(make_settings(**{"worker.auth_token": "s3cret"})) as stack:
+        request = pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(mode=pb.MODE_GREEDY, max_new_tokens=2))
+        for metadata in (None, [("authorization", "Bearer nope")]):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stack.stub.Generate(request, metadata=metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "authorization" in e.value.details()
+        ok = await stack.stub.Generate(request, metadata=[("authorization", "Bearer s3cret")])
+        assert ok.stats.completion_tokens == 2
+
+
+async def test_admission_limits_answer_resource_exhausted(make_settings):
+    async with Stack(make_settings(**{"worker.max_concurrent_requests": 1})) as stack:
+        stack.servicer.hold = asyncio.Event()
+        first = asyncio.create_task(stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=8, block_size=4))
+        await asyncio.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stack.generate(PROMPT, mode=pb.MODE_GREEDY, max_new_tokens=2)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stack.servicer.hold.set()
+        assert (await first).stats.completion_tokens == 8
+    async with Stack(make_settings(**{"worker.requests_per_s": 1})) as stack:
+        await stack.generate(PROMPT, mode=pb.MODE_GREEDY, max_new_tokens=1)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stack.generate(PROMPT, mode=pb.MODE_GREEDY, max_new_tokens=1)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in e.value.details()
+
+
+async def test_health_and_reflection(make_settings):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with Stack(make_settings()) as stack:
+        health = health_pb2_grpc.HealthStub(stack.channel)
+        for service in ("", "s2t.v1.GenerationService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(stack.channel)
+        async for resp in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+            names = {s.name for s in resp.list_services_response.service}
+            assert "s2t.v1.GenerationService" in names
+            break
+
+
+async def test_worker_refuses_a_selector_with_another_vocabulary(make_settings, tmp_path):
+    from tiny import make_tiny_model_dir, make_tokenizer
+
+    other = make_tiny_model_dir(tmp_path / "other", seed=3)
+    tok = make_tokenizer()
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    with pytest.raises(RuntimeError, match="vocabulary"):
+        async with Stack(make_settings(**{"selector.model": str(other)})):
+            pass
