@@ -1,0 +1,102 @@
+"""Where does the time of one batch-1 request go? Times every forward of both models.
+
+    python bench/profile_s2t.py --mode s2t --trigger always --block-size 4 --max-new 96 --problems 2
+
+Runs the selector core on a plain grpc.aio server and the worker in this one process (no Ray), wraps both
+engines' forward to record rows and seconds per call, and prints a breakdown: SLM forwards (prefill vs
+one-token drafts), LLM forwards by rows, and the rest of the wall time (transport, Python, waiting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import time
+
+
+class Timed:
+    def __init__(self, engine, name):
+        self.engine, self.name = engine, name
+        self.calls = []
+        original = engine.forward
+
+        def forward(caches, tokens, want):
+            t0 = time.perf_counter()
+            out = original(caches, tokens, want)
+            self.calls.append((len(tokens), sum(len(t) for t in tokens), time.perf_counter() - t0))
+            return out
+
+        engine.forward = forward
+
+    def report(self) -> dict:
+        by = collections.defaultdict(lambda: [0, 0.0])
+        for _seqs, rows, dt in self.calls:
+            key = "prefill (>32 rows)" if rows > 32 else f"{rows} rows"
+            by[key][0] += 1
+            by[key][1] += dt
+        return {"forwards": len(self.calls), "seconds": round(sum(c[2] for c in self.calls), 2),
+                "by_rows": {k: {"calls": v[0], "s": round(v[1], 2), "ms_per_call": round(1000 * v[1] / v[0], 1)}
+                            for k, v in sorted(by.items(), key=lambda kv: -kv[1][1])}}
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", default="s2t")
+    ap.add_argument("--trigger", default="always")
+    ap.add_argument("--rate", type=float, default=0.1)
+    ap.add_argument("--block-size", type=int, default=4)
+    ap.add_argument("--inflight", type=int, default=1)
+    ap.add_argument("--max-new", type=int, default=96)
+    ap.add_argument("--problems", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+
+    import yaml
+
+    from llm_selector.core import SelectorCore
+    from llm_selector.grpc_server import serve as serve_selector
+    from s2t.v1 import generation_pb2 as pb
+    from slm_worker import gsm8k
+    from slm_worker.config import load_settings
+    from slm_worker.server import Worker, serve
+
+    settings = load_settings(**{"selector.grpc_port": 0, "worker.port": 0, "selector.log_enabled": False,
+                                "worker.max_inflight_blocks": args.inflight,
+                                **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}})
+    core = SelectorCore.from_settings(settings)
+    sel_server, sel_port = await serve_selector(core, "127.0.0.1", 0)
+    settings.worker.selector_address = f"127.0.0.1:{sel_port}"
+    worker = Worker(settings)
+    await worker.start(wait_for_selector_s=30)
+    server, port = await serve(worker, "127.0.0.1", 0)
+    llm, slm = Timed(core.engine, "llm"), Timed(worker.engine, "slm")
+    import grpc
+
+    from s2t.v1 import generation_pb2_grpc as pbg
+
+    stub = pbg.GenerationServiceStub(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+    opts = pb.GenerationOptions(mode=pb.Mode.Value(f"MODE_{args.mode.upper()}"), max_new_tokens=args.max_new,
+                                trigger=pb.Trigger.Value(f"TRIGGER_{args.trigger.upper()}"), trigger_rate=args.rate,
+                                block_size=args.block_size)
+    tokens, t0 = 0, time.perf_counter()
+    stats = []
+    for p in gsm8k.load("test", 0, args.problems):
+        r = await stub.Generate(pb.GenerateRequest(prompt=p["question"], options=opts))
+        tokens += r.stats.completion_tokens
+        stats.append(r.stats)
+    wall = time.perf_counter() - t0
+    busy = slm.report()["seconds"] + llm.report()["seconds"]
+    print(json.dumps({"config": vars(args), "tokens": tokens, "wall_s": round(wall, 2),
+                      "tokens_per_s": round(tokens / wall, 2), "slm": slm.report(), "llm": llm.report(),
+                      "not_in_forwards_s": round(wall - busy, 2),
+                      "drafted": sum(s.drafted_tokens for s in stats), "rolled_back": sum(s.rolled_back_tokens for s in stats),
+                      "selector_calls": sum(s.selector_calls for s in stats)}, indent=1))
+    await server.stop(0)
+    await worker.stop()
+    await sel_server.stop(0)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,366 @@
+"""GSM8K benchmark of the S2T service on the embedded models, every mode side by side in one run.
+
+    python bench/run_bench.py foundation    # issue: greedy, llm, s2t with the LLM-free trigger at ~10 % / ~20 %
+    python bench/run_bench.py speculation   # issue: greedy, llm, hf-assisted, speculative s2t (tau 1 %, 10 %, always)
+    python bench/run_bench.py custom --rows greedy,s2t-spec-always-b8 --accuracy-n 5 --speed-n 2
+
+Accuracy runs send every problem at once (concurrent sessions: the worker batches their SLM steps, the
+selector batches their Select calls); speed runs send one problem at a time (batch-1 tokens/s, the
+latency a single user sees). Everything goes through the deployed path: gRPC client -> worker -> Ray
+Serve gRPC proxy -> selector replica, all on this machine. HF assisted generation runs in-process with
+transformers' `assistant_model=`, on the same weight formats, in a separate process (memory).
+
+Writes bench/results/<name>.json and <name>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One configuration: a mode name as reported, and the request/worker options that produce it."""
+
+    name: str
+    mode: str  # greedy | llm | s2t | hf-assisted
+    trigger: str = ""
+    rate: float = 0.0
+    block_size: int = 0
+    inflight: int = 0
+
+    def options(self):
+        from s2t.v1 import generation_pb2 as pb
+
+        return dict(mode=pb.Mode.Value(f"MODE_{self.mode.upper()}"),
+                    trigger=pb.Trigger.Value(f"TRIGGER_{self.trigger.upper()}") if self.trigger else 0,
+                    trigger_rate=self.rate, block_size=self.block_size)
+
+
+def s2t_row(name, trigger, rate, block, inflight):
+    return Row(name, "s2t", trigger, rate, block, inflight)
+
+
+ROWS = {
+    "greedy": Row("greedy", "greedy"),
+    "llm": Row("llm", "llm"),
+    "hf-assisted": Row("hf-assisted", "hf-assisted"),
+    # LLM-free trigger, classic S2T: ask at a triggered step and wait (block 1, one in flight)
+    "s2t-entropy10": s2t_row("s2t-entropy10", "entropy", 0.10, 1, 1),
+    "s2t-entropy20": s2t_row("s2t-entropy20", "entropy", 0.20, 1, 1),
+    # the same triggers with block speculation
+    "s2t-entropy10-spec": s2t_row("s2t-entropy10-spec", "entropy", 0.10, 8, 2),
+    "s2t-entropy20-spec": s2t_row("s2t-entropy20-spec", "entropy", 0.20, 8, 2),
+}
+for _block in (2, 4, 8, 16):
+    for _tag, _trigger, _rate in (("tau1", "kl", 0.01), ("tau10", "kl", 0.10), ("always", "always", 0.0)):
+        for _inflight in (1, 2, 3):
+            _name = f"s2t-spec-{_tag}-b{_block}" + ("" if _inflight == 2 else f"-i{_inflight}")
+            ROWS[_name] = s2t_row(_name, _trigger, _rate, _block, _inflight)
+
+_SPEC_ROWS = [f"s2t-spec-{t}-b{b}" for t in ("tau1", "tau10", "always") for b in (4, 8, 16)]
+PRESETS = {
+    # the issues' full sizes; each finishes in its time box only on a faster machine than the 2-core AVX2 one
+    "foundation": dict(rows=["greedy", "llm", "s2t-entropy10", "s2t-entropy20", "s2t-entropy10-spec",
+                             "s2t-entropy20-spec"], accuracy_n=50, speed_n=10, speed_max_new=128),
+    "speculation": dict(rows=["greedy", "llm", "hf-assisted"] + _SPEC_ROWS, accuracy_n=100, speed_n=10,
+                        speed_max_new=128),
+    # both issues' tables from one run on a 2-core machine (shared greedy/llm rows, one start-up): smaller n,
+    # accuracy only for one block size per trigger (speed for every block size)
+    "both-small": dict(rows=["greedy", "llm", "hf-assisted", "s2t-entropy10", "s2t-entropy20"] + _SPEC_ROWS
+                       + ["s2t-spec-tau1-b8-i1", "s2t-spec-always-b8-i1"],
+                       accuracy_rows=["greedy", "llm", "s2t-entropy10", "s2t-entropy20", "s2t-spec-tau1-b8",
+                                      "s2t-spec-tau10-b8", "s2t-spec-always-b8"],
+                       accuracy_n=30, speed_n=5, speed_max_new=128,
+                       files={"foundation": ["greedy", "llm", "s2t-entropy10", "s2t-entropy20"],
+                              "speculation": ["greedy", "llm", "hf-assisted"] + _SPEC_ROWS
+                              + ["s2t-spec-tau1-b8-i1", "s2t-spec-always-b8-i1"]}),
+}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def summarize(row: Row, kind: str, results: list[dict], wall: float, extra: dict | None = None) -> dict:
+    n = len(results)
+    tokens = sum(r["tokens"] for r in results)
+    correct = sum(r["correct"] for r in results)
+    lo, hi = wilson(correct, n)
+    stat = lambda k: sum(r.get(k, 0) for r in results)  # noqa: E731
+    out = {"mode": row.name, "kind": kind, "dataset": "gsm8k-test", "n": n,
+           "first_problem": results[0]["idx"] if results else None,
+           "accuracy": correct / n if n else 0.0, "accuracy_ci95": [round(lo, 4), round(hi, 4)], "correct": correct,
+           "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": tokens / wall if wall else 0.0,
+           "llm_positions_per_token": stat("positions_checked") / tokens if tokens else 0.0,
+           "changed_per_token": stat("picks_changed") / tokens if tokens else 0.0,
+           "llm_forwards_per_token": stat("llm_forwards") / tokens if tokens else 0.0,
+           "bytes_per_token": (stat("bytes_sent") + stat("bytes_received")) / tokens if tokens else 0.0,
+           "unverified_tokens": stat("unverified_tokens"), "rolled_back_tokens": stat("rolled_back_tokens"),
+           "drafted_tokens": stat("drafted_tokens"), "resyncs": stat("resyncs"),
+           "trigger": row.trigger, "trigger_rate": row.rate, "block_size": row.block_size,
+           "max_inflight_blocks": row.inflight,
+           "modes_used": sorted({r["mode_used"] for r in results})}
+    out.update(extra or {})
+    return out
+
+
+async def run_service_row(stack, row: Row, problems: list[dict], max_new: int, concurrent: bool) -> tuple[list, float]:
+    from s2t.v1 import generation_pb2 as pb
+    from slm_worker import gsm8k
+
+    if row.inflight:
+        stack.worker.settings.worker.max_inflight_blocks = row.inflight
+
+    async def one(p):
+        r = await stack.stub.Generate(pb.GenerateRequest(
+            prompt=p["question"], options=pb.GenerationOptions(max_new_tokens=max_new, **row.options())))
+        st = r.stats
+        return {"idx": p["idx"], "tokens": st.completion_tokens, "correct": gsm8k.is_correct(r.text, p["gold"]),
+                "pred": gsm8k.extract(r.text), "gold": p["gold"], "wall_s": st.wall_s,
+                "positions_checked": st.positions_checked, "picks_changed": st.picks_changed,
+                "llm_forwards": st.llm_forwards, "bytes_sent": st.selector_bytes_sent,
+                "bytes_received": st.selector_bytes_received, "unverified_tokens": st.unverified_tokens,
+                "rolled_back_tokens": st.rolled_back_tokens, "drafted_tokens": st.drafted_tokens,
+                "resyncs": st.resyncs, "mode_used": pb.Mode.Name(st.mode_used), "text": r.text,
+                "degraded": st.degraded_reason}
+
+    t0 = time.monotonic()
+    if concurrent:
+        results = list(await asyncio.gather(*[one(p) for p in problems]))
+    else:
+        results = [await one(p) for p in problems]
+    return results, time.monotonic() - t0
+
+
+def run_hf_assisted(problems: list[dict], max_new: int, settings) -> tuple[list, float, dict]:
+    """transformers' assisted generation: the 1.5B verifies, the 0.5B drafts (batch 1 only)."""
+    import torch
+
+    from slm_worker import gsm8k
+    from slm_worker.runtime import load_model
+
+    slm = load_model(settings.worker.model, settings.cache_dir, settings.worker.runtime.weight_formats)
+    llm = load_model(settings.selector.model, settings.cache_dir, settings.selector.runtime.weight_formats)
+    tok = llm.tokenizer
+    results, wall = [], 0.0
+    for p in problems:
+        ids = tok.apply_chat_template([{"role": "system", "content": settings.worker.system_prompt},
+                                       {"role": "user", "content": p["question"]}],
+                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        t0 = time.monotonic()
+        with torch.inference_mode():
+            out = llm.model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=slm.model,
+                                     do_sample=False, max_new_tokens=max_new, eos_token_id=list(llm.stop_ids),
+                                     pad_token_id=tok.pad_token_id)
+        dt = time.monotonic() - t0
+        wall += dt
+        gen = out[0, ids.shape[1]:].tolist()
+        text = tok.decode(gen, skip_special_tokens=True)
+        results.append({"idx": p["idx"], "tokens": len(gen), "correct": gsm8k.is_correct(text, p["gold"]),
+                        "pred": gsm8k.extract(text), "gold": p["gold"], "wall_s": dt, "mode_used": "hf-assisted",
+                        "text": text})
+    return results, wall, {"weight_formats": {"slm": slm.plan.describe(), "llm": llm.plan.describe()}}
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return ""
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| mode | kind | n | accuracy (95% CI) | tokens/s | wall s | LLM positions/token | changed/token | "
+            "LLM forwards/token | bytes/token | unverified |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    def acc(r):  # speed runs stop at a small token cap, so their accuracy says nothing
+        if r["kind"] == "speed":
+            return "–"
+        return f"{r['accuracy']:.1%} ({r['accuracy_ci95'][0]:.0%}–{r['accuracy_ci95'][1]:.0%})"
+
+    body = "".join(
+        f"| {r['mode']} | {r['kind']} | {r['n']} | {acc(r)} | {r['tokens_per_s']:.2f} | {r['wall_s']:.0f} | "
+        f"{r['llm_positions_per_token']:.3f} | {r['changed_per_token']:.3f} | {r['llm_forwards_per_token']:.3f} | "
+        f"{r['bytes_per_token']:.0f} | {r['unverified_tokens']} |\n" for r in rows)
+    return head + body
+
+
+def best_per_mode(rows: list[dict]) -> list[dict]:
+    """One line per reported mode: accuracy from its accuracy run, speed from its fastest speed run.
+
+    Speculative rows differ only in block size / blocks in flight, which never change the emitted tokens
+    (tests/test_worker.py), so `s2t-spec-tau1-b8` accuracy holds for `s2t-spec-tau1-b4` too."""
+    out = {}
+    for r in rows:
+        mode = r["mode"].split("-b")[0] if r["mode"].startswith("s2t-spec-") else r["mode"]
+        line = out.setdefault(mode, {"mode": mode, "dataset": r["dataset"], "n": 0, "accuracy": None,
+                                     "accuracy_ci95": None, "tokens_per_s": 0.0, "speed_config": None})
+        if r["kind"] == "accuracy":
+            line.update(n=r["n"], accuracy=r["accuracy"], accuracy_ci95=r["accuracy_ci95"],
+                        accuracy_wall_s=r["wall_s"], accuracy_tokens_per_s=r["tokens_per_s"])
+        elif r["tokens_per_s"] > line["tokens_per_s"]:
+            line.update(tokens_per_s=r["tokens_per_s"], wall_s=r["wall_s"], speed_config=r["mode"],
+                        speed_n=r["n"], **{k: r[k] for k in ("llm_positions_per_token", "changed_per_token",
+                                                              "llm_forwards_per_token", "bytes_per_token")})
+    return list(out.values())
+
+
+def summary_table(lines: list[dict]) -> str:
+    head = ("| mode | accuracy (n, 95% CI) | batch-1 tokens/s | fastest config | LLM forwards/token | "
+            "LLM positions/token | changed/token | bytes/token |\n|---|---|---|---|---|---|---|---|\n")
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    return head + "".join(
+        f"| {r['mode']} | " + ("–" if r["accuracy"] is None else
+                               f"{r['accuracy']:.1%} (n={r['n']}, {r['accuracy_ci95'][0]:.0%}–"
+                               f"{r['accuracy_ci95'][1]:.0%})")
+        + f" | {r['tokens_per_s']:.2f} | {r['speed_config'] or '–'} | {fmt(r.get('llm_forwards_per_token'), '.3f')} | "
+        f"{fmt(r.get('llm_positions_per_token'), '.3f')} | {fmt(r.get('changed_per_token'), '.3f')} | "
+        f"{fmt(r.get('bytes_per_token'), '.0f')} |\n" for r in lines)
+
+
+def write(name: str, payload: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    md = [f"# {name}\n", f"Command: `{payload['command']}`  \n", f"Date: {payload['date']}; commit {payload['commit']}  \n",
+          f"Machine: {payload['machine']['cpu']} ({payload['machine']['cores']} cores, "
+          f"torch CPU capability {payload['machine']['cpu_capability']})  \n",
+          f"Weight formats: {json.dumps(payload.get('weight_formats', {}))}  \n",
+          f"Settings: {json.dumps(payload['settings'])}\n\n"]
+    if payload.get("summary"):
+        md += ["## Per mode (accuracy run + fastest speed run)\n\n", summary_table(payload["summary"]),
+               "\n## Every run\n\n"]
+    md.append(table(payload["rows"]))
+    if payload.get("notes"):
+        md.append("\n" + "\n".join(f"- {n}" for n in payload["notes"]) + "\n")
+    (RESULTS / f"{name}.md").write_text("".join(md))
+
+
+async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems, speed_max_new, acc_max_new,
+                         payload, name, accuracy_rows=None) -> None:
+    from slm_worker.local_stack import LocalStack
+
+    async with LocalStack(settings) as stack:
+        payload["weight_formats"] = stack.describe()
+        payload["startup_s"] = round(stack.startup_s, 1)
+        for row in rows:
+            for kind, problems, max_new, concurrent in (("accuracy", acc_problems, acc_max_new, True),
+                                                        ("speed", speed_problems, speed_max_new, False)):
+                if not problems or (kind == "accuracy" and accuracy_rows is not None
+                                    and row.name not in accuracy_rows):
+                    continue
+                print(f"[bench] {row.name} {kind}: {len(problems)} problems ...", file=sys.stderr, flush=True)
+                results, wall = await run_service_row(stack, row, problems, max_new, concurrent)
+                summary = summarize(row, kind, results, wall, {"max_new_tokens": max_new})
+                payload["rows"].append(summary)
+                payload["details"].append({"mode": row.name, "kind": kind, "results": results})
+                print(f"[bench]   accuracy {summary['accuracy']:.3f}, {summary['tokens_per_s']:.2f} tok/s, "
+                      f"{wall:.0f}s", file=sys.stderr, flush=True)
+                write(name, payload)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("preset", choices=[*PRESETS, "custom"])
+    ap.add_argument("--name", help="results file name (default: the preset)")
+    ap.add_argument("--rows", help="comma-separated row names (custom); known: " + ", ".join(ROWS))
+    ap.add_argument("--accuracy-n", type=int)
+    ap.add_argument("--speed-n", type=int)
+    ap.add_argument("--speed-max-new", type=int, help="token cap of the speed runs")
+    ap.add_argument("--max-new", type=int, default=512, help="token cap of the accuracy runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="settings override (repeatable)")
+    ap.add_argument("--hf-assisted-worker", help=argparse.SUPPRESS)  # internal: run hf-assisted in a subprocess
+    args = ap.parse_args()
+
+    import yaml
+
+    from slm_worker import gsm8k
+    from slm_worker.config import load_settings
+
+    preset = PRESETS.get(args.preset, {"rows": [], "accuracy_n": 0, "speed_n": 0, "speed_max_new": 128})
+    row_names = args.rows.split(",") if args.rows else preset["rows"]
+    rows = [ROWS[r] for r in row_names]
+    acc_n = preset["accuracy_n"] if args.accuracy_n is None else args.accuracy_n
+    speed_n = preset["speed_n"] if args.speed_n is None else args.speed_n
+    speed_max_new = args.speed_max_new or preset["speed_max_new"]
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    settings = load_settings(**overrides)
+
+    if args.hf_assisted_worker:  # child process: HF assisted generation only
+        problems = gsm8k.load("test", 0, speed_n)
+        results, wall, extra = run_hf_assisted(problems, speed_max_new, settings)
+        Path(args.hf_assisted_worker).write_text(json.dumps({"results": results, "wall": wall, "extra": extra}))
+        return
+
+    name = args.name or args.preset
+    acc_problems = gsm8k.load("test", 0, acc_n) if acc_n else []
+    speed_problems = gsm8k.load("test", 0, speed_n) if speed_n else []
+    payload = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine(),
+               "settings": {"worker": {k: getattr(settings.worker, k) for k in ("model", "num_candidates",
+                                                                                  "max_batch_size", "warmup_steps")},
+                            "selector": {k: getattr(settings.selector, k) for k in ("model", "max_batch_size")},
+                            "accuracy_max_new_tokens": args.max_new, "speed_max_new_tokens": speed_max_new},
+               "rows": [], "details": [], "notes": []}
+    t0 = time.monotonic()
+    if any(r.mode == "hf-assisted" for r in rows) and speed_problems:
+        print(f"[bench] hf-assisted speed: {len(speed_problems)} problems ...", file=sys.stderr, flush=True)
+        out = Path(RESULTS / f".{name}.hf.json")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, __file__, "custom", "--speed-n", str(speed_n), "--speed-max-new", str(speed_max_new),
+               "--hf-assisted-worker", str(out)] + [f"--set={s}" for s in args.set]
+        subprocess.run(cmd, check=True)
+        hf = json.loads(out.read_text())
+        out.unlink()
+        payload["rows"].append(summarize(ROWS["hf-assisted"], "speed", hf["results"], hf["wall"],
+                                         {"max_new_tokens": speed_max_new, **hf["extra"]}))
+        payload["details"].append({"mode": "hf-assisted", "kind": "speed", "results": hf["results"]})
+        payload["notes"].append("hf-assisted runs batch 1 only (transformers' assisted generation does not batch), "
+                                "so its accuracy is over the speed problems, with the speed runs' token cap.")
+        write(name, payload)
+    service_rows = [r for r in rows if r.mode != "hf-assisted"]
+    if service_rows:
+        asyncio.run(run_stack_rows(settings, service_rows, acc_problems, speed_problems, speed_max_new, args.max_new,
+                                   payload, name, preset.get("accuracy_rows")))
+    payload["total_wall_s"] = round(time.monotonic() - t0, 1)
+    write(name, payload)
+    for file_name, keep in preset.get("files", {}).items():  # one run, one table per issue
+        rows_kept = [r for r in payload["rows"] if r["mode"] in keep]
+        write(file_name, {**payload, "rows": rows_kept, "summary": best_per_mode(rows_kept),
+                          "details": [d for d in payload["details"] if d["mode"] in keep]})
+    print(table(payload["rows"]))
+
+
+if __name__ == "__main__":
+    main()
