@@ -79,11 +79,13 @@ PRESETS = {
                         speed_max_new=128),
     # both issues' tables from one run on a 2-core machine (shared greedy/llm rows, one start-up): smaller n,
     # accuracy only for one block size per trigger (speed for every block size)
-    "both-small": dict(rows=["greedy", "llm", "hf-assisted", "s2t-entropy10", "s2t-entropy20"] + _SPEC_ROWS
+    "both-small": dict(rows=["greedy", "llm", "hf-assisted", "s2t-spec-always-b8", "s2t-spec-tau1-b8",
+                             "s2t-spec-tau10-b8", "s2t-entropy10", "s2t-entropy20"]
+                       + [r for r in _SPEC_ROWS if not r.endswith("-b8")]
                        + ["s2t-spec-tau1-b8-i1", "s2t-spec-always-b8-i1"],
                        accuracy_rows=["greedy", "llm", "s2t-entropy10", "s2t-entropy20", "s2t-spec-tau1-b8",
                                       "s2t-spec-tau10-b8", "s2t-spec-always-b8"],
-                       accuracy_n=30, speed_n=5, speed_max_new=128,
+                       accuracy_n=24, speed_n=3, speed_max_new=128,
                        files={"foundation": ["greedy", "llm", "s2t-entropy10", "s2t-entropy20"],
                               "speculation": ["greedy", "llm", "hf-assisted"] + _SPEC_ROWS
                               + ["s2t-spec-tau1-b8-i1", "s2t-spec-always-b8-i1"]}),
@@ -250,7 +252,12 @@ def summary_table(lines: list[dict]) -> str:
         f"{fmt(r.get('bytes_per_token'), '.0f')} |\n" for r in lines)
 
 
-def write(name: str, payload: dict) -> None:
+def write(name: str, payload: dict, split: dict[str, list[str]] | None = None) -> None:
+    """Write <name>.json/.md, and for a preset with per-issue files, one table per issue from the same run."""
+    for file_name, keep in (split or {}).items():
+        rows_kept = [r for r in payload["rows"] if r["mode"] in keep]
+        write(file_name, {**payload, "rows": rows_kept, "summary": best_per_mode(rows_kept),
+                          "details": [d for d in payload["details"] if d["mode"] in keep]})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
     md = [f"# {name}\n", f"Command: `{payload['command']}`  \n", f"Date: {payload['date']}; commit {payload['commit']}  \n",
@@ -268,7 +275,7 @@ def write(name: str, payload: dict) -> None:
 
 
 async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems, speed_max_new, acc_max_new,
-                         payload, name, accuracy_rows=None) -> None:
+                         payload, name, accuracy_rows=None, split=None) -> None:
     from slm_worker.local_stack import LocalStack
 
     async with LocalStack(settings) as stack:
@@ -287,7 +294,7 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
                 payload["details"].append({"mode": row.name, "kind": kind, "results": results})
                 print(f"[bench]   accuracy {summary['accuracy']:.3f}, {summary['tokens_per_s']:.2f} tok/s, "
                       f"{wall:.0f}s", file=sys.stderr, flush=True)
-                write(name, payload)
+                write(name, payload, split)
 
 
 def main() -> None:
@@ -324,6 +331,7 @@ def main() -> None:
         return
 
     name = args.name or args.preset
+    split = preset.get("files")
     acc_problems = gsm8k.load("test", 0, acc_n) if acc_n else []
     speed_problems = gsm8k.load("test", 0, speed_n) if speed_n else []
     payload = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
@@ -348,17 +356,13 @@ def main() -> None:
         payload["details"].append({"mode": "hf-assisted", "kind": "speed", "results": hf["results"]})
         payload["notes"].append("hf-assisted runs batch 1 only (transformers' assisted generation does not batch), "
                                 "so its accuracy is over the speed problems, with the speed runs' token cap.")
-        write(name, payload)
+        write(name, payload, split)
     service_rows = [r for r in rows if r.mode != "hf-assisted"]
     if service_rows:
         asyncio.run(run_stack_rows(settings, service_rows, acc_problems, speed_problems, speed_max_new, args.max_new,
-                                   payload, name, preset.get("accuracy_rows")))
+                                   payload, name, preset.get("accuracy_rows"), split))
     payload["total_wall_s"] = round(time.monotonic() - t0, 1)
-    write(name, payload)
-    for file_name, keep in preset.get("files", {}).items():  # one run, one table per issue
-        rows_kept = [r for r in payload["rows"] if r["mode"] in keep]
-        write(file_name, {**payload, "rows": rows_kept, "summary": best_per_mode(rows_kept),
-                          "details": [d for d in payload["details"] if d["mode"] in keep]})
+    write(name, payload, split)
     print(table(payload["rows"]))
 
 
