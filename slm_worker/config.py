@@ -41,32 +41,32 @@ class TriggerThresholds(_Section):
 
     # Defaults for the embedded pair: `s2t calibrate --problems 32 --max-new-tokens 384` (GSM8K train 0..31,
     # 9012 steps of the 0.5B's greedy trajectories). Other models need their own calibration.
-    entropy: dict[float, float] = {
+    entropy: dict[float, float] = Field({
         0.01: 1.901, 0.02: 1.67, 0.05: 1.249, 0.1: 0.8754, 0.15: 0.6638, 0.2: 0.4834,
         0.3: 0.1589, 0.5: 0.01088
-    }
-    margin: dict[float, float] = {
+    }, description="entropy of the SLM top-64 above which it fires, by rate")
+    margin: dict[float, float] = Field({
         0.01: 0.03525, 0.02: 0.07039, 0.05: 0.1955, 0.1: 0.4053, 0.15: 0.6208, 0.2: 0.7807,
         0.3: 0.9487, 0.5: 0.998
-    }
+    }, description="SLM top-1 minus top-2 probability below which it fires, by rate")
 
 
 class WorkerSettings(_Section):
     model: str = Field("qwen2.5-coder-0.5b-instruct", description="registry name or transformers directory")
-    host: str = "127.0.0.1"
-    port: int = Field(50051, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address the client gRPC server binds")
+    port: int = Field(50051, ge=0, le=65535, description="client gRPC port (0: pick a free one)")
     runtime: RuntimeSettings = RuntimeSettings()
     selector_address: str = Field("127.0.0.1:9000", description="host:port of the selector's gRPC endpoint")
     selector_application: str = Field("s2t-selector", description="Ray Serve application name (gRPC metadata)")
-    default_mode: Mode = "s2t"
-    num_candidates: int = Field(8, ge=1, le=64)
-    trigger: TriggerName = "kl"
-    trigger_rate: float = Field(0.10, gt=0, le=1)
+    default_mode: Mode = Field("s2t", description="mode of requests that name none: greedy, s2t, llm")
+    num_candidates: int = Field(8, ge=1, le=64, description="K: SLM candidates per position sent to the selector")
+    trigger: TriggerName = Field("kl", description="when a disagreement is corrected: kl (selector-side, paper), entropy / margin (LLM-free, worker-side), always")
+    trigger_rate: float = Field(0.10, gt=0, le=1, description="target share of steps the trigger fires on (tau); mapped through the calibrated thresholds")
     warmup_steps: int = Field(3, ge=0, description="generation steps that never trigger (paper default 3)")
     block_size: int = Field(8, ge=1, description="drafted positions per selector request")
-    max_block_size: int = Field(32, ge=1)
+    max_block_size: int = Field(32, ge=1, description="largest block_size a request may ask for")
     max_inflight_blocks: int = Field(2, ge=1, description="1 = wait for each block; more = keep drafting")
-    verify_policy: VerifyPolicyName = "wait"
+    verify_policy: VerifyPolicyName = Field("wait", description="when the selector is slow: wait (up to verify_deadline_ms) or commit_after_lag")
     verify_deadline_ms: int = Field(30_000, ge=1, description="wait policy: how long a block may stay unverified")
     commit_lag_ms: int = Field(2_000, ge=1, description="commit_after_lag policy: age at which drafts commit")
     select_timeout_ms: int = Field(10_000, ge=1, description="deadline of one selector RPC")
@@ -75,17 +75,17 @@ class WorkerSettings(_Section):
     breaker_open_s: float = Field(10.0, gt=0, description="how long an open breaker skips the selector")
     decode_chunk: int = Field(16, ge=1, description="llm mode: tokens per Decode call")
     max_new_tokens: int = Field(512, ge=1, description="default when a request sets none")
-    max_new_tokens_limit: int = Field(4096, ge=1)
-    max_prompt_tokens: int = Field(4096, ge=1)
+    max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
+    max_prompt_tokens: int = Field(4096, ge=1, description="longer prompts are INVALID_ARGUMENT")
     max_batch_size: int = Field(64, ge=1, description="sequences per SLM forward")
     max_concurrent_requests: int = Field(256, ge=1, description="above this, RESOURCE_EXHAUSTED")
     requests_per_s: float = Field(0.0, ge=0, description="admission rate limit; 0 = none")
     auth_token: SecretStr | None = Field(None, description="if set, clients must send 'authorization: Bearer <token>'")
     thresholds: TriggerThresholds = TriggerThresholds()
-    system_prompt: str = (
+    system_prompt: str = Field((
         "You are a helpful assistant. Please answer the math problem step by step, and put the final answer "
         "in the format \\boxed{answer}."
-    )
+    ), description="system message of the chat template")
 
     @field_validator("selector_address")
     @classmethod
@@ -97,25 +97,25 @@ class WorkerSettings(_Section):
 
 class SelectorSettings(_Section):
     model: str = Field("qwen2.5-coder-1.5b-instruct", description="registry name or transformers directory")
-    host: str = "127.0.0.1"
-    grpc_port: int = Field(9000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address Ray Serve's proxies bind")
+    grpc_port: int = Field(9000, ge=0, le=65535, description="selector gRPC port (Serve gRPC proxy or --no-ray server)")
     http_port: int = Field(8123, ge=0, le=65535, description="Ray Serve's HTTP proxy (required by Serve)")
-    application: str = "s2t-selector"
+    application: str = Field("s2t-selector", description="Ray Serve application name")
     runtime: RuntimeSettings = RuntimeSettings()
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="selector replicas (sessions are routed by id)")
     replica_num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per replica (0: don't reserve)")
-    max_candidates: int = Field(16, ge=1, le=256)
-    max_positions: int = Field(64, ge=1)
-    max_context_tokens: int = Field(8192, ge=1)
-    max_decode_tokens: int = Field(64, ge=1)
-    max_sessions: int = Field(512, ge=1)
-    session_idle_ttl_s: float = Field(600.0, gt=0)
+    max_candidates: int = Field(16, ge=1, le=256, description="largest K accepted")
+    max_positions: int = Field(64, ge=1, description="most positions in one Select")
+    max_context_tokens: int = Field(8192, ge=1, description="longest session context")
+    max_decode_tokens: int = Field(64, ge=1, description="most tokens one Decode call generates")
+    max_sessions: int = Field(512, ge=1, description="session caches kept (LRU beyond)")
+    session_idle_ttl_s: float = Field(600.0, gt=0, description="idle sessions are dropped after this")
     kv_budget_mb: int = Field(4096, ge=1, description="KV cache memory for all sessions; LRU beyond it")
     reply_cache_steps: int = Field(16, ge=1, description="replies kept per session for idempotent retries")
     step_gap_wait_s: float = Field(1.0, ge=0, description="how long a request waits for an earlier step")
     max_batch_size: int = Field(32, ge=1, description="sessions per LLM forward (@serve.batch)")
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    max_ongoing_requests: int = Field(512, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch wait for more sessions")
+    max_ongoing_requests: int = Field(512, ge=1, description="per replica, Ray Serve back-pressure")
     # Defaults for the embedded pair, from the same calibration run as TriggerThresholds.
     kl_thresholds: dict[float, float] = Field(
         default_factory=lambda: {
@@ -123,9 +123,9 @@ class SelectorSettings(_Section):
             0.1: 0.5128, 0.15: 0.2915, 0.2: 0.1638, 0.3: 0.04619, 0.5: 0.002485},
         description="KL trigger thresholds by rate; a calibration file overrides these")
     log_dir: Path | None = Field(None, description="selection log segments; default <data dir>/selection-logs")
-    log_enabled: bool = True
-    log_segment_records: int = Field(50_000, ge=1)
-    log_segment_seconds: float = Field(300.0, gt=0)
+    log_enabled: bool = Field(True, description="write the selection log")
+    log_segment_records: int = Field(50_000, ge=1, description="records per log segment")
+    log_segment_seconds: float = Field(300.0, gt=0, description="a segment closes after this long")
     log_fsync_every: int = Field(256, ge=1, description="records between fsyncs of the open segment")
 
 
@@ -190,3 +190,28 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
+
+
+def reference_markdown() -> str:
+    """The configuration reference in the README (tests/test_readme.py keeps the two equal)."""
+    lines = ["| key (env: `S2T_` + upper case, `__` between levels) | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, Path):
+                shown = "XDG default"
+            elif isinstance(default, dict):
+                shown = "calibrated table" if default else "{}"
+            elif isinstance(default, str) and len(default) > 40:
+                shown = "see config.py"
+            else:
+                shown = f"`{default!r}`"
+            lines.append(f"| `{prefix}{name}` | {shown} | {field.description or ''} |")
+
+    walk(Settings, "")
+    return "\n".join(lines) + "\n"
