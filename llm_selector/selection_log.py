@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from slm_worker.model_store import fsync_dir
+
 PREFIX = "seg-"
 OPEN_SUFFIX = ".jsonl.open"
 CLOSED_SUFFIX = ".jsonl"
@@ -92,16 +94,8 @@ class SelectionLog:
         self._file.close()
         final = self._path.with_name(self._path.name.removesuffix(OPEN_SUFFIX) + CLOSED_SUFFIX)
         os.replace(self._path, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._file, self._path = None, None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def recover_open_segments(directory: Path) -> list[Path]:
@@ -129,7 +123,7 @@ def recover_open_segments(directory: Path) -> list[Path]:
         os.replace(path, final)
         closed.append(final)
     if closed:
-        _fsync_dir(Path(directory))
+        fsync_dir(Path(directory))
     return closed
 
 

