@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import collections
 import json
+import sys
 import time
+from pathlib import Path
 
 
 class Timed:
@@ -51,6 +53,7 @@ async def main() -> None:
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--problems", type=int, default=2)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--out", help="also write the breakdown as JSON here")
     args = ap.parse_args()
 
     import yaml
@@ -88,11 +91,18 @@ async def main() -> None:
         stats.append(r.stats)
     wall = time.perf_counter() - t0
     busy = slm.report()["seconds"] + llm.report()["seconds"]
-    print(json.dumps({"config": vars(args), "tokens": tokens, "wall_s": round(wall, 2),
-                      "tokens_per_s": round(tokens / wall, 2), "slm": slm.report(), "llm": llm.report(),
-                      "not_in_forwards_s": round(wall - busy, 2),
-                      "drafted": sum(s.drafted_tokens for s in stats), "rolled_back": sum(s.rolled_back_tokens for s in stats),
-                      "selector_calls": sum(s.selector_calls for s in stats)}, indent=1))
+    rolled_back = sum(s.rolled_back_tokens for s in stats)
+    drafts = [c for c in slm.calls if c[1] == 1]  # one-token SLM forwards: the drafts
+    draft_ms = 1000 * sum(c[2] for c in drafts) / len(drafts) if drafts else 0.0
+    report = {"command": "python bench/profile_s2t.py " + " ".join(sys.argv[1:]), "config": vars(args),
+              "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
+              "slm": slm.report(), "llm": llm.report(), "not_in_forwards_s": round(wall - busy, 2),
+              "drafted": sum(s.drafted_tokens for s in stats), "rolled_back": rolled_back,
+              "rolled_back_draft_s": round(rolled_back * draft_ms / 1000, 2),
+              "selector_calls": sum(s.selector_calls for s in stats)}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
     await server.stop(0)
     await worker.stop()
     await sel_server.stop(0)

@@ -69,7 +69,7 @@ class WorkerSettings(_Section):
     verify_policy: VerifyPolicyName = Field("wait", description="when the selector is slow: wait (up to verify_deadline_ms) or commit_after_lag")
     verify_deadline_ms: int = Field(30_000, ge=1, description="wait policy: how long a block may stay unverified")
     commit_lag_ms: int = Field(2_000, ge=1, description="commit_after_lag policy: age at which drafts commit")
-    select_timeout_ms: int = Field(10_000, ge=1, description="deadline of one selector RPC")
+    select_timeout_ms: int = Field(120_000, ge=1, description="cap on one selector RPC attempt; the request's verify deadline usually ends it first")
     selector_calls_per_s: float = Field(0.0, ge=0, description="selector call budget (asyncio-throttle); 0 = none")
     breaker_failures: int = Field(3, ge=1, description="consecutive selector failures that open the breaker")
     breaker_open_s: float = Field(10.0, gt=0, description="how long an open breaker skips the selector")
