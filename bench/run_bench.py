@@ -85,7 +85,7 @@ PRESETS = {
                        + ["s2t-spec-tau1-b8-i1", "s2t-spec-always-b8-i1"],
                        accuracy_rows=["greedy", "llm", "s2t-entropy10", "s2t-entropy20", "s2t-spec-tau1-b8",
                                       "s2t-spec-tau10-b8", "s2t-spec-always-b8"],
-                       accuracy_n=16, speed_n=2, speed_max_new=128,
+                       accuracy_n=12, speed_n=2, speed_max_new=96,
                        files={"foundation": ["greedy", "llm", "s2t-entropy10", "s2t-entropy20"],
                               "speculation": ["greedy", "llm", "hf-assisted"] + _SPEC_ROWS
                               + ["s2t-spec-tau1-b8-i1", "s2t-spec-always-b8-i1"]}),

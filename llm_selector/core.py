@@ -16,7 +16,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Callable
 
 import grpc
 import torch
@@ -73,7 +72,9 @@ class SelectorCore:
         self.sessions = SessionStore(engine, settings.max_sessions, settings.session_idle_ttl_s,
                                      settings.kv_budget_mb << 20)
         self.counters = {"select": 0, "decode": 0, "replayed": 0, "failed_precondition": 0, "positions": 0,
-                         "diverged": 0, "forwards": 0}
+                         "diverged": 0, "forwards": 0, "batches": 0, "batched_sessions": 0}
+        self._pending: dict[str, list[tuple[Ticket, asyncio.Future]]] = {"select": [], "decode": []}
+        self._draining = False
 
     @classmethod
     def from_settings(cls, settings) -> "SelectorCore":
@@ -352,24 +353,55 @@ class SelectorCore:
         return [pb.DecodeResponse(session_id=t.request.session_id, step=t.request.step, token_ids=out,
                                   session_length=len(t.session.tokens)) for t, out in zip(tickets, outputs)]
 
-    # -- one request end to end, without cross-request batching -------------------------------------------
+    # -- one request end to end, batched across sessions ---------------------------------------------------
 
-    async def run_compute(self, compute: Callable, tickets: list[Ticket]) -> list:
-        """Run a batched compute on the engine's compute thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.engine.executor, compute, tickets)
-
-    async def handle(self, req, kind: str, run: Callable | None = None):
-        """admit -> compute -> release for one request; `run` executes the compute (default: run_compute)."""
+    async def handle(self, req, kind: str):
+        """admit -> (batched) compute -> release for one request. Returns the reply; raises SelectorError."""
         admitted = await self.admit(req, kind)
         if not isinstance(admitted, Ticket):
             return admitted
-        compute = self.compute_select if kind == "select" else self.compute_decode
-        try:
-            reply = (await (run or self.run_compute)(compute, [admitted]))[0]
-        except BaseException:
-            # The session's cache may be half-updated: drop it so the worker resyncs.
-            self.sessions.remove(req.session_id)
-            await self.release(admitted, stale("session_id: the selector lost this session; resend the full context"))
-            raise
-        await self.release(admitted, reply)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[kind].append((admitted, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        reply = await asyncio.shield(future)  # a cancelled caller must not drop its session's release
+        if isinstance(reply, SelectorError):
+            raise reply
         return reply
+
+    async def _drain(self) -> None:
+        """Run pending requests as batches, one at a time on the engine's compute thread.
+
+        A batch is formed when the engine is free, so every request that arrived during the previous batch
+        joins the next one. (Ray Serve 2.60's @serve.batch forms its batch within batch_wait_timeout_s and
+        only then waits for the running one: under load every batch held a single session, measured with
+        py-spy on the GSM8K benchmark.)"""
+        try:
+            await asyncio.sleep(self.settings.batch_wait_timeout_s)  # let a burst of arrivals share a batch
+            while self._pending["select"] or self._pending["decode"]:
+                for kind in ("select", "decode"):
+                    queue = self._pending[kind]
+                    batch, self._pending[kind] = queue[:self.settings.max_batch_size], queue[self.settings.max_batch_size:]
+                    if batch:
+                        await self._run_batch(kind, batch)
+        finally:
+            self._draining = False
+
+    async def _run_batch(self, kind: str, batch: list[tuple[Ticket, asyncio.Future]]) -> None:
+        tickets = [t for t, _ in batch]
+        compute = self.compute_select if kind == "select" else self.compute_decode
+        self.counters["batches"] += 1
+        self.counters["batched_sessions"] += len(tickets)
+        try:
+            replies = await asyncio.get_running_loop().run_in_executor(self.engine.executor, compute, tickets)
+        except Exception:
+            log.exception("selector compute failed for %d sessions", len(tickets))
+            lost = stale("session_id: the selector lost this session; resend the full context")
+            for t in tickets:  # their caches may be half-updated: drop them so the workers resync
+                self.sessions.remove(t.session.id)
+            replies = [lost] * len(tickets)
+        for (ticket, future), reply in zip(batch, replies):
+            await self.release(ticket, reply)
+            if not future.done():
+                future.set_result(reply)

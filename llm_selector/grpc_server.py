@@ -1,7 +1,7 @@
 """The selector on a plain grpc.aio server, without Ray: for one-box setups and for tests.
 
-Same core and protocol as the Ray Serve app; the difference is that requests are computed one at a time
-(no cross-session batching), and there is no routing because there is one process.
+Same core, protocol and cross-session batching as the Ray Serve app; there is no routing because there is
+one process.
 """
 
 from __future__ import annotations

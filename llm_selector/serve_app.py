@@ -1,7 +1,8 @@
 """The selector as a Ray Serve application behind Serve's gRPC proxy.
 
 Method names equal the RPC names of s2t.v1.SelectorService (Ray routes by name). Concurrent Select calls
-from different sessions are batched into one forward with @serve.batch; Decode calls likewise. Sessions are
+from different sessions are batched into one forward by SelectorCore.handle (which forms a batch when the
+engine frees up; @serve.batch did not batch under load, see there); Decode calls likewise. Sessions are
 routed to replicas by consistent hashing over the `session_id` gRPC metadata, so a session's cache is
 usually warm; when it is not, the worker resyncs (correctness never depends on routing).
 """
@@ -16,7 +17,7 @@ from ray import serve
 from s2t.v1 import selector_pb2 as pb
 from slm_worker.config import Settings
 
-from .core import SelectorCore, SelectorError, Ticket, stale
+from .core import SelectorCore, SelectorError
 
 log = logging.getLogger("s2t.selector")
 
@@ -29,10 +30,6 @@ class SelectorDeployment:
     def __init__(self, settings: dict):
         self.settings = Settings.model_validate(settings)
         self.core = SelectorCore.from_settings(self.settings)
-        sel = self.settings.selector
-        for batched in (self._select_batch, self._decode_batch):
-            batched.set_max_batch_size(sel.max_batch_size)
-            batched.set_batch_wait_timeout_s(sel.batch_wait_timeout_s)
 
     async def Select(self, request: pb.SelectRequest, grpc_context) -> pb.SelectResponse:
         return await self._serve(request, grpc_context, "select", pb.SelectResponse)
@@ -48,40 +45,12 @@ class SelectorDeployment:
 
     async def _serve(self, request, grpc_context, kind: str, empty):
         try:
-            admitted = await self.core.admit(request, kind)
-            if not isinstance(admitted, Ticket):
-                return admitted
-            batch = self._select_batch if kind == "select" else self._decode_batch
-            reply = await batch(admitted)
-            if isinstance(reply, SelectorError):
-                raise reply
-            return reply
+            return await self.core.handle(request, kind)
         except SelectorError as e:
             # Expected failures carry their own status; Serve would turn a raised exception into INTERNAL.
             grpc_context.set_code(e.code)
             grpc_context.set_details(e.message)
             return empty()
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _select_batch(self, tickets: list[Ticket]) -> list:
-        return await self._compute(self.core.compute_select, tickets)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _decode_batch(self, tickets: list[Ticket]) -> list:
-        return await self._compute(self.core.compute_decode, tickets)
-
-    async def _compute(self, compute, tickets: list[Ticket]) -> list:
-        try:
-            replies = await self.core.run_compute(compute, tickets)
-        except Exception:
-            log.exception("selector compute failed for %d sessions", len(tickets))
-            lost = stale("session_id: the selector lost this session; resend the full context")
-            for t in tickets:  # their caches may be half-updated
-                self.core.sessions.remove(t.session.id)
-            replies = [lost] * len(tickets)
-        for t, r in zip(tickets, replies):
-            await self.core.release(t, r)
-        return replies
 
     def check_health(self) -> None:
         if self.core.engine is None:

@@ -113,8 +113,8 @@ class SelectorSettings(_Section):
     kv_budget_mb: int = Field(4096, ge=1, description="KV cache memory for all sessions; LRU beyond it")
     reply_cache_steps: int = Field(16, ge=1, description="replies kept per session for idempotent retries")
     step_gap_wait_s: float = Field(1.0, ge=0, description="how long a request waits for an earlier step")
-    max_batch_size: int = Field(32, ge=1, description="sessions per LLM forward (@serve.batch)")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch wait for more sessions")
+    max_batch_size: int = Field(32, ge=1, description="sessions per LLM forward (requests that arrive while one runs join the next)")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long an idle selector waits for more sessions before a batch")
     max_ongoing_requests: int = Field(512, ge=1, description="per replica, Ray Serve back-pressure")
     # Defaults for the embedded pair, from the same calibration run as TriggerThresholds.
     kl_thresholds: dict[float, float] = Field(

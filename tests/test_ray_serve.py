@@ -1,4 +1,4 @@
-"""Worker and selector over real gRPC through a real local Ray Serve (gRPC proxy, @serve.batch, routing)."""
+"""Worker and selector over real gRPC through a real local Ray Serve (gRPC proxy, cross-session batching, routing)."""
 
 import asyncio
 import socket

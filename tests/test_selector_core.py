@@ -35,11 +35,7 @@ def position(pos, candidates, **kw):
 
 
 def run(core, req, kind="select"):
-    return asyncio.run(core.handle(req, kind, run=_inline))
-
-
-async def _inline(fn, tickets):
-    return fn(tickets)
+    return asyncio.run(core.handle(req, kind))
 
 
 def test_pick_is_argmax_over_candidates_for_every_delta_size(core, tiny_models):
@@ -64,6 +60,26 @@ def test_pick_is_argmax_over_candidates_for_every_delta_size(core, tiny_models):
             assert sel.index == expected_index(llm, seq[:p.position], list(p.candidate_ids))
         assert reply.session_length == len(seq)
         length, step = len(seq), step + 1
+
+
+def test_concurrent_sessions_share_one_batch_and_each_gets_its_own_pick(core, tiny_models):
+    _, llm = tiny_models
+    rng = random.Random(3)
+    requests = []
+    for i in range(6):
+        context = [rng.randrange(259) for _ in range(4 + i)]  # ragged: every session a different length
+        cands = rng.sample(range(259), 4)
+        requests.append((context, cands, pb.SelectRequest(
+            session_id=f"b{i}", step=0, prefix_length=0, token_ids=context,
+            positions=[position(len(context), cands)], trigger=pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_WORKER))))
+
+    async def all_at_once():
+        return await asyncio.gather(*[core.handle(r, "select") for _, _, r in requests])
+
+    replies = asyncio.run(all_at_once())
+    assert core.counters["batches"] == 1 and core.counters["batched_sessions"] == 6
+    for (context, cands, _), reply in zip(requests, replies):
+        assert reply.selections[0].index == expected_index(llm, context, cands)
 
 
 def test_divergence_stops_the_reply_and_cuts_the_session(core, tiny_models):
@@ -141,10 +157,10 @@ def test_out_of_order_steps_are_applied_in_order(core, tiny_models):
     async def both():
         third = pb.SelectRequest(session_id="o", step=2, prefix_length=5, token_ids=[6],
                                  positions=[position(6, [8, 9])], trigger=ALWAYS)
-        t3 = asyncio.create_task(core.handle(third, "select", run=_inline))
+        t3 = asyncio.create_task(core.handle(third, "select"))
         await asyncio.sleep(0.05)  # step 2 arrives first and waits for step 1
         assert not t3.done()
-        r2 = await core.handle(second, "select", run=_inline)
+        r2 = await core.handle(second, "select")
         return r2, await t3
 
     r2, r3 = asyncio.run(both())
