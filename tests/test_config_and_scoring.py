@@ -51,12 +51,20 @@ def test_gsm8k_scoring(text, gold, ok):
     assert gsm8k.is_correct(text, gold) is ok
 
 
-def test_gsm8k_loads_train_and_test_with_gold_answers():
+def test_gsm8k_test_problems_ship_with_the_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("S2T_GSM8K_DIR", str(tmp_path))  # no data directory: the packaged sample serves
     test = gsm8k.load("test", 0, 2)
     assert [p["idx"] for p in test] == [0, 1] and test[0]["gold"] == "18"
-    assert gsm8k.load("train", 5, 1)[0]["idx"] == 5
+    with pytest.raises(FileNotFoundError, match="S2T_GSM8K_DIR"):
+        gsm8k.load("train", 0, 1)
     with pytest.raises(ValueError):
         gsm8k.load("dev")
+
+
+@pytest.mark.skipif(not (gsm8k.data_dir() / "train.jsonl").is_file(), reason="GSM8K data directory not present")
+def test_gsm8k_loads_train_and_test_from_the_data_directory():
+    assert gsm8k.load("train", 5, 1)[0]["idx"] == 5
+    assert gsm8k.load("test", 20, 1)[0]["idx"] == 20
 
 
 def test_threshold_table_interpolates_and_refuses_extrapolation():
