@@ -402,6 +402,8 @@ class SelectorCore:
                 self.sessions.remove(t.session.id)
             replies = [lost] * len(tickets)
         for (ticket, future), reply in zip(batch, replies):
-            await self.release(ticket, reply)
-            if not future.done():
-                future.set_result(reply)
+            try:
+                await self.release(ticket, reply)
+            finally:  # a failing release (log I/O) must not leave the caller waiting forever
+                if not future.done():
+                    future.set_result(reply)
