@@ -187,7 +187,7 @@ class Worker:
         opts = DecodeOptions(mode=mode, max_new_tokens=max_new, num_candidates=k, trigger=trigger, local_trigger=local,
                              kl_rate=rate, warmup_steps=ws.warmup_steps, block_size=block,
                              max_inflight_blocks=ws.max_inflight_blocks, block_deadline_s=deadline_ms / 1000,
-                             decode_chunk=ws.decode_chunk)
+                             decode_chunk=ws.decode_chunk, draft_confidence=ws.draft_confidence)
         return opts, mode_requested
 
     def start_sequence(self, request) -> Sequence:
@@ -197,7 +197,7 @@ class Worker:
         opts, mode_requested = self.options(request)
         request_id = request.request_id or uuid.uuid4().hex
         seq = Sequence(request_id, f"{request_id}-{uuid.uuid4().hex[:8]}", prompt, opts, self.engine,
-                       self.lm.stop_ids, self.lm.tokenizer, mode_requested)
+                       self.lm.stop_ids, self.lm.tokenizer, mode_requested, odds=self.scheduler.odds)
         if opts.mode != "greedy" and self.scheduler.selector is None:
             seq.stats.degraded_reason = self.selector_problem
         self.scheduler.submit(seq)

@@ -37,7 +37,10 @@ def make_settings(tiny_pair, tmp_path):
                 "worker.model": str(tiny_pair[0]), "selector.model": str(tiny_pair[1]),
                 "worker.runtime.weight_formats": "native", "selector.runtime.weight_formats": "native",
                 "worker.port": 0, "selector.grpc_port": 0, "worker.trigger": "always",
-                "worker.select_timeout_ms": 5000, "selector.step_gap_wait_s": 0.5}
+                "worker.select_timeout_ms": 5000, "selector.step_gap_wait_s": 0.5,
+                # Random tiny models are unsure at every position, so the confidence gate would cut every
+                # block to one position; the speculation tests want full blocks. Gate tests turn it on.
+                "worker.draft_confidence": 0.0}
         base.update(overrides)
         return load_settings(**base)
 

@@ -52,6 +52,42 @@ async def test_speculative_s2t_equals_every_step_loop(make_settings, tiny_models
     assert st.unverified_tokens == 0 and st.verified_tokens == st.completion_tokens
 
 
+@pytest.mark.parametrize("confidence", [0.3, 0.99])
+async def test_worker_does_not_draft_past_an_unsure_draft(make_settings, tiny_models, confidence):
+    """The tiny SLM is unsure everywhere: with a strict gate every block is one position and a divergence
+    rolls back only the draft it replaces; with any gate the output is still the every-step loop's."""
+    slm, llm = tiny_models
+    settings = make_settings(**{"worker.max_inflight_blocks": 3, "worker.draft_confidence": confidence})
+    async with Stack(settings) as stack:
+        expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids))
+        deltas, final = await stack.stream(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40, block_size=8)
+        odds = stack.worker.scheduler.odds
+    assert list(final.token_ids) == expected
+    assert_stream_is_committed_text(deltas, final)
+    st = final.stats
+    if confidence == 0.99:
+        assert st.positions_checked == st.llm_forwards == st.selector_calls
+        assert st.rolled_back_tokens == st.picks_changed > 0
+    else:  # the odds learn that this pair agrees more often than the prior says: blocks grow
+        assert st.positions_checked > st.llm_forwards
+    # every verdict was counted (positions after a divergence get none), every divergence as one
+    cells = [c for per_bin in odds.counts.values() for c in per_bin]
+    assert st.verified_tokens <= sum(c[1] for c in cells) <= st.positions_checked
+    assert sum(c[0] for c in cells) == st.picks_changed
+
+
+def test_divergence_odds_start_from_the_slm_doubt_and_learn():
+    odds, key = decode.DivergenceOdds(), ("always", 0.0)
+    assert odds.p_diverge(key, 0.95) < odds.p_diverge(key, 0.55) < odds.p_diverge(key, 0.15)
+    for _ in range(200):
+        odds.observe(key, 0.35, diverged=False)
+    assert odds.p_diverge(key, 0.35) < 0.02
+    assert odds.p_diverge(("kl", 0.1), 0.35) == pytest.approx(0.65)  # another trigger keeps its own counts
+    for _ in range(200):
+        odds.observe(key, 0.97, diverged=True)
+    assert odds.p_diverge(key, 0.97) > 0.95
+
+
 async def test_non_speculative_s2t_waits_and_matches(make_settings, tiny_models):
     slm, llm = tiny_models
     async with Stack(make_settings(**{"worker.max_inflight_blocks": 1, "worker.block_size": 1})) as stack:
