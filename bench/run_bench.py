@@ -2,6 +2,7 @@
 
     python bench/run_bench.py foundation    # issue: greedy, llm, s2t with the LLM-free trigger at ~10 % / ~20 %
     python bench/run_bench.py speculation   # issue: greedy, llm, hf-assisted, speculative s2t (tau 1 %, 10 %, always)
+    python bench/run_bench.py speculation-small --name speculation   # the same at the sizes that fit 60 min here
     python bench/run_bench.py custom --rows greedy,s2t-spec-always-b8 --accuracy-n 5 --speed-n 2
 
 Accuracy runs send every problem at once (concurrent sessions: the worker batches their SLM steps, the
@@ -89,6 +90,11 @@ PRESETS = {
                        files={"foundation": ["greedy", "llm", "s2t-entropy10", "s2t-entropy20"],
                               "speculation": ["greedy", "llm", "hf-assisted"] + _SPEC_ROWS
                               + ["s2t-spec-tau1-b8-i1", "s2t-spec-always-b8-i1"]}),
+    # issue #4's table alone on a 2-core machine: llm beside speculative s2t at blocks of 4 and 8, accuracy for
+    # blocks of 8 (block size never changes the tokens), hf-assisted speed
+    "speculation-small": dict(rows=["llm", "hf-assisted"] + [r for r in _SPEC_ROWS if not r.endswith("-b16")],
+                              accuracy_rows=["llm", "s2t-spec-always-b8", "s2t-spec-tau10-b8", "s2t-spec-tau1-b8"],
+                              accuracy_n=12, speed_n=2, speed_max_new=96),
 }
 
 
@@ -343,7 +349,8 @@ def main() -> None:
     payload = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine(),
                "settings": {"worker": {k: getattr(settings.worker, k) for k in ("model", "num_candidates",
-                                                                                  "max_batch_size", "warmup_steps")},
+                                                                                  "max_batch_size", "warmup_steps",
+                                                                                  "draft_confidence")},
                             "selector": {k: getattr(settings.selector, k) for k in ("model", "max_batch_size")},
                             "accuracy_max_new_tokens": args.max_new, "speed_max_new_tokens": speed_max_new},
                "rows": [], "details": [], "notes": []}

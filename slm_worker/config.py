@@ -66,7 +66,7 @@ class WorkerSettings(_Section):
     block_size: int = Field(8, ge=1, description="drafted positions per selector request")
     max_block_size: int = Field(32, ge=1, description="largest block_size a request may ask for")
     max_inflight_blocks: int = Field(2, ge=1, description="1 = wait for each block; more = keep drafting")
-    draft_confidence: float = Field(0.5, ge=0, lt=1, description="draft past unverified positions only while the odds that the selector accepts them all (learned from its replies) are at least this; 0 = always draft to the lookahead")
+    draft_confidence: float = Field(0.7, ge=0, lt=1, description="draft past unverified positions only while the odds that the selector accepts them all (learned from its replies) are at least this; 0 = always draft to the lookahead")
     verify_policy: VerifyPolicyName = Field("wait", description="when the selector is slow: wait (up to verify_deadline_ms) or commit_after_lag")
     verify_deadline_ms: int = Field(30_000, ge=1, description="wait policy: how long a block may stay unverified")
     commit_lag_ms: int = Field(2_000, ge=1, description="commit_after_lag policy: age at which drafts commit")
