@@ -267,6 +267,8 @@ def write(name: str, payload: dict, split: dict[str, list[str]] | None = None) -
         rows_kept = [r for r in payload["rows"] if r["mode"] in keep]
         write(file_name, {**payload, "rows": rows_kept, "summary": best_per_mode(rows_kept),
                           "details": [d for d in payload["details"] if d["mode"] in keep]})
+    if "summary" not in payload and any(r["kind"] == "accuracy" for r in payload["rows"]):
+        payload = {**payload, "summary": best_per_mode(payload["rows"])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
     md = [f"# {name}\n", f"Command: `{payload['command']}`  \n", f"Date: {payload['date']}; commit {payload['commit']}  \n",
