@@ -61,8 +61,8 @@ async def main() -> None:
     from llm_selector.core import SelectorCore
     from llm_selector.grpc_server import serve as serve_selector
     from s2t.v1 import generation_pb2 as pb
-    from slm_worker import gsm8k
-    from slm_worker.config import load_settings
+    from s2t import gsm8k
+    from s2t.config import load_settings
     from slm_worker.server import Worker, serve
 
     settings = load_settings(**{"selector.grpc_port": 0, "worker.port": 0, "selector.log_enabled": False,

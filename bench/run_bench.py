@@ -133,7 +133,7 @@ def summarize(row: Row, kind: str, results: list[dict], wall: float, extra: dict
 
 async def run_service_row(stack, row: Row, problems: list[dict], max_new: int, concurrent: bool) -> tuple[list, float]:
     from s2t.v1 import generation_pb2 as pb
-    from slm_worker import gsm8k
+    from s2t import gsm8k
 
     if row.inflight:
         stack.worker.settings.worker.max_inflight_blocks = row.inflight
@@ -166,8 +166,8 @@ def run_hf_assisted(problems: list[dict], max_new: int, settings) -> tuple[list,
     """transformers' assisted generation: the 1.5B verifies, the 0.5B drafts (batch 1 only)."""
     import torch
 
-    from slm_worker import gsm8k
-    from slm_worker.runtime import load_model
+    from s2t import gsm8k
+    from s2t.runtime import load_model
 
     slm = load_model(settings.worker.model, settings.cache_dir, settings.worker.runtime.weight_formats)
     llm = load_model(settings.selector.model, settings.cache_dir, settings.selector.runtime.weight_formats)
@@ -287,7 +287,7 @@ def write(name: str, payload: dict, split: dict[str, list[str]] | None = None) -
 
 async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems, speed_max_new, acc_max_new,
                          payload, name, accuracy_rows=None, split=None) -> None:
-    from slm_worker.local_stack import LocalStack
+    from s2t.stack import LocalStack
 
     async with LocalStack(settings) as stack:
         payload["weight_formats"] = stack.describe()
@@ -326,8 +326,8 @@ def main() -> None:
 
     import yaml
 
-    from slm_worker import gsm8k
-    from slm_worker.config import load_settings
+    from s2t import gsm8k
+    from s2t.config import load_settings
 
     preset = PRESETS.get(args.preset, {"rows": [], "accuracy_n": 0, "speed_n": 0, "speed_max_new": 128})
     row_names = args.rows.split(",") if args.rows else preset["rows"]

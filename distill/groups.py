@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from llm_selector.selection_log import closed_segments, read_segment, replay_contexts
+from s2t.selection_log import closed_segments, read_segment, replay_contexts
 
 
 class DistillError(RuntimeError):

@@ -21,11 +21,11 @@ import grpc
 import torch
 
 from s2t.v1 import selector_pb2 as pb
-from slm_worker.config import SelectorSettings
-from slm_worker.runtime import Engine
-from slm_worker.trigger import ThresholdTable, kl_on_support
+from s2t.config import SelectorSettings
+from s2t.runtime import Engine
+from s2t.triggers import ThresholdTable, kl_on_support
 
-from .selection_log import SelectionLog
+from s2t.selection_log import SelectionLog
 from .sessions import Session, SessionStore
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,10 @@ class SelectorCore:
     @classmethod
     def from_settings(cls, settings) -> "SelectorCore":
         """Load the selector model, its KL calibration and the selection log as configured."""
-        from slm_worker.calibration import read_calibration
-        from slm_worker.runtime import load_model
+        from s2t.calibration import read_calibration
+        from s2t.runtime import load_model
 
-        from .selection_log import SelectionLog
+        from s2t.selection_log import SelectionLog
 
         sel = settings.selector
         lm = load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats, sel.runtime.threads)

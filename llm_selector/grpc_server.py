@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from s2t.v1 import selector_pb2 as pb
 from s2t.v1 import selector_pb2_grpc as pb_grpc
-from slm_worker.config import Settings
+from s2t.config import Settings
 
 from .core import SelectorCore, SelectorError
 

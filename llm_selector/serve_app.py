@@ -15,7 +15,7 @@ import os
 from ray import serve
 
 from s2t.v1 import selector_pb2 as pb
-from slm_worker.config import Settings
+from s2t.config import Settings
 
 from .core import SelectorCore, SelectorError
 
@@ -87,7 +87,7 @@ def app_builder(args: dict):
 
     `args` may name a config file (`config: path`); everything else comes from S2T_* environment variables.
     """
-    from slm_worker.config import load_settings
+    from s2t.config import load_settings
 
     return build_app(load_settings(args.get("config") or os.environ.get("S2T_CONFIG")))
 

@@ -7,7 +7,7 @@ import collections
 import dataclasses
 import time
 
-from slm_worker.runtime import Engine, KVCache
+from s2t.runtime import Engine, KVCache
 
 
 @dataclasses.dataclass(eq=False)

@@ -29,9 +29,9 @@ import time
 from s2t.v1 import generation_pb2 as gen_pb
 from s2t.v1 import selector_pb2 as sel_pb
 
-from .runtime import Engine
+from s2t.runtime import Engine
 from .selector_client import SelectorClient, SelectorUnavailable, SessionLost
-from .trigger import LocalTrigger, Proposal, propose
+from s2t.triggers import LocalTrigger, Proposal, propose
 
 log = logging.getLogger(__name__)
 

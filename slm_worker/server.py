@@ -15,13 +15,13 @@ from grpc_reflection.v1alpha import reflection
 
 from s2t.v1 import generation_pb2 as gen_pb
 
-from .calibration import read_calibration
-from .config import Settings
+from s2t.calibration import read_calibration
+from s2t.config import Settings
 from .decode import DecodeOptions, Event, Scheduler, Sequence
-from .runtime import Engine, LoadedModel, load_model
+from s2t.runtime import Engine, LoadedModel, load_model
 from .selector_client import CallBudget, SelectorClient
-from .trigger import LocalTrigger, ThresholdTable
-from .wire import WireError, parse
+from s2t.triggers import LocalTrigger, ThresholdTable
+from s2t.wire import WireError, parse
 
 log = logging.getLogger("s2t.worker")
 

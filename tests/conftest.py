@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import make_tiny_model_dir  # noqa: E402
 
-from slm_worker.config import Settings, load_settings  # noqa: E402
+from s2t.config import Settings, load_settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")

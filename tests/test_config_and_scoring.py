@@ -4,11 +4,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from slm_worker import gsm8k
-from slm_worker.calibration import calibrate, read_calibration, recall, thresholds, write_calibration
-from slm_worker.config import load_settings
-from slm_worker.runtime import Engine, load_model
-from slm_worker.trigger import LocalTrigger, Proposal, ThresholdTable, propose
+from s2t import gsm8k
+from s2t.calibration import calibrate, read_calibration, recall, thresholds, write_calibration
+from s2t.config import load_settings
+from s2t.runtime import Engine, load_model
+from s2t.triggers import LocalTrigger, Proposal, ThresholdTable, propose
 
 
 def test_flags_beat_environment_beat_yaml_beat_defaults(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 import pytest
 
 from distill.groups import DistillError, read_groups, write_groups
-from llm_selector.selection_log import SelectionLog
+from s2t.selection_log import SelectionLog
 
 
 def write_log(directory, vocab="v1"):

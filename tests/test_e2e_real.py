@@ -6,9 +6,9 @@ Slow (fetch ~4 min on a new machine, start-up ~2 min, generation ~1-2 min); dese
 import pytest
 
 from s2t.v1 import generation_pb2 as pb
-from slm_worker import gsm8k
-from slm_worker.config import load_settings
-from slm_worker.local_stack import LocalStack
+from s2t import gsm8k
+from s2t.config import load_settings
+from s2t.stack import LocalStack
 
 pytestmark = [pytest.mark.real_models, pytest.mark.ray]
 

@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from slm_worker import model_store as ms
+from s2t import model_store as ms
 from tiny import make_tiny_model_dir
 
 VERSION = "0.1.0"

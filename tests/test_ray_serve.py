@@ -25,7 +25,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_selector(tiny_pair, tmp_path_factory):
     from llm_selector import serve_app
-    from slm_worker.config import load_settings
+    from s2t.config import load_settings
 
     root = tmp_path_factory.mktemp("ray")
     settings = load_settings(**{

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from slm_worker.config import reference_markdown
+from s2t.config import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -29,4 +29,4 @@ def test_ci_runs_the_readme_test_command_verbatim():
 def test_configuration_reference_is_current():
     section = README.split("<!-- config-reference:start", 1)[1].split("<!-- config-reference:end -->", 1)[0]
     table = section.split("-->\n", 1)[1]
-    assert table == reference_markdown(), "regenerate the README table from slm_worker.config.reference_markdown()"
+    assert table == reference_markdown(), "regenerate the README table from s2t.config.reference_markdown()"

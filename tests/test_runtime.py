@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from slm_worker.kernels import BUCKETS, FormatPlan, FormattedLinear, available_formats, measure_plan
-from slm_worker.runtime import Engine, _padding_groups, load_model
+from s2t.weight_formats import BUCKETS, FormatPlan, FormattedLinear, available_formats, measure_plan
+from s2t.runtime import Engine, _padding_groups, load_model
 
 
 @pytest.fixture(scope="module")

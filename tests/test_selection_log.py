@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from llm_selector.selection_log import (CLOSED_SUFFIX, OPEN_SUFFIX, SelectionLog, closed_segments, read_segment,
+from s2t.selection_log import (CLOSED_SUFFIX, OPEN_SUFFIX, SelectionLog, closed_segments, read_segment,
                                          recover_open_segments, replay_contexts)
 from s2t.v1 import generation_pb2 as pb
 from servers import Stack

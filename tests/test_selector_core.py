@@ -9,8 +9,8 @@ import torch
 
 from llm_selector.core import SelectorCore, SelectorError
 from s2t.v1 import selector_pb2 as pb
-from slm_worker.runtime import Engine, load_model
-from slm_worker.trigger import kl_on_support
+from s2t.runtime import Engine, load_model
+from s2t.triggers import kl_on_support
 
 ALWAYS = pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_ALWAYS)
 

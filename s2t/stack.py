@@ -31,7 +31,7 @@ class LocalStack:
     async def __aenter__(self) -> "LocalStack":
         from llm_selector import serve_app
 
-        from .server import Worker, serve
+        from slm_worker.server import Worker, serve
 
         s = self.settings
         t0 = time.monotonic()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .kernels import FormatPlan, apply_plan, available_formats, cpu_capability, measure_plan
+from .weight_formats import FormatPlan, apply_plan, available_formats, cpu_capability, measure_plan
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash
 

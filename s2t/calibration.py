@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .runtime import Engine
-from .trigger import Proposal, kl_on_support, propose
+from .triggers import Proposal, kl_on_support, propose
 
 RATES = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
 

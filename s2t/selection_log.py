@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from slm_worker.model_store import fsync_dir
+from s2t.model_store import fsync_dir
 
 PREFIX = "seg-"
 OPEN_SUFFIX = ".jsonl.open"

@@ -112,7 +112,7 @@ def cmd_serve_worker(args) -> None:
     _fetch_needed(settings, ("worker",))
 
     async def main():
-        from .server import Worker, serve
+        from slm_worker.server import Worker, serve
 
         worker = Worker(settings)
         await worker.start(wait_for_selector_s=args.wait_for_selector)
@@ -188,7 +188,7 @@ def cmd_generate(args) -> None:
 def cmd_run(args) -> None:
     """The main job: everything on this machine, one GSM8K test question through the client API."""
     from . import gsm8k
-    from .local_stack import LocalStack
+    from .stack import LocalStack
 
     settings = _settings(args)
     problem = gsm8k.load("test", args.problem, 1)[0]
