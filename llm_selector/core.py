@@ -2,7 +2,8 @@
 
 A request goes through `admit` (validation, step ordering, idempotent replay) and then a batched compute
 (`compute_select` / `compute_decode`, synchronous torch, run off the event loop) and `release`, which
-records the reply for retries and lets the session's next step in.
+records the reply for retries and lets the session's next step in. Beyond `max_queued_requests` requests
+waiting for a batch, `admit` refuses with RESOURCE_EXHAUSTED and a retry hint (back-pressure, never INTERNAL).
 
 The selection rule is the paper's: the index of the candidate with the highest LLM probability, ties to
 the lower index (the SLM's higher rank). A position diverges when that index is not 0 and the trigger
@@ -15,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
+import weakref
 
 import grpc
 import torch
@@ -25,21 +28,33 @@ from s2t.config import SelectorSettings
 from s2t.runtime import Engine
 from s2t.triggers import ThresholdTable, kl_on_support
 
-from s2t.selection_log import SelectionLog
+from s2t.selection_log import ScoredPosition, SelectionLog, SelectorIdentity, SelectRecord
 from .sessions import Session, SessionStore
 
 log = logging.getLogger(__name__)
 
 MAX_ID_LEN = 128
 
+# SelectRecord.trigger names (the log's vocabulary is independent of the wire enum's spelling).
+_LOG_TRIGGER = {pb.SELECT_TRIGGER_ALWAYS: "always", pb.SELECT_TRIGGER_WORKER: "worker", pb.SELECT_TRIGGER_KL: "kl"}
+# Batch time assumed before this replica has timed one of its own (a retry hint needs some estimate).
+DEFAULT_BATCH_S = 0.05
+BATCH_TIME_SMOOTHING = 0.3  # weight of the newest batch in the moving average of batch times
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of an overload answer; the message repeats the number
+
 
 class SelectorError(Exception):
-    """An expected failure with the gRPC status it maps to."""
+    """An expected failure with the gRPC status it maps to (and, for overload, when to try again)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What the transports send as trailing metadata: the retry hint of an overload answer."""
+        return () if self.retry_after_ms is None else ((RETRY_AFTER_KEY, str(self.retry_after_ms)),)
 
 
 def invalid(message: str) -> SelectorError:
@@ -72,17 +87,23 @@ class SelectorCore:
         self.sessions = SessionStore(engine, settings.max_sessions, settings.session_idle_ttl_s,
                                      settings.kv_budget_mb << 20)
         self.counters = {"select": 0, "decode": 0, "replayed": 0, "failed_precondition": 0, "positions": 0,
-                         "diverged": 0, "forwards": 0, "batches": 0, "batched_sessions": 0}
+                         "diverged": 0, "forwards": 0, "batches": 0, "batched_sessions": 0,
+                         "resource_exhausted": 0, "queued_peak": 0}
         self._pending: dict[str, list[tuple[Ticket, asyncio.Future]]] = {"select": [], "decode": []}
         self._draining = False
+        # Moving average of batch wall times by kind, and the batch on the engine now (kind, start): the
+        # retry hint of an overload answer is estimated from them.
+        self._batch_s: dict[str, float | None] = {"select": None, "decode": None}
+        self._running: tuple[str, float] | None = None
+        # Sessions whose step was refused for overload -> until when its resend is expected: later steps of
+        # the session wait for it that long instead of giving it up after step_gap_wait_s.
+        self._resend_expected: weakref.WeakKeyDictionary[Session, float] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_settings(cls, settings) -> "SelectorCore":
         """Load the selector model, its KL calibration and the selection log as configured."""
         from s2t.calibration import read_calibration
         from s2t.runtime import load_model
-
-        from s2t.selection_log import SelectionLog
 
         sel = settings.selector
         lm = load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats, sel.runtime.threads)
@@ -91,8 +112,8 @@ class SelectorCore:
         if sel.log_enabled:
             selection_log = SelectionLog(
                 settings.selection_log_dir(),
-                header={"selector_model": lm.name, "selector_vocab_sha256": lm.vocab_sha256,
-                        "weight_formats": lm.plan.describe()},
+                SelectorIdentity(model=lm.name, weights_sha256=lm.weights_sha256, vocab_sha256=lm.vocab_sha256,
+                                 weight_formats=lm.plan.describe()),
                 segment_records=sel.log_segment_records, segment_seconds=sel.log_segment_seconds,
                 fsync_every=sel.log_fsync_every)
         log.info("selector ready: %s", lm.describe())
@@ -108,6 +129,11 @@ class SelectorCore:
             max_decode_tokens=s.max_decode_tokens,
             kl_thresholds=self.kl.as_dict(),
             weight_formats=self.engine.lm.plan.describe(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+
+    def close(self) -> None:
+        """Shut down: close the selection log's open segment, so readers see it. Idempotent."""
+        if self.log is not None:
+            self.log.close()
 
     def close_session(self, session_id: str) -> pb.CloseSessionResponse:
         return pb.CloseSessionResponse(existed=self.sessions.remove(session_id))
@@ -136,6 +162,9 @@ class SelectorCore:
 
     def validate_select(self, req: pb.SelectRequest) -> None:
         self._check_common(req)
+        for name in ("slm_model", "slm_weights_sha256"):  # logged with every record: keep them bounded
+            if len(getattr(req, name)) > MAX_ID_LEN:
+                raise invalid(f"{name}: {len(getattr(req, name))} characters, at most {MAX_ID_LEN}")
         s = self.settings
         n = len(req.positions)
         if n == 0:
@@ -200,7 +229,12 @@ class SelectorCore:
 
     async def admit(self, req, kind: str) -> Ticket | object:
         """Validate and wait for the request's turn in its session. Returns a Ticket, or the recorded reply of
-        an identical earlier request (idempotent retry); raises SelectorError."""
+        an identical earlier request (idempotent retry); raises SelectorError.
+
+        Back-pressure: a request whose turn has come is refused with RESOURCE_EXHAUSTED and a retry hint when
+        `max_queued_requests` requests already wait for a batch. The refusal changes nothing in the session
+        (the resend of the same step is admitted like the first delivery), and replays of kept replies are
+        never refused: they cost no compute."""
         (self.validate_select if kind == "select" else self.validate_decode)(req)
         sid, step = req.session_id, req.step
         session = self.sessions.get(sid)
@@ -222,7 +256,8 @@ class SelectorCore:
                 if step < session.next_step:
                     raise stale(f"step: {step} is older than the session's next step {session.next_step} and its "
                                 "reply is no longer kept (or it was superseded); resend the full context")
-                timeout = deadline - time.monotonic()
+                # An earlier step refused for overload is coming back after its retry hint: wait for it too.
+                timeout = max(deadline, self._resend_expected.get(session, 0.0)) - time.monotonic()
                 if step > session.next_step and req.prefix_length != 0 and timeout > 0:
                     # An earlier step may still be on its way (requests can overtake each other); after the wait
                     # the missing steps are given up, and a late one is refused as superseded.
@@ -232,6 +267,9 @@ class SelectorCore:
                         pass
                     continue
                 break
+            if self.queued() >= self.settings.max_queued_requests:
+                raise self._overloaded(session)
+            self._resend_expected.pop(session, None)
             if self.sessions.get(sid) is not session:  # evicted while waiting
                 if req.prefix_length != 0:
                     raise stale(f"session_id: session {sid!r} was evicted; resend the full context")
@@ -248,6 +286,45 @@ class SelectorCore:
                 raise err
             session.busy = True
             return Ticket(session, req, kind)
+
+    # -- back-pressure ------------------------------------------------------------------------------------
+
+    def queued(self) -> int:
+        """Admitted requests waiting for a batch (the one on the engine is not counted)."""
+        return len(self._pending["select"]) + len(self._pending["decode"])
+
+    def _batch_estimate(self, kind: str | None = None) -> float:
+        """Expected wall time of one batch of `kind` (None: the slower kind), from recent batches."""
+        known = [t for t in self._batch_s.values() if t is not None]
+        own = self._batch_s.get(kind) if kind is not None else None
+        return own if own is not None else max(known, default=DEFAULT_BATCH_S)
+
+    def retry_after_ms(self) -> int:
+        """When the queue will likely have room again. Room opens at batch boundaries (the next batch leaves
+        the queue as the running one ends): the rest of the running batch, plus one batch time for every
+        further `max_batch_size` requests beyond the bound. The client adds jitter; a request refused again
+        gets a fresh estimate."""
+        s = self.settings
+        if self._running is not None:
+            kind, started = self._running
+            estimate = self._batch_estimate(kind)
+            # a batch past its estimate ends any moment: still do not invite an immediate storm of resends
+            first = max(estimate - (time.monotonic() - started), 0.1 * estimate, s.batch_wait_timeout_s)
+        else:
+            first = max(s.batch_wait_timeout_s, 0.1 * self._batch_estimate())
+        beyond = self.queued() + 1 - s.max_queued_requests
+        later_batches = max(0, math.ceil(beyond / s.max_batch_size) - 1)
+        return max(1, math.ceil((first + later_batches * self._batch_estimate()) * 1000))
+
+    def _overloaded(self, session: Session) -> SelectorError:
+        retry_ms = self.retry_after_ms()
+        self.counters["resource_exhausted"] += 1
+        self._resend_expected[session] = time.monotonic() + retry_ms / 1000 + self.settings.step_gap_wait_s
+        return SelectorError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"selector overloaded: {self.queued()} requests are waiting for a batch (max_queued_requests "
+            f"{self.settings.max_queued_requests}); resend the same step after the hint: {RETRY_AFTER_KEY}={retry_ms}",
+            retry_after_ms=retry_ms)
 
     def _replay(self, session: Session, step: int):
         if step in session.replies:
@@ -285,9 +362,13 @@ class SelectorCore:
         threshold = 0.0
         if trigger.kind == pb.SELECT_TRIGGER_KL:
             threshold = trigger.kl_threshold or self._kl_threshold(trigger.kl_rate)
-        selections, logged = [], []
+        selections = []
+        scored: list[tuple[int, int, bool, float, bool]] = []  # for the log: (j, index, diverged, value, after)
         outcome = pb.SELECT_OUTCOME_ACCEPTED
         for j, pos in enumerate(req.positions):
+            after = outcome == pb.SELECT_OUTCOME_DIVERGED
+            if after and self.log is None:
+                break  # the reply stops at the first divergence; only the log wants the positions after it
             cand = torch.tensor(list(pos.candidate_ids))
             cand_logp = logp[j, cand]
             index = int(torch.argmax(cand_logp))  # first maximum: ties go to the SLM's higher rank
@@ -300,32 +381,45 @@ class SelectorCore:
                                       list(pos.candidate_probs) + list(pos.support_probs), logp[j])
                 fired = value > threshold
             diverged = fired and index != 0
-            selections.append(pb.Selection(position=pos.position, index=index, diverged=diverged, trigger_value=value))
             if self.log is not None:
-                top1 = int(torch.argmax(logp[j]))
-                logged.append({"position": pos.position, "candidate_ids": list(pos.candidate_ids),
-                               "slm_probs": [round(p, 6) for p in pos.candidate_probs],
-                               "llm_probs": [round(p, 6) for p in cand_logp.exp().tolist()],
-                               "llm_top1": top1, "llm_top1_prob": round(float(logp[j, top1].exp()), 6),
-                               "index": index, "diverged": diverged, "trigger_value": round(value, 6),
-                               "worker_triggered": pos.worker_triggered,
-                               "worker_trigger_value": round(pos.worker_trigger_value, 6)})
+                scored.append((j, index, diverged, value, after))
+            if after:
+                continue  # scored in the same forward on the drafted tokens: logged, not answered
+            selections.append(pb.Selection(position=pos.position, index=index, diverged=diverged, trigger_value=value))
             if diverged:
                 outcome = pb.SELECT_OUTCOME_DIVERGED
                 session.crop(pos.position)
-                break
         self.counters["select"] += 1
         self.counters["positions"] += len(req.positions)
         self.counters["diverged"] += outcome == pb.SELECT_OUTCOME_DIVERGED
         if self.log is not None:
-            self.log.write({"kind": "select", "ts": time.time(), "session_id": req.session_id, "step": req.step,
-                            "request_id": req.request_id, "prefix_length": req.prefix_length,
-                            "token_ids": list(req.token_ids), "trigger": pb.SelectTrigger.Name(trigger.kind),
-                            "kl_threshold": threshold,
-                            "outcome": "diverged" if outcome == pb.SELECT_OUTCOME_DIVERGED else "accepted",
-                            "positions": logged})
+            self._log_select(req, logp, threshold, outcome, scored)
         return pb.SelectResponse(session_id=req.session_id, step=req.step, outcome=outcome, selections=selections,
                                  session_length=len(session.tokens))
+
+    def _log_select(self, req: pb.SelectRequest, logp: torch.Tensor, threshold: float, outcome: int,
+                    scored: list[tuple[int, int, bool, float, bool]]) -> None:
+        """Queue the request's record for the selection log: every position scored, also those after the
+        first divergence. Never fails the request: the log is a by-product of serving."""
+        try:
+            positions = []
+            for j, index, diverged, value, after in scored:
+                pos, row = req.positions[j], logp[j]
+                top1 = int(torch.argmax(row))
+                positions.append(ScoredPosition(
+                    position=pos.position, candidate_ids=list(pos.candidate_ids),
+                    slm_probs=list(pos.candidate_probs), llm_probs=row[list(pos.candidate_ids)].exp().tolist(),
+                    llm_top1=top1, llm_top1_prob=float(row[top1].exp()), index=index, diverged=diverged,
+                    after_divergence=after, trigger_value=value, worker_triggered=pos.worker_triggered,
+                    worker_trigger_value=pos.worker_trigger_value))
+            self.log.write(SelectRecord(
+                ts=time.time(), session_id=req.session_id, step=req.step, request_id=req.request_id,
+                slm_model=req.slm_model, slm_weights_sha256=req.slm_weights_sha256,
+                prefix_length=req.prefix_length, token_ids=list(req.token_ids),
+                trigger=_LOG_TRIGGER[req.trigger.kind], trigger_threshold=threshold, kl_rate=req.trigger.kl_rate,
+                outcome="diverged" if outcome == pb.SELECT_OUTCOME_DIVERGED else "accepted", positions=positions))
+        except Exception:
+            log.exception("selection log: could not record session %r step %d", req.session_id, req.step)
 
     def compute_decode(self, tickets: list[Ticket]) -> list[pb.DecodeResponse]:
         """Greedy generation for several sessions at once: one forward per generated token."""
@@ -362,6 +456,7 @@ class SelectorCore:
             return admitted
         future = asyncio.get_running_loop().create_future()
         self._pending[kind].append((admitted, future))
+        self.counters["queued_peak"] = max(self.counters["queued_peak"], self.queued())
         if not self._draining:
             self._draining = True
             asyncio.get_running_loop().create_task(self._drain())
@@ -393,14 +488,22 @@ class SelectorCore:
         compute = self.compute_select if kind == "select" else self.compute_decode
         self.counters["batches"] += 1
         self.counters["batched_sessions"] += len(tickets)
+        started = time.monotonic()
+        self._running = (kind, started)
         try:
             replies = await asyncio.get_running_loop().run_in_executor(self.engine.executor, compute, tickets)
+            took = time.monotonic() - started
+            previous = self._batch_s[kind]
+            self._batch_s[kind] = took if previous is None else \
+                (1 - BATCH_TIME_SMOOTHING) * previous + BATCH_TIME_SMOOTHING * took
         except Exception:
             log.exception("selector compute failed for %d sessions", len(tickets))
             lost = stale("session_id: the selector lost this session; resend the full context")
             for t in tickets:  # their caches may be half-updated: drop them so the workers resync
                 self.sessions.remove(t.session.id)
             replies = [lost] * len(tickets)
+        finally:
+            self._running = None
         for (ticket, future), reply in zip(batch, replies):
             try:
                 await self.release(ticket, reply)

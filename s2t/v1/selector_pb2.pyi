@@ -56,7 +56,7 @@ class SelectTriggerSpec(_message.Message):
     def __init__(self, kind: _Optional[_Union[SelectTrigger, str]] = ..., kl_rate: _Optional[float] = ..., kl_threshold: _Optional[float] = ...) -> None: ...
 
 class SelectRequest(_message.Message):
-    __slots__ = ("session_id", "step", "prefix_length", "token_ids", "positions", "trigger", "request_id")
+    __slots__ = ("session_id", "step", "prefix_length", "token_ids", "positions", "trigger", "request_id", "slm_model", "slm_weights_sha256")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,8 @@ class SelectRequest(_message.Message):
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SLM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SLM_WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     prefix_length: int
@@ -71,7 +73,9 @@ class SelectRequest(_message.Message):
     positions: _containers.RepeatedCompositeFieldContainer[CandidatePosition]
     trigger: SelectTriggerSpec
     request_id: str
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., prefix_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[_Union[CandidatePosition, _Mapping]]] = ..., trigger: _Optional[_Union[SelectTriggerSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    slm_model: str
+    slm_weights_sha256: str
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., prefix_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[_Union[CandidatePosition, _Mapping]]] = ..., trigger: _Optional[_Union[SelectTriggerSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., slm_model: _Optional[str] = ..., slm_weights_sha256: _Optional[str] = ...) -> None: ...
 
 class Selection(_message.Message):
     __slots__ = ("position", "index", "diverged", "trigger_value")
