@@ -28,7 +28,9 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
         try:
             return await self.core.handle(request, kind)
         except SelectorError as e:
-            await context.abort(e.code, e.message)
+            # Overload (RESOURCE_EXHAUSTED) carries its retry hint as trailing metadata `retry-after-ms`
+            # and in the message; every other SelectorError has no trailing metadata.
+            await context.abort(e.code, e.message, trailing_metadata=e.trailing_metadata())
 
     async def Select(self, request, context):
         return await self._handle(request, context, "select")
@@ -64,5 +66,4 @@ async def serve_forever(settings: Settings) -> None:
     try:
         await server.wait_for_termination()
     finally:
-        if core.log is not None:
-            core.log.close()
+        core.close()

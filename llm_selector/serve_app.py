@@ -48,8 +48,13 @@ class SelectorDeployment:
             return await self.core.handle(request, kind)
         except SelectorError as e:
             # Expected failures carry their own status; Serve would turn a raised exception into INTERNAL.
+            # Serve 2.60's proxy copies code, details and trailing metadata of this RayServegRPCContext onto
+            # the real call (RayServegRPCContext._set_on_grpc_context), so an overload answer reaches the
+            # client as RESOURCE_EXHAUSTED with `retry-after-ms` in the trailing metadata and in the message.
             grpc_context.set_code(e.code)
             grpc_context.set_details(e.message)
+            if e.trailing_metadata():
+                grpc_context.set_trailing_metadata(list(e.trailing_metadata()))
             return empty()
 
     def check_health(self) -> None:
@@ -57,8 +62,8 @@ class SelectorDeployment:
             raise RuntimeError("selector engine not loaded")
 
     def __del__(self):
-        if getattr(self, "core", None) is not None and self.core.log is not None:
-            self.core.log.close()
+        if getattr(self, "core", None) is not None:
+            self.core.close()
 
 
 def build_app(settings: Settings):

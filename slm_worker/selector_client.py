@@ -1,16 +1,38 @@
-"""The worker's side of the selector protocol: deadlines, retries, a circuit breaker and a call budget.
+"""The worker's side of the selector protocol: deadlines, retries, back-pressure, a circuit breaker, a call budget.
+
+A busy selector and a dead one are different things, and only the second may open the breaker:
+
+  busy    the selector answered RESOURCE_EXHAUSTED (its queue is full; the answer carries a retry hint) or
+          ABORTED, or one attempt ran into the per-attempt cap while the channel was connected. The client
+          waits (the hint, else a jittered backoff) and resends the same (session_id, step) until the
+          request's own deadline. Nothing counts toward the breaker: under load every session would
+          otherwise degrade at once while the selector is alive and working.
+  outage  the channel cannot connect (UNAVAILABLE, or an attempt that timed out while the channel was not
+          connected). Consecutive outages open the breaker; while it is open calls fail at once; after
+          `breaker_open_s` one probe goes through (half-open) and the first answer of any kind closes it.
+
+An attempt normally lasts until the request's deadline (capped only by `select_timeout_s`): cancelling one
+early would not save the selector anything (it finishes an admitted step and keeps the reply), it would only
+add a resend. Retries resend the same (session_id, step), which the selector answers idempotently.
 
 Every failure here is something the decode loop degrades around, never a client-visible error:
   SessionLost          the selector does not hold what the request builds on (FAILED_PRECONDITION): resync
-  SelectorUnavailable  down, slow, overloaded, breaker open, or past the block's deadline: commit unverified
-Retries resend the same (session_id, step), which the selector answers idempotently.
+  SelectorUnavailable  no usable answer; one of
+    SelectorBusy         the deadline passed while the selector was busy or slow ("selector busy past the deadline")
+    SelectorDown         an outage: connection failures, or the breaker is open
+    SelectorRefused      the selector answered with an error that a resend cannot fix (INTERNAL, INVALID_ARGUMENT, ...)
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import logging
+import random
+import re
 import time
+from typing import Callable
 
 import grpc
 from asyncio_throttle import Throttler
@@ -20,8 +42,18 @@ from s2t.v1 import selector_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.ABORTED}
+# The selector's back-pressure contract (llm_selector/core.py): a RESOURCE_EXHAUSTED answer carries the
+# trailing metadata `retry-after-ms: <int>` and the same `retry-after-ms=<int>` in its message; the message is
+# the part every transport keeps, so it is parsed when the metadata is missing.
+RETRY_AFTER_KEY = "retry-after-ms"
+_RETRY_AFTER_IN_MESSAGE = re.compile(r"retry-after-ms[=:]\s*(\d+)")
+
+BUSY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+OUTAGE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+BACKOFF_INITIAL_S = 0.05
+BACKOFF_MAX_S = 1.0
+HINT_JITTER = 0.25  # a hinted wait is stretched by up to this share, so a rejected burst does not return as one
 
 
 class SessionLost(Exception):
@@ -29,7 +61,62 @@ class SessionLost(Exception):
 
 
 class SelectorUnavailable(Exception):
-    """The selector did not answer usefully in time."""
+    """The selector did not answer usefully in time (see the subclasses for why)."""
+
+
+class SelectorBusy(SelectorUnavailable):
+    """The request's deadline passed while the selector was up but busy (queue full) or slow."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # the selector's last retry hint, if it gave one
+
+
+class SelectorDown(SelectorUnavailable):
+    """An outage: the selector cannot be reached (connection failures, or the breaker is open)."""
+
+    def __init__(self, message: str, retry_in_s: float = 0.0):
+        super().__init__(message)
+        self.retry_in_s = retry_in_s  # until the breaker lets a probe through (0: it may already)
+
+
+class SelectorRefused(SelectorUnavailable):
+    """The selector answered with an error that resending the same request cannot fix."""
+
+
+class SelectorState(enum.Enum):
+    """What the worker can report about its selector."""
+
+    UP = "up"  # answering
+    BUSY = "busy"  # answering, but the last answer was back-pressure or a slow attempt: calls wait and retry
+    DOWN = "down"  # unreachable: the breaker is open or probing
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"  # one probe call is in flight
+
+
+class Permit(enum.Enum):
+    """What the breaker granted one attempt: a normal call, or the half-open probe."""
+
+    NORMAL = "normal"
+    PROBE = "probe"
+
+
+def retry_after_s(error: grpc.aio.AioRpcError) -> float | None:
+    """The selector's retry hint of a RESOURCE_EXHAUSTED answer, in seconds: trailing metadata first (plain
+    grpc.aio server, Ray Serve's proxy), else the message; None when there is none (e.g. Ray's own
+    back-pressure)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0, int(value)) / 1000
+            except (TypeError, ValueError):
+                break
+    match = _RETRY_AFTER_IN_MESSAGE.search(error.details() or "")
+    return int(match.group(1)) / 1000 if match else None
 
 
 class CallBudget:
@@ -53,46 +140,99 @@ class CallBudget:
 
 
 class CircuitBreaker:
-    """Opens after `failures` consecutive failed attempts; while open, calls fail at once; after `open_s` one
-    probe call is let through (half-open) and its result closes or re-opens the breaker."""
+    """Opens after `failures` consecutive outages (connection failures); while open, calls are refused at
+    once; after `open_s` one probe call is let through (half-open). Any answer from the selector closes it
+    (a busy answer too: the selector is alive); an outage of the probe re-opens it; a probe that proves
+    nothing (it timed out while connected, or was cancelled) gives its turn back to the next call."""
 
-    def __init__(self, failures: int, open_s: float):
-        self.threshold, self.open_s = failures, open_s
+    def __init__(self, failures: int, open_s: float, clock: Callable[[], float] = time.monotonic):
+        self.threshold, self.open_s, self.clock = failures, open_s, clock
         self.consecutive = 0
         self.opened_at: float | None = None
         self.probing = False
+        self.openings = 0
 
-    def allow(self) -> bool:
+    @property
+    def state(self) -> BreakerState:
         if self.opened_at is None:
-            return True
-        if not self.probing and time.monotonic() - self.opened_at >= self.open_s:
-            self.probing = True
-            return True
-        return False
-
-    def success(self) -> None:
-        self.consecutive, self.opened_at, self.probing = 0, None, False
-
-    def failure(self) -> None:
-        self.consecutive += 1
-        if self.probing or self.consecutive >= self.threshold:
-            self.opened_at, self.probing = time.monotonic(), False
+            return BreakerState.CLOSED
+        return BreakerState.HALF_OPEN if self.probing else BreakerState.OPEN
 
     @property
     def is_open(self) -> bool:
         return self.opened_at is not None
 
+    def retry_in_s(self) -> float:
+        """Seconds until a probe may go (0 when closed or due)."""
+        if self.opened_at is None:
+            return 0.0
+        return max(0.0, self.opened_at + self.open_s - self.clock())
+
+    def try_acquire(self) -> Permit | None:
+        """May an attempt go now? None: the breaker is open (or another call is the probe)."""
+        if self.opened_at is None:
+            return Permit.NORMAL
+        if not self.probing and self.clock() - self.opened_at >= self.open_s:
+            self.probing = True
+            return Permit.PROBE
+        return None
+
+    def success(self) -> None:
+        """The selector answered (a reply, or an error status it sent): it is up."""
+        self.consecutive, self.opened_at, self.probing = 0, None, False
+
+    def outage(self, permit: Permit) -> None:
+        """An attempt could not reach the selector."""
+        self.consecutive += 1
+        if permit is Permit.PROBE:
+            self.opened_at, self.probing = self.clock(), False
+            self.openings += 1
+        elif self.opened_at is None and self.consecutive >= self.threshold:
+            self.opened_at = self.clock()
+            self.openings += 1
+
+    def inconclusive(self, permit: Permit) -> None:
+        """An attempt proved neither way; a probe's turn passes to the next call."""
+        if permit is Permit.PROBE and self.probing:
+            self.probing = False
+
+
+@dataclasses.dataclass
+class ClientCounters:
+    """What the client saw, for the worker to report (all monotonically increasing)."""
+
+    calls: int = 0  # select / decode calls of the decode loop
+    attempts: int = 0  # RPC attempts (a call may resend its step)
+    busy_retries: int = 0  # attempts answered busy (RESOURCE_EXHAUSTED, ABORTED, a capped slow attempt), then resent
+    resource_exhausted: int = 0  # RESOURCE_EXHAUSTED answers (the selector's back-pressure)
+    busy_past_deadline: int = 0  # calls that ended in SelectorBusy
+    outage_failures: int = 0  # attempts that could not reach the selector
+    breaker_rejections: int = 0  # calls refused at once by an open breaker (SelectorDown)
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
 
 class SelectorClient:
-    def __init__(self, address: str, application: str = "", select_timeout_s: float = 10.0,
-                 breaker_failures: int = 3, breaker_open_s: float = 10.0, calls_per_s: float = 0.0):
+    def __init__(self, address: str, application: str = "", select_timeout_s: float = 120.0,
+                 breaker_failures: int = 3, breaker_open_s: float = 10.0, calls_per_s: float = 0.0,
+                 rng: random.Random | None = None):
         self.address = address
         self.application = application
-        self.select_timeout_s = select_timeout_s
+        self.select_timeout_s = select_timeout_s  # cap on one attempt; the request's deadline usually ends it first
         self.breaker = CircuitBreaker(breaker_failures, breaker_open_s)
         self.budget = CallBudget(calls_per_s)
+        self.counters = ClientCounters()
+        self.rng = rng or random.Random()
+        self._busy = False  # the last answer was back-pressure / a slow attempt, and no reply came since
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.SelectorServiceStub | None = None
+
+    @property
+    def state(self) -> SelectorState:
+        if self.breaker.is_open:
+            return SelectorState.DOWN
+        return SelectorState.BUSY if self._busy else SelectorState.UP
 
     def _ensure(self) -> pb_grpc.SelectorServiceStub:
         if self._stub is None:
@@ -135,31 +275,114 @@ class SelectorClient:
     async def decode(self, request: pb.DecodeRequest, deadline: float) -> pb.DecodeResponse:
         return await self._call(self._ensure().Decode, request, deadline)
 
+    def _connected(self) -> bool:
+        """Whether the channel holds a connection; a timed-out attempt on a channel that does not was a
+        connection failure (a silently unreachable host), not a slow selector."""
+        if self._channel is None:
+            return False
+        return self._channel.get_state(try_to_connect=False) in (grpc.ChannelConnectivity.READY,
+                                                                  grpc.ChannelConnectivity.IDLE)
+
+    def _backoff_s(self, attempt: int) -> float:
+        """Exponential backoff with equal jitter: half fixed, half random."""
+        base = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** attempt)
+        return base / 2 + self.rng.uniform(0, base / 2)
+
+    def _busy_past_deadline(self, why: str, hint_s: float | None = None) -> SelectorBusy:
+        self.counters.busy_past_deadline += 1
+        return SelectorBusy(f"selector busy past the deadline ({why})", hint_s)
+
     async def _call(self, method, request, deadline: float):
-        """Call until success, a non-retryable error or the (monotonic) deadline, resending the same step."""
-        backoff = 0.05
-        last = "no attempt"
+        """Call until a reply, an error a resend cannot fix, an open breaker or the (monotonic) deadline,
+        resending the same step."""
+        self.counters.calls += 1
+        waits = 0  # consecutive waits without a hint, for the backoff
+        last_outage: str | None = None  # set while the latest problem was an outage
+        last_busy = "no attempt before the deadline"
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
-                raise SelectorUnavailable(f"selector gave no answer in time ({last})")
-            if not self.breaker.allow():
-                raise SelectorUnavailable("selector circuit breaker open after repeated failures")
+                if last_outage is not None:
+                    raise SelectorDown(f"selector unreachable until the deadline ({last_outage})",
+                                       self.breaker.retry_in_s())
+                raise self._busy_past_deadline(last_busy)
+            permit = self.breaker.try_acquire()
+            if permit is None:
+                self.counters.breaker_rejections += 1
+                retry_in = self.breaker.retry_in_s()
+                raise SelectorDown(f"circuit breaker open after {self.breaker.consecutive} consecutive connection "
+                                   f"failures; next probe in {retry_in:.1f} s", retry_in)
+            # One attempt lasts until the request's deadline (capped by select_timeout_s): a cancelled attempt
+            # saves the selector nothing, it finishes the step anyway.
+            timeout = min(self.select_timeout_s, remaining)
+            capped = timeout < remaining
+            self.counters.attempts += 1
             try:
-                reply = await method(request, timeout=min(self.select_timeout_s, remaining),
+                reply = await method(request, timeout=timeout,
                                      metadata=self._metadata(request.session_id, request.request_id))
             except grpc.aio.AioRpcError as e:
-                code = e.code()
-                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                code, details = e.code(), e.details()
+                if code in OUTAGE_CODES:
+                    self.breaker.outage(permit)
+                    self.counters.outage_failures += 1
+                    last_outage = f"{code.name}: {details}"
+                elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    if not self._connected():  # the channel never got through: that is an outage
+                        self.breaker.outage(permit)
+                        self.counters.outage_failures += 1
+                        last_outage = f"could not connect within {timeout:.1f} s"
+                        if not capped:
+                            continue  # the deadline has passed: the top of the loop says so
+                    else:
+                        self.breaker.inconclusive(permit)
+                        self._busy, last_outage = True, None
+                        if not capped:
+                            raise self._busy_past_deadline(f"no answer within {timeout:.1f} s") from None
+                        # The selector is still working on this step; the resend joins it (or gets its kept
+                        # reply), so there is nothing to wait for.
+                        self.counters.busy_retries += 1
+                        last_busy = f"no answer to an attempt of {timeout:.1f} s"
+                        continue
+                elif code in BUSY_CODES and not _local_size_error(code, details):
+                    self.breaker.success()  # it answered: alive, only busy
+                    self._busy, last_outage = True, None
+                    hint = retry_after_s(e) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                    self.counters.resource_exhausted += code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    last_busy = f"{code.name}: {details}"
+                    left = deadline - time.monotonic()
+                    if hint is not None:
+                        if hint >= left:  # the selector says it cannot take the step before the deadline
+                            raise self._busy_past_deadline(
+                                f"{last_busy}; the retry hint of {hint * 1000:.0f} ms is beyond the "
+                                f"{max(left, 0) * 1000:.0f} ms left", hint) from None
+                        wait = hint * (1 + self.rng.uniform(0, HINT_JITTER))
+                    else:
+                        wait = self._backoff_s(waits)
+                        waits += 1
+                    self.counters.busy_retries += 1
+                    await asyncio.sleep(min(wait, left))
+                    continue
+                elif code == grpc.StatusCode.FAILED_PRECONDITION:
                     self.breaker.success()  # the selector is up; it just lacks our state
-                    raise SessionLost(e.details()) from None
-                if code not in RETRYABLE:
+                    self._busy = False
+                    raise SessionLost(details) from None
+                else:
                     self.breaker.success()
-                    raise SelectorUnavailable(f"selector refused the request: {code.name}: {e.details()}") from None
-                self.breaker.failure()
-                last = f"{code.name}: {e.details()}"
-                await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
-                backoff = min(backoff * 2, 1.0)
+                    self._busy = False
+                    raise SelectorRefused(f"selector refused the request: {code.name}: {details}") from None
+                # an outage: back off, then try again while the breaker and the deadline allow
+                await asyncio.sleep(min(self._backoff_s(waits), max(0.0, deadline - time.monotonic())))
+                waits += 1
                 continue
+            except BaseException:  # cancelled (the request went away): the attempt proved nothing
+                self.breaker.inconclusive(permit)
+                raise
             self.breaker.success()
+            self._busy = False
             return reply
+
+
+def _local_size_error(code: grpc.StatusCode, details: str | None) -> bool:
+    """gRPC reports a message over the size limit as RESOURCE_EXHAUSTED too; resending cannot fix that."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 
 import grpc
 
@@ -49,6 +50,27 @@ class FaultySelector(SelectorServicer):
                 await self.core.handle(request, "select")  # the first delivery's reply is lost
         return await super().Select(request, context)
 
+    # Decode calls get their own random delay (0: none), so llm-mode load tests can slow them too.
+    max_decode_delay_s: float = 0.0
+
+    async def Decode(self, request, context):
+        if self.max_decode_delay_s:
+            await asyncio.sleep(self.rng.uniform(0, self.max_decode_delay_s))
+        return await super().Decode(request, context)
+
+
+def slow_compute(core: SelectorCore, delay_s: float) -> None:
+    """Make every batch of `core` take `delay_s` longer, on the engine's thread like the real compute: a slow
+    selector, behind which requests queue up (unlike FaultySelector's delays, which come before the queue)."""
+    for name in ("compute_select", "compute_decode"):
+        compute = getattr(core, name)
+
+        def slowed(tickets, compute=compute):
+            time.sleep(delay_s)
+            return compute(tickets)
+
+        setattr(core, name, slowed)
+
 
 class Stack:
     """A selector and a worker serving on loopback; `stub` talks to the worker."""
@@ -77,8 +99,7 @@ class Stack:
         await self.server.stop(0)
         await self.worker.stop()
         await self.selector_server.stop(0)
-        if self.core.log is not None:
-            self.core.log.close()
+        self.core.close()
 
     async def stop_selector(self):
         await self.selector_server.stop(0)
