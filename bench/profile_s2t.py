@@ -58,30 +58,20 @@ async def main() -> None:
 
     import yaml
 
-    from llm_selector.core import SelectorCore
-    from llm_selector.grpc_server import serve as serve_selector
-    from s2t.v1 import generation_pb2 as pb
     from s2t import gsm8k
     from s2t.config import load_settings
-    from slm_worker.server import Worker, serve
+    from s2t.modes import Mode, TriggerKind
+    from s2t.stack import LocalStack
+    from s2t.v1 import generation_pb2 as pb
 
     settings = load_settings(**{"selector.grpc_port": 0, "worker.port": 0, "selector.log_enabled": False,
                                 "worker.max_inflight_blocks": args.inflight,
                                 **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}})
-    core = SelectorCore.from_settings(settings)
-    sel_server, sel_port = await serve_selector(core, "127.0.0.1", 0)
-    settings.worker.selector_address = f"127.0.0.1:{sel_port}"
-    worker = Worker(settings)
-    await worker.start(wait_for_selector_s=30)
-    server, port = await serve(worker, "127.0.0.1", 0)
-    llm, slm = Timed(core.engine, "llm"), Timed(worker.engine, "slm")
-    import grpc
-
-    from s2t.v1 import generation_pb2_grpc as pbg
-
-    stub = pbg.GenerationServiceStub(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
-    opts = pb.GenerationOptions(mode=pb.Mode.Value(f"MODE_{args.mode.upper()}"), max_new_tokens=args.max_new,
-                                trigger=pb.Trigger.Value(f"TRIGGER_{args.trigger.upper()}"), trigger_rate=args.rate,
+    stack = await LocalStack(settings, ray=False).__aenter__()
+    llm, slm = Timed(stack.selector_core.engine, "llm"), Timed(stack.worker.engine, "slm")
+    stub = stack.stub
+    opts = pb.GenerationOptions(mode=Mode(args.mode).proto, max_new_tokens=args.max_new,
+                                trigger=TriggerKind(args.trigger).proto, trigger_rate=args.rate,
                                 block_size=args.block_size)
     tokens, t0 = 0, time.perf_counter()
     stats = []
@@ -103,9 +93,7 @@ async def main() -> None:
     print(json.dumps(report, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
-    await server.stop(0)
-    await worker.stop()
-    await sel_server.stop(0)
+    await stack.__aexit__(None, None, None)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,9 @@ class Row:
     inflight: int = 0
 
     def options(self):
-        from s2t.v1 import generation_pb2 as pb
+        from s2t.modes import Mode, TriggerKind
 
-        return dict(mode=pb.Mode.Value(f"MODE_{self.mode.upper()}"),
-                    trigger=pb.Trigger.Value(f"TRIGGER_{self.trigger.upper()}") if self.trigger else 0,
+        return dict(mode=Mode(self.mode).proto, trigger=TriggerKind(self.trigger).proto if self.trigger else 0,
                     trigger_rate=self.rate, block_size=self.block_size)
 
 
@@ -64,6 +63,11 @@ ROWS = {
     # the same triggers with block speculation
     "s2t-entropy10-spec": s2t_row("s2t-entropy10-spec", "entropy", 0.10, 8, 2),
     "s2t-entropy20-spec": s2t_row("s2t-entropy20-spec", "entropy", 0.20, 8, 2),
+    # S2T-Local: the worker's adapter re-ranks at entropy-triggered positions (needs worker.adapter_dir);
+    # one block in flight, since scoring and drafting share the worker's compute thread
+    "s2t-local": Row("s2t-local", "s2t-local", "entropy", 0.10, 8, 1),
+    "s2t-local-tau5": Row("s2t-local-tau5", "s2t-local", "entropy", 0.05, 8, 1),
+    "s2t-local-tau20": Row("s2t-local-tau20", "s2t-local", "entropy", 0.20, 8, 1),
 }
 for _block in (2, 4, 8, 16):
     for _tag, _trigger, _rate in (("tau1", "kl", 0.01), ("tau10", "kl", 0.10), ("always", "always", 0.0)):
@@ -92,6 +96,11 @@ PRESETS = {
                               + ["s2t-spec-tau1-b8-i1", "s2t-spec-always-b8-i1"]}),
     # issue #4's table alone on a 2-core machine: llm beside speculative s2t at blocks of 4 and 8, accuracy for
     # blocks of 8 (block size never changes the tokens), hf-assisted speed
+    # issue #13: the adapter beside greedy, the default speculative s2t and llm (run with
+    # --set worker.adapter_dir=DIR and --extra-rows for the collection and training summaries)
+    "s2t-local": dict(rows=["greedy", "s2t-local", "s2t-spec-tau10-b8", "llm"],
+                      accuracy_rows=["greedy", "s2t-local", "s2t-spec-tau10-b8", "llm"],
+                      speed_rows=["greedy", "s2t-local"], accuracy_n=100, speed_n=3, speed_max_new=128),
     "speculation-small": dict(rows=["llm", "hf-assisted"] + [r for r in _SPEC_ROWS if not r.endswith("-b16")],
                               accuracy_rows=["llm", "s2t-spec-always-b8", "s2t-spec-tau10-b8", "s2t-spec-tau1-b8"],
                               accuracy_n=12, speed_n=2, speed_max_new=96),
@@ -135,15 +144,13 @@ async def run_service_row(stack, row: Row, problems: list[dict], max_new: int, c
     from s2t.v1 import generation_pb2 as pb
     from s2t import gsm8k
 
-    if row.inflight:
-        stack.worker.settings.worker.max_inflight_blocks = row.inflight
-
     async def one(p):
         # Concurrent accuracy runs queue every session's prefill on one selector: its first replies take
         # minutes on 2 cores, so they wait (verify policy `wait`) instead of degrading after the 30 s default.
         deadline = dict(verify_deadline_ms=900_000) if concurrent else {}
         r = await stack.stub.Generate(pb.GenerateRequest(
-            prompt=p["question"], options=pb.GenerationOptions(max_new_tokens=max_new, **deadline, **row.options())))
+            prompt=p["question"], options=pb.GenerationOptions(max_new_tokens=max_new, **deadline, **row.options(),
+                                                               max_inflight_blocks=row.inflight or 0)))
         st = r.stats
         return {"idx": p["idx"], "tokens": st.completion_tokens, "correct": gsm8k.is_correct(r.text, p["gold"]),
                 "pred": gsm8k.extract(r.text), "gold": p["gold"], "wall_s": st.wall_s,
@@ -168,15 +175,14 @@ def run_hf_assisted(problems: list[dict], max_new: int, settings) -> tuple[list,
 
     from s2t import gsm8k
     from s2t.runtime import load_model
+    from s2t.prompts import chat_prompt_ids
 
     slm = load_model(settings.worker.model, settings.cache_dir, settings.worker.runtime.weight_formats)
     llm = load_model(settings.selector.model, settings.cache_dir, settings.selector.runtime.weight_formats)
     tok = llm.tokenizer
     results, wall = [], 0.0
     for p in problems:
-        ids = tok.apply_chat_template([{"role": "system", "content": settings.worker.system_prompt},
-                                       {"role": "user", "content": p["question"]}],
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        ids = torch.tensor([chat_prompt_ids(tok, settings.worker.system_prompt, p["question"])])
         t0 = time.monotonic()
         with torch.inference_mode():
             out = llm.model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=slm.model,
@@ -221,11 +227,14 @@ def table(rows: list[dict]) -> str:
             return "–"
         return f"{r['accuracy']:.1%} ({r['accuracy_ci95'][0]:.0%}–{r['accuracy_ci95'][1]:.0%})"
 
+    other = [r for r in rows if r["kind"] not in ("accuracy", "speed")]
+    rows = [r for r in rows if r["kind"] in ("accuracy", "speed")]
     body = "".join(
         f"| {r['mode']} | {r['kind']} | {r['n']} | {acc(r)} | {r['tokens_per_s']:.2f} | {r['wall_s']:.0f} | "
         f"{r['llm_positions_per_token']:.3f} | {r['changed_per_token']:.3f} | {r['llm_forwards_per_token']:.3f} | "
         f"{r['bytes_per_token']:.0f} | {r['unverified_tokens']} |\n" for r in rows)
-    return head + body
+    extra = "".join(f"\n- {r['mode']} ({r['kind']}): `{json.dumps(r)}`" for r in other)
+    return head + body + (("\nOther stages of this run:" + extra + "\n") if extra else "")
 
 
 def best_per_mode(rows: list[dict]) -> list[dict]:
@@ -234,7 +243,7 @@ def best_per_mode(rows: list[dict]) -> list[dict]:
     Speculative rows differ only in block size / blocks in flight, which never change the emitted tokens
     (tests/test_worker.py), so `s2t-spec-tau1-b8` accuracy holds for `s2t-spec-tau1-b4` too."""
     out = {}
-    for r in rows:
+    for r in [r for r in rows if r["kind"] in ("accuracy", "speed")]:
         mode = r["mode"].split("-b")[0] if r["mode"].startswith("s2t-spec-") else r["mode"]
         line = out.setdefault(mode, {"mode": mode, "dataset": r["dataset"], "n": 0, "accuracy": None,
                                      "accuracy_ci95": None, "tokens_per_s": 0.0, "speed_config": None})
@@ -286,8 +295,10 @@ def write(name: str, payload: dict, split: dict[str, list[str]] | None = None) -
 
 
 async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems, speed_max_new, acc_max_new,
-                         payload, name, accuracy_rows=None, split=None) -> None:
+                         payload, name, accuracy_rows=None, split=None, speed_rows=None) -> None:
+    from s2t.modes import Mode
     from s2t.stack import LocalStack
+    from s2t.v1 import generation_pb2 as gen_pb
 
     async with LocalStack(settings) as stack:
         payload["weight_formats"] = stack.describe()
@@ -296,7 +307,8 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
             for kind, problems, max_new, concurrent in (("accuracy", acc_problems, acc_max_new, True),
                                                         ("speed", speed_problems, speed_max_new, False)):
                 if not problems or (kind == "accuracy" and accuracy_rows is not None
-                                    and row.name not in accuracy_rows):
+                                    and row.name not in accuracy_rows) or (
+                        kind == "speed" and speed_rows is not None and row.name not in speed_rows):
                     continue
                 print(f"[bench] {row.name} {kind}: {len(problems)} problems ...", file=sys.stderr, flush=True)
                 results, wall = await run_service_row(stack, row, problems, max_new, concurrent)
@@ -305,7 +317,7 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
                 payload["details"].append({"mode": row.name, "kind": kind, "results": results})
                 print(f"[bench]   accuracy {summary['accuracy']:.3f}, {summary['tokens_per_s']:.2f} tok/s, "
                       f"{wall:.0f}s, modes used {summary['modes_used']}", file=sys.stderr, flush=True)
-                if summary["modes_used"] != [f"MODE_{row.mode.upper()}"]:
+                if summary["modes_used"] != [gen_pb.Mode.Name(Mode(row.mode).proto)]:
                     payload["notes"].append(f"{row.name} {kind}: some requests degraded (modes used "
                                             f"{summary['modes_used']}); see details")
                 write(name, payload, split)
@@ -321,6 +333,8 @@ def main() -> None:
     ap.add_argument("--speed-max-new", type=int, help="token cap of the speed runs")
     ap.add_argument("--max-new", type=int, default=512, help="token cap of the accuracy runs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="settings override (repeatable)")
+    ap.add_argument("--extra-rows", nargs="*", default=[], metavar="JSON",
+                    help="JSON files of rows to add (s2t collect / s2t distill summaries)")
     ap.add_argument("--hf-assisted-worker", help=argparse.SUPPRESS)  # internal: run hf-assisted in a subprocess
     args = ap.parse_args()
 
@@ -375,7 +389,9 @@ def main() -> None:
     service_rows = [r for r in rows if r.mode != "hf-assisted"]
     if service_rows:
         asyncio.run(run_stack_rows(settings, service_rows, acc_problems, speed_problems, speed_max_new, args.max_new,
-                                   payload, name, preset.get("accuracy_rows"), split))
+                                   payload, name, preset.get("accuracy_rows"), split, preset.get("speed_rows")))
+    for path in args.extra_rows:  # e.g. the collection and training summaries of the same run
+        payload["rows"].append(json.loads(Path(path).read_text()))
     payload["total_wall_s"] = round(time.monotonic() - t0, 1)
     write(name, payload, split)
     print(table(payload["rows"]))

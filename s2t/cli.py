@@ -7,6 +7,7 @@
   s2t serve-selector      the selector: Ray Serve with gRPC ingress (or --no-ray: a plain grpc.aio server)
   s2t serve-worker        the worker's gRPC server
   s2t generate PROMPT     a client request to a running worker
+  s2t collect             GSM8K train rollouts of the SLM, every position labelled by the selector (logs)
   s2t distill-groups      selection logs -> S2T-Local training groups (JSON lines)
   s2t config              print the effective configuration
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from .config import Settings, load_settings
+from .modes import Mode
 
 log = logging.getLogger("s2t")
 
@@ -67,6 +69,7 @@ def cmd_config(args) -> None:
 def cmd_calibrate(args) -> None:
     from . import gsm8k
     from .calibration import calibrate, write_calibration
+    from .prompts import chat_prompt_ids
     from .runtime import Engine, load_model
 
     settings = _settings(args)
@@ -74,9 +77,7 @@ def cmd_calibrate(args) -> None:
     ws, sel = settings.worker, settings.selector
     slm = Engine(load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads))
     problems = gsm8k.load("train", 0, args.problems)
-    prompts = [slm.lm.tokenizer.apply_chat_template(
-        [{"role": "system", "content": ws.system_prompt}, {"role": "user", "content": p["question"]}],
-        add_generation_prompt=True, tokenize=True, return_dict=False) for p in problems]
+    prompts = [chat_prompt_ids(slm.lm.tokenizer, ws.system_prompt, p["question"]) for p in problems]
     llm = None if args.no_llm else Engine(load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats,
                                                     sel.runtime.threads))
     result = calibrate(slm, llm, [list(p) for p in prompts], args.max_new_tokens, ws.warmup_steps,
@@ -129,10 +130,12 @@ def cmd_serve_worker(args) -> None:
 def _request(prompt: str, args):
     from s2t.v1 import generation_pb2 as pb
 
+    from .modes import Mode, TriggerKind
+
     opts = pb.GenerationOptions(
-        mode=pb.Mode.Value(f"MODE_{args.mode.upper()}") if args.mode else 0,
+        mode=Mode(args.mode).proto if args.mode else 0,
         max_new_tokens=args.max_new_tokens or 0, block_size=args.block_size or 0,
-        trigger=pb.Trigger.Value(f"TRIGGER_{args.trigger.upper()}") if args.trigger else 0,
+        trigger=TriggerKind(args.trigger).proto if args.trigger else 0,
         trigger_rate=args.trigger_rate or 0.0)
     return pb.GenerateStreamRequest(prompt=prompt, options=opts)
 
@@ -205,6 +208,37 @@ def cmd_run(args) -> None:
     asyncio.run(main())
 
 
+def cmd_collect(args) -> None:
+    """GSM8K train rollouts of the SLM, every position labelled by a selector (started here unless --selector)."""
+    from .collect import collect
+    from .runtime import Engine, load_model
+
+    settings = _settings(args)
+    _fetch_needed(settings)
+    ws, sel = settings.worker, settings.selector
+    out_dir = Path(args.out) if args.out else settings.data_dir / "collect"
+    stop = None
+    address = args.selector
+    if address is None:
+        from llm_selector import serve_app
+
+        print(f"[collect] starting the selector ({sel.model}) on Ray Serve; selection logs go to "
+              f"{settings.selection_log_dir()}", file=sys.stderr, flush=True)
+        address, stop = serve_app.start(settings), serve_app.stop
+    try:
+        engine = Engine(load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads))
+        summary = asyncio.run(collect(engine, address, sel.application if args.selector is None else (args.application or ""),
+                          out_dir, args.problems, start=args.start, k=args.num_candidates,
+                          max_new_tokens=args.max_new_tokens, max_positions=sel.max_positions, batch=args.batch,
+                          system_prompt=ws.system_prompt))
+    finally:
+        if stop is not None:
+            stop()
+    summary["log_dir"] = str(settings.selection_log_dir()) if args.selector is None else None
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+
+
 def cmd_distill_groups(args) -> None:
     from distill.groups import read_groups, write_groups
 
@@ -218,7 +252,7 @@ def cmd_distill_groups(args) -> None:
 
         manifest = read_manifest(resolve_model(settings.worker.model, settings.cache_dir)) or {}
         vocab = manifest.get("vocab_sha256") or load_model(settings.worker.model, settings.cache_dir, "native").vocab_sha256
-    summary = write_groups(read_groups(log_dir, vocab, args.context_tail), Path(args.out))
+    summary = write_groups(read_groups(log_dir, vocab, context_tail=args.context_tail), Path(args.out))
     print(json.dumps({**summary, "out": args.out, "log_dir": str(log_dir)}))
 
 
@@ -232,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def gen_flags(p):
-        p.add_argument("--mode", choices=["greedy", "s2t", "llm"], help="default: the worker's default_mode")
+        p.add_argument("--mode", choices=[m.value for m in Mode], help="default: the worker's default_mode")
         p.add_argument("--max-new-tokens", type=int)
         p.add_argument("--block-size", type=int)
         p.add_argument("--trigger", choices=["always", "entropy", "margin", "kl"])
@@ -275,6 +309,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context-tail", type=int, default=511)
     p.add_argument("--any-vocabulary", action="store_true", help="do not check the log against the worker's SLM")
     p.set_defaults(func=cmd_distill_groups)
+
+    p = sub.add_parser("collect", help="label SLM rollouts of GSM8K train problems with the selector (S2T-Local data)")
+    p.add_argument("--problems", type=int, default=100, help="GSM8K train problems")
+    p.add_argument("--start", type=int, default=0, help="first train problem index")
+    p.add_argument("--num-candidates", type=int, default=16, help="K per labelled position (paper: 16 for data)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16, help="problems rolled out and labelled together")
+    p.add_argument("--out", help="progress and summary (default: <data dir>/collect); rerun to resume")
+    p.add_argument("--selector", help="host:port of a running selector (default: start one here)")
+    p.add_argument("--application", help="Ray Serve application of --selector")
+    p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .model_store import default_cache_dir
 
-Mode = Literal["greedy", "s2t", "llm"]
+ModeName = Literal["greedy", "s2t", "s2t-local", "llm"]
 TriggerName = Literal["always", "entropy", "margin", "kl"]
 VerifyPolicyName = Literal["wait", "commit_after_lag"]
 
@@ -58,7 +58,7 @@ class WorkerSettings(_Section):
     runtime: RuntimeSettings = RuntimeSettings()
     selector_address: str = Field("127.0.0.1:9000", description="host:port of the selector's gRPC endpoint")
     selector_application: str = Field("s2t-selector", description="Ray Serve application name (gRPC metadata)")
-    default_mode: Mode = Field("s2t", description="mode of requests that name none: greedy, s2t, llm")
+    default_mode: ModeName = Field("s2t", description="mode of requests that name none: greedy, s2t, s2t-local, llm")
     num_candidates: int = Field(8, ge=1, le=64, description="K: SLM candidates per position sent to the selector")
     trigger: TriggerName = Field("kl", description="when a disagreement is corrected: kl (selector-side, paper), entropy / margin (LLM-free, worker-side), always")
     trigger_rate: float = Field(0.10, gt=0, le=1, description="target share of steps the trigger fires on (tau); mapped through the calibrated thresholds")
@@ -70,10 +70,10 @@ class WorkerSettings(_Section):
     verify_policy: VerifyPolicyName = Field("wait", description="when the selector is slow: wait (up to verify_deadline_ms) or commit_after_lag")
     verify_deadline_ms: int = Field(30_000, ge=1, description="wait policy: how long a block may stay unverified")
     commit_lag_ms: int = Field(2_000, ge=1, description="commit_after_lag policy: age at which drafts commit")
-    select_timeout_ms: int = Field(120_000, ge=1, description="cap on one selector RPC attempt; the request's verify deadline usually ends it first")
+    select_timeout_ms: int = Field(120_000, ge=1, description="cap on one selector RPC attempt; an attempt lasts until the request's verify deadline unless this ends it first (a resend then joins the step the selector is still computing)")
     selector_calls_per_s: float = Field(0.0, ge=0, description="selector call budget (asyncio-throttle); 0 = none")
-    breaker_failures: int = Field(3, ge=1, description="consecutive selector failures that open the breaker")
-    breaker_open_s: float = Field(10.0, gt=0, description="how long an open breaker skips the selector")
+    breaker_failures: int = Field(3, ge=1, description="consecutive connection failures (UNAVAILABLE) that open the selector breaker; a busy or slow selector (RESOURCE_EXHAUSTED, a slow attempt) never counts")
+    breaker_open_s: float = Field(10.0, gt=0, description="how long an open breaker skips the selector before one probe call")
     decode_chunk: int = Field(16, ge=1, description="llm mode: tokens per Decode call")
     max_new_tokens: int = Field(512, ge=1, description="default when a request sets none")
     max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
@@ -82,6 +82,8 @@ class WorkerSettings(_Section):
     max_concurrent_requests: int = Field(256, ge=1, description="above this, RESOURCE_EXHAUSTED")
     requests_per_s: float = Field(0.0, ge=0, description="admission rate limit; 0 = none")
     auth_token: SecretStr | None = Field(None, description="if set, clients must send 'authorization: Bearer <token>'")
+    adapter_dir: Path | None = Field(None, description="S2T-Local adapters: an adapter directory, or a directory of them whose newest is loaded; watched, so a newer one is taken while serving")
+    adapter_poll_s: float = Field(5.0, gt=0, description="how often adapter_dir is checked for a newer adapter")
     thresholds: TriggerThresholds = TriggerThresholds()
     system_prompt: str = Field((
         "You are a helpful assistant. Please answer the math problem step by step, and put the final answer "
@@ -116,6 +118,7 @@ class SelectorSettings(_Section):
     step_gap_wait_s: float = Field(1.0, ge=0, description="how long a request waits for an earlier step")
     max_batch_size: int = Field(32, ge=1, description="sessions per LLM forward (requests that arrive while one runs join the next)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long an idle selector waits for more sessions before a batch")
+    max_queued_requests: int = Field(256, ge=1, description="per replica: requests waiting for a batch beyond which the selector answers RESOURCE_EXHAUSTED with a retry-after-ms hint (back-pressure)")
     max_ongoing_requests: int = Field(512, ge=1, description="per replica, Ray Serve back-pressure")
     # Defaults for the embedded pair, from the same calibration run as TriggerThresholds.
     kl_thresholds: dict[float, float] = Field(

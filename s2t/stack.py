@@ -1,7 +1,10 @@
-"""Everything on one machine: the selector on a local Ray Serve and a worker in this process.
+"""Everything on one machine: a selector and a worker in this process's control, composed from the roles.
 
-Used by `s2t run`, the benchmark and the end-to-end test, so all three exercise the deployed path: client
--> worker gRPC -> Ray Serve gRPC proxy -> selector replica.
+Used by `s2t run`, `s2t collect`, the benchmark, the profile and the end-to-end test. With `ray=True` (the
+default) the selector is the Ray Serve application that `deploy/serve_config.yaml` deploys (built by the same
+`llm_selector.serve_app.build_app`), so they exercise the deployed path: client -> worker gRPC -> Ray Serve
+gRPC proxy -> selector replica. With `ray=False` the selector is the plain grpc.aio server in this process
+(its engine reachable as `stack.selector_core`, e.g. for profiling).
 """
 
 from __future__ import annotations
@@ -21,16 +24,20 @@ log = logging.getLogger("s2t")
 
 
 class LocalStack:
-    """`async with LocalStack(settings) as stack:` gives a serving worker at stack.address and stack.stub."""
+    """`async with LocalStack(settings) as stack:` gives a serving worker at stack.address and stack.stub.
 
-    def __init__(self, settings: Settings, fetch: bool = True, say=lambda m: print(m, file=sys.stderr, flush=True)):
-        self.settings = settings
+    The caller's settings are not changed: the stack works on a copy (`stack.settings`)."""
+
+    def __init__(self, settings: Settings, fetch: bool = True, ray: bool = True,
+                 say=lambda m: print(m, file=sys.stderr, flush=True)):
+        self.settings = settings.model_copy(deep=True)
         self.fetch = fetch
+        self.ray = ray
         self.say = say
+        self.selector_core = None
+        self._stop_selector = None
 
     async def __aenter__(self) -> "LocalStack":
-        from llm_selector import serve_app
-
         from slm_worker.server import Worker, serve
 
         s = self.settings
@@ -39,16 +46,15 @@ class LocalStack:
             from .model_store import REGISTRY, fetch_models
 
             fetch_models([m for m in dict.fromkeys((s.worker.model, s.selector.model)) if m in REGISTRY], s.cache_dir)
-        self.say(f"[stack] starting the selector ({s.selector.model}) on Ray Serve ...")
-        s.worker.selector_address = serve_app.start(s)
-        self._stop_selector = serve_app.stop
+        self.say(f"[stack] starting the selector ({s.selector.model}) {'on Ray Serve' if self.ray else 'in process'} ...")
+        s.worker.selector_address = await self._start_selector()
         try:
             self.say(f"[stack] starting the worker ({s.worker.model}) ...")
             self.worker = Worker(s)
             await self.worker.start(wait_for_selector_s=300)
             self.server, port = await serve(self.worker, s.worker.host, s.worker.port)
         except BaseException:
-            serve_app.stop()
+            await self._stop_selector()
             raise
         self.address = f"{s.worker.host}:{port}"
         self.channel = grpc.aio.insecure_channel(self.address)
@@ -57,6 +63,31 @@ class LocalStack:
         self.say(f"[stack] ready after {self.startup_s:.0f}s: worker {self.address}, selector {s.worker.selector_address}")
         return self
 
+    async def _start_selector(self) -> str:
+        if self.ray:
+            from llm_selector import serve_app
+
+            address = serve_app.start(self.settings)
+
+            async def stop():
+                serve_app.stop()
+
+            self._stop_selector = stop
+            return address
+        from llm_selector.core import SelectorCore
+        from llm_selector.grpc_server import serve
+
+        core = SelectorCore.from_settings(self.settings)
+        server, port = await serve(core, self.settings.selector.host, self.settings.selector.grpc_port)
+        self.selector_core = core
+
+        async def stop():
+            await server.stop(1)
+            core.close()
+
+        self._stop_selector = stop
+        return f"{self.settings.selector.host}:{port}"
+
     async def __aexit__(self, *exc) -> None:
         with contextlib.suppress(Exception):
             await self.channel.close()
@@ -64,7 +95,7 @@ class LocalStack:
             await self.server.stop(grace=1)
             await self.worker.stop()
         finally:
-            self._stop_selector()
+            await self._stop_selector()
 
     def describe(self) -> dict:
         info = self.worker.selector_info

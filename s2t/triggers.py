@@ -55,9 +55,6 @@ class ThresholdTable:
         self.values = [v for _, v in items]
         self.name = name
 
-    def __bool__(self) -> bool:
-        return bool(self.rates)
-
     def threshold(self, rate: float) -> float:
         if not self.rates:
             raise ValueError(f"no calibrated {self.name} thresholds; run `s2t calibrate`")

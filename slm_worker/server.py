@@ -17,19 +17,23 @@ from s2t.v1 import generation_pb2 as gen_pb
 
 from s2t.calibration import read_calibration
 from s2t.config import Settings
-from .decode import DecodeOptions, Event, Scheduler, Sequence
+from s2t.modes import Mode, TriggerKind
+from s2t.prompts import chat_ids
 from s2t.runtime import Engine, LoadedModel, load_model
-from .selector_client import CallBudget, SelectorClient
 from s2t.triggers import LocalTrigger, ThresholdTable
 from s2t.wire import WireError, parse
+
+from .adapters import AdapterStore
+from .loop import Event, Scheduler, Sequence
+from .selector_client import CallBudget, SelectorClient
+from .sequence import DecodeOptions
+from .verifiers import Fallback, LocalReranker, RemoteSelector, Verifier
 
 log = logging.getLogger("s2t.worker")
 
 SERVICE = gen_pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-MODE_NAMES = {gen_pb.MODE_GREEDY: "greedy", gen_pb.MODE_S2T: "s2t", gen_pb.MODE_LLM: "llm"}
-TRIGGER_NAMES = {gen_pb.TRIGGER_ALWAYS: "always", gen_pb.TRIGGER_ENTROPY: "entropy", gen_pb.TRIGGER_MARGIN: "margin",
-                 gen_pb.TRIGGER_KL: "kl"}
 ROLES = {"system", "user", "assistant"}
+MAX_INFLIGHT_BLOCKS = 16
 
 
 class RequestError(Exception):
@@ -43,7 +47,8 @@ def _invalid(message: str) -> RequestError:
 
 
 class Worker:
-    """Owns the SLM engine, the scheduler and the selector connection; turns requests into sequences."""
+    """Owns the SLM engine, the scheduler, the selector connection and the S2T-Local adapters; turns requests
+    into sequences, each with the verifier its mode needs."""
 
     def __init__(self, settings: Settings, lm: LoadedModel | None = None):
         self.settings = settings
@@ -52,7 +57,10 @@ class Worker:
         self.engine = Engine(self.lm)
         self.selector = SelectorClient(ws.selector_address, ws.selector_application, ws.select_timeout_ms / 1000,
                                        ws.breaker_failures, ws.breaker_open_s, ws.selector_calls_per_s)
-        self.scheduler = Scheduler(self.engine, None, ws.max_batch_size)
+        self.scheduler = Scheduler(self.engine, ws.max_batch_size, CallBudget(ws.selector_calls_per_s))
+        # The selector verifies only after its vocabulary matched the SLM's (check_selector).
+        self.remote: RemoteSelector | None = None
+        self.adapters = AdapterStore(self.engine, ws.adapter_dir, ws.adapter_poll_s)
         self.selector_info = None
         self.selector_problem = "selector not contacted yet"
         calibration = read_calibration(settings.calibration_file()) or {}
@@ -64,6 +72,7 @@ class Worker:
 
     async def start(self, wait_for_selector_s: float = 0.0) -> None:
         self.scheduler.start()
+        await self.adapters.start()
         deadline = time.monotonic() + wait_for_selector_s
         while not await self.check_selector() and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
@@ -75,6 +84,7 @@ class Worker:
         if self._watch is not None:
             self._watch.cancel()
         await self.scheduler.stop()
+        await self.adapters.stop()
         await self.selector.close()
 
     async def check_selector(self) -> bool:
@@ -89,7 +99,7 @@ class Worker:
                 f"the selector's model {info.model_name!r} has a different vocabulary (sha256 {info.vocab_sha256[:12]}…) "
                 f"than the worker's {self.lm.name!r} ({self.lm.vocab_sha256[:12]}…): S2T needs one tokenizer for both")
         self.selector_info = info
-        self.scheduler.selector = self.selector
+        self.remote = RemoteSelector(self.selector, self.lm.name, self.lm.weights_sha256)
         log.info("selector %s: model %s, weights %s", self.selector.address, info.model_name, info.weight_formats)
         return True
 
@@ -141,19 +151,18 @@ class Worker:
                 if not m.content.strip():
                     raise _invalid(f"conversation.messages[{i}].content: must not be empty")
                 messages.append({"role": m.role, "content": m.content})
-        ids = self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids = chat_ids(self.lm.tokenizer, messages)
         if len(ids) > ws.max_prompt_tokens:
             raise _invalid(f"{which}: {len(ids)} tokens after the chat template, at most {ws.max_prompt_tokens}")
         return ids
 
     def options(self, request) -> tuple[DecodeOptions, int]:
         ws, o = self.settings.worker, request.options
-        mode_requested = o.mode or gen_pb.Mode.Value(f"MODE_{ws.default_mode.upper()}")
-        if mode_requested not in MODE_NAMES:
-            raise _invalid(f"options.mode: unknown value {o.mode}")
-        mode = MODE_NAMES[mode_requested]
+        mode_requested = o.mode or Mode(ws.default_mode).proto
+        try:
+            mode = Mode.from_proto(mode_requested)
+        except ValueError:
+            raise _invalid(f"options.mode: unknown value {o.mode}") from None
         max_new = o.max_new_tokens or ws.max_new_tokens
         if max_new > ws.max_new_tokens_limit:
             raise _invalid(f"options.max_new_tokens: {max_new} exceeds the limit {ws.max_new_tokens_limit}")
@@ -161,34 +170,62 @@ class Worker:
         k_limit = self.selector_info.max_candidates if self.selector_info else 64
         if k > k_limit:
             raise _invalid(f"options.num_candidates: K = {k} exceeds the selector's max_candidates {k_limit}")
-        trigger = TRIGGER_NAMES.get(o.trigger) if o.trigger else ws.trigger
-        if trigger is None:
-            raise _invalid(f"options.trigger: unknown value {o.trigger}")
+        try:
+            trigger = TriggerKind.from_proto(o.trigger) if o.trigger else TriggerKind(ws.trigger)
+        except ValueError:
+            raise _invalid(f"options.trigger: unknown value {o.trigger}") from None
+        if mode is Mode.S2T_LOCAL and trigger is TriggerKind.KL:
+            trigger = TriggerKind.ENTROPY  # the KL oracle needs the large model; locally the calibrated entropy stands in
         rate = o.trigger_rate or ws.trigger_rate
         if math.isnan(rate) or not 0 < rate <= 1:
             raise _invalid(f"options.trigger_rate: {rate} must be in (0, 1]")
         local = None
-        if trigger in ("entropy", "margin"):
+        if trigger.llm_free:
             try:
-                local = LocalTrigger(trigger, self.thresholds[trigger].threshold(rate), ws.warmup_steps)
+                local = LocalTrigger(trigger.value, self.thresholds[trigger.value].threshold(rate), ws.warmup_steps)
             except ValueError as e:
                 raise _invalid(f"options.trigger_rate: {e}") from None
         block = o.block_size or ws.block_size
         if block > ws.max_block_size:
             raise _invalid(f"options.block_size: {block} exceeds the limit {ws.max_block_size}")
+        inflight = o.max_inflight_blocks or ws.max_inflight_blocks
+        if inflight > MAX_INFLIGHT_BLOCKS:
+            raise _invalid(f"options.max_inflight_blocks: {inflight} exceeds the limit {MAX_INFLIGHT_BLOCKS}")
+        confidence = o.draft_confidence if o.HasField("draft_confidence") else ws.draft_confidence
+        if math.isnan(confidence) or not 0 <= confidence < 1:
+            raise _invalid(f"options.draft_confidence: {confidence} must be in [0, 1)")
         policy = o.verify_policy or (gen_pb.VERIFY_POLICY_WAIT if ws.verify_policy == "wait"
                                      else gen_pb.VERIFY_POLICY_COMMIT_AFTER_LAG)
         if policy not in (gen_pb.VERIFY_POLICY_WAIT, gen_pb.VERIFY_POLICY_COMMIT_AFTER_LAG):
             raise _invalid(f"options.verify_policy: unknown value {o.verify_policy}")
+        # Both policies are one mechanism: how long a selector call may take before its drafts commit unverified.
         if policy == gen_pb.VERIFY_POLICY_WAIT:
             deadline_ms = o.verify_deadline_ms or ws.verify_deadline_ms
         else:
             deadline_ms = o.commit_lag_ms or ws.commit_lag_ms
-        opts = DecodeOptions(mode=mode, max_new_tokens=max_new, num_candidates=k, trigger=trigger, local_trigger=local,
-                             kl_rate=rate, warmup_steps=ws.warmup_steps, block_size=block,
-                             max_inflight_blocks=ws.max_inflight_blocks, block_deadline_s=deadline_ms / 1000,
-                             decode_chunk=ws.decode_chunk, draft_confidence=ws.draft_confidence)
+        opts = DecodeOptions(mode=mode, max_new_tokens=max_new, num_candidates=k, trigger=trigger, trigger_rate=rate,
+                             local_trigger=local, warmup_steps=ws.warmup_steps, block_size=block,
+                             max_inflight_blocks=inflight, selector_deadline_s=deadline_ms / 1000,
+                             decode_chunk=ws.decode_chunk, draft_confidence=confidence)
         return opts, mode_requested
+
+    def verifier_for(self, mode: Mode) -> tuple[Verifier | None, Mode, str]:
+        """The verifier a request of `mode` gets now, the mode that will run, and why it differs (if it does)."""
+        local = self.adapters.current()
+        local_verifier = LocalReranker(self.engine, local, self.adapters) if local is not None else None
+        if mode is Mode.S2T:
+            if self.remote is not None:
+                return (Fallback(self.remote, local_verifier) if local_verifier else self.remote), Mode.S2T, ""
+            if local_verifier is not None:
+                return local_verifier, Mode.S2T_LOCAL, f"{self.selector_problem}; re-ranking locally"
+            return None, Mode.GREEDY, self.selector_problem
+        if mode is Mode.S2T_LOCAL:
+            if local_verifier is not None:
+                return local_verifier, Mode.S2T_LOCAL, ""
+            return None, Mode.GREEDY, f"no S2T-Local adapter loaded ({self.adapters.problem})"
+        if mode is Mode.LLM and self.remote is None:
+            return None, Mode.LLM, self.selector_problem  # run_llm degrades to greedy with this reason
+        return None, mode, ""
 
     def start_sequence(self, request) -> Sequence:
         if len(request.request_id) > 128:
@@ -198,9 +235,13 @@ class Worker:
         request_id = request.request_id or uuid.uuid4().hex
         seq = Sequence(request_id, f"{request_id}-{uuid.uuid4().hex[:8]}", prompt, opts, self.engine,
                        self.lm.stop_ids, self.lm.tokenizer, mode_requested, odds=self.scheduler.odds)
-        if opts.mode != "greedy" and self.scheduler.selector is None:
-            seq.stats.degraded_reason = self.selector_problem
-        self.scheduler.submit(seq)
+        verifier, running, why = self.verifier_for(opts.mode)
+        seq.running = running
+        seq.stats.mode_used = running.proto
+        seq.stats.degraded_reason = why
+        if verifier is not None:
+            seq.verifier = verifier.open(seq)
+        self.scheduler.submit(seq, self.selector if self.remote is not None else None)
         return seq
 
     async def run(self, request) -> AsyncIterator[Event]:

@@ -11,7 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import reference_s2t
 from s2t.v1 import generation_pb2 as pb
 from servers import Stack
-from slm_worker import decode
+from slm_worker import loop
+from slm_worker.proposer import DivergenceOdds
+from slm_worker.verifiers import VerdictKind
 
 PROMPT = "What is 2 + 3?"
 
@@ -77,12 +79,12 @@ async def test_worker_does_not_draft_past_an_unsure_draft(make_settings, tiny_mo
 
 
 def test_divergence_odds_start_from_the_slm_doubt_and_learn():
-    odds, key = decode.DivergenceOdds(), ("always", 0.0)
+    odds, key = DivergenceOdds(), ("selector", "always", 0.0)
     assert odds.p_diverge(key, 0.95) < odds.p_diverge(key, 0.55) < odds.p_diverge(key, 0.15)
     for _ in range(200):
         odds.observe(key, 0.35, diverged=False)
     assert odds.p_diverge(key, 0.35) < 0.02
-    assert odds.p_diverge(("kl", 0.1), 0.35) == pytest.approx(0.65)  # another trigger keeps its own counts
+    assert odds.p_diverge(("selector", "kl", 0.1), 0.35) == pytest.approx(0.65)  # another trigger keeps its own counts
     for _ in range(200):
         odds.observe(key, 0.97, diverged=True)
     assert odds.p_diverge(key, 0.97) > 0.95
@@ -178,7 +180,7 @@ async def test_selector_process_restart_mid_request(make_settings, tiny_models):
 
 async def test_rollback_leaves_caches_equal_to_a_fresh_prefill(make_settings, monkeypatch):
     checks = []
-    original = decode.Sequence.apply_reply
+    original = loop.Sequence.apply_decision
 
     async with Stack(make_settings()) as stack:
         slm_engine, llm_engine = stack.worker.engine, stack.core.engine
@@ -191,18 +193,19 @@ async def test_rollback_leaves_caches_equal_to_a_fresh_prefill(make_settings, mo
         def same(a, b, n):
             return all(torch.allclose(x[:, :n], y[:, :n], atol=1e-10) for x, y in zip(a.keys + a.values, b.keys + b.values))
 
-        def checked(self, block, reply):
-            original(self, block, reply)
-            if reply.outcome == decode.sel_pb.SELECT_OUTCOME_DIVERGED and not self.done:
+        def checked(self, block, verdict):
+            original(self, block, verdict)
+            if verdict.kind is VerdictKind.DIVERGED and not self.done:
                 n = self.cache.length
                 assert n == len(self.tokens) - 1  # everything but the selected token, which is fed next
                 assert same(self.cache, fresh_keys(slm_engine, self.tokens[:n]), n)
                 session = stack.core.sessions.get(self.session_id)
-                assert session.tokens == self.tokens[:len(session.tokens)] and len(session.tokens) == self.chain
+                # the selector cut its session back to the divergence, where the worker's next request builds on
+                assert session.tokens == self.tokens[:len(session.tokens)] and len(session.tokens) == verdict.position
                 assert same(session.cache, fresh_keys(llm_engine, session.tokens), len(session.tokens))
                 checks.append(n)
 
-        monkeypatch.setattr(decode.Sequence, "apply_reply", checked)
+        monkeypatch.setattr(loop.Sequence, "apply_decision", checked)
         await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=30, block_size=5)
     assert len(checks) >= 3
 

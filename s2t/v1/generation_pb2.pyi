@@ -13,6 +13,7 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_GREEDY: _ClassVar[Mode]
     MODE_S2T: _ClassVar[Mode]
     MODE_LLM: _ClassVar[Mode]
+    MODE_S2T_LOCAL: _ClassVar[Mode]
 
 class Trigger(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +38,7 @@ MODE_UNSPECIFIED: Mode
 MODE_GREEDY: Mode
 MODE_S2T: Mode
 MODE_LLM: Mode
+MODE_S2T_LOCAL: Mode
 TRIGGER_UNSPECIFIED: Trigger
 TRIGGER_ALWAYS: Trigger
 TRIGGER_ENTROPY: Trigger
@@ -64,7 +66,7 @@ class Conversation(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerationOptions(_message.Message):
-    __slots__ = ("mode", "max_new_tokens", "num_candidates", "trigger", "trigger_rate", "block_size", "verify_policy", "verify_deadline_ms", "commit_lag_ms")
+    __slots__ = ("mode", "max_new_tokens", "num_candidates", "trigger", "trigger_rate", "block_size", "verify_policy", "verify_deadline_ms", "commit_lag_ms", "max_inflight_blocks", "draft_confidence")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +76,8 @@ class GenerationOptions(_message.Message):
     VERIFY_POLICY_FIELD_NUMBER: _ClassVar[int]
     VERIFY_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_LAG_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     max_new_tokens: int
     num_candidates: int
@@ -83,7 +87,9 @@ class GenerationOptions(_message.Message):
     verify_policy: VerifyPolicy
     verify_deadline_ms: int
     commit_lag_ms: int
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., num_candidates: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., trigger_rate: _Optional[float] = ..., block_size: _Optional[int] = ..., verify_policy: _Optional[_Union[VerifyPolicy, str]] = ..., verify_deadline_ms: _Optional[int] = ..., commit_lag_ms: _Optional[int] = ...) -> None: ...
+    max_inflight_blocks: int
+    draft_confidence: float
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., num_candidates: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., trigger_rate: _Optional[float] = ..., block_size: _Optional[int] = ..., verify_policy: _Optional[_Union[VerifyPolicy, str]] = ..., verify_deadline_ms: _Optional[int] = ..., commit_lag_ms: _Optional[int] = ..., max_inflight_blocks: _Optional[int] = ..., draft_confidence: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "conversation", "options", "request_id")
@@ -110,7 +116,7 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("mode_requested", "mode_used", "degraded_reason", "prompt_tokens", "completion_tokens", "verified_tokens", "unverified_tokens", "positions_checked", "picks_changed", "local_decisions", "selector_calls", "selector_failures", "resyncs", "drafted_tokens", "rolled_back_tokens", "triggered_positions", "wall_s", "tokens_per_s", "time_to_first_token_s", "selector_bytes_sent", "selector_bytes_received", "llm_forwards")
+    __slots__ = ("mode_requested", "mode_used", "degraded_reason", "prompt_tokens", "completion_tokens", "verified_tokens", "unverified_tokens", "positions_checked", "picks_changed", "local_decisions", "selector_calls", "selector_failures", "resyncs", "drafted_tokens", "rolled_back_tokens", "triggered_positions", "wall_s", "tokens_per_s", "time_to_first_token_s", "selector_bytes_sent", "selector_bytes_received", "llm_forwards", "reranked_positions", "adapter_version")
     MODE_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     MODE_USED_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +139,8 @@ class GenerationStats(_message.Message):
     SELECTOR_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     SELECTOR_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     LLM_FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    RERANKED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     mode_requested: Mode
     mode_used: Mode
     degraded_reason: str
@@ -155,7 +163,9 @@ class GenerationStats(_message.Message):
     selector_bytes_sent: int
     selector_bytes_received: int
     llm_forwards: int
-    def __init__(self, mode_requested: _Optional[_Union[Mode, str]] = ..., mode_used: _Optional[_Union[Mode, str]] = ..., degraded_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., unverified_tokens: _Optional[int] = ..., positions_checked: _Optional[int] = ..., picks_changed: _Optional[int] = ..., local_decisions: _Optional[int] = ..., selector_calls: _Optional[int] = ..., selector_failures: _Optional[int] = ..., resyncs: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., triggered_positions: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., selector_bytes_sent: _Optional[int] = ..., selector_bytes_received: _Optional[int] = ..., llm_forwards: _Optional[int] = ...) -> None: ...
+    reranked_positions: int
+    adapter_version: str
+    def __init__(self, mode_requested: _Optional[_Union[Mode, str]] = ..., mode_used: _Optional[_Union[Mode, str]] = ..., degraded_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., unverified_tokens: _Optional[int] = ..., positions_checked: _Optional[int] = ..., picks_changed: _Optional[int] = ..., local_decisions: _Optional[int] = ..., selector_calls: _Optional[int] = ..., selector_failures: _Optional[int] = ..., resyncs: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., triggered_positions: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., selector_bytes_sent: _Optional[int] = ..., selector_bytes_received: _Optional[int] = ..., llm_forwards: _Optional[int] = ..., reranked_positions: _Optional[int] = ..., adapter_version: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "stats")

@@ -1,0 +1,334 @@
+"""Verifiers: who decides whether a block of drafted positions stands. The seam of the decode loop.
+
+The loop drafts with the SLM and hands blocks of drafted positions to a `VerifierSession` (one per request);
+each block comes back as a typed `Verdict`. Like transformers' `CandidateGenerator` or vLLM's
+proposer/scorer split, new ways of verifying never touch the loop:
+
+  RemoteSelector   the selector's large model over gRPC (mode s2t): delta tokens + top-K sets out, an index back
+  LocalReranker    the worker's own S2T-Local adapter (mode s2t-local): scores the top-K sets itself, no calls
+  Fallback         s2t with an adapter loaded: the selector while it is reachable, the re-ranker during an outage
+
+The rule is the same everywhere (the paper's): at each checked position the candidate with the highest score
+wins, ties to the SLM's higher rank; the first checked position whose winner is not the SLM's top-1 is a
+divergence, and the block stops there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import time
+from typing import TYPE_CHECKING, Awaitable, Protocol
+
+import torch
+
+from s2t.modes import TriggerKind
+from s2t.v1 import selector_pb2 as sel_pb
+
+from .selector_client import SelectorClient, SelectorDown, SelectorState, SelectorUnavailable, SessionLost
+
+if TYPE_CHECKING:
+    from s2t.rerank import Reranker
+    from s2t.runtime import Engine
+
+    from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class VerdictKind(enum.Enum):
+    ACCEPTED = "accepted"  # every drafted token of the block stands
+    DIVERGED = "diverged"  # take candidate `index` at `position`, drop every later draft
+    SKIPPED = "skipped"  # no position of the block needed a check: the drafts stand unverified by design
+    SESSION_LOST = "session_lost"  # the selector lost what the request built on: send again with full context
+    UNAVAILABLE = "unavailable"  # no usable answer in time: the drafts commit unverified (reason says why)
+    OVER_BUDGET = "over_budget"  # the worker's selector-call budget is spent: the drafts stand as decided locally
+
+
+class VerdictSource(enum.Enum):
+    SELECTOR = "selector"
+    RERANKER = "reranker"
+    NONE = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    kind: VerdictKind
+    source: VerdictSource = VerdictSource.NONE
+    position: int = -1  # DIVERGED: where
+    index: int = 0  # DIVERGED: which candidate
+    checked: int = 0  # positions the verifier scored to reach this verdict
+    llm_forwards: int = 0
+    reason: str = ""  # UNAVAILABLE: why, for the stats
+    adapter_version: str = ""  # RERANKER: which adapter scored
+    reply: sel_pb.SelectResponse | None = None  # SELECTOR: the reply, for its per-position verdicts
+    outage: bool = False  # UNAVAILABLE because the selector is down (not merely busy past the deadline)
+
+
+@dataclasses.dataclass(eq=False)
+class Block:
+    """Drafted positions [start, end) of one sequence, verified together.
+
+    `checked` are the positions the verifier is asked about (all of them for the always/kl triggers, the
+    triggered ones for entropy/margin); `verdict` is set once, by the verification task, and applied by the
+    loop in position order.
+    """
+
+    start: int
+    end: int
+    checked: list[int]
+    verdict: Verdict | None = None
+
+
+class VerifierSession(Protocol):
+    """One request's connection to its verifier."""
+
+    def send(self, seq: "Sequence", block: Block) -> Awaitable[Verdict]:
+        """Start verifying `block` (called in block order). Whatever the verdict depends on is captured before
+        this returns; the awaitable resolves to the verdict and never raises."""
+
+    def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
+        """The loop applied `verdict` to the sequence (in block order)."""
+
+    async def close(self) -> None:
+        """The request is over: release what the verifier holds for it."""
+
+
+class Verifier(Protocol):
+    def open(self, seq: "Sequence") -> VerifierSession:
+        ...
+
+
+# -- the remote selector ------------------------------------------------------------------------------------
+
+
+class RemoteSelector:
+    """Mode s2t: the selector's large model verifies blocks over gRPC (SelectorService.Select)."""
+
+    def __init__(self, client: SelectorClient, slm_model: str = "", slm_weights_sha256: str = ""):
+        self.client = client
+        self.slm_model, self.slm_weights_sha256 = slm_model, slm_weights_sha256
+
+    def open(self, seq: "Sequence") -> "RemoteSelectorSession":
+        return RemoteSelectorSession(self, seq.session_id)
+
+
+class RemoteSelectorSession:
+    """The selector protocol's cursor for one session.
+
+    Invariants (positions index the sequence's tokens, prompt included):
+      confirmed <= chain: `confirmed` is the session length the selector reported in the last reply the loop
+        applied; everything before it the selector holds and the worker has committed.
+      `chain` is the length the next request builds on (its prefix_length): the previous request's end minus
+        its last draft, which is only a candidate there and goes out as a token with the next request.
+        0 means "send the full context" (a new or lost session).
+      `next_step` counts requests; (session_id, step) is the selector's idempotency key.
+    """
+
+    def __init__(self, verifier: RemoteSelector, session_id: str):
+        self.verifier = verifier
+        self.client = verifier.client
+        self.session_id = session_id
+        self.chain = 0
+        self.confirmed = 0
+        self.next_step = 0
+
+    def request(self, seq: "Sequence", block: Block) -> sel_pb.SelectRequest:
+        """The Select request for `block`, chained on what the previous request leaves; advances the cursor."""
+        opts = seq.opts
+        prefix, step = self.chain, self.next_step
+        self.next_step += 1
+        self.chain = block.end - 1
+        k, kl = opts.num_candidates, opts.trigger is TriggerKind.KL
+        value = opts.local_trigger.value if opts.local_trigger else (lambda p: 0.0)
+        positions = [sel_pb.CandidatePosition(
+            position=p, candidate_ids=prop.ids[:k], candidate_probs=prop.probs[:k],
+            support_ids=prop.ids[k:] if kl else [], support_probs=prop.probs[k:] if kl else [],
+            worker_triggered=prop.triggered, worker_trigger_value=value(prop))
+            for p in block.checked for prop in (seq.proposals[p],)]
+        if opts.trigger is TriggerKind.ALWAYS:
+            trigger = sel_pb.SelectTriggerSpec(kind=sel_pb.SELECT_TRIGGER_ALWAYS)
+        elif kl:
+            trigger = sel_pb.SelectTriggerSpec(kind=sel_pb.SELECT_TRIGGER_KL, kl_rate=opts.trigger_rate)
+        else:
+            trigger = sel_pb.SelectTriggerSpec(kind=sel_pb.SELECT_TRIGGER_WORKER)
+        request = sel_pb.SelectRequest(session_id=self.session_id, step=step, prefix_length=prefix,
+                                       token_ids=seq.tokens[prefix:block.end - 1], positions=positions,
+                                       trigger=trigger, request_id=seq.request_id)
+        if self.verifier.slm_model:
+            request.slm_model = self.verifier.slm_model
+            request.slm_weights_sha256 = self.verifier.slm_weights_sha256
+        return request
+
+    def send(self, seq: "Sequence", block: Block) -> Awaitable[Verdict]:
+        return self._call(seq, block, self.request(seq, block))
+
+    async def _call(self, seq: "Sequence", block: Block, request: sel_pb.SelectRequest) -> Verdict:
+        stats = seq.stats
+        try:
+            stats.selector_calls += 1
+            stats.selector_bytes_sent += request.ByteSize()
+            reply = await self.client.select(request, time.monotonic() + seq.opts.selector_deadline_s)
+            stats.selector_bytes_received += reply.ByteSize()
+        except SessionLost:
+            return Verdict(VerdictKind.SESSION_LOST, VerdictSource.SELECTOR)
+        except SelectorUnavailable as e:
+            stats.selector_failures += 1
+            down = isinstance(e, SelectorDown)
+            return Verdict(VerdictKind.UNAVAILABLE, reason=f"selector down ({e})" if down else str(e), outage=down)
+        except Exception as e:  # a bug must not hang the request: degrade it instead
+            log.exception("selector call failed")
+            stats.selector_failures += 1
+            return Verdict(VerdictKind.UNAVAILABLE, reason=f"selector call failed: {e!r}")
+        if reply.outcome == sel_pb.SELECT_OUTCOME_DIVERGED:
+            sel = reply.selections[-1]
+            return Verdict(VerdictKind.DIVERGED, VerdictSource.SELECTOR, position=sel.position, index=sel.index,
+                           checked=len(block.checked), llm_forwards=1, reply=reply)
+        return Verdict(VerdictKind.ACCEPTED, VerdictSource.SELECTOR, checked=len(block.checked), llm_forwards=1,
+                       reply=reply)
+
+    def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
+        if verdict.reply is not None:
+            self.confirmed = verdict.reply.session_length
+            if verdict.kind is VerdictKind.DIVERGED:
+                self.chain = verdict.position  # the selector cut its session back to the divergence
+        elif verdict.kind is VerdictKind.SESSION_LOST:
+            self.chain = self.confirmed = 0  # this block and all after it go out again with the full context
+        else:  # settled without the selector (unavailable, or re-ranked locally): it holds at least `confirmed`
+            self.chain = self.confirmed
+
+    async def close(self) -> None:
+        if self.next_step:
+            await self.client.close_session(self.session_id)
+
+
+# -- the local re-ranker ------------------------------------------------------------------------------------
+
+
+class LocalReranker:
+    """Mode s2t-local: the worker's S2T-Local adapter scores the candidates itself (no large-model calls).
+
+    Proposals come from the base SLM (adapter off): scoring with the adapter while also generating with it
+    hurts (a third-party study, paper.md §5.5). The scorer — SLM + adapter — keeps its own KV cache per
+    request, extended lazily at each verified block by the tokens since the last one, and scores every
+    candidate of the block in that same forward (each candidate attends to its prefix only).
+    """
+
+    def __init__(self, engine: "Engine", reranker: "Reranker", holders=None):
+        self.engine = engine
+        self.reranker = reranker
+        self.holders = holders  # AdapterStore: keeps the version installed while a request uses it
+
+    def open(self, seq: "Sequence") -> "LocalRerankerSession":
+        if self.holders is not None:
+            self.holders.hold(self.reranker.version)
+        return LocalRerankerSession(self.engine, self.reranker, self.holders)
+
+
+class LocalRerankerSession:
+    """The scorer's cache for one request.
+
+    Invariant: `cached` is the list of token ids whose keys/values `cache` holds (computed with the adapter
+    on), always a prefix of some state of the sequence. Each verification first cuts the cache back to the
+    longest common prefix with the block's tokens (drafts rolled back since are dropped there), then extends
+    it; so rollbacks need no bookkeeping, and verifications run one at a time on the engine's thread.
+    """
+
+    def __init__(self, engine: "Engine", reranker: "Reranker", holders=None):
+        self.engine = engine
+        self.reranker = reranker
+        self.holders = holders
+        self.cache = engine.new_cache()
+        self.cached: list[int] = []
+        self._lock = asyncio.Lock()
+
+    def send(self, seq: "Sequence", block: Block) -> Awaitable[Verdict]:
+        k = seq.opts.num_candidates
+        tokens = seq.tokens[:block.checked[-1]]  # everything the last checked position is predicted from
+        branches = [(p, seq.proposals[p].ids[:k]) for p in block.checked]
+        return self._verify(seq, block, tokens, branches)
+
+    async def _verify(self, seq: "Sequence", block: Block, tokens: list[int],
+                      branches: list[tuple[int, list[int]]]) -> Verdict:
+        try:
+            async with self._lock:
+                scores = await asyncio.get_running_loop().run_in_executor(
+                    self.engine.executor, self._score, tokens, branches)
+        except Exception as e:
+            log.exception("local re-ranking failed")
+            return Verdict(VerdictKind.UNAVAILABLE, reason=f"local re-ranker failed: {e!r}")
+        version = self.reranker.version
+        for (pos, _), s in zip(branches, scores):
+            index = int(torch.argmax(s))  # first maximum: ties go to the SLM's higher rank
+            if index != 0:
+                checked = sum(1 for p, _ in branches if p <= pos)
+                return Verdict(VerdictKind.DIVERGED, VerdictSource.RERANKER, position=pos, index=index,
+                               checked=checked, adapter_version=version)
+        return Verdict(VerdictKind.ACCEPTED, VerdictSource.RERANKER, checked=len(branches), adapter_version=version)
+
+    def _score(self, tokens: list[int], branches: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+        """On the compute thread: sync the scorer cache with `tokens`, score every branch in one forward."""
+        common = 0
+        for a, b in zip(self.cached, tokens):
+            if a != b:
+                break
+            common += 1
+        self.cache.crop(common)
+        del self.cached[common:]
+        delta = tokens[common:]
+        hidden = self.engine.forward_tree(self.cache, delta, branches, adapter=self.reranker.version)
+        self.cached.extend(delta)
+        return [self.reranker.scores(h) for h in hidden]
+
+    def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
+        pass
+
+    async def close(self) -> None:
+        if self.cache is not None and self.holders is not None:
+            self.holders.release(self.reranker.version)
+        self.cache = None
+        self.cached = []
+
+
+# -- both: the selector while it is reachable, the re-ranker during an outage -------------------------------
+
+
+class Fallback:
+    """Mode s2t with an adapter loaded: an outage of the selector (not mere slowness, which the selector
+    client waits out within the request's deadline) moves the request's blocks to the local re-ranker; the
+    next block after the selector is back goes to the selector again."""
+
+    def __init__(self, primary: RemoteSelector, local: LocalReranker):
+        self.primary, self.local = primary, local
+
+    def open(self, seq: "Sequence") -> "FallbackSession":
+        return FallbackSession(self.primary.open(seq), self.local.open(seq), self.primary.client)
+
+
+class FallbackSession:
+    def __init__(self, remote: RemoteSelectorSession, local: LocalRerankerSession, client: SelectorClient):
+        self.remote, self.local, self.client = remote, local, client
+
+    def send(self, seq: "Sequence", block: Block) -> Awaitable[Verdict]:
+        if self.client.state is SelectorState.DOWN:
+            return self._local(seq, block, "selector down (circuit breaker open)")
+        return self._remote_then_local(seq, block, self.remote.send(seq, block))
+
+    async def _remote_then_local(self, seq: "Sequence", block: Block, remote: Awaitable[Verdict]) -> Verdict:
+        verdict = await remote
+        if verdict.outage:
+            return await self._local(seq, block, verdict.reason)
+        return verdict
+
+    async def _local(self, seq: "Sequence", block: Block, why: str) -> Verdict:
+        seq.note_fallback(why)
+        return await self.local.send(seq, block)
+
+    def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
+        self.remote.settled(seq, block, verdict)
+
+    async def close(self) -> None:
+        await self.local.close()
+        await self.remote.close()

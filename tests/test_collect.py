@@ -1,0 +1,52 @@
+"""`s2t collect` on the tiny pair: SLM rollouts of GSM8K train problems, every position labelled and logged by a
+real selector over gRPC, resumable, and readable as training groups."""
+
+import json
+
+import grpc
+import pytest
+
+from llm_selector.core import SelectorCore
+from llm_selector.grpc_server import SelectorServicer
+from s2t import gsm8k
+from s2t.collect import collect
+from s2t.runtime import Engine, load_model
+from s2t.selection_log import closed_segments
+from s2t.v1 import selector_pb2_grpc as sel_grpc
+
+try:
+    gsm8k.load("train", 0, 1)
+    HAVE_TRAIN = True
+except FileNotFoundError:
+    HAVE_TRAIN = False
+
+
+@pytest.mark.skipif(not HAVE_TRAIN, reason="GSM8K train split not available (../shared/data/gsm8k)")
+async def test_collect_labels_every_rollout_position_and_resumes(make_settings, tmp_path):
+    settings = make_settings(**{"selector.max_positions": 16})
+    core = SelectorCore.from_settings(settings)
+    server = grpc.aio.server()
+    sel_grpc.add_SelectorServiceServicer_to_server(SelectorServicer(core), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        engine = Engine(load_model(settings.worker.model, settings.cache_dir, "native"))
+        out = tmp_path / "collect"
+        first = await collect(engine, f"127.0.0.1:{port}", "", out, problems=2, k=4, max_new_tokens=20,
+                              max_positions=16, batch=2)
+        again = await collect(engine, f"127.0.0.1:{port}", "", out, problems=3, k=4, max_new_tokens=20,
+                              max_positions=16, batch=2)
+    finally:
+        await server.stop(0)
+        core.close()
+    assert first["problems"] == 2 and first["positions"] == first["tokens"] > 0
+    assert again["this_run"]["problems"] == 1 and again["problems"] == 3  # resumed: only the new problem ran
+    progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert sorted(r["idx"] for r in progress) == [0, 1, 2]
+    assert closed_segments(settings.selection_log_dir())
+    from distill.groups import read_groups
+
+    groups = list(read_groups(settings.selection_log_dir()))
+    assert len(groups) == again["positions"]  # every generated position of every rollout is a labelled group
+    assert all(len(g.candidate_ids) == 4 and not g.diverged for g in groups)
+    assert {g.session_id for g in groups} == {f"collect-train-{i}" for i in range(3)}
