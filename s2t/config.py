@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from .model_store import default_cache_dir
@@ -166,6 +166,21 @@ class Settings(BaseSettings):
         return self.selector.log_dir or self.data_dir / "selection-logs"
 
 
+class ConfigError(ValueError):
+    """A setting has a bad value: one line per problem, naming the key, the value and where it came from."""
+
+
+def _source(key: str, overrides: dict[str, Any], config_file: Path | str | None) -> str:
+    if key in overrides:
+        return f"--set {key}"
+    env = "S2T_" + key.upper().replace(".", "__")
+    if env in os.environ:
+        return f"environment variable {env}"
+    if config_file:
+        return f"config file {config_file}"
+    return "defaults"
+
+
 def _slug(spec: str) -> str:
     return Path(spec).name or spec
 
@@ -178,6 +193,14 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     Settings._yaml_file = Path(path) if path else None
     try:
         return Settings(**_nest(overrides))
+    except ValidationError as e:  # one clear line per bad key instead of a traceback
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            value = err.get("input")
+            shown = "***" if "token" in key or "secret" in key else repr(value)
+            lines.append(f"bad setting {key} = {shown} (from {_source(key, overrides, path)}): {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
     finally:
         Settings._yaml_file = None
 

@@ -111,3 +111,20 @@ def test_calibration_on_the_tiny_pair(tiny_pair, tmp_path):
     path = tmp_path / "cal.json"
     write_calibration(path, result)
     assert read_calibration(path) == result
+
+
+def test_a_bad_setting_is_one_line_naming_key_value_and_source(monkeypatch, tmp_path):
+    from s2t.config import ConfigError
+
+    monkeypatch.setenv("S2T_WORKER__BLOCK_SIZE", "abc")
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    assert str(e.value) == ("bad setting worker.block_size = 'abc' (from environment variable S2T_WORKER__BLOCK_SIZE): "
+                            "Input should be a valid integer, unable to parse string as an integer")
+    monkeypatch.delenv("S2T_WORKER__BLOCK_SIZE")
+    with pytest.raises(ConfigError, match=r"worker.auth_token = \*\*\* \(from --set worker.auth_token\)"):
+        load_settings(**{"worker.auth_token": ["not", "a", "string"]})
+    config = tmp_path / "s2t.yaml"
+    config.write_text("selector:\n  max_candidates: 0\n")
+    with pytest.raises(ConfigError, match=rf"selector.max_candidates = 0 \(from config file {config}\)"):
+        load_settings(config)
