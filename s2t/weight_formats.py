@@ -1,6 +1,6 @@
 """Per-operation weight formats for linear layers, chosen by measuring on the machine at hand.
 
-CPUs of the same nominal kind differ (design.md §2): with AVX-512 bf16, bf16 matmuls are fastest at
+CPUs of the same nominal kind differ (measured on two 2-core machines of one kind): with AVX-512 bf16, bf16 matmuls are fastest at
 any row count; on AVX2-only machines bf16 GEMMs stay near 18 GFLOP/s whatever the batch, fp32 through
 oneDNN's prepacked kernels batches well, and weight-only int8 decodes fastest at one or a few rows.
 A model therefore keeps each linear weight in the one or two formats its row-count buckets need, and

@@ -87,11 +87,16 @@ class AdapterStore:
 
     async def load(self, path: Path):
         """Load and install one adapter directory, then make it current for new requests."""
-        from s2t.rerank import install, load_adapter
+        from s2t.rerank import AdapterMismatch, install, load_adapter, reserved_bin_ids
 
         loop = asyncio.get_running_loop()
         lm = self.engine.lm
         reranker = await loop.run_in_executor(None, load_adapter, Path(path), lm.weights_sha256)
+        # Its score bins must be this model's reserved rows (rows no token is assigned to).
+        expected = reserved_bin_ids(lm.tokenizer, lm.vocab_size, len(reranker.bin_ids))
+        if reranker.bin_ids != expected:
+            raise AdapterMismatch(f"adapter {reranker.version} at {path} scores with bins {reranker.bin_ids}, but "
+                                  f"{lm.name}'s reserved bin rows are {expected}")
         if reranker.version in self._installed:  # the same version again (e.g. re-exported): nothing to do
             self._current = self._installed[reranker.version]
             return self._current

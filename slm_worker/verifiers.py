@@ -211,7 +211,7 @@ class LocalReranker:
     """Mode s2t-local: the worker's S2T-Local adapter scores the candidates itself (no large-model calls).
 
     Proposals come from the base SLM (adapter off): scoring with the adapter while also generating with it
-    hurts (a third-party study, paper.md §5.5). The scorer — SLM + adapter — keeps its own KV cache per
+    hurts (the "Proposal-Preserving Selection" follow-up study of S2T-Local). The scorer — SLM + adapter — keeps its own KV cache per
     request, extended lazily at each verified block by the tokens since the last one, and scores every
     candidate of the block in that same forward (each candidate attends to its prefix only).
     """
