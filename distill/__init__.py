@@ -1,6 +1,7 @@
-"""distill: selection logs -> S2T-Local training data.
+"""distill: selection logs -> an S2T-Local re-ranker for the worker's SLM.
 
-Implemented: reading closed selection-log segments into training groups (`distill.groups`), refusing logs
-written for another vocabulary. Not implemented yet: the S2T-Local trainer (LoRA + reserved score-bin rows)
-and the adapter export; see README.md, "What is not done".
+`distill.groups` reads closed selection-log segments into training groups (refusing logs of another
+vocabulary or another SLM), `distill.packing` lays a session's groups out as prefix-shared rows, and
+`distill.train` trains LoRA + score-bin rows on them, evaluates on held-out groups and exports the adapter
+(`s2t distill` runs the three).
 """

@@ -21,6 +21,7 @@ from torch import nn
 from .weight_formats import FormatPlan, apply_plan, available_formats, cpu_capability, measure_plan
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash, weights_sha256
+from .rerank import adapter_scope, set_active_adapter, tree_inputs
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +236,44 @@ class Engine:
         """
         if any(len(t) < 1 for t in tokens):
             raise ValueError("every sequence in a forward needs at least one new token")
+        # Proposals come from the base model: no S2T-Local adapter is active here (O(1) if none is).
+        set_active_adapter(self.lm.model, None)
         out: list[torch.Tensor | None] = [None] * len(caches)
         for group in _padding_groups([len(t) for t in tokens]):
             logits = self._forward_group([caches[i] for i in group], [tokens[i] for i in group], [want[i] for i in group])
             for i, lg in zip(group, logits):
                 out[i] = lg
         return out
+
+    @torch.inference_mode()
+    def forward_tree(self, cache: KVCache, tokens: list[int], branches: list[tuple[int, list[int]]],
+                     adapter: str | None) -> list[torch.Tensor]:
+        """Append `tokens` to `cache` and, in the same forward, score-read each branch's candidates.
+
+        A branch (pos, candidate_ids) puts every candidate at absolute position `pos` (the index of the token
+        being chosen), attending to tokens [0, pos) and to itself, not to the other candidates (the tree
+        layout of s2t.rerank.tree_inputs). Needs pos <= cache.length + len(tokens). Returns per branch the
+        final hidden states (after the final norm) at its candidates, [K, hidden]. Afterwards the cache holds
+        exactly its old tokens + `tokens`: the candidates' keys/values are written past its length and are
+        dead. `adapter` names the LoRA adapter active for this forward only (None = the base model); the
+        new tokens' keys/values are computed with it too, so a scorer keeps a cache of its own, built with
+        the same adapter throughout (prefill with branches=[]). `tokens` may be empty.
+        """
+        start, n = cache.length, len(tokens)
+        sizes = [len(c) for _, c in branches]
+        positions, mask = tree_inputs(start, n, [p for p, _ in branches], sizes)
+        if n + sum(sizes) == 0:
+            return [torch.zeros(0, self.lm.model.config.hidden_size, dtype=self.kv_dtype) for _ in branches]
+        query = len(positions)
+        # Room for the candidates too: they are written after the new tokens and left beyond cache.length.
+        cache.reserve(start + query)
+        ids = torch.tensor(list(tokens) + [c for _, cands in branches for c in cands], dtype=torch.long)[None]
+        with adapter_scope(self.lm.model, adapter):
+            hidden = self.base(input_ids=ids, attention_mask=mask[None, None], position_ids=positions[None],
+                               past_key_values=_BatchCache([cache], [start], [query]), use_cache=True
+                               ).last_hidden_state[0]
+        cache.length = start + n
+        return list(torch.split(hidden[n:], sizes))
 
     @torch.inference_mode()
     def _forward_group(self, caches: list[KVCache], tokens: list[list[int]], want: list[list[int]]) -> list[torch.Tensor]:

@@ -34,10 +34,11 @@ def make_tokenizer():
     return tok
 
 
-def make_tiny_model(seed: int, dtype=torch.float64, layers: int = 2, hidden: int = 64):
+def make_tiny_model(seed: int, dtype=torch.float64, layers: int = 2, hidden: int = 64, vocab_rows: int = VOCAB_ROWS):
+    """vocab_rows > VOCAB_ROWS leaves more unassigned rows (S2T-Local's 16 score bins need 16)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=VOCAB_ROWS, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    cfg = Qwen2Config(vocab_size=vocab_rows, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                       tie_word_embeddings=False, rope_theta=10000.0, bos_token_id=256, eos_token_id=258,
                       pad_token_id=256, initializer_range=0.2)
