@@ -64,3 +64,13 @@ def reference_s2t(slm, llm, prompt: list[int], max_new: int, k: int, stop_ids, f
             if token in stop_ids:
                 break
     return seq[len(prompt):]
+
+
+@pytest.fixture
+def one_thread():
+    """One OpenMP thread for tiny models: on a shared 2-core machine a second thread that waits for a busy core
+    makes every small op ~10x slower. Restored afterwards (distill.train.train sets its own count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

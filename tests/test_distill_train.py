@@ -53,14 +53,7 @@ def synthetic_groups(seed: int, sessions: int, per_session: int = 8, length: int
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One OpenMP thread: these models are tiny, and on a shared 2-core machine a second thread that waits
-    for a busy core makes every small op ~10x slower. Restored afterwards (train() sets the count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

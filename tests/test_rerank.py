@@ -24,13 +24,7 @@ VOCAB_ROWS = 288
 BINS = list(range(272, 288))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One OpenMP thread for tiny models (see tests/test_distill_train.py); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
