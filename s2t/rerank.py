@@ -56,6 +56,9 @@ _ACTIVE_ATTR = "_s2t_active_adapter"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+_GGUF_PADDING = re.compile(r"\[PAD\d+\]")
+
+
 class AdapterMismatch(ValueError):
     """An adapter does not fit the model it is loaded for (other base weights, other bins, other K or shape)."""
 
@@ -67,14 +70,15 @@ def reserved_bin_ids(tokenizer, vocab_rows: int, num_bins: int = NUM_BINS) -> li
     """The vocabulary rows that serve as score bins, ascending.
 
     The highest output rows that no token of the tokenizer is assigned to (for Qwen2.5: the padding rows
-    151920-151935 of 151936), as the paper's code does when the vocabulary has no unused/reserved tokens.
+    151920-151935 of 151936; a GGUF-converted tokenizer names them "[PAD151920]" ..., still padding), as the paper's code does when the vocabulary has no unused/reserved tokens.
     Those rows are never produced in generation (no text decodes from them), so repurposing them changes no
     ordinary distribution. Falls back to the highest named reserved tokens (Gemma `<unused…>`, Llama-3
     `<|reserved_special_token_…|>`) when the matrix has too few padding rows; special and stop ids are never
     used. Raises ValueError if neither source has `num_bins` rows.
     """
     vocab = tokenizer.get_vocab()
-    assigned = set(vocab.values())
+    # GGUF-converted tokenizers name the padding rows "[PAD<id>]" (llama.cpp's convention): rows, not text.
+    assigned = {i for tok, i in vocab.items() if not _GGUF_PADDING.fullmatch(tok)}
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     free = [i for i in range(vocab_rows - 1, -1, -1) if i not in assigned][:num_bins]
     if len(free) == num_bins and min(free) > max(assigned, default=-1):

@@ -265,3 +265,18 @@ def test_install_refuses_an_adapter_for_another_shape(slm_dir, tmp_path):
     wide_dir = make_tiny_model_dir(tmp_path / "wide", seed=1, vocab_rows=VOCAB_ROWS, hidden=32)
     with pytest.raises(AdapterMismatch, match="hidden size"):
         install(plain_model(wide_dir), reranker)
+
+
+def test_gguf_padding_tokens_count_as_free_rows():
+    """A GGUF-converted Qwen tokenizer names its padding rows "[PAD151665]" ... "[PAD151935]": they are rows no
+    text maps to, so the bins are the highest of them, as for a tokenizer that leaves them unassigned."""
+
+    class GgufLikeTokenizer:
+        all_special_ids = [258]
+
+        def get_vocab(self):
+            vocab = {f"t{i}": i for i in range(259)}
+            vocab.update({f"[PAD{i}]": i for i in range(259, 288)})
+            return vocab
+
+    assert reserved_bin_ids(GgufLikeTokenizer(), 288, 16) == list(range(272, 288))
