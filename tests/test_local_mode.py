@@ -4,7 +4,6 @@ s2t falls back to it during a selector outage; a newer adapter is taken while se
 import asyncio
 import shutil
 
-import pytest
 import torch
 
 from s2t.rerank import adapter_scope, attach_lora, install, load_adapter, lora_wrappers, reserved_bin_ids, save_adapter
