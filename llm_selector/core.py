@@ -130,6 +130,12 @@ class SelectorCore:
             kl_thresholds=self.kl.as_dict(),
             weight_formats=self.engine.lm.plan.describe(), cpu_capability=torch.backends.cpu.get_cpu_capability())
 
+    def problem(self) -> str | None:
+        """Why this selector should not serve, or None: Ray Serve restarts a replica whose check_health raises."""
+        if self.log is not None and not self.log.healthy:
+            return "the selection log's writer thread died: selections are no longer logged"
+        return None
+
     def close(self) -> None:
         """Shut down: close the selection log's open segment, so readers see it. Idempotent."""
         if self.log is not None:

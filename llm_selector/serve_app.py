@@ -58,8 +58,9 @@ class SelectorDeployment:
             return empty()
 
     def check_health(self) -> None:
-        if self.core.engine is None:
-            raise RuntimeError("selector engine not loaded")
+        problem = self.core.problem()
+        if problem is not None:
+            raise RuntimeError(problem)
 
     def __del__(self):
         if getattr(self, "core", None) is not None:

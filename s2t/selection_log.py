@@ -250,6 +250,11 @@ class SelectionLog:
         self._queue.put(barrier)  # may wait for room: flush is not on the reply path
         self._await(barrier, timeout)
 
+    @property
+    def healthy(self) -> bool:
+        """The writer thread is running (or the log was closed on purpose)."""
+        return self._closed or self._thread.is_alive()
+
     def close(self, timeout: float | None = None) -> None:
         """Write out the queue, close the open segment (visible to readers from then on), stop the thread."""
         with self._lock:

@@ -277,3 +277,17 @@ def test_bad_decode_requests_name_the_field(core):
         with pytest.raises(SelectorError) as e:
             run(core, req, "decode")
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.message.startswith(field)
+
+
+def test_health_reports_a_dead_selection_log_writer(make_settings):
+    """Ray Serve restarts a replica whose check_health raises: a selector that silently stopped logging must."""
+    import threading
+
+    core = SelectorCore.from_settings(make_settings())
+    assert core.problem() is None
+    alive = core.log._thread
+    core.log._thread = threading.Thread(target=lambda: None)  # a writer thread that is not running
+    assert "writer thread died" in core.problem()
+    core.log._thread = alive
+    core.close()
+    assert core.problem() is None  # closed on purpose: not a fault
