@@ -126,3 +126,23 @@ class Stack:
             else:
                 final = msg.final
         return deltas, final
+
+
+def gsm8k_train_available() -> bool:
+    from s2t import gsm8k
+
+    try:
+        gsm8k.load("train", 0, 1)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+async def plain_selector(settings) -> tuple[SelectorCore, grpc.aio.Server, int]:
+    """The selector on a plain grpc.aio server in this event loop (no faults): (core, server, port)."""
+    core = SelectorCore.from_settings(settings)
+    server = grpc.aio.server()
+    sel_grpc.add_SelectorServiceServicer_to_server(SelectorServicer(core), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return core, server, port

@@ -3,32 +3,20 @@ real selector over gRPC, resumable, and readable as training groups."""
 
 import json
 
-import grpc
 import pytest
 
-from llm_selector.core import SelectorCore
-from llm_selector.grpc_server import SelectorServicer
-from s2t import gsm8k
 from s2t.collect import collect
 from s2t.runtime import Engine, load_model
 from s2t.selection_log import closed_segments
-from s2t.v1 import selector_pb2_grpc as sel_grpc
+from servers import gsm8k_train_available, plain_selector
 
-try:
-    gsm8k.load("train", 0, 1)
-    HAVE_TRAIN = True
-except FileNotFoundError:
-    HAVE_TRAIN = False
+HAVE_TRAIN = gsm8k_train_available()
 
 
 @pytest.mark.skipif(not HAVE_TRAIN, reason="GSM8K train split not available (../shared/data/gsm8k)")
 async def test_collect_labels_every_rollout_position_and_resumes(make_settings, tmp_path):
     settings = make_settings(**{"selector.max_positions": 16})
-    core = SelectorCore.from_settings(settings)
-    server = grpc.aio.server()
-    sel_grpc.add_SelectorServiceServicer_to_server(SelectorServicer(core), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    core, server, port = await plain_selector(settings)
     try:
         engine = Engine(load_model(settings.worker.model, settings.cache_dir, "native"))
         out = tmp_path / "collect"

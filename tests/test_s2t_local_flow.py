@@ -3,26 +3,17 @@
 
 import json
 
-import grpc
 import pytest
 
-from llm_selector.core import SelectorCore
-from llm_selector.grpc_server import SelectorServicer
-from s2t import gsm8k
 from s2t.cli import main as s2t_main
 from s2t.collect import collect
 from s2t.config import load_settings
 from s2t.runtime import Engine, load_model
 from s2t.v1 import generation_pb2 as pb
-from s2t.v1 import selector_pb2_grpc as sel_grpc
-from servers import Stack
+from servers import Stack, gsm8k_train_available, plain_selector
 from tiny import make_tiny_model_dir
 
-try:
-    gsm8k.load("train", 0, 1)
-    HAVE_TRAIN = True
-except FileNotFoundError:
-    HAVE_TRAIN = False
+HAVE_TRAIN = gsm8k_train_available()
 
 
 @pytest.mark.skipif(not HAVE_TRAIN, reason="GSM8K train split not available (../shared/data/gsm8k)")
@@ -35,11 +26,7 @@ async def test_collect_distill_serve(tmp_path, one_thread):
              "selector.runtime.weight_formats": "native", "worker.port": 0, "selector.grpc_port": 0,
              "selector.max_positions": 16, "worker.draft_confidence": 0.0}
     settings = load_settings(**flags)
-    core = SelectorCore.from_settings(settings)
-    server = grpc.aio.server()
-    sel_grpc.add_SelectorServiceServicer_to_server(SelectorServicer(core), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    core, server, port = await plain_selector(settings)
     try:
         engine = Engine(load_model(str(slm), settings.cache_dir, "native"))
         await collect(engine, f"127.0.0.1:{port}", "", tmp_path / "collect", problems=4, k=8, max_new_tokens=24,
