@@ -189,7 +189,7 @@ class Worker:
         if block > ws.max_block_size:
             raise _invalid(f"options.block_size: {block} exceeds the limit {ws.max_block_size}")
         inflight = o.max_inflight_blocks or ws.max_inflight_blocks
-        if inflight > MAX_INFLIGHT_BLOCKS:
+        if o.max_inflight_blocks > MAX_INFLIGHT_BLOCKS:
             raise _invalid(f"options.max_inflight_blocks: {inflight} exceeds the limit {MAX_INFLIGHT_BLOCKS}")
         confidence = o.draft_confidence if o.HasField("draft_confidence") else ws.draft_confidence
         if math.isnan(confidence) or not 0 <= confidence < 1:

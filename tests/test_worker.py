@@ -282,6 +282,9 @@ BAD_REQUESTS = [
         trigger=pb.TRIGGER_ENTROPY, trigger_rate=0.9))),
     ("options.block_size", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(block_size=10 ** 4))),
     ("options.verify_policy", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(verify_policy=9))),
+    ("options.max_inflight_blocks", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(
+        max_inflight_blocks=10 ** 6))),
+    ("options.draft_confidence", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(draft_confidence=1.5))),
     ("request_id", pb.GenerateRequest(prompt="x", request_id="r" * 200)),
     ("prompt", pb.GenerateRequest(prompt="word " * 5000)),
 ]
