@@ -1,7 +1,9 @@
 """S2T-Local trainer: LoRA + score-bin rows on the SLM, from teacher-labelled candidate groups.
 
 Per group (one position with K SLM candidates and the teacher's probabilities over them), the scores are
-s_i = v · softmax(W_R h_i), h_i the final hidden state at candidate i placed at the group's position. Loss:
+s_i = v · softmax(W_R h_i) + w · log p_SLM(c_i), h_i the final hidden state at candidate i placed at the
+group's position, w the learned weight of the SLM prior (s2t.rerank.with_prior; w = 0 fixed is the paper's
+score). Loss:
 
   CE(softmax(s / T), teacher argmax) [+ relu(m - (s_best - max_other)) if hinge_margin m > 0]
   + teacher_kl_weight · KL(teacher ‖ softmax(s / T))
@@ -45,7 +47,7 @@ from torch import nn
 from distill.packing import Row, pack_groups
 from s2t.rerank import (NUM_BINS, TARGETS, adapter_scope, attach_lora, bin_scores, install, load_adapter,
                         lora_parameters, lora_wrappers, reserved_bin_ids, save_adapter, set_active_adapter,
-                        tree_inputs)
+                        tree_inputs, with_prior)
 
 log = logging.getLogger("s2t.distill.train")
 
@@ -72,6 +74,12 @@ class TrainConfig:
     # held-out agreement@1 0.94 at T = 1, 0.94 at T = 0.25, 0.96 at T = 0.1, 0.975 at T = 1 + hinge m = 1 (the
     # hinge nearly doubled the drift from the base, lm-KL 1.2 vs 0.66 nats): no reason to leave the paper's T.
     temperature: float = 1.0
+    # The SLM prior (s2t.rerank.with_prior): score = expected bin + w · log p_SLM(c), w learned from
+    # prior_weight_init. init 0 and not trainable is the paper's score. w gets its own learning rate: it is
+    # one scalar, and Adam moves a parameter by about lr per step, so at the LoRA's lr it would barely move.
+    prior_weight_init: float = 1.0
+    prior_weight_trainable: bool = True
+    prior_lr: float = 1e-2
     hinge_margin: float = 0.0  # > 0 adds relu(m - (s_best - max_other)) per group; the paper's code uses 1.0
     teacher_kl_weight: float = 0.1
     lm_kl_weight: float = 0.1
@@ -162,22 +170,26 @@ class GroupBatch:
     valid: torch.Tensor  # [G, Kmax] bool
     teacher: torch.Tensor  # [G, Kmax] teacher probabilities, renormalised, 0 where padded
     target: torch.Tensor  # [G]
+    slm: torch.Tensor  # [G, Kmax] the SLM's probabilities of the candidates; 1 where padded or not logged
 
     @classmethod
     def of(cls, candidate_counts: Sequence[int], teacher_probs: Sequence[Sequence[float]], targets: Sequence[int],
-           dtype: torch.dtype) -> "GroupBatch":
+           dtype: torch.dtype, slm_probs: Sequence[Sequence[float]] | None = None) -> "GroupBatch":
         g, kmax = len(candidate_counts), max(candidate_counts)
         index = torch.zeros(g, kmax, dtype=torch.long)
         valid = torch.zeros(g, kmax, dtype=torch.bool)
         teacher = torch.zeros(g, kmax, dtype=dtype)
+        slm = torch.ones(g, kmax, dtype=dtype)  # log 1 = 0: no prior where the worker sent no probabilities
         k0 = 0
         for i, (k, probs) in enumerate(zip(candidate_counts, teacher_probs)):
             index[i, :k] = torch.arange(k0, k0 + k)
             valid[i, :k] = True
             t = torch.tensor(probs, dtype=dtype)
             teacher[i, :k] = t / t.sum()
+            if slm_probs is not None and len(slm_probs[i]) == k:
+                slm[i, :k] = torch.tensor(slm_probs[i], dtype=dtype)
             k0 += k
-        return cls(index, valid, teacher, torch.tensor(list(targets), dtype=torch.long))
+        return cls(index, valid, teacher, torch.tensor(list(targets), dtype=torch.long), slm)
 
     def scores(self, flat: torch.Tensor) -> torch.Tensor:
         """[sum K] -> [G, Kmax], -inf where padded."""
@@ -230,10 +242,11 @@ class RowRunner:
     """Runs rows through the causal LM in the tree layout, with the caches that make epochs cheaper."""
 
     def __init__(self, model: nn.Module, bin_weight: torch.Tensor, bin_ids: list[int], adapter: str,
-                 lower_layers: int, config: TrainConfig):
+                 lower_layers: int, config: TrainConfig, prior_weight: torch.Tensor | float = 0.0):
         self.model = model
         self.decoder = model.base_model
         self.bin_weight = bin_weight
+        self.prior_weight = prior_weight  # w of the SLM prior (a parameter while training)
         self.adapter = adapter
         self.lower = lower_layers
         self.config = config
@@ -328,7 +341,7 @@ class RowRunner:
         cached = self.group_cache.get(key)
         if cached is None:
             cached = GroupBatch.of([len(b.candidate_ids) for b in row.branches], [b.teacher_probs for b in row.branches],
-                                   [b.target for b in row.branches], dtype)
+                                   [b.target for b in row.branches], dtype, [b.slm_probs for b in row.branches])
             self.group_cache[key] = cached
         return cached
 
@@ -337,8 +350,8 @@ class RowRunner:
         cfg = self.config
         scores, kl_pair, _ = self.forward(key, row, with_reference=cfg.lm_kl_weight > 0)
         groups = self.group_batch(key, row, scores.dtype)
-        sel, teacher_kl, hinge, hits = selection_losses(groups.scores(scores), groups, cfg.temperature,
-                                                        cfg.hinge_margin)
+        ranked = with_prior(groups.scores(scores), groups.slm, self.prior_weight)
+        sel, teacher_kl, hinge, hits = selection_losses(ranked, groups, cfg.temperature, cfg.hinge_margin)
         loss = (sel + hinge + cfg.teacher_kl_weight * teacher_kl) / group_norm
         lm_kl = scores.new_zeros(())
         if kl_pair is not None:
@@ -363,6 +376,8 @@ class RowRunner:
                 for b in row.branches:
                     s = scores[k0:k0 + len(b.candidate_ids)]
                     k0 += len(b.candidate_ids)
+                    if len(b.slm_probs) == len(s):
+                        s = with_prior(s, torch.tensor(b.slm_probs, dtype=s.dtype), self.prior_weight)
                     n += 1
                     hits += int(torch.argmax(s)) == b.target
                     slm_top = max(range(len(b.slm_probs)), key=b.slm_probs.__getitem__) if b.slm_probs else 0
@@ -425,13 +440,14 @@ def _checkpoints(out_dir: Path) -> list[Path]:
     return sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*.pt"))
 
 
-def _save_checkpoint(out_dir: Path, model: nn.Module, bin_weight: torch.Tensor, optimizer, scheduler, state: dict,
-                     keep: int) -> Path:
+def _save_checkpoint(out_dir: Path, model: nn.Module, bin_weight: torch.Tensor, prior_weight: torch.Tensor,
+                     optimizer, scheduler, state: dict, keep: int) -> Path:
     directory = Path(out_dir) / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
     lora = {name: [t.detach().clone() for t in w.weights(ADAPTER_NAME)]
             for name, w in sorted(lora_wrappers(model).items()) if ADAPTER_NAME in w.adapters}
-    payload = dict(state, lora=lora, bin_weight=bin_weight.detach().clone(), optimizer=optimizer.state_dict(),
+    payload = dict(state, lora=lora, bin_weight=bin_weight.detach().clone(),
+                   prior_weight=prior_weight.detach().clone(), optimizer=optimizer.state_dict(),
                    scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(), python_rng=random.getstate())
     path = directory / f"step-{state['step']:08d}.pt"
     tmp = path.with_suffix(".tmp")
@@ -442,7 +458,8 @@ def _save_checkpoint(out_dir: Path, model: nn.Module, bin_weight: torch.Tensor, 
     return path
 
 
-def _load_checkpoint(path: Path, model: nn.Module, bin_weight: torch.Tensor, optimizer, scheduler) -> dict:
+def _load_checkpoint(path: Path, model: nn.Module, bin_weight: torch.Tensor, prior_weight: torch.Tensor, optimizer,
+                     scheduler) -> dict:
     payload = torch.load(path, weights_only=True)
     wrappers = lora_wrappers(model)
     with torch.no_grad():
@@ -451,6 +468,7 @@ def _load_checkpoint(path: Path, model: nn.Module, bin_weight: torch.Tensor, opt
             a.copy_(A)
             b.copy_(B)
         bin_weight.copy_(payload["bin_weight"])
+        prior_weight.copy_(payload["prior_weight"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     torch.set_rng_state(payload["torch_rng"])
@@ -498,6 +516,8 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
     set_active_adapter(model, ADAPTER_NAME)
     # W_R starts as the model's own reserved rows (the paper trains its lm_head copy from there).
     bin_weight = nn.Parameter(head.weight[bin_ids].detach().clone())
+    prior_weight = nn.Parameter(torch.tensor(cfg.prior_weight_init, dtype=bin_weight.dtype),
+                                requires_grad=cfg.prior_weight_trainable)
 
     train_rows, train_stats = pack_groups(groups_train, sessions, cfg.row_tokens, cfg.min_context, cfg.max_row_candidates)
     eval_rows, eval_stats = pack_groups(groups_eval, sessions, cfg.row_tokens, cfg.min_context, cfg.max_row_candidates)
@@ -505,27 +525,32 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
         raise ValueError(f"no trainable groups: {train_stats}")
 
     params = lora_parameters(model, ADAPTER_NAME) + [bin_weight]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    param_groups = [{"params": params}]
+    if cfg.prior_weight_trainable:
+        param_groups.append({"params": [prior_weight], "lr": cfg.prior_lr, "weight_decay": 0.0})
+        params = params + [prior_weight]
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_rows)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.schedule not in ("linear", "constant"):
         raise ValueError(f"schedule {cfg.schedule!r}: 'linear' or 'constant'")
     decay = (lambda s: max(0.0, 1.0 - s / total_steps)) if cfg.schedule == "linear" else (lambda s: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-    runner = RowRunner(model, bin_weight, bin_ids, ADAPTER_NAME, lower, cfg)
+    runner = RowRunner(model, bin_weight, bin_ids, ADAPTER_NAME, lower, cfg, prior_weight)
 
     # what a checkpoint may be resumed with: the same settings, base, bins and (packed) training data
     data_sha = hashlib.sha256(json.dumps([dataclasses.asdict(r) for r in train_rows]).encode()).hexdigest()
     fingerprint = dict(cfg.fingerprint(), train_rows=len(train_rows), train_data_sha256=data_sha,
                        base_weights_sha256=base_sha, bin_ids=bin_ids)
     step, epoch, batch_in_epoch, prior_s = 0, 0, 0, 0.0
-    curves: dict[str, list] = {k: [] for k in ("step", "loss", "selection", "teacher_kl", "lm_kl", "hit1", "lr")}
+    curves: dict[str, list] = {k: [] for k in ("step", "loss", "selection", "teacher_kl", "lm_kl", "hit1", "lr",
+                                               "prior_weight")}
     eval_curve: list[dict] = []
     metrics_before = None
     resumed_from = None
     if cfg.resume and _checkpoints(out_dir):
         path = _checkpoints(out_dir)[-1]
-        state = _load_checkpoint(path, model, bin_weight, optimizer, scheduler)
+        state = _load_checkpoint(path, model, bin_weight, prior_weight, optimizer, scheduler)
         if state["fingerprint"] != json.loads(json.dumps(fingerprint)):
             raise ValueError(f"{path} was written by a run with other data or settings; use another out_dir or "
                              f"resume=False (checkpoint {state['fingerprint']}, now {fingerprint})")
@@ -543,8 +568,8 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
         state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "curves": curves,
                  "eval_curve": eval_curve, "metrics_before": metrics_before, "fingerprint": fingerprint,
                  "train_s": prior_s + (time.perf_counter() - t_loop)}
-        return _save_checkpoint(out_dir, model, bin_weight, optimizer, scheduler, json.loads(json.dumps(state)),
-                                cfg.keep_checkpoints)
+        return _save_checkpoint(out_dir, model, bin_weight, prior_weight, optimizer, scheduler,
+                                json.loads(json.dumps(state)), cfg.keep_checkpoints)
 
     model.train()
     stopped = "done"
@@ -588,6 +613,7 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
                 curves["lm_kl"].append(totals["lm_kl"] / kl_norm)
                 curves["hit1"].append(totals["hits"] / group_norm)
                 curves["lr"].append(lr)
+                curves["prior_weight"].append(float(prior_weight.detach()))
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{totals['loss']:.4f}", hit1=f"{totals['hits'] / group_norm:.2f}")
                 if cfg.eval_every and step % cfg.eval_every == 0 and eval_rows:
@@ -619,7 +645,7 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
         "training": dict(summary_config, steps=step, stopped=stopped),
     }
     adapter_dir = save_adapter(out_dir / "adapter", model, bin_weight.detach(), bin_ids, manifest, ADAPTER_NAME,
-                               overwrite=True)
+                               overwrite=True, prior_weight=float(prior_weight.detach()))
     version = json.loads((adapter_dir / "s2t-adapter.json").read_text())["version"]
     summary = {
         "adapter": str(adapter_dir), "version": version, "steps": step, "total_steps": total_steps,
@@ -627,7 +653,7 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
         "train_s": round(prior_s + train_s, 3), "tokens_per_s": round(tokens_seen / train_s, 1) if train_s > 0 else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1), "metrics_before": metrics_before, "metrics": metrics,
         "curves": curves, "eval_curve": eval_curve, "data": {"train": train_stats, "eval": eval_stats},
-        "bin_ids": bin_ids, "lower_layers_cached": len(runner.lower_cache), "config": summary_config,
+        "bin_ids": bin_ids, "prior_weight": float(prior_weight.detach()), "lower_layers_cached": len(runner.lower_cache), "config": summary_config,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -645,5 +671,6 @@ def evaluate(groups: Sequence[Any], base_model_dir: Path, adapter_dir: Path, con
     reranker = load_adapter(Path(adapter_dir), weights_sha256(Path(base_model_dir)) if check_base else None, bin_ids)
     install(model, reranker)
     rows, stats = pack_groups(groups, sessions, cfg.row_tokens, cfg.min_context, cfg.max_row_candidates)
-    runner = RowRunner(model, reranker.bin_weight.to(_dtype(cfg.dtype)), bin_ids, reranker.version, 0, cfg)
+    runner = RowRunner(model, reranker.bin_weight.to(_dtype(cfg.dtype)), bin_ids, reranker.version, 0, cfg,
+                       reranker.prior_weight)
     return dict(runner.evaluate(rows), data=stats, version=reranker.version)

@@ -13,9 +13,20 @@ model's lm_head: the base rows R stay the untrained padding rows they were, so g
 On disk an adapter is a directory in peft's format, so ordinary tools read the LoRA part:
   adapter_config.json         peft LoraConfig fields (peft_type LORA, r, lora_alpha, target_modules, ...)
   adapter_model.safetensors   base_model.model.<module>.lora_A.weight / .lora_B.weight
-  score_bins.safetensors      "weight" [num_bins, hidden]: the trained rows W_R; "bin_ids": their vocab ids
+  score_bins.safetensors      "weight" [num_bins, hidden]: the trained rows W_R; "bin_ids": their vocab ids;
+                              "prior_weight" []: w of the SLM prior below (absent in older adapters: 0)
   s2t-adapter.json            manifest: version, base model and weights sha256, bins, K, calibration, metrics
 A load against other base weights or other bins raises AdapterMismatch naming both values.
+
+The SLM prior (our addition; w = 0 is the paper's score exactly): the ranking score is
+    score(c) = v · softmax(W_R h_c) + w · log p_SLM(c)
+with p_SLM the base SLM's own probability of the candidate — the proposal's probability, which the worker
+has anyway and the selection logs record — and w a scalar learned with the adapter. Why: the bins must
+otherwise learn the SLM's ranking from scratch. On our 0.5B/1.5B pair with a few thousand groups, the
+paper's score reached held-out agreement@1 0.24 where the SLM's own top-1 agrees 0.38 (bench/results/
+s2t-local.json), i.e. it re-ranked worse than not re-ranking; with the prior the adapter starts from the
+SLM's ranking and learns where to depart from it. The paper's released code does not combine the two (§4.5);
+`TrainConfig.prior_weight_init = 0, prior_weight_trainable = False` trains exactly the paper's score.
 """
 
 from __future__ import annotations
@@ -106,6 +117,17 @@ def bin_scores(hidden: torch.Tensor, bin_weight: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(torch.promote_types(hidden.dtype, bin_weight.dtype), torch.float32)
     probs = torch.softmax(hidden.to(dtype) @ bin_weight.to(dtype).T, dim=-1)
     return probs @ bin_values(bin_weight.shape[0], dtype).to(probs.device)
+
+
+def with_prior(scores: torch.Tensor, slm_probs: torch.Tensor | None, prior_weight: torch.Tensor | float
+               ) -> torch.Tensor:
+    """scores + w · log p_SLM (the SLM prior, see the module docstring); scores unchanged when w is 0 or
+    there are no probabilities. Probabilities are clamped at 1e-12, so a candidate the SLM gives no mass
+    still gets a finite score. Shared by the trainer and the serving Reranker."""
+    if slm_probs is None or (not torch.is_tensor(prior_weight) and prior_weight == 0.0):
+        return scores
+    logp = torch.log(slm_probs.to(scores.dtype).clamp_min(1e-12))
+    return scores + prior_weight * logp
 
 
 # ---------------------------------------------------------------------------------------------- LoRA layers
@@ -354,15 +376,20 @@ class Reranker:
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict, repr=False)
     rank: int = 0
     alpha: float = 0.0
+    prior_weight: float = 0.0  # w of the SLM prior (0: the paper's score)
 
     @property
     def num_bins(self) -> int:
         return self.bin_weight.shape[0]
 
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] final hidden states at candidate positions -> [n] expected bin values in [0, 1]."""
+    def scores(self, hidden: torch.Tensor, slm_probs: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+        """[n, hidden] final hidden states at candidate positions (+ the SLM's probabilities of the n
+        candidates) -> [n] ranking scores: expected bin values in [0, 1] + prior_weight · log p_SLM."""
         with torch.no_grad():
-            return bin_scores(hidden, self.bin_weight)
+            scores = bin_scores(hidden, self.bin_weight)
+            if slm_probs is None or self.prior_weight == 0.0:
+                return scores
+            return with_prior(scores, torch.as_tensor(slm_probs, dtype=scores.dtype), self.prior_weight)
 
 
 def _adapter_layout(model: nn.Module, adapter_name: str) -> tuple[dict[str, LoRALinear], list[str], list[int] | None]:
@@ -398,13 +425,13 @@ def _sha256_files(paths: Sequence[Path]) -> str:
 
 
 def save_adapter(directory: Path, model: nn.Module, bin_weight: torch.Tensor, bin_ids: Sequence[int], manifest: dict,
-                 adapter_name: str = "train", overwrite: bool = False) -> Path:
+                 adapter_name: str = "train", overwrite: bool = False, prior_weight: float = 0.0) -> Path:
     """Write adapter `adapter_name` of `model` (the causal LM it was attached to) and the score bins.
 
     `manifest` must carry "base_weights_sha256" (s2t.vocab.weights_sha256 of the base) and "K" (candidates
     per group in training); it may carry "version" (default: "s2t-" + the first 16 hex digits of the sha256
     of the weight files, so equal weights give equal versions), "base_model", "trigger_calibration",
-    "metrics", "data", "training". The directory is written next to its final place and renamed into it, so
+    "metrics", "data", "training". prior_weight: w of the SLM prior. The directory is written next to its final place and renamed into it, so
     a watcher never sees half an adapter. An existing directory is replaced only with overwrite=True.
     """
     from safetensors.torch import save_file
@@ -432,8 +459,13 @@ def save_adapter(directory: Path, model: nn.Module, bin_weight: torch.Tensor, bi
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        prior_weight = float(prior_weight)
+        if not math.isfinite(prior_weight):
+            raise ValueError(f"prior_weight {prior_weight} is not finite")
         save_file({"weight": bin_weight.detach().contiguous().clone(),
-                   "bin_ids": torch.tensor(bin_ids, dtype=torch.long)}, str(tmp / SCORE_BINS), metadata={"format": "pt"})
+                   "bin_ids": torch.tensor(bin_ids, dtype=torch.long),
+                   "prior_weight": torch.tensor(prior_weight, dtype=torch.float64)},
+                  str(tmp / SCORE_BINS), metadata={"format": "pt"})
         version = manifest.get("version") or "s2t-" + _sha256_files([tmp / ADAPTER_WEIGHTS, tmp / SCORE_BINS])[:16]
         _write_json(tmp / ADAPTER_CONFIG, {
             # the peft LoraConfig fields this adapter uses; peft fills the rest with its defaults
@@ -446,6 +478,7 @@ def save_adapter(directory: Path, model: nn.Module, bin_weight: torch.Tensor, bi
             "format_version": FORMAT_VERSION, "version": version, "base_model": base_name,
             "base_weights_sha256": manifest["base_weights_sha256"], "bin_ids": bin_ids, "num_bins": len(bin_ids),
             "K": int(manifest["K"]), "hidden_size": int(bin_weight.shape[1]),
+            "score": {"bins": "expected value over linspace(0, 1, num_bins)", "prior_weight": prior_weight},
             "lora": {"r": rank, "alpha": alpha, "dropout": dropout, "target_modules": targets, "layers": layers},
             "trigger_calibration": manifest.get("trigger_calibration") or {},
             "metrics": manifest.get("metrics") or {}, "data": manifest.get("data") or {},
@@ -512,8 +545,12 @@ def load_adapter(directory: Path, base_weights_sha256: str | None, bin_ids: Sequ
         lora[module] = (weights[key], weights[b_key])
     if not lora:
         raise AdapterMismatch(f"{directory}: {ADAPTER_WEIGHTS} holds no LoRA weights")
+    prior_weight = float(bins["prior_weight"]) if "prior_weight" in bins else 0.0
+    if not math.isfinite(prior_weight):
+        raise AdapterMismatch(f"{directory}: score_bins.safetensors holds a non-finite prior_weight {prior_weight}")
     return Reranker(version=version, path=directory, manifest=manifest, bin_ids=stored_ids,
-                    bin_weight=bins["weight"], lora=lora, rank=int(config["r"]), alpha=float(config["lora_alpha"]))
+                    bin_weight=bins["weight"], lora=lora, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                    prior_weight=prior_weight)
 
 
 def install(model: nn.Module, reranker: Reranker) -> None:

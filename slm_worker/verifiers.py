@@ -248,14 +248,16 @@ class LocalRerankerSession:
         k = seq.opts.num_candidates
         tokens = seq.tokens[:block.checked[-1]]  # everything the last checked position is predicted from
         branches = [(p, seq.proposals[p].ids[:k]) for p in block.checked]
-        return self._verify(seq, block, tokens, branches)
+        # the base SLM's probabilities of the candidates: the adapter's SLM prior (s2t.rerank.with_prior)
+        slm_probs = [seq.proposals[p].probs[:k] for p in block.checked]
+        return self._verify(seq, block, tokens, branches, slm_probs)
 
     async def _verify(self, seq: "Sequence", block: Block, tokens: list[int],
-                      branches: list[tuple[int, list[int]]]) -> Verdict:
+                      branches: list[tuple[int, list[int]]], slm_probs: list[list[float]]) -> Verdict:
         try:
             async with self._lock:
                 scores = await asyncio.get_running_loop().run_in_executor(
-                    self.engine.executor, self._score, tokens, branches)
+                    self.engine.executor, self._score, tokens, branches, slm_probs)
         except Exception as e:
             log.exception("local re-ranking failed")
             return Verdict(VerdictKind.UNAVAILABLE, reason=f"local re-ranker failed: {e!r}")
@@ -268,7 +270,8 @@ class LocalRerankerSession:
                                checked=checked, adapter_version=version)
         return Verdict(VerdictKind.ACCEPTED, VerdictSource.RERANKER, checked=len(branches), adapter_version=version)
 
-    def _score(self, tokens: list[int], branches: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+    def _score(self, tokens: list[int], branches: list[tuple[int, list[int]]], slm_probs: list[list[float]]
+               ) -> list[torch.Tensor]:
         """On the compute thread: sync the scorer cache with `tokens`, score every branch in one forward."""
         common = 0
         for a, b in zip(self.cached, tokens):
@@ -280,7 +283,7 @@ class LocalRerankerSession:
         delta = tokens[common:]
         hidden = self.engine.forward_tree(self.cache, delta, branches, adapter=self.reranker.version)
         self.cached.extend(delta)
-        return [self.reranker.scores(h) for h in hidden]
+        return [self.reranker.scores(h, p) for h, p in zip(hidden, slm_probs)]
 
     def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
         pass

@@ -26,10 +26,11 @@ K = 8
 GOOD = (10, 20, 30, 40)  # the synthetic teacher's favourite tokens
 
 
-def group(session, step, position, seq, candidates, teacher, **extra) -> dict:
-    """A group as distill.groups.write_groups writes it (the trainer takes these dicts or Group objects)."""
+def group(session, step, position, seq, candidates, teacher, slm_probs=None, **extra) -> dict:
+    """A group as distill.groups.write_groups writes it (the trainer takes these dicts or Group objects).
+    slm_probs default to uniform: the SLM prior then ranks nothing."""
     return dict(session_id=session, step=step, position=position, context=list(seq[max(0, position - 511):position]),
-                candidate_ids=list(candidates), slm_probs=[1.0 / len(candidates)] * len(candidates),
+                candidate_ids=list(candidates), slm_probs=list(slm_probs or [1.0 / len(candidates)] * len(candidates)),
                 teacher_probs=list(teacher), target=max(range(len(teacher)), key=list(teacher).__getitem__), **extra)
 
 
@@ -50,6 +51,25 @@ def synthetic_groups(seed: int, sessions: int, per_session: int = 8, length: int
             teacher[best] = 1.0
             total = sum(teacher)
             out.append(group(f"{seed}-{s}", step, position, seq, candidates, [t / total for t in teacher]))
+    return out
+
+
+def informative_slm_groups(seed: int, sessions: int, per_session: int = 6, length: int = 24) -> list[dict]:
+    """Random candidates (nothing to learn from the tokens) with random, peaked SLM probabilities; the
+    teacher always prefers the SLM's top candidate. Only the SLM prior can rank these."""
+    rng = random.Random(seed)
+    out = []
+    for s in range(sessions):
+        seq = [rng.randrange(256) for _ in range(length)]
+        for step, position in enumerate(sorted(rng.sample(range(4, length), per_session))):
+            candidates = rng.sample(range(256), K)
+            weights = [rng.expovariate(1.0) ** 2 for _ in candidates]
+            slm = [w / sum(weights) * 0.9 for w in weights]
+            best = max(range(K), key=slm.__getitem__)
+            teacher = [rng.uniform(0.0, 0.3) for _ in candidates]
+            teacher[best] = 1.0
+            out.append(group(f"{seed}-{s}", step, position, seq, candidates, [t / sum(teacher) for t in teacher],
+                             slm_probs=slm))
     return out
 
 
@@ -200,6 +220,25 @@ def test_training_learns_a_candidate_property(tmp_path):
                                                                     + summary["data"]["train"]["candidate_tokens"])
 
 
+def test_the_prior_weight_learns_to_trust_an_informative_slm(tmp_path):
+    """From w = 0 (the paper's score), the learned SLM-prior weight grows until the ranking follows the SLM,
+    which is the only signal in these groups; with w frozen at 0 nothing ranks them."""
+    slm = make_tiny_model_dir(tmp_path / "slm32", seed=1, vocab_rows=VOCAB_ROWS, dtype=torch.float32)
+    config = dict(epochs=3, lr=1e-3, rank=4, alpha=8, batch_rows=4, kl_positions=4, checkpoint_every=0,
+                  progress=False, threads=1, base_weights_sha256="sha-tiny", lora_layers=1, prior_weight_init=0.0,
+                  prior_lr=5e-2)
+    train_groups, eval_groups = informative_slm_groups(1, 64), informative_slm_groups(2, 12)
+    learned = train(train_groups, eval_groups, slm, tmp_path / "learned", TrainConfig(**config))
+    assert learned["metrics_before"]["agreement_at_1"] < 0.4
+    assert learned["metrics"]["agreement_at_1"] > 0.9, learned["eval_curve"]
+    assert learned["metrics"]["slm_top1_agreement"] == 1.0
+    assert learned["prior_weight"] > 0.1 and learned["curves"]["prior_weight"][-1] == learned["prior_weight"]
+    assert load_adapter(Path(learned["adapter"]), "sha-tiny", BINS).prior_weight == pytest.approx(learned["prior_weight"])
+    frozen = train(train_groups, eval_groups, slm, tmp_path / "frozen",
+                   TrainConfig(**dict(config, prior_weight_trainable=False, epochs=1)))
+    assert frozen["prior_weight"] == 0.0 and frozen["metrics"]["agreement_at_1"] < 0.5
+
+
 def small_config(**kw) -> TrainConfig:
     base = dict(epochs=2, lr=1e-2, rank=4, alpha=8, dropout=0.05, batch_rows=2, kl_positions=6, dtype="float64",
                 checkpoint_every=2, progress=False, threads=1, base_weights_sha256="sha-tiny", lora_layers=1)
@@ -208,7 +247,8 @@ def small_config(**kw) -> TrainConfig:
 
 
 def test_exported_adapter_serves_the_trained_scores(slm_dir, tmp_path):
-    train_groups, eval_groups = synthetic_groups(4, 4, per_session=4), synthetic_groups(5, 2, per_session=4)
+    # informative SLM probabilities, so that the learned prior weight moves and the served score must add it
+    train_groups, eval_groups = informative_slm_groups(4, 4, per_session=4), informative_slm_groups(5, 2, per_session=4)
     summary = train(train_groups, eval_groups, slm_dir, tmp_path / "run", small_config())
     adapter_dir = Path(summary["adapter"])
     # the trained model, rebuilt from the last checkpoint (not from the export)
@@ -227,12 +267,17 @@ def test_exported_adapter_serves_the_trained_scores(slm_dir, tmp_path):
     reranker = load_adapter(adapter_dir, "sha-tiny", BINS)
     install(engine.lm.model, reranker)
     torch.testing.assert_close(reranker.bin_weight, payload["bin_weight"], rtol=0, atol=0)
+    w = float(payload["prior_weight"])
+    assert reranker.prior_weight == pytest.approx(w, abs=1e-6) and w != pytest.approx(1.0)  # learned from its init
     for g in eval_groups[:4]:
         cache = engine.new_cache()
         (hidden,) = engine.forward_tree(cache, g["context"], [(g["position"], g["candidate_ids"])],
                                         adapter=reranker.version)
         want = naive_scores(trained, g["context"], g["candidate_ids"], payload["bin_weight"])
         torch.testing.assert_close(reranker.scores(hidden), want, rtol=0, atol=1e-10)
+        logp = torch.log(torch.tensor(g["slm_probs"], dtype=want.dtype))
+        torch.testing.assert_close(reranker.scores(hidden, g["slm_probs"]), want + reranker.prior_weight * logp,
+                                   rtol=0, atol=1e-10)
     # and the stand-alone evaluation of the export reproduces the trainer's final metrics
     metrics = evaluate(eval_groups, slm_dir, adapter_dir, TrainConfig(dtype="float64"), check_base=False)
     assert metrics["agreement_at_1"] == summary["metrics"]["agreement_at_1"]

@@ -13,9 +13,10 @@ from servers import Stack
 
 PROMPT = "What is 2 + 3?"
 NUM_BINS = 8  # the tiny vocabulary has 13 unassigned rows
+PRIOR = 1.0  # the test adapter's SLM-prior weight: large enough to change some picks of the random bins
 
 
-def make_adapter(slm_dir, out, version: str, seed: int, base_hash: str | None = None):
+def make_adapter(slm_dir, out, version: str, seed: int, base_hash: str | None = None, prior_weight: float = 0.0):
     """A random (untrained) adapter for the tiny SLM: LoRA B and score bins drawn at random, so it re-ranks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -30,13 +31,15 @@ def make_adapter(slm_dir, out, version: str, seed: int, base_hash: str | None = 
     bins = reserved_bin_ids(tok, model.config.vocab_size, NUM_BINS)
     bin_weight = torch.randn(NUM_BINS, model.config.hidden_size, generator=g, dtype=torch.float64) * 2.0
     save_adapter(out, model, bin_weight, bins, {"base_weights_sha256": base_hash or weights_sha256(slm_dir), "K": 8,
-                                                "version": version})
+                                                "version": version}, prior_weight=prior_weight)
     return out
 
 
-def reference_local(slm_dir, adapter_dir, prompt_ids, max_new: int, k: int, stop_ids) -> list[int]:
+def reference_local(slm_dir, adapter_dir, prompt_ids, max_new: int, k: int, stop_ids, use_prior: bool = True
+                    ) -> list[int]:
     """The paper's S2T-Local loop by full recomputation: at every step the base SLM proposes its top-K, each
-    `context + candidate` is re-encoded with the adapter on, and the highest expected bin value wins."""
+    `context + candidate` is re-encoded with the adapter on, and the highest score wins: expected bin value +
+    the adapter's prior_weight · log p_SLM(candidate) (the SLM prior; 0 in the paper)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(slm_dir)).eval()
@@ -45,10 +48,13 @@ def reference_local(slm_dir, adapter_dir, prompt_ids, max_new: int, k: int, stop
     seq = list(prompt_ids)
     with torch.no_grad():
         for _ in range(max_new):
-            cand = torch.softmax(model(torch.tensor([seq])).logits[0, -1], -1).topk(k).indices.tolist()
+            probs = torch.softmax(model(torch.tensor([seq])).logits[0, -1], -1)
+            cand = probs.topk(k).indices.tolist()
             with adapter_scope(model, reranker.version):
                 hidden = torch.stack([model.model(torch.tensor([seq + [c]])).last_hidden_state[0, -1] for c in cand])
-            token = cand[int(torch.argmax(reranker.scores(hidden)))]
+            bins = reranker.scores(hidden)
+            scores = bins + (reranker.prior_weight if use_prior else 0.0) * torch.log(probs[cand].to(bins.dtype))
+            token = cand[int(torch.argmax(scores))]
             seq.append(token)
             if token in stop_ids:
                 break
@@ -60,9 +66,12 @@ def prompt_ids(stack):
 
 
 async def test_s2t_local_equals_the_paper_loop_and_calls_no_selector(make_settings, tiny_pair, tmp_path):
-    adapter = make_adapter(tiny_pair[0], tmp_path / "adapters" / "v1", "v1", seed=3)
+    # a non-zero SLM prior: the worker must add w · log p of its own proposals, as the trainer does
+    adapter = make_adapter(tiny_pair[0], tmp_path / "adapters" / "v1", "v1", seed=3, prior_weight=PRIOR)
     async with Stack(make_settings(**{"worker.adapter_dir": str(tmp_path / "adapters")})) as stack:
-        expected = reference_local(tiny_pair[0], adapter, prompt_ids(stack), 24, 8, set(stack.worker.lm.stop_ids))
+        stops = set(stack.worker.lm.stop_ids)
+        expected = reference_local(tiny_pair[0], adapter, prompt_ids(stack), 24, 8, stops)
+        assert expected != reference_local(tiny_pair[0], adapter, prompt_ids(stack), 24, 8, stops, use_prior=False)
         greedy = await stack.generate(PROMPT, mode=pb.MODE_GREEDY, max_new_tokens=24)
         deltas, final = await stack.stream(PROMPT, mode=pb.MODE_S2T_LOCAL, max_new_tokens=24, num_candidates=8,
                                            trigger=pb.TRIGGER_ALWAYS, block_size=4)
