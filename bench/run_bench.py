@@ -11,6 +11,14 @@ latency a single user sees). Everything goes through the deployed path: gRPC cli
 Serve gRPC proxy -> selector replica, all on this machine. HF assisted generation runs in-process with
 transformers' `assistant_model=`, on the same weight formats, in a separate process (memory).
 
+Accuracy results are cached per problem under bench/cache/ (bench/problem_cache.py), keyed by what determines
+them (model and weight hashes, weight formats, mode options, prompt, token cap): a rerun computes only the
+problems whose configuration changed and resumes after a kill; each run recomputes --canaries cached problems
+and stops with an error if they differ (--allow-canary-drift records the drift and goes on; --no-cache
+computes everything). Accuracy rows on the same problems are compared pairwise (exact McNemar, Tango interval
+of the difference, "within --margin points?"; bench/stats.py), and the tau and K sweeps are drawn as PNGs
+next to the results (bench/plots.py).
+
 Writes bench/results/<name>.json and <name>.md.
 """
 
@@ -19,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -28,7 +38,15 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:  # bench/'s own modules, also when the tests import this file
+    sys.path.insert(0, str(BENCH))
+
+import stats  # noqa: E402
+from problem_cache import DEFAULT_ROOT as CACHE_ROOT, ProblemCache, problem_digest  # noqa: E402
+from stats import wilson  # noqa: E402,F401 - re-exported: wilson lived here before bench/stats.py
+
+RESULTS = BENCH / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +54,18 @@ class Row:
     """One configuration: a mode name as reported, and the request/worker options that produce it."""
 
     name: str
-    mode: str  # greedy | llm | s2t | hf-assisted
+    mode: str  # greedy | llm | s2t | s2t-local | hf-assisted
     trigger: str = ""
     rate: float = 0.0
     block_size: int = 0
     inflight: int = 0
+    k: int = 0  # candidates per position (num_candidates); 0 = the worker's default
 
     def options(self):
         from s2t.modes import Mode, TriggerKind
 
         return dict(mode=Mode(self.mode).proto, trigger=TriggerKind(self.trigger).proto if self.trigger else 0,
-                    trigger_rate=self.rate, block_size=self.block_size)
+                    trigger_rate=self.rate, block_size=self.block_size, num_candidates=self.k)
 
 
 def s2t_row(name, trigger, rate, block, inflight):
@@ -74,6 +93,9 @@ for _block in (2, 4, 8, 16):
         for _inflight in (1, 2, 3):
             _name = f"s2t-spec-{_tag}-b{_block}" + ("" if _inflight == 2 else f"-i{_inflight}")
             ROWS[_name] = s2t_row(_name, _trigger, _rate, _block, _inflight)
+# issue #16's K sweep: the default speculative s2t at other K (K=8 is the worker default, i.e. s2t-spec-tau10-b8)
+for _k in (2, 4, 16):
+    ROWS[f"s2t-spec-tau10-b8-k{_k}"] = Row(f"s2t-spec-tau10-b8-k{_k}", "s2t", "kl", 0.10, 8, 2, _k)
 
 _SPEC_ROWS = [f"s2t-spec-{t}-b{b}" for t in ("tau1", "tau10", "always") for b in (4, 8, 16)]
 PRESETS = {
@@ -107,16 +129,6 @@ PRESETS = {
 }
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
-
-
 def load_row(row: Row, results: list[dict], wall: float, max_new: int) -> dict:
     """Issue #11's load row: every request sent at once; how many degraded, and the latency percentiles."""
     lat = sorted(r["latency_s"] for r in results)
@@ -134,12 +146,14 @@ def summarize(row: Row, kind: str, results: list[dict], wall: float, extra: dict
     correct = sum(r["correct"] for r in results)
     lo, hi = wilson(correct, n)
     stat = lambda k: sum(r.get(k, 0) for r in results)  # noqa: E731
-    out = {"mode": row.name, "kind": kind, "dataset": "gsm8k-test", "n": n,
+    out = {"mode": row.name, "kind": kind, "request_mode": row.mode, "dataset": "gsm8k-test", "n": n,
            "first_problem": results[0]["idx"] if results else None,
            "accuracy": correct / n if n else 0.0, "accuracy_ci95": [round(lo, 4), round(hi, 4)], "correct": correct,
            "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": tokens / wall if wall else 0.0,
            "llm_positions_per_token": stat("positions_checked") / tokens if tokens else 0.0,
            "changed_per_token": stat("picks_changed") / tokens if tokens else 0.0,
+           # positions the worker's LLM-free trigger fired at: what the local re-ranker scores in s2t-local
+           "triggered_per_token": stat("triggered_positions") / tokens if tokens else 0.0,
            "llm_forwards_per_token": stat("llm_forwards") / tokens if tokens else 0.0,
            "bytes_per_token": (stat("bytes_sent") + stat("bytes_received")) / tokens if tokens else 0.0,
            "unverified_tokens": stat("unverified_tokens"), "rolled_back_tokens": stat("rolled_back_tokens"),
@@ -151,34 +165,307 @@ def summarize(row: Row, kind: str, results: list[dict], wall: float, extra: dict
     return out
 
 
-async def run_service_row(stack, row: Row, problems: list[dict], max_new: int, concurrent: bool) -> tuple[list, float]:
+async def generate_one(stack, row: Row, p: dict, max_new: int, concurrent: bool) -> dict:
+    """One problem through the service; the result record of the details and of the problem cache."""
     from s2t.v1 import generation_pb2 as pb
     from s2t import gsm8k
 
-    async def one(p):
-        # Concurrent accuracy runs queue every session's prefill on one selector: its first replies take
-        # minutes on 2 cores, so they wait (verify policy `wait`) instead of degrading after the 30 s default.
-        deadline = dict(verify_deadline_ms=900_000) if concurrent else {}
-        sent = time.monotonic()
-        r = await stack.stub.Generate(pb.GenerateRequest(
-            prompt=p["question"], options=pb.GenerationOptions(max_new_tokens=max_new, **deadline, **row.options(),
-                                                               max_inflight_blocks=row.inflight or 0)))
-        st = r.stats
-        return {"idx": p["idx"], "tokens": st.completion_tokens, "correct": gsm8k.is_correct(r.text, p["gold"]),
-                "pred": gsm8k.extract(r.text), "gold": p["gold"], "wall_s": st.wall_s,
-                "positions_checked": st.positions_checked, "picks_changed": st.picks_changed,
-                "llm_forwards": st.llm_forwards, "bytes_sent": st.selector_bytes_sent,
-                "bytes_received": st.selector_bytes_received, "unverified_tokens": st.unverified_tokens,
-                "rolled_back_tokens": st.rolled_back_tokens, "drafted_tokens": st.drafted_tokens,
-                "resyncs": st.resyncs, "mode_used": pb.Mode.Name(st.mode_used), "text": r.text,
-                "degraded": st.degraded_reason, "latency_s": round(time.monotonic() - sent, 3)}
+    # Concurrent accuracy runs queue every session's prefill on one selector: its first replies take
+    # minutes on 2 cores, so they wait (verify policy `wait`) instead of degrading after the 30 s default.
+    deadline = dict(verify_deadline_ms=900_000) if concurrent else {}
+    sent = time.monotonic()
+    r = await stack.stub.Generate(pb.GenerateRequest(
+        prompt=p["question"], options=pb.GenerationOptions(max_new_tokens=max_new, **deadline, **row.options(),
+                                                           max_inflight_blocks=row.inflight or 0)))
+    st = r.stats
+    return {"idx": p["idx"], "tokens": st.completion_tokens, "correct": gsm8k.is_correct(r.text, p["gold"]),
+            "pred": gsm8k.extract(r.text), "gold": p["gold"], "wall_s": st.wall_s,
+            "positions_checked": st.positions_checked, "picks_changed": st.picks_changed,
+            "llm_forwards": st.llm_forwards, "bytes_sent": st.selector_bytes_sent,
+            "bytes_received": st.selector_bytes_received, "unverified_tokens": st.unverified_tokens,
+            "rolled_back_tokens": st.rolled_back_tokens, "drafted_tokens": st.drafted_tokens,
+            "resyncs": st.resyncs, "triggered_positions": st.triggered_positions,
+            "mode_used": pb.Mode.Name(st.mode_used), "text": r.text,
+            "degraded": st.degraded_reason, "latency_s": round(time.monotonic() - sent, 3),
+            "token_ids": list(r.token_ids)}
 
+
+def _without_token_ids(result: dict) -> dict:
+    """The details in the results JSON leave the token ids out (they stay in the cache): 100 problems x 4 rows
+    of a few hundred ids each would dwarf everything else in the file."""
+    return {k: v for k, v in result.items() if k != "token_ids"}
+
+
+async def run_service_row(stack, row: Row, problems: list[dict], max_new: int, concurrent: bool) -> tuple[list, float]:
+    """Speed runs (one at a time) and load runs (all at once); never cached: they measure time."""
     t0 = time.monotonic()
     if concurrent:
-        results = list(await asyncio.gather(*[one(p) for p in problems]))
+        results = list(await asyncio.gather(*[generate_one(stack, row, p, max_new, True) for p in problems]))
     else:
-        results = [await one(p) for p in problems]
-    return results, time.monotonic() - t0
+        results = [await generate_one(stack, row, p, max_new, False) for p in problems]
+    return [_without_token_ids(r) for r in results], time.monotonic() - t0
+
+
+# ---- accuracy rows: cached per problem, with canaries ----------------------------------------------------
+
+def stack_identity(stack) -> dict:
+    """What the running stack contributes to the cache key of an accuracy row: model names and weight hashes
+    as loaded, the weight formats and compute dtype actually in use ('auto' resolved), the prompt (system
+    prompt and the chat template's hash), the worker's defaults for options a row leaves unset, the trigger
+    thresholds in force, and the S2T-Local adapter loaded (version and a hash of its files)."""
+    from s2t.model_store import resolve_model
+    from s2t.vocab import hash_weight_files, weights_sha256
+
+    worker, settings = stack.worker, stack.settings
+    lm, info, ws = worker.lm, worker.selector_info, settings.worker
+    adapter = worker.adapters.current()
+    template = getattr(lm.tokenizer, "chat_template", None) or ""
+    return {
+        "slm": {"model": lm.name, "weights_sha256": lm.weights_sha256, "vocab_sha256": lm.vocab_sha256,
+                "weight_formats": lm.plan.describe(),
+                "compute_dtype": str(lm.compute_dtype).removeprefix("torch.")},
+        # the selector reports its name and formats; its weights hash is read where it loaded them (the manifest
+        # caches it, so this costs nothing after the selector's own start)
+        "llm": {"model": info.model_name, "vocab_sha256": info.vocab_sha256, "weight_formats": info.weight_formats,
+                "weights_sha256": weights_sha256(resolve_model(settings.selector.model, settings.cache_dir))},
+        "prompt": {"system_prompt": ws.system_prompt,
+                   "chat_template_sha256": hashlib.sha256(str(template).encode("utf-8")).hexdigest()},
+        "worker": {"num_candidates": ws.num_candidates, "trigger": ws.trigger, "trigger_rate": ws.trigger_rate,
+                   "warmup_steps": ws.warmup_steps, "block_size": ws.block_size,
+                   "max_inflight_blocks": ws.max_inflight_blocks, "draft_confidence": ws.draft_confidence,
+                   "decode_chunk": ws.decode_chunk},
+        "thresholds": {"entropy": worker.thresholds["entropy"].as_dict(),
+                       "margin": worker.thresholds["margin"].as_dict(),
+                       "kl": {str(k): float(v) for k, v in sorted(info.kl_thresholds.items())}},
+        "adapter": None if adapter is None else {"version": adapter.version,
+                                                 "files_sha256": hash_weight_files(adapter.path)},
+    }
+
+
+def row_cache_key(identity: dict, row: Row, max_new: int, split: str = "test") -> dict:
+    """Everything that determines one problem's result in this row, and nothing else (so that, e.g., a greedy
+    row is reused when only the LLM changed). The commit is not part of it: the canaries catch code changes."""
+    from s2t.modes import Mode, TriggerKind
+
+    mode, defaults = Mode(row.mode), identity["worker"]
+    key: dict = {"dataset": {"name": "gsm8k", "split": split}, "mode": mode.value, "max_new_tokens": max_new,
+                 "prompt": identity["prompt"]}
+    if mode is Mode.LLM:
+        # the LLM generates alone; the worker still applies the chat template with the SLM's tokenizer
+        key["llm"] = identity["llm"]
+        key["tokenizer_vocab_sha256"] = identity["slm"]["vocab_sha256"]
+        key["decode_chunk"] = defaults["decode_chunk"]
+        return key
+    key["slm"] = identity["slm"]
+    if not mode.verified:
+        return key
+    trigger = TriggerKind(row.trigger or defaults["trigger"])
+    if mode is Mode.S2T_LOCAL and trigger is TriggerKind.KL:
+        trigger = TriggerKind.ENTROPY  # what the worker does: the KL oracle needs the LLM
+    key["generation"] = {"trigger": trigger.value, "trigger_rate": row.rate or defaults["trigger_rate"],
+                         "num_candidates": row.k or defaults["num_candidates"],
+                         "block_size": row.block_size or defaults["block_size"],
+                         "max_inflight_blocks": row.inflight or defaults["max_inflight_blocks"],
+                         "warmup_steps": defaults["warmup_steps"], "draft_confidence": defaults["draft_confidence"]}
+    if trigger is not TriggerKind.ALWAYS:
+        key["thresholds"] = identity["thresholds"][trigger.value]
+    if mode is Mode.S2T:
+        key["llm"] = identity["llm"]
+    else:
+        key["adapter"] = identity["adapter"]
+    return key
+
+
+def reusable(result: dict, row: Row) -> bool:
+    """Only results produced as configured are cached: a degraded request (selector timeout, no adapter,
+    unverified tokens) says something about that run, not about the configuration."""
+    from s2t.modes import Mode
+    from s2t.v1 import generation_pb2 as gen_pb
+
+    return (result["mode_used"] == gen_pb.Mode.Name(Mode(row.mode).proto) and not result.get("degraded")
+            and not result.get("unverified_tokens"))
+
+
+def pick_canaries(cached: list[int], n: int) -> list[int]:
+    """n of the cached problem indices, spread evenly over them (the first and the last for n = 2)."""
+    if n <= 0 or not cached:
+        return []
+    if n >= len(cached):
+        return list(cached)
+    if n == 1:
+        return [cached[0]]
+    return sorted({cached[round(i * (len(cached) - 1) / (n - 1))] for i in range(n)})
+
+
+def compare_canary(idx: int, cached: dict, fresh: dict) -> dict:
+    """Does a recomputed problem reproduce its cached result? By token ids where both have them, else by text;
+    the correctness must agree too. Says where the outputs part."""
+    if cached.get("token_ids") is not None and fresh.get("token_ids") is not None:
+        basis, old, new = "token_ids", cached["token_ids"], fresh["token_ids"]
+    else:
+        basis, old, new = "text", cached["text"], fresh["text"]
+    first = next((i for i, (x, y) in enumerate(zip(old, new)) if x != y), None)
+    if first is None and len(old) != len(new):
+        first = min(len(old), len(new))
+    c = next((i for i, (x, y) in enumerate(zip(cached["text"], fresh["text"])) if x != y),
+             None if len(cached["text"]) == len(fresh["text"]) else min(len(cached["text"]), len(fresh["text"])))
+    report = {"idx": idx, "matched": first is None and bool(cached["correct"]) == bool(fresh["correct"]),
+              "compared": basis, "first_difference": first, "cached_tokens": cached["tokens"],
+              "fresh_tokens": fresh["tokens"], "cached_correct": bool(cached["correct"]),
+              "fresh_correct": bool(fresh["correct"]), "fresh_mode_used": fresh["mode_used"],
+              "fresh_degraded": fresh.get("degraded", "")}
+    if first is not None and basis == "token_ids":
+        report.update(cached_ids_there=old[first:first + 8], fresh_ids_there=new[first:first + 8])
+    if c is not None:
+        lo = max(0, c - 40)
+        report.update(first_text_difference=c, cached_text_there=cached["text"][lo:c + 40],
+                      fresh_text_there=fresh["text"][lo:c + 40])
+    return report
+
+
+class CanaryMismatch(RuntimeError):
+    """Recomputed cached problems came out differently: the cache no longer describes this code and these
+    models (or batching changed a near-tie). Rerun with --no-cache, clear the row's cache file, or accept the
+    drift with --allow-canary-drift."""
+
+    def __init__(self, row_name: str, reports: list[dict], cache_path: Path | None):
+        self.row_name, self.reports, self.cache_path = row_name, reports, cache_path
+        bad = [r for r in reports if not r["matched"]]
+        parts = [f"problem {r['idx']}: first {r['compared']} difference at position {r['first_difference']}"
+                 f" (cached correct={r['cached_correct']}, fresh correct={r['fresh_correct']})" for r in bad]
+        super().__init__(f"{row_name}: {len(bad)} of {len(reports)} canaries differ from the cache {cache_path}: "
+                         + "; ".join(parts))
+
+
+@dataclasses.dataclass
+class AccuracyRun:
+    results: list[dict]  # one per requested problem, in order; cached ones marked from_cache
+    wall: float  # this run's time for the problems it computed (and the canaries)
+    computed: int  # problems computed in this run (canaries not counted)
+    reused: int  # problems taken from the cache
+    fresh_tokens: int  # tokens generated in this run, canaries included: tokens/s is fresh_tokens / wall
+    canaries: list[dict]  # compare_canary reports
+    cache_path: Path | None
+
+    def cache_summary(self) -> dict:
+        return {"file": str(self.cache_path) if self.cache_path else None, "computed": self.computed,
+                "reused": self.reused, "canaries": self.canaries,
+                "canaries_matched": sum(1 for c in self.canaries if c["matched"])}
+
+
+async def run_accuracy_row(stack, row: Row, problems: list[dict], max_new: int, cache: ProblemCache | None,
+                           canaries: int = 2, allow_drift: bool = False, progress: bool = True) -> AccuracyRun:
+    """An accuracy row: the problems the cache lacks, plus `canaries` cached ones, all sent at once.
+
+    Each result is written to the cache as it completes, so a killed run loses only the problems still in
+    flight. Raises CanaryMismatch if a canary differs from its cached result, unless allow_drift (the reports
+    then say where). The results cover every requested problem (cached and new), in the requested order."""
+    from tqdm import tqdm
+
+    digests = {p["idx"]: problem_digest(p) for p in problems}
+    missing = set(cache.missing([p["idx"] for p in problems], digests)) if cache is not None else {
+        p["idx"] for p in problems}
+    cached = [p["idx"] for p in problems if p["idx"] not in missing]
+    canary_idx = set(pick_canaries(cached, canaries))
+    jobs = [(p, False) for p in problems if p["idx"] in missing] + [(p, True) for p in problems
+                                                                    if p["idx"] in canary_idx]
+
+    async def job(p: dict, is_canary: bool) -> tuple[dict, bool, dict]:
+        return p, is_canary, await generate_one(stack, row, p, max_new, True)
+
+    fresh: dict[int, dict] = {}
+    canary_fresh: dict[int, dict] = {}
+    bar = tqdm(total=len(jobs), desc=f"[bench] {row.name}", unit="problem", file=sys.stderr, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not progress or not jobs)
+    bar.set_postfix(cached=len(cached), canaries=len(canary_idx), refresh=False)
+    t0 = time.monotonic()
+    tasks = [asyncio.ensure_future(job(p, is_canary)) for p, is_canary in jobs]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            p, is_canary, result = await next_done
+            if is_canary:
+                canary_fresh[p["idx"]] = result
+            else:
+                fresh[p["idx"]] = result
+                if cache is not None and reusable(result, row):
+                    cache.put(p["idx"], result, digests[p["idx"]])
+            bar.update(1)
+    finally:
+        # on an error (or a cancel) the finished results are already in the cache; stop the others
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        bar.close()
+    wall = time.monotonic() - t0
+
+    results = []
+    for p in problems:
+        if p["idx"] in fresh:
+            results.append({**_without_token_ids(fresh[p["idx"]]), "from_cache": False})
+        else:
+            results.append({**_without_token_ids(cache.get(p["idx"], digests[p["idx"]])), "from_cache": True})
+    reports = [compare_canary(i, cache.get(i, digests[i]), canary_fresh[i]) for i in sorted(canary_idx)]
+    for r in reports:
+        if not r["matched"]:
+            print(f"[bench] CANARY MISMATCH {row.name} problem {r['idx']}: first {r['compared']} difference at "
+                  f"position {r['first_difference']}; cached {r.get('cached_ids_there')} correct={r['cached_correct']}"
+                  f" vs fresh {r.get('fresh_ids_there')} correct={r['fresh_correct']}; cached text "
+                  f"{r.get('cached_text_there')!r} vs fresh {r.get('fresh_text_there')!r}", file=sys.stderr, flush=True)
+    run = AccuracyRun(results=results, wall=wall, computed=len(fresh), reused=len(problems) - len(fresh),
+                      fresh_tokens=sum(r["tokens"] for r in [*fresh.values(), *canary_fresh.values()]),
+                      canaries=reports, cache_path=cache.path if cache is not None else None)
+    if not allow_drift and any(not r["matched"] for r in reports):
+        raise CanaryMismatch(row.name, reports, run.cache_path)
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheOptions:
+    enabled: bool = True
+    root: Path = CACHE_ROOT
+    canaries: int = 2
+    allow_drift: bool = False
+
+
+# ---- paired comparisons ----------------------------------------------------------------------------------
+
+def paired_comparisons(rows: list[dict], details: list[dict], margin: float = 0.01) -> list[dict]:
+    """Every pair of accuracy rows run on the same problems: exact McNemar, the difference with its 95% score
+    interval, and whether A is within ±margin of B. With llm in a pair it is B (A - llm); otherwise the rows'
+    order. `highlight`: an S2T row (any s2t-* mode) against llm, the issue's question."""
+    outcomes = {d["mode"]: {r["idx"]: bool(r["correct"]) for r in d["results"]}
+                for d in details if d.get("kind") == "accuracy"}
+    names = [r["mode"] for r in rows if r.get("kind") == "accuracy" and outcomes.get(r["mode"])]
+    out = []
+    for first, second in itertools.combinations(dict.fromkeys(names), 2):
+        a, b = (second, first) if first == "llm" else (first, second)
+        if set(outcomes[a]) != set(outcomes[b]):
+            continue  # different problem lists: not paired
+        idxs = sorted(outcomes[a])
+        answer = stats.within_margin([outcomes[a][i] for i in idxs], [outcomes[b][i] for i in idxs], margin, (a, b))
+        out.append({"a": a, "b": b, "problem_range": [idxs[0], idxs[-1]], **answer.as_dict(),
+                    "highlight": a.startswith("s2t") and b == "llm"})
+    return out
+
+
+def paired_table(paired: list[dict]) -> str:
+    if not paired:
+        return ""
+    m = f"{100 * paired[0]['margin']:g} point" + ("" if 100 * paired[0]["margin"] == 1 else "s")
+    head = (f"| A | B | n | A accuracy | B accuracy | A - B, points (95% CI) | solved by A alone / B alone | "
+            f"exact McNemar p | A within ±{m} of B? |\n|---|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for p in paired:
+        bold = "**" if p["highlight"] else ""
+        lo, hi = p["difference_ci95"]
+        body += (f"| {bold}{p['a']}{bold} | {bold}{p['b']}{bold} | {p['n']} | {p['accuracy_a']:.1%} | "
+                 f"{p['accuracy_b']:.1%} | {100 * p['difference']:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f}) | "
+                 f"{p['only_a']} / {p['only_b']} | {p['mcnemar_p']:.3g} | {bold}{p['verdict']}{bold} |\n")
+    notes = "".join(f"\n**{p['a']} vs {p['b']}, within ±{m}?** {p['explanation']}\n"
+                    for p in paired if p["highlight"])
+    return (head + body + notes + "\nDifference interval: Tango's score interval for paired proportions; "
+            f"'within' means the whole interval lies inside ±{m} (two one-sided score tests at 2.5%); "
+            "'undecided' means it crosses a margin: more problems are needed.\n")
 
 
 def run_hf_assisted(problems: list[dict], max_new: int, settings) -> tuple[list, float, dict]:
@@ -282,6 +569,20 @@ def summary_table(lines: list[dict]) -> str:
         f"{fmt(r.get('bytes_per_token'), '.0f')} |\n" for r in lines)
 
 
+def draw_plots(json_path: Path, payload: dict) -> list[Path]:
+    """The tau and K pictures next to the results file. A plotting failure costs the pictures, never the run:
+    they can be drawn later with `python bench/plots.py FILE.json`."""
+    try:
+        import plots
+
+        return plots.write_plots(json_path, payload)
+    except ImportError as e:
+        print(f"[bench] no plots: {e} (pip install matplotlib, or the dev extras)", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        print(f"[bench] plotting {json_path.name} failed: {e!r}; results are written", file=sys.stderr, flush=True)
+    return []
+
+
 def write(name: str, payload: dict, split: dict[str, list[str]] | None = None) -> None:
     """Write <name>.json/.md, and for a preset with per-issue files, one table per issue from the same run."""
     for file_name, keep in (split or {}).items():
@@ -290,8 +591,11 @@ def write(name: str, payload: dict, split: dict[str, list[str]] | None = None) -
                           "details": [d for d in payload["details"] if d["mode"] in keep]})
     if "summary" not in payload and any(r["kind"] == "accuracy" for r in payload["rows"]):
         payload = {**payload, "summary": best_per_mode(payload["rows"])}
+    payload = {**payload, "paired": paired_comparisons(payload["rows"], payload["details"],
+                                                       payload.get("paired_margin", 0.01))}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    images = draw_plots(RESULTS / f"{name}.json", payload)
     md = [f"# {name}\n", f"Command: `{payload['command']}`  \n", f"Date: {payload['date']}; commit {payload['commit']}  \n",
           f"Machine: {payload['machine']['cpu']} ({payload['machine']['cores']} cores, "
           f"torch CPU capability {payload['machine']['cpu_capability']})  \n",
@@ -301,6 +605,10 @@ def write(name: str, payload: dict, split: dict[str, list[str]] | None = None) -
         md += ["## Per mode (accuracy run + fastest speed run)\n\n", summary_table(payload["summary"]),
                "\n## Every run\n\n"]
     md.append(table(payload["rows"]))
+    if payload["paired"]:
+        md += ["\n## Paired comparisons (same problems)\n\n", paired_table(payload["paired"])]
+    if images:
+        md += ["\n## Plots\n\n"] + [f"![{p.stem}]({p.name})\n" for p in images]
     if payload.get("notes"):
         md.append("\n" + "\n".join(f"- {n}" for n in payload["notes"]) + "\n")
     (RESULTS / f"{name}.md").write_text("".join(md))
@@ -308,7 +616,8 @@ def write(name: str, payload: dict, split: dict[str, list[str]] | None = None) -
 
 async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems, speed_max_new, acc_max_new,
                          payload, name, accuracy_rows=None, split=None, speed_rows=None,
-                         load_problems=(), load_rows=(), load_max_new=64) -> None:
+                         load_problems=(), load_rows=(), load_max_new=64,
+                         cache_options: CacheOptions = CacheOptions(enabled=False)) -> None:
     from s2t.modes import Mode
     from s2t.stack import LocalStack
     from s2t.v1 import generation_pb2 as gen_pb
@@ -316,6 +625,11 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
     async with LocalStack(settings) as stack:
         payload["weight_formats"] = stack.describe()
         payload["startup_s"] = round(stack.startup_s, 1)
+        identity = None
+        if cache_options.enabled and acc_problems:
+            identity = stack_identity(stack)
+            payload["cache"] = {"dir": str(cache_options.root), "canaries": cache_options.canaries,
+                                "allow_canary_drift": cache_options.allow_drift, "identity": identity}
         for row in [r for r in rows if r.name in load_rows] if load_problems else []:
             print(f"[bench] {row.name} load: {len(load_problems)} requests at once ...", file=sys.stderr, flush=True)
             results, wall = await run_service_row(stack, row, load_problems, load_max_new, True)
@@ -331,12 +645,45 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
                         kind == "speed" and speed_rows is not None and row.name not in speed_rows):
                     continue
                 print(f"[bench] {row.name} {kind}: {len(problems)} problems ...", file=sys.stderr, flush=True)
-                results, wall = await run_service_row(stack, row, problems, max_new, concurrent)
-                summary = summarize(row, kind, results, wall, {"max_new_tokens": max_new})
+                extra = {"max_new_tokens": max_new}
+                if Mode(row.mode).verified:
+                    extra["num_candidates"] = row.k or stack.settings.worker.num_candidates
+                run = None
+                if kind == "accuracy":
+                    cache = None
+                    if identity is not None:
+                        cache = ProblemCache(cache_options.root, row_cache_key(identity, row, max_new), row.mode)
+                        missing = cache.missing([p["idx"] for p in problems], {p["idx"]: problem_digest(p)
+                                                                               for p in problems})
+                        print(f"[bench]   cache {cache.path}: {len(problems) - len(missing)} of {len(problems)} "
+                              f"problems cached", file=sys.stderr, flush=True)
+                    try:
+                        run = await run_accuracy_row(stack, row, problems, max_new, cache, cache_options.canaries,
+                                                     cache_options.allow_drift)
+                    except CanaryMismatch as e:
+                        payload.setdefault("canary_failures", []).append(
+                            {"mode": row.name, "cache_file": str(e.cache_path), "canaries": e.reports})
+                        payload["notes"].append(f"{row.name}: stopped, canaries differ from the cache: {e}")
+                        write(name, payload, split)
+                        raise
+                    results, wall = run.results, run.wall
+                    if cache is not None:
+                        extra["cache"] = run.cache_summary()
+                else:
+                    results, wall = await run_service_row(stack, row, problems, max_new, concurrent)
+                summary = summarize(row, kind, results, wall, extra)
+                if run is not None:  # time covers only what this run computed: tokens/s over those tokens
+                    summary["tokens_per_s"] = run.fresh_tokens / wall if wall else 0.0
                 payload["rows"].append(summary)
                 payload["details"].append({"mode": row.name, "kind": kind, "results": results})
+                cached_note = (f", {run.reused} cached + {run.computed} computed, canaries "
+                               f"{sum(c['matched'] for c in run.canaries)}/{len(run.canaries)} matched"
+                               if run is not None and identity is not None else "")
                 print(f"[bench]   accuracy {summary['accuracy']:.3f}, {summary['tokens_per_s']:.2f} tok/s, "
-                      f"{wall:.0f}s, modes used {summary['modes_used']}", file=sys.stderr, flush=True)
+                      f"{wall:.0f}s, modes used {summary['modes_used']}{cached_note}", file=sys.stderr, flush=True)
+                if run is not None and any(not c["matched"] for c in run.canaries):
+                    payload["notes"].append(f"{row.name}: canaries drifted from the cache (--allow-canary-drift); "
+                                            f"the row uses the cached results, see rows[].cache.canaries")
                 if summary["modes_used"] != [gen_pb.Mode.Name(Mode(row.mode).proto)]:
                     payload["notes"].append(f"{row.name} {kind}: some requests degraded (modes used "
                                             f"{summary['modes_used']}); see details")
@@ -359,8 +706,21 @@ def main() -> None:
     ap.add_argument("--load-max-new", type=int, default=64)
     ap.add_argument("--extra-rows", nargs="*", default=[], metavar="JSON",
                     help="JSON files of rows to add (s2t collect / s2t distill summaries)")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="compute every accuracy problem; neither read nor write the per-problem cache")
+    ap.add_argument("--cache-dir", type=Path, default=CACHE_ROOT, help="per-problem cache (default: bench/cache)")
+    ap.add_argument("--canaries", type=int, default=2, metavar="N",
+                    help="cached problems recomputed per accuracy row and compared with the cache (default 2)")
+    ap.add_argument("--allow-canary-drift", action="store_true",
+                    help="on a canary mismatch, record it and go on instead of stopping")
+    ap.add_argument("--margin", type=float, default=1.0, metavar="POINTS",
+                    help="paired comparisons answer 'is A within this many accuracy points of B' (default 1)")
     ap.add_argument("--hf-assisted-worker", help=argparse.SUPPRESS)  # internal: run hf-assisted in a subprocess
     args = ap.parse_args()
+    if not 0 < args.margin < 100:
+        ap.error(f"--margin is in accuracy points, in (0, 100); got {args.margin}")
+    if args.canaries < 0:
+        ap.error(f"--canaries must be >= 0; got {args.canaries}")
 
     import yaml
 
@@ -394,7 +754,9 @@ def main() -> None:
                                                                                   "draft_confidence")},
                             "selector": {k: getattr(settings.selector, k) for k in ("model", "max_batch_size")},
                             "accuracy_max_new_tokens": args.max_new, "speed_max_new_tokens": speed_max_new},
-               "rows": [], "details": [], "notes": []}
+               "paired_margin": args.margin / 100, "rows": [], "details": [], "notes": []}
+    cache_options = CacheOptions(enabled=not args.no_cache, root=args.cache_dir, canaries=args.canaries,
+                                 allow_drift=args.allow_canary_drift)
     t0 = time.monotonic()
     if any(r.mode == "hf-assisted" for r in rows) and speed_problems:
         print(f"[bench] hf-assisted speed: {len(speed_problems)} problems ...", file=sys.stderr, flush=True)
@@ -416,7 +778,7 @@ def main() -> None:
         asyncio.run(run_stack_rows(settings, service_rows, acc_problems, speed_problems, speed_max_new, args.max_new,
                                    payload, name, preset.get("accuracy_rows"), split, preset.get("speed_rows"),
                                    gsm8k.load("test", 0, args.load) if args.load else (), load_rows,
-                                   args.load_max_new))
+                                   args.load_max_new, cache_options))
     for path in args.extra_rows:  # e.g. the collection and training summaries of the same run
         payload["rows"].append(json.loads(Path(path).read_text()))
     payload["total_wall_s"] = round(time.monotonic() - t0, 1)

@@ -1,0 +1,545 @@
+"""bench/: the statistics (exact values), the per-problem cache, the cached accuracy runner and the plots.
+
+Model-free except the last test, which runs the benchmark's row loop on the tiny random model pair in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import plots  # noqa: E402
+import problem_cache  # noqa: E402
+import run_bench  # noqa: E402
+import stats  # noqa: E402
+from problem_cache import CacheFileMismatch, ProblemCache, problem_digest  # noqa: E402
+from s2t.v1 import generation_pb2 as pb  # noqa: E402
+
+
+# ---- statistics ------------------------------------------------------------------------------------------
+
+def test_wilson_by_hand_and_reexported():
+    # 7/10, z = 1.96: centre (0.7 + 0.19208) / 1.38416, half-width 1.96·sqrt(0.021 + 0.009604) / 1.38416
+    lo, hi = stats.wilson(7, 10)
+    #   = 0.644492 ∓ 0.247719, the textbook (0.3968, 0.8922)
+    assert (round(lo, 4), round(hi, 4)) == (0.3968, 0.8922)
+    assert stats.wilson(0, 0) == (0.0, 0.0)
+    assert stats.wilson(0, 5)[0] == 0.0 and stats.wilson(5, 5)[1] == 1.0
+    assert run_bench.wilson is stats.wilson
+
+
+def test_exact_mcnemar_p_is_the_binomial_tail():
+    # b=1, c=5: 2·(C(6,0) + C(6,1)) / 2^6 = 14/64
+    assert stats.exact_mcnemar_p(1, 5) == 14 / 64
+    assert stats.exact_mcnemar_p(5, 1) == 14 / 64
+    assert stats.exact_mcnemar_p(0, 4) == 2 / 16
+    assert stats.exact_mcnemar_p(3, 3) == 1.0  # the doubled tail exceeds 1: capped
+    assert stats.exact_mcnemar_p(0, 0) == 1.0
+    # b=6, c=16: 2·(1 + 22 + 231 + 1540 + 7315 + 26334 + 74613) / 2^22 = 2·110056 / 4194304
+    assert stats.exact_mcnemar_p(6, 16) == 2 * 110056 / 2**22 == pytest.approx(0.052479, abs=1e-6)
+    # large n stays exact (integer sums, one division): symmetric counts give 1, far-apart ones ~0
+    assert stats.exact_mcnemar_p(600, 600) == 1.0
+    assert 0 < stats.exact_mcnemar_p(100, 300) < 1e-20
+    with pytest.raises(ValueError):
+        stats.exact_mcnemar_p(-1, 2)
+
+
+def test_tango_interval_matches_published_values_and_inverts_the_test():
+    # Fagerland, Lydersen & Laake, ch. 8 (Cavo et al. 2012): [[59, 6], [16, 80]] -> -0.0621 (-0.1240 to -0.0054)
+    cavo = stats.PairedCounts(both=59, only_a=6, only_b=16, neither=80)
+    lo, hi = stats.tango_interval(cavo)
+    assert cavo.difference == pytest.approx(-0.0621, abs=5e-5)
+    assert (round(lo, 4), round(hi, 4)) == (-0.1240, -0.0054)
+    # each limit is where the score statistic equals ∓z
+    assert stats.tango_statistic(cavo, lo) == pytest.approx(stats.Z95, abs=1e-6)
+    assert stats.tango_statistic(cavo, hi) == pytest.approx(-stats.Z95, abs=1e-6)
+    # the same book's boundary case: 3 discordant pairs all one way -> (-0.1230, 1), and its mirror
+    assert tuple(round(x, 4) for x in stats.tango_interval(stats.PairedCounts(0, 3, 0, 0))) == (-0.1230, 1.0)
+    assert tuple(round(x, 4) for x in stats.tango_interval(stats.PairedCounts(0, 0, 3, 0))) == (-1.0, 0.1230)
+    # no discordant pair in n: T(d) = -sqrt(n·d / (1 - d)) for d > 0, so the limit is z² / (n + z²)
+    z2 = stats.Z95 ** 2
+    lo, hi = stats.tango_interval(stats.PairedCounts(50, 0, 0, 50))
+    assert hi == pytest.approx(z2 / (100 + z2), abs=1e-9) and lo == pytest.approx(-hi, abs=1e-9)
+
+
+def test_mcnemar_on_outcome_lists():
+    a = [True] * 59 + [True] * 6 + [False] * 16 + [False] * 80
+    b = [True] * 59 + [False] * 6 + [True] * 16 + [False] * 80
+    result = stats.mcnemar(a, b)
+    assert (result.n, result.both, result.only_a, result.only_b, result.neither) == (161, 59, 6, 16, 80)
+    assert result.accuracy_a == 65 / 161 and result.accuracy_b == 75 / 161
+    assert result.mcnemar_p == 2 * 110056 / 2**22
+    assert result.as_dict()["difference_ci95"] == list(result.difference_ci95)
+    with pytest.raises(ValueError):
+        stats.mcnemar([True], [True, False])
+    with pytest.raises(ValueError):
+        stats.mcnemar([], [])
+
+
+def _paired(both: int, only_a: int, only_b: int, neither: int) -> tuple[list[bool], list[bool]]:
+    a = [True] * both + [True] * only_a + [False] * only_b + [False] * neither
+    b = [True] * both + [False] * only_a + [True] * only_b + [False] * neither
+    return a, b
+
+
+def test_within_margin_verdicts():
+    within = stats.within_margin(*_paired(1200, 10, 10, 780), margin=0.01)
+    assert within.verdict is stats.Verdict.WITHIN and within.non_inferior
+    assert within.p_equivalence < 0.025 and within.explanation.startswith("yes")
+    lo, hi = within.comparison.difference_ci95
+    assert -0.01 < lo < 0 < hi < 0.01
+
+    worse = stats.within_margin(*_paired(500, 10, 100, 390), margin=0.01, names=("s2t", "llm"))
+    assert worse.verdict is stats.Verdict.WORSE and not worse.non_inferior
+    assert worse.explanation.startswith("no: s2t is worse than llm by more than 1 point")
+    assert worse.problems_needed is None  # the observed -9 points is outside ±1 at any n
+
+    better = stats.within_margin(*_paired(500, 100, 10, 390), margin=0.01)
+    assert better.verdict is stats.Verdict.BETTER and better.non_inferior
+
+
+def test_within_margin_says_plainly_when_n_is_too_small():
+    answer = stats.within_margin(*_paired(58, 1, 1, 40), margin=0.01, names=("s2t-local", "llm"))
+    assert answer.verdict is stats.Verdict.UNDECIDED
+    assert "n = 100 is too small to tell whether s2t-local is within ±1 point of llm" in answer.explanation
+    # Wald: z²·(2/100 - 0²) / 0.01² = 768.3 -> 769 problems
+    assert answer.problems_needed == math.ceil(stats.Z95 ** 2 * 0.02 / 0.01 ** 2) == 769
+    assert "roughly 769 problems" in answer.explanation
+    # no discordant problem at all: the score interval is ±z²/(n + z²), inside ±1 point from n = 381 on
+    agreeing = stats.within_margin([True] * 3, [True] * 3, margin=0.01)
+    assert agreeing.problems_needed == 381 and "at least 381 problems" in agreeing.explanation
+    assert stats.tango_interval(stats.PairedCounts(190, 0, 0, 191))[1] < 0.01
+    assert stats.tango_interval(stats.PairedCounts(190, 0, 0, 190))[1] > 0.01
+    assert stats.within_margin(*_paired(190, 0, 0, 191), margin=0.01).verdict is stats.Verdict.WITHIN
+    # the two one-sided p-values come from the same statistic as the interval: both above 2.5% here
+    assert answer.p_noninferiority > 0.025 and answer.p_nonsuperiority > 0.025
+    assert answer.p_equivalence == max(answer.p_noninferiority, answer.p_nonsuperiority)
+    assert answer.as_dict()["verdict"] == "undecided"
+    with pytest.raises(ValueError):
+        stats.within_margin([True], [True], margin=1.5)
+
+
+# ---- the per-problem cache -------------------------------------------------------------------------------
+
+ROW_KEY = {"mode": "greedy", "slm": {"weights_sha256": "ab" * 32}, "max_new_tokens": 512}
+
+
+def _result(idx: int, text: str = "x", tokens: int = 3) -> dict:
+    return {"idx": idx, "text": text, "tokens": tokens, "correct": idx % 2 == 0, "token_ids": list(range(tokens))}
+
+
+def test_cache_put_get_missing_and_resume(tmp_path):
+    cache = ProblemCache(tmp_path, ROW_KEY, label="greedy")
+    assert cache.path.parent == tmp_path and cache.path.name.startswith("greedy-") and len(cache) == 0
+    assert cache.missing([0, 1, 2]) == [0, 1, 2]
+    cache.put(1, _result(1), "d1")
+    cache.put(2, _result(2), "d2")
+    assert cache.get(1) == _result(1) and cache.get(0) is None
+    assert cache.missing([0, 1, 2, 3]) == [0, 3]
+    # a result computed for other problem content does not count
+    assert cache.get(1, "d1") == _result(1) and cache.get(1, "other") is None
+    assert cache.missing([1, 2], {1: "other", 2: "d2"}) == [1]
+    # a new process (a resumed run) reads what was appended; the header line names the configuration
+    reopened = ProblemCache(tmp_path, ROW_KEY, label="greedy")
+    assert reopened.indices() == [1, 2] and reopened.get(2) == _result(2)
+    header, *records = [json.loads(line) for line in cache.path.read_text().splitlines()]
+    assert header == {"cache_format": problem_cache.CACHE_FORMAT, "key": cache.key, "row": ROW_KEY}
+    assert [r["idx"] for r in records] == [1, 2]
+    # the last record of a problem wins
+    reopened.put(1, _result(1, text="newer"), "d1")
+    assert ProblemCache(tmp_path, ROW_KEY, label="greedy").get(1)["text"] == "newer"
+
+
+def test_cache_drops_a_partial_last_line_left_by_a_kill(tmp_path):
+    cache = ProblemCache(tmp_path, ROW_KEY)
+    cache.put(0, _result(0))
+    with open(cache.path, "a") as f:
+        f.write('{"idx": 1, "problem_sha256": "", "resu')  # killed mid-append
+    resumed = ProblemCache(tmp_path, ROW_KEY)
+    assert resumed.dropped_partial_line and resumed.indices() == [0]
+    resumed.put(1, _result(1))
+    assert ProblemCache(tmp_path, ROW_KEY).indices() == [0, 1]
+    assert all(json.loads(line) for line in cache.path.read_text().splitlines())
+
+
+def test_cache_refuses_a_file_whose_header_names_another_configuration(tmp_path):
+    cache = ProblemCache(tmp_path, ROW_KEY)
+    cache.put(0, _result(0))
+    other = ProblemCache(tmp_path, {**ROW_KEY, "max_new_tokens": 256})
+    other.path.write_text(cache.path.read_text())  # e.g. copied by hand
+    with pytest.raises(CacheFileMismatch):
+        ProblemCache(tmp_path, {**ROW_KEY, "max_new_tokens": 256})
+
+
+def test_problem_digest_follows_the_content():
+    p = {"idx": 3, "question": "What is 2+2?", "gold": "4"}
+    assert problem_digest(p) == problem_digest({**p, "idx": 4})
+    assert problem_digest(p) != problem_digest({**p, "question": "What is 2+3?"})
+    assert problem_digest(p) != problem_digest({**p, "gold": "5"})
+
+
+IDENTITY = {
+    "slm": {"model": "slm", "weights_sha256": "s" * 64, "vocab_sha256": "v" * 64, "weight_formats": "1-∞ rows: bf16",
+            "compute_dtype": "bfloat16"},
+    "llm": {"model": "llm", "vocab_sha256": "v" * 64, "weight_formats": "1-∞ rows: bf16", "weights_sha256": "l" * 64},
+    "prompt": {"system_prompt": "Reason step by step.", "chat_template_sha256": "t" * 64},
+    "worker": {"num_candidates": 8, "trigger": "kl", "trigger_rate": 0.1, "warmup_steps": 3, "block_size": 8,
+               "max_inflight_blocks": 2, "draft_confidence": 0.7, "decode_chunk": 16},
+    "thresholds": {"entropy": {"0.1": 0.8754}, "margin": {"0.1": 0.4053}, "kl": {"0.1": 0.5128}},
+    "adapter": {"version": "s2t-0123456789abcdef", "files_sha256": "a" * 64},
+}
+
+
+def _key(row_name: str, identity=IDENTITY, max_new: int = 512, row=None) -> str:
+    return problem_cache.digest(run_bench.row_cache_key(identity, row or run_bench.ROWS[row_name], max_new))
+
+
+def _changed(path: tuple[str, str], value) -> dict:
+    section, field = path
+    return {**IDENTITY, section: {**IDENTITY[section], field: value}}
+
+
+@pytest.mark.parametrize("row_name, path, value", [
+    ("s2t-local", ("slm", "weights_sha256"), "S" * 64),
+    ("s2t-local", ("slm", "weight_formats"), "1-∞ rows: int8"),
+    ("s2t-local", ("adapter", "version"), "s2t-fedcba9876543210"),
+    ("s2t-local", ("adapter", "files_sha256"), "b" * 64),
+    ("s2t-local", ("thresholds", "entropy"), {"0.1": 0.9}),
+    ("s2t-local", ("prompt", "system_prompt"), "Think."),
+    ("s2t-local", ("prompt", "chat_template_sha256"), "u" * 64),
+    ("s2t-local", ("worker", "warmup_steps"), 0),
+    ("s2t-spec-tau10-b8", ("llm", "weights_sha256"), "L" * 64),
+    ("s2t-spec-tau10-b8", ("llm", "weight_formats"), "1-∞ rows: fp32"),
+    ("s2t-spec-tau10-b8", ("worker", "num_candidates"), 16),  # the row leaves K to the worker's default
+    ("s2t-spec-tau10-b8", ("thresholds", "kl"), {"0.1": 0.6}),
+    ("greedy", ("slm", "weights_sha256"), "S" * 64),
+    ("llm", ("llm", "weights_sha256"), "L" * 64),
+    ("llm", ("slm", "vocab_sha256"), "w" * 64),  # the worker tokenizes the prompt with the SLM's tokenizer
+])
+def test_cache_key_changes_with_every_determinant(row_name, path, value):
+    assert _key(row_name, _changed(path, value)) != _key(row_name)
+
+
+@pytest.mark.parametrize("row_name, path, value", [
+    ("greedy", ("llm", "weights_sha256"), "L" * 64),  # greedy never calls the LLM
+    ("greedy", ("adapter", "version"), "s2t-other"),
+    ("greedy", ("worker", "num_candidates"), 16),
+    ("llm", ("slm", "weights_sha256"), "S" * 64),  # the LLM generates alone
+    ("s2t-local", ("llm", "weights_sha256"), "L" * 64),  # S2T-Local makes no LLM call
+    ("s2t-spec-tau10-b8", ("adapter", "version"), "s2t-other"),
+    ("s2t-spec-always-b8", ("thresholds", "kl"), {"0.1": 0.6}),  # the always trigger reads no threshold
+])
+def test_cache_key_ignores_what_cannot_change_the_result(row_name, path, value):
+    assert _key(row_name, _changed(path, value)) == _key(row_name)
+
+
+def test_cache_key_follows_the_row_options_and_token_cap():
+    base = run_bench.ROWS["s2t-spec-tau10-b8"]
+    keys = {_key("", row=row) for row in (
+        base, run_bench.ROWS["s2t-spec-tau10-b4"], run_bench.ROWS["s2t-spec-tau10-b8-i1"],
+        run_bench.ROWS["s2t-spec-tau1-b8"], run_bench.ROWS["s2t-spec-always-b8"],
+        run_bench.ROWS["s2t-spec-tau10-b8-k4"],
+        run_bench.ROWS["s2t-local"], run_bench.ROWS["greedy"], run_bench.ROWS["llm"])}
+    assert len(keys) == 9
+    assert _key("s2t-spec-tau10-b8", max_new=256) != _key("s2t-spec-tau10-b8")
+    # K=8 said explicitly is the worker's default K=8: the same configuration
+    assert _key("", row=run_bench.Row("x", "s2t", "kl", 0.10, 8, 2, 8)) == _key("s2t-spec-tau10-b8")
+    # the code commit is not part of the key
+    assert "commit" not in json.dumps(run_bench.row_cache_key(IDENTITY, base, 512))
+
+
+# ---- the cached accuracy runner, on a fake stack ---------------------------------------------------------
+
+class FakeStub:
+    """Stands in for the worker's Generation stub: canned answers by question, every call recorded."""
+
+    def __init__(self, answers: dict[str, tuple[str, list[int]]]):
+        self.answers = answers
+        self.calls: list[str] = []
+        self.fail_on: str | None = None
+        self.degrade: set[str] = set()
+
+    async def Generate(self, request):
+        self.calls.append(request.prompt)
+        await asyncio.sleep(0)
+        if request.prompt == self.fail_on:
+            await asyncio.sleep(0.01)  # the others finish first
+            raise RuntimeError("worker went away")
+        text, ids = self.answers[request.prompt]
+        degraded = request.prompt in self.degrade
+        stats_msg = pb.GenerationStats(mode_requested=request.options.mode,
+                                       mode_used=pb.MODE_GREEDY if degraded else request.options.mode,
+                                       degraded_reason="selector down" if degraded else "",
+                                       completion_tokens=len(ids), positions_checked=len(ids), triggered_positions=1)
+        return pb.GenerateResponse(text=text, token_ids=ids, stats=stats_msg)
+
+
+class FakeStack:
+    def __init__(self, answers):
+        self.stub = FakeStub(answers)
+
+
+def _problems(n: int) -> list[dict]:
+    return [{"idx": i, "question": f"q{i}", "gold": str(i)} for i in range(n)]
+
+
+def _answers(n: int) -> dict[str, tuple[str, list[int]]]:
+    # problems with an even index are answered right
+    return {f"q{i}": (f"so \\boxed{{{i if i % 2 == 0 else i + 100}}}", [i, i + 1, i + 2]) for i in range(n)}
+
+
+ROW = run_bench.ROWS["s2t-spec-tau10-b8"]
+
+
+async def test_runner_computes_only_missing_problems_and_rechecks_canaries(tmp_path):
+    stack = FakeStack(_answers(8))
+    cache = ProblemCache(tmp_path, {"row": "test"})
+    first = await run_bench.run_accuracy_row(stack, ROW, _problems(5), 64, cache, canaries=2, progress=False)
+    assert sorted(stack.stub.calls) == ["q0", "q1", "q2", "q3", "q4"]
+    assert (first.computed, first.reused, first.canaries) == (5, 0, [])
+    assert cache.indices() == [0, 1, 2, 3, 4]
+    assert cache.get(3)["token_ids"] == [3, 4, 5]  # token ids are kept in the cache ...
+    assert all("token_ids" not in r for r in first.results)  # ... not in the details
+
+    stack.stub.calls.clear()
+    second = await run_bench.run_accuracy_row(stack, ROW, _problems(8), 64, cache, canaries=2, progress=False)
+    # the three new problems, plus canaries 0 and 4 (first and last cached)
+    assert sorted(stack.stub.calls) == ["q0", "q4", "q5", "q6", "q7"]
+    assert (second.computed, second.reused) == (3, 5)
+    assert [c["idx"] for c in second.canaries] == [0, 4] and all(c["matched"] for c in second.canaries)
+    assert [r["idx"] for r in second.results] == list(range(8))
+    assert [r["from_cache"] for r in second.results] == [True] * 5 + [False] * 3
+    assert second.fresh_tokens == 5 * 3
+    # the row is summarised over every requested problem, cached and new
+    summary = run_bench.summarize(ROW, "accuracy", second.results, second.wall)
+    assert (summary["n"], summary["correct"]) == (8, 4)
+    assert second.cache_summary()["canaries_matched"] == 2
+
+
+async def test_runner_fails_loudly_when_a_canary_differs(tmp_path):
+    answers = _answers(4)
+    stack = FakeStack(answers)
+    cache = ProblemCache(tmp_path, {"row": "test"})
+    await run_bench.run_accuracy_row(stack, ROW, _problems(4), 64, cache, canaries=2, progress=False)
+    answers["q3"] = ("so \\boxed{3}", [3, 4, 9, 9])  # problem 3 now differs from token 2 on, and is right
+    with pytest.raises(run_bench.CanaryMismatch) as failure:
+        await run_bench.run_accuracy_row(stack, ROW, _problems(4), 64, cache, canaries=2, progress=False)
+    bad = [r for r in failure.value.reports if not r["matched"]]
+    assert [(r["idx"], r["first_difference"], r["cached_correct"], r["fresh_correct"]) for r in bad] == [
+        (3, 2, False, True)]
+    assert bad[0]["cached_ids_there"] == [5] and bad[0]["fresh_ids_there"] == [9, 9]
+    assert "problem 3: first token_ids difference at position 2" in str(failure.value)
+    # with --allow-canary-drift the drift is reported and the cached result stands
+    run = await run_bench.run_accuracy_row(stack, ROW, _problems(4), 64, cache, canaries=2, allow_drift=True,
+                                           progress=False)
+    assert [c["matched"] for c in run.canaries] == [True, False]
+    assert run.results[3]["correct"] is False and run.results[3]["from_cache"]
+    assert cache.get(3)["token_ids"] == [3, 4, 5]  # canaries never overwrite the cache
+
+
+async def test_runner_keeps_finished_results_when_killed_and_resumes(tmp_path):
+    stack = FakeStack(_answers(6))
+    stack.stub.fail_on = "q2"
+    cache = ProblemCache(tmp_path, {"row": "test"})
+    with pytest.raises(RuntimeError, match="worker went away"):
+        await run_bench.run_accuracy_row(stack, ROW, _problems(6), 64, cache, canaries=2, progress=False)
+    assert ProblemCache(tmp_path, {"row": "test"}).indices() == [0, 1, 3, 4, 5]  # each written as it completed
+    stack.stub.fail_on = None
+    stack.stub.calls.clear()
+    resumed = await run_bench.run_accuracy_row(stack, ROW, _problems(6), 64,
+                                               ProblemCache(tmp_path, {"row": "test"}), canaries=0, progress=False)
+    assert stack.stub.calls == ["q2"] and resumed.computed == 1 and resumed.reused == 5
+
+
+async def test_runner_does_not_cache_degraded_results(tmp_path):
+    stack = FakeStack(_answers(3))
+    stack.stub.degrade = {"q1"}
+    cache = ProblemCache(tmp_path, {"row": "test"})
+    run = await run_bench.run_accuracy_row(stack, ROW, _problems(3), 64, cache, canaries=2, progress=False)
+    assert run.results[1]["mode_used"] == "MODE_GREEDY" and run.results[1]["degraded"] == "selector down"
+    assert cache.indices() == [0, 2]
+
+
+async def test_runner_without_a_cache_computes_everything(tmp_path):
+    stack = FakeStack(_answers(3))
+    run = await run_bench.run_accuracy_row(stack, ROW, _problems(3), 64, None, canaries=2, progress=False)
+    assert sorted(stack.stub.calls) == ["q0", "q1", "q2"] and run.canaries == [] and run.cache_path is None
+
+
+def test_pick_canaries_spreads_over_the_cached_problems():
+    assert run_bench.pick_canaries([3, 5, 8, 13, 21], 2) == [3, 21]
+    assert run_bench.pick_canaries([3, 5, 8, 13, 21], 3) == [3, 8, 21]
+    assert run_bench.pick_canaries([3, 5], 4) == [3, 5]
+    assert run_bench.pick_canaries([3, 5], 0) == [] and run_bench.pick_canaries([], 2) == []
+
+
+# ---- paired comparisons in the output --------------------------------------------------------------------
+
+def _row(mode: str, **kw) -> dict:
+    return {"mode": mode, "kind": "accuracy", **kw}
+
+
+def test_paired_comparisons_pair_rows_on_the_same_problems():
+    details = [
+        {"mode": "llm", "kind": "accuracy", "results": [{"idx": i, "correct": i < 60} for i in range(100)]},
+        {"mode": "s2t-local", "kind": "accuracy", "results": [{"idx": i, "correct": i < 58 or i == 99}
+                                                                for i in range(100)]},
+        {"mode": "greedy", "kind": "accuracy", "results": [{"idx": i, "correct": i < 40} for i in range(100)]},
+        {"mode": "other", "kind": "accuracy", "results": [{"idx": i, "correct": True} for i in range(50)]},
+        {"mode": "greedy", "kind": "speed", "results": [{"idx": 0, "correct": False}]},
+    ]
+    rows = [_row("llm"), _row("s2t-local"), _row("greedy"), _row("other"), {"mode": "greedy", "kind": "speed"}]
+    paired = run_bench.paired_comparisons(rows, details, margin=0.01)
+    assert [(p["a"], p["b"]) for p in paired] == [("s2t-local", "llm"), ("greedy", "llm"), ("s2t-local", "greedy")]
+    s2t_vs_llm = paired[0]
+    assert s2t_vs_llm["highlight"] and not paired[1]["highlight"]
+    assert (s2t_vs_llm["n"], s2t_vs_llm["only_a"], s2t_vs_llm["only_b"]) == (100, 1, 2)
+    assert s2t_vs_llm["mcnemar_p"] == 1.0 and s2t_vs_llm["verdict"] == "undecided"
+    assert paired[1]["mcnemar_p"] == 2 / 2**20 and paired[1]["verdict"] == "worse"
+    md = run_bench.paired_table(paired)
+    assert "| **s2t-local** | **llm** | 100 | 59.0% | 60.0% | -1.0 (" in md
+    assert "**s2t-local vs llm, within ±1 point?** undecided: n = 100 is too small" in md
+
+
+# ---- plots -----------------------------------------------------------------------------------------------
+
+def _fake_results() -> dict:
+    def acc(mode, request_mode, accuracy, n=100, **kw):
+        lo, hi = stats.wilson(round(accuracy * n), n)
+        return {"mode": mode, "kind": "accuracy", "request_mode": request_mode, "n": n, "accuracy": accuracy,
+                "accuracy_ci95": [lo, hi], "llm_positions_per_token": 0.0, "triggered_per_token": 0.0, **kw}
+
+    rows = [acc("greedy", "greedy", 0.40), acc("llm", "llm", 0.60), acc("maj8", "maj8", 0.50),
+            {"mode": "greedy", "kind": "speed", "n": 3, "accuracy": 0.0, "accuracy_ci95": [0, 0]}]
+    for tau, a, share in ((5, 0.45, 0.05), (10, 0.50, 0.11), (20, 0.52, 0.19)):
+        rows.append(acc(f"s2t-local-tau{tau}", "s2t-local", a, trigger="entropy", trigger_rate=tau / 100,
+                        block_size=8, triggered_per_token=share, num_candidates=8))
+    for k, a in ((2, 0.50), (4, 0.55), (8, 0.57), (16, 0.58)):
+        rows.append(acc("s2t-spec-tau10-b8" + ("" if k == 8 else f"-k{k}"), "s2t", a, trigger="kl", trigger_rate=0.1,
+                        block_size=8, max_inflight_blocks=2, llm_positions_per_token=1.1, num_candidates=k))
+    return {"rows": rows, "settings": {"worker": {"num_candidates": 8}}}
+
+
+def test_plot_series_from_a_results_file():
+    payload = _fake_results()
+    tau = plots.tau_sweep_series(payload)
+    local = next(points for label, points in tau.items() if label.startswith("s2t-local (re-ranker)"))
+    assert [(p.row, p.x) for p in local] == [("s2t-local-tau5", 0.05), ("s2t-local-tau10", 0.11),
+                                            ("s2t-local-tau20", 0.19)]
+    # the K sweep's rows at other K than the default stay out of the tau picture
+    assert [[p.row for p in points] for label, points in tau.items() if label.startswith("s2t (LLM)")] == [
+        ["s2t-spec-tau10-b8"]]
+    ks = plots.k_sweep_series(payload)
+    assert list(ks) == ["s2t, tau=0.1, kl trigger, block 8 x2 in flight"]
+    assert [(p.row, p.x) for p in ks["s2t, tau=0.1, kl trigger, block 8 x2 in flight"]] == [
+        ("s2t-spec-tau10-b8-k2", 2), ("s2t-spec-tau10-b8-k4", 4), ("s2t-spec-tau10-b8", 8),
+        ("s2t-spec-tau10-b8-k16", 16)]
+    assert set(plots.baselines(payload)) == {"greedy", "llm", "maj8"}
+    # older files without request_mode: recognised by the row name
+    assert plots.request_mode({"mode": "s2t-local-tau5"}) == "s2t-local"
+    assert plots.request_mode({"mode": "s2t-entropy10"}) == "s2t"
+
+
+def test_plots_are_written_next_to_the_results(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_fake_results()))
+    written = plots.write_plots(path)
+    assert written == [tmp_path / "run.tau.png", tmp_path / "run.k.png"]
+    for png in written:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    # nothing to sweep: no pictures, no error
+    only_baselines = {"rows": _fake_results()["rows"][:3]}
+    assert plots.write_plots(tmp_path / "none.json", only_baselines) == []
+    assert not (tmp_path / "none.tau.png").exists()
+
+
+# ---- the row loop ----------------------------------------------------------------------------------------
+
+def _payload() -> dict:
+    return {"command": "test", "date": "today", "commit": "abc", "settings": {}, "paired_margin": 0.01,
+            "machine": {"cpu": "test", "cores": 2, "cpu_capability": "test"}, "rows": [], "details": [], "notes": []}
+
+
+async def test_a_canary_mismatch_stops_the_run_and_is_recorded(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from s2t import stack as stack_module
+
+    answers = _answers(3)
+    fake = FakeStack(answers)
+    fake.startup_s, fake.describe = 0.0, lambda: {}
+    fake.settings = SimpleNamespace(worker=SimpleNamespace(num_candidates=8))
+
+    class FakeLocalStack:
+        def __init__(self, settings):
+            pass
+
+        async def __aenter__(self):
+            return fake
+
+        async def __aexit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(stack_module, "LocalStack", FakeLocalStack)
+    monkeypatch.setattr(run_bench, "stack_identity", lambda stack: IDENTITY)
+    monkeypatch.setattr(run_bench, "RESULTS", tmp_path / "results")
+    options = run_bench.CacheOptions(enabled=True, root=tmp_path / "problem-cache", canaries=1)
+    rows = [run_bench.ROWS["greedy"]]
+    await run_bench.run_stack_rows(None, rows, _problems(3), [], 16, 64, _payload(), "first", cache_options=options)
+    answers["q0"] = ("so \\boxed{7}", [0, 1])
+    failed = _payload()
+    with pytest.raises(run_bench.CanaryMismatch):
+        await run_bench.run_stack_rows(None, rows, _problems(3), [], 16, 64, failed, "second", cache_options=options)
+    written = json.loads((tmp_path / "results" / "second.json").read_text())
+    assert written["rows"] == []  # a row whose cache no longer reproduces is not reported
+    assert [(f["mode"], [c["idx"] for c in f["canaries"]]) for f in written["canary_failures"]] == [("greedy", [0])]
+    assert "greedy: stopped, canaries differ from the cache" in written["notes"][0]
+    # accepted drift: the row is reported from the cache, the drift noted
+    drifted = _payload()
+    await run_bench.run_stack_rows(None, rows, _problems(3), [], 16, 64, drifted, "third",
+                                   cache_options=dataclasses.replace(options, allow_drift=True))
+    assert drifted["rows"][0]["cache"]["canaries_matched"] == 0 and drifted["rows"][0]["accuracy"] == 2 / 3
+    assert "canaries drifted" in drifted["notes"][0]
+
+
+# ---- the row loop end to end, on the tiny model pair in-process ------------------------------------------
+
+async def test_bench_rows_reuse_the_cache_on_a_rerun(make_settings, tmp_path, monkeypatch):
+    from s2t import stack as stack_module
+
+    real_stack = stack_module.LocalStack
+    monkeypatch.setattr(stack_module, "LocalStack",
+                        lambda settings: real_stack(settings, fetch=False, ray=False, say=lambda m: None))
+    monkeypatch.setattr(run_bench, "RESULTS", tmp_path / "results")
+    settings = make_settings()
+    rows = [run_bench.ROWS["greedy"], run_bench.ROWS["llm"], run_bench.ROWS["s2t-spec-always-b8"]]
+    problems = [{"idx": i, "question": f"What is {i} plus {i}?", "gold": str(2 * i)} for i in range(3)]
+    options = run_bench.CacheOptions(enabled=True, root=tmp_path / "problem-cache", canaries=2)
+
+    first = _payload()
+    await run_bench.run_stack_rows(settings, rows, problems, [], 16, 6, first, "first", cache_options=options)
+    assert [r["cache"]["computed"] for r in first["rows"]] == [3, 3, 3]
+    identity = first["cache"]["identity"]
+    assert identity["slm"]["weights_sha256"] and identity["llm"]["weights_sha256"] != identity["slm"]["weights_sha256"]
+    assert identity["adapter"] is None
+
+    second = _payload()
+    await run_bench.run_stack_rows(settings, rows, problems, [], 16, 6, second, "second", cache_options=options)
+    caches = [r["cache"] for r in second["rows"]]
+    assert [(c["computed"], c["reused"], c["canaries_matched"], len(c["canaries"])) for c in caches] == [
+        (0, 3, 2, 2)] * 3
+    assert [r["accuracy"] for r in second["rows"]] == [r["accuracy"] for r in first["rows"]]
+    written = json.loads((tmp_path / "results" / "second.json").read_text())
+    assert [(p["a"], p["b"]) for p in written["paired"]] == [("greedy", "llm"), ("greedy", "s2t-spec-always-b8"),
+                                                             ("s2t-spec-always-b8", "llm")]
+    assert [p["highlight"] for p in written["paired"]] == [False, False, True]
+    assert "## Paired comparisons" in (tmp_path / "results" / "second.md").read_text()
