@@ -29,6 +29,7 @@ from s2t.runtime import Engine
 from s2t.triggers import ThresholdTable, kl_on_support
 
 from s2t.selection_log import ScoredPosition, SelectionLog, SelectorIdentity, SelectRecord
+from .metrics import SelectorMethod, SelectorMetrics, SelectorOutcome
 from .sessions import Session, SessionStore
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,11 @@ class Ticket:
 
 class SelectorCore:
     def __init__(self, engine: Engine, settings: SelectorSettings, selection_log: SelectionLog | None = None,
-                 kl_thresholds: dict[float, float] | None = None, model_name: str | None = None):
+                 kl_thresholds: dict[float, float] | None = None, model_name: str | None = None,
+                 metrics: SelectorMetrics | None = None):
         self.engine = engine
+        # s2t_selector_* metrics; the default (prometheus_client, a registry of its own) records without setup.
+        self.metrics = metrics if metrics is not None else SelectorMetrics()
         self.settings = settings
         self.log = selection_log
         self.vocab_size = engine.vocab_size
@@ -100,7 +104,7 @@ class SelectorCore:
         self._resend_expected: weakref.WeakKeyDictionary[Session, float] = weakref.WeakKeyDictionary()
 
     @classmethod
-    def from_settings(cls, settings) -> "SelectorCore":
+    def from_settings(cls, settings, metrics: SelectorMetrics | None = None) -> "SelectorCore":
         """Load the selector model, its KL calibration and the selection log as configured."""
         from s2t.calibration import read_calibration
         from s2t.runtime import load_model
@@ -117,11 +121,12 @@ class SelectorCore:
                 segment_records=sel.log_segment_records, segment_seconds=sel.log_segment_seconds,
                 fsync_every=sel.log_fsync_every)
         log.info("selector ready: %s", lm.describe())
-        return cls(Engine(lm), sel, selection_log, kl_thresholds=calibration.get("kl"))
+        return cls(Engine(lm), sel, selection_log, kl_thresholds=calibration.get("kl"), metrics=metrics)
 
     # -- info ---------------------------------------------------------------------------------------------
 
     def info(self) -> pb.GetSelectorInfoResponse:
+        self.metrics.request(SelectorMethod.INFO, SelectorOutcome.OK)
         s = self.settings
         return pb.GetSelectorInfoResponse(
             model_name=self.model_name, vocab_size=self.vocab_size, vocab_sha256=self.engine.lm.vocab_sha256,
@@ -137,12 +142,22 @@ class SelectorCore:
         return None
 
     def close(self) -> None:
-        """Shut down: close the selection log's open segment, so readers see it. Idempotent."""
+        """Shut down: close the selection log's open segment, so readers see it, and the metrics endpoint.
+        Idempotent."""
         if self.log is not None:
             self.log.close()
+        self.metrics.close()
 
     def close_session(self, session_id: str) -> pb.CloseSessionResponse:
-        return pb.CloseSessionResponse(existed=self.sessions.remove(session_id))
+        existed = self.sessions.remove(session_id)
+        log.debug("session closed (existed: %s)", existed, extra={"session_id": session_id})
+        self.metrics.request(SelectorMethod.CLOSE_SESSION, SelectorOutcome.OK)
+        self._observe_sessions()
+        return pb.CloseSessionResponse(existed=existed)
+
+    def _observe_sessions(self) -> None:
+        """Sessions, their KV memory and the evictions so far into the metrics (after each batch and close)."""
+        self.metrics.sessions(len(self.sessions), self.sessions.kv_bytes(), self.sessions.evictions)
 
     # -- validation ---------------------------------------------------------------------------------------
 
@@ -250,6 +265,7 @@ class SelectorCore:
                 raise stale(f"session_id: unknown session {sid!r}; resend the full context with prefix_length 0")
             session = self.sessions.create(sid)
             session.next_step = step
+            log.debug("session opened at step %d", step, extra={"session_id": sid, "request_id": req.request_id})
         async with session.changed:
             deadline = time.monotonic() + self.settings.step_gap_wait_s
             while True:
@@ -325,6 +341,7 @@ class SelectorCore:
     def _overloaded(self, session: Session) -> SelectorError:
         retry_ms = self.retry_after_ms()
         self.counters["resource_exhausted"] += 1
+        self.metrics.queue_rejection()
         self._resend_expected[session] = time.monotonic() + retry_ms / 1000 + self.settings.step_gap_wait_s
         return SelectorError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -335,6 +352,7 @@ class SelectorCore:
     def _replay(self, session: Session, step: int):
         if step in session.replies:
             self.counters["replayed"] += 1
+            self.metrics.replay()
             reply = session.replies[step]
             if isinstance(reply, SelectorError):
                 raise reply
@@ -457,9 +475,26 @@ class SelectorCore:
 
     async def handle(self, req, kind: str):
         """admit -> (batched) compute -> release for one request. Returns the reply; raises SelectorError."""
+        outcome = SelectorOutcome.CANCELLED  # unless it ends otherwise: a caller that went away
+        try:
+            reply = await self._handle(req, kind)
+            outcome = SelectorOutcome.OK
+            return reply
+        except SelectorError as e:
+            outcome = SelectorOutcome.of(e.code)
+            raise
+        except Exception:
+            outcome = SelectorOutcome.ERROR
+            raise
+        finally:
+            self.metrics.request(SelectorMethod(kind), outcome)
+
+    async def _handle(self, req, kind: str):
         admitted = await self.admit(req, kind)
         if not isinstance(admitted, Ticket):
             return admitted
+        if req.prefix_length == 0 and req.step > 0:  # a session's later step with the full context: a resync
+            self.metrics.resync()
         future = asyncio.get_running_loop().create_future()
         self._pending[kind].append((admitted, future))
         self.counters["queued_peak"] = max(self.counters["queued_peak"], self.queued())
@@ -503,6 +538,7 @@ class SelectorCore:
             self._batch_s[kind] = took if previous is None else \
                 (1 - BATCH_TIME_SMOOTHING) * previous + BATCH_TIME_SMOOTHING * took
         except Exception:
+            took = None
             log.exception("selector compute failed for %d sessions", len(tickets))
             lost = stale("session_id: the selector lost this session; resend the full context")
             for t in tickets:  # their caches may be half-updated: drop them so the workers resync
@@ -510,9 +546,18 @@ class SelectorCore:
             replies = [lost] * len(tickets)
         finally:
             self._running = None
+        # Recorded before the callers get their replies (a scrape after a reply sees its batch), outside the try
+        # (the instruments' labels are fixed at construction, so recording cannot fail like a compute).
+        if took is not None:
+            method = SelectorMethod(kind)
+            self.metrics.batch(method, len(tickets), took)
+            if method is SelectorMethod.SELECT:
+                self.metrics.selected(sum(len(t.request.positions) for t in tickets),
+                                      sum(r.outcome == pb.SELECT_OUTCOME_DIVERGED for r in replies))
         for (ticket, future), reply in zip(batch, replies):
             try:
                 await self.release(ticket, reply)
             finally:  # a failing release (log I/O) must not leave the caller waiting forever
                 if not future.done():
                     future.set_result(reply)
+        self._observe_sessions()

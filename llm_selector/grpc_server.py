@@ -1,7 +1,9 @@
 """The selector on a plain grpc.aio server, without Ray: for one-box setups and for tests.
 
 Same core, protocol and cross-session batching as the Ray Serve app; there is no routing because there is
-one process.
+one process. The same credentials too: the bearer tokens of `selector.auth_tokens` (checked by an interceptor
+before any SelectorService method runs; health checks stay open for probes), and optionally TLS or mTLS
+(`selector.tls`), which only this server can serve (Ray Serve's proxy listens in plaintext).
 """
 
 from __future__ import annotations
@@ -13,11 +15,54 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from s2t.v1 import selector_pb2 as pb
 from s2t.v1 import selector_pb2_grpc as pb_grpc
-from s2t.config import Settings
+from s2t.config import SelectorSettings, Settings
+from s2t.security import BearerTokens, add_port
+from s2t.wire import serve_until_signalled, server_options
 
 from .core import SelectorCore, SelectorError
 
 log = logging.getLogger("s2t.selector")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["SelectorService"].full_name
+AUTH_HINT = "worker.selector_auth_token must be one of the selector's selector.auth_tokens"
+
+
+def selector_tokens(settings: SelectorSettings) -> BearerTokens:
+    """The tokens the selector accepts (empty: no authentication), for this server and the Serve app alike."""
+    return BearerTokens.from_secrets(settings.auth_tokens, "selector", AUTH_HINT)
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Answers UNAUTHENTICATED to calls of `service` without an accepted bearer token, before the method runs;
+    other services (health) pass."""
+
+    def __init__(self, tokens: BearerTokens, service: str):
+        self.tokens = tokens
+        self.prefix = f"/{service}/"
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self.prefix):
+            return handler
+        refusal = self.tokens.refusal(handler_call_details.invocation_metadata)
+        return handler if refusal is None else _refusing(handler, refusal)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED with `message`."""
+
+    async def refuse(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kwargs = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
 
 
 class SelectorServicer(pb_grpc.SelectorServiceServicer):
@@ -46,24 +91,34 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
 
 
 async def serve(core: SelectorCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 << 20)])
+    """Serve `core` on host:port with the credentials of its settings (auth_tokens, tls); returns the server
+    and the bound port."""
+    tokens = selector_tokens(core.settings)
+    server = grpc.aio.server(options=server_options(32 << 20),
+                             interceptors=[BearerAuthInterceptor(tokens, SERVICE)] if tokens.enabled else [])
     pb_grpc.add_SelectorServiceServicer_to_server(SelectorServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", core.settings.tls, "selector.tls")
     if bound == 0:
         raise RuntimeError(f"cannot bind the selector to {host}:{port}")
     await server.start()
-    for name in ("", pb.DESCRIPTOR.services_by_name["SelectorService"].full_name):
+    for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if core.settings.metrics_port is not None:  # stopped by core.close()
+        metrics_port = core.metrics.serve_http(core.settings.metrics_host, core.settings.metrics_port)
+        log.info("selector metrics on http://%s:%d/metrics", core.settings.metrics_host, metrics_port)
     return server, bound
 
 
 async def serve_forever(settings: Settings) -> None:
     core = SelectorCore.from_settings(settings)
     server, port = await serve(core, settings.selector.host, settings.selector.grpc_port)
-    print(f"selector (no Ray) serving gRPC on {settings.selector.host}:{port}", flush=True)
+    sel = settings.selector
+    tls = ("mTLS" if sel.tls.client_ca_file else "TLS") if sel.tls.enabled else "plaintext"
+    auth = f"{len(sel.auth_tokens)} bearer token(s)" if sel.auth_tokens else "no authentication"
+    print(f"selector (no Ray) serving gRPC on {sel.host}:{port} ({tls}, {auth})", flush=True)
     try:
-        await server.wait_for_termination()
+        await serve_until_signalled(server, sel.shutdown_grace_s)
     finally:
-        core.close()
+        core.close()  # closes the selection log's open segment, so readers see it

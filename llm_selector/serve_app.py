@@ -5,6 +5,15 @@ from different sessions are batched into one forward by SelectorCore.handle (whi
 engine frees up; @serve.batch did not batch under load, see there); Decode calls likewise. Sessions are
 routed to replicas by consistent hashing over the `session_id` gRPC metadata, so a session's cache is
 usually warm; when it is not, the worker resyncs (correctness never depends on routing).
+
+Authentication: the proxy passes the call's metadata through to the replica (RayServegRPCContext), so every
+method checks the `authorization: Bearer <token>` entry against `selector.auth_tokens` as the --no-ray server
+does, and answers UNAUTHENTICATED without running. The replica gets the tokens' SHA-256 digests only (the
+settings it is bound with leave the secrets out), so no token value sits in Ray's stored deployment arguments.
+TLS: Ray Serve's gRPC proxy listens in plaintext only (gRPCOptions has no TLS or channel options), so TLS is
+terminated in front of the proxy (a load balancer, an ingress or a sidecar); `selector.tls` set here is an
+error rather than a silently plaintext port. Nor can the proxy's HTTP/2 ping policy be set: it has grpc core's
+defaults, which the clients' keepalive (s2t.wire) is chosen to satisfy.
 """
 
 from __future__ import annotations
@@ -12,12 +21,16 @@ from __future__ import annotations
 import logging
 import os
 
+import grpc
 from ray import serve
 
 from s2t.v1 import selector_pb2 as pb
-from s2t.config import Settings
+from s2t.config import ConfigError, Settings
+from s2t.security import BearerTokens
 
 from .core import SelectorCore, SelectorError
+from .grpc_server import AUTH_HINT, selector_tokens
+from .metrics import SelectorMetrics
 
 log = logging.getLogger("s2t.selector")
 
@@ -25,11 +38,17 @@ SERVICER_FUNCTION = "s2t.v1.selector_pb2_grpc.add_SelectorServiceServicer_to_ser
 CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 
 
+# Settings the replica is bound without: the secrets (the selector's tokens travel as digests, see build_app).
+SECRET_FIELDS = {"worker": {"auth_token", "selector_auth_token"}, "selector": {"auth_tokens"}}
+
+
 @serve.deployment(name="Selector")
 class SelectorDeployment:
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, token_digests: list[str] | None = None):
         self.settings = Settings.model_validate(settings)
-        self.core = SelectorCore.from_settings(self.settings)
+        self.tokens = BearerTokens.from_hex(token_digests or (), "selector", AUTH_HINT)
+        # s2t_selector_* through Ray's metrics agent (tagged with this replica), not an HTTP server of our own
+        self.core = SelectorCore.from_settings(self.settings, metrics=SelectorMetrics.for_ray_serve())
 
     async def Select(self, request: pb.SelectRequest, grpc_context) -> pb.SelectResponse:
         return await self._serve(request, grpc_context, "select", pb.SelectResponse)
@@ -38,12 +57,28 @@ class SelectorDeployment:
         return await self._serve(request, grpc_context, "decode", pb.DecodeResponse)
 
     async def CloseSession(self, request: pb.CloseSessionRequest, grpc_context) -> pb.CloseSessionResponse:
+        if self._refused(grpc_context):
+            return pb.CloseSessionResponse()
         return self.core.close_session(request.session_id)
 
     async def GetSelectorInfo(self, request: pb.GetSelectorInfoRequest, grpc_context) -> pb.GetSelectorInfoResponse:
+        if self._refused(grpc_context):
+            return pb.GetSelectorInfoResponse()
         return self.core.info()
 
+    def _refused(self, grpc_context) -> bool:
+        """Check the call's bearer token; a refused call gets UNAUTHENTICATED (the proxy copies code and details
+        onto the real call, see _serve) and returns an empty reply without running."""
+        refusal = self.tokens.refusal(grpc_context.invocation_metadata())
+        if refusal is None:
+            return False
+        grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        grpc_context.set_details(refusal)
+        return True
+
     async def _serve(self, request, grpc_context, kind: str, empty):
+        if self._refused(grpc_context):
+            return empty()
         try:
             return await self.core.handle(request, kind)
         except SelectorError as e:
@@ -67,9 +102,20 @@ class SelectorDeployment:
             self.core.close()
 
 
+def _refuse_tls(settings: Settings) -> None:
+    """selector.tls cannot apply here: an error beats a port that silently serves plaintext."""
+    if settings.selector.tls.enabled:
+        raise ConfigError("bad setting selector.tls: Ray Serve's gRPC proxy cannot serve TLS; terminate TLS in "
+                          "front of the proxy, or run the selector with --no-ray")
+
+
 def build_app(settings: Settings):
-    """The bound application; options come from the settings (a serve config file may override them)."""
+    """The bound application; options come from the settings (a serve config file may override them).
+
+    The replica is bound with the settings minus their secrets, plus the SHA-256 digests of
+    `selector.auth_tokens`. `selector.tls` is refused: the proxy cannot serve TLS (see the module docstring)."""
     sel = settings.selector
+    _refuse_tls(settings)
     from ray.serve.config import RequestRouterConfig
     from ray.serve.schema import LoggingConfig
 
@@ -85,7 +131,8 @@ def build_app(settings: Settings):
         # One access-log line per Select call would be a line per few tokens.
         logging_config=LoggingConfig(log_level="WARNING", enable_access_log=False),
     )
-    return deployment.bind(settings.model_dump(mode="json"))
+    return deployment.bind(settings.model_dump(mode="json", exclude=SECRET_FIELDS),
+                           selector_tokens(sel).hex_digests())
 
 
 def app_builder(args: dict):
@@ -105,6 +152,7 @@ def start(settings: Settings, blocking: bool = False):
     from ray.serve.schema import LoggingConfig
 
     sel = settings.selector
+    _refuse_tls(settings)  # before Ray starts, so a refused start leaves nothing running
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1",

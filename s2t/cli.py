@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import enum
 import json
 import logging
 import os
 import signal
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -116,12 +118,14 @@ def cmd_serve_worker(args) -> None:
     async def main():
         from slm_worker.server import Worker, serve
 
+        from .wire import serve_until_signalled
+
         worker = Worker(settings)
         await worker.start(wait_for_selector_s=args.wait_for_selector)
         server, port = await serve(worker, settings.worker.host, settings.worker.port)
         print(f"worker serving gRPC on {settings.worker.host}:{port}", flush=True)
         try:
-            await server.wait_for_termination()
+            await serve_until_signalled(server, settings.worker.shutdown_grace_s)  # drains running requests
         finally:
             await worker.stop()
 
@@ -231,7 +235,7 @@ def cmd_collect(args) -> None:
         summary = asyncio.run(collect(engine, address, sel.application if args.selector is None else (args.application or ""),
                           out_dir, args.problems, start=args.start, k=args.num_candidates,
                           max_new_tokens=args.max_new_tokens, max_positions=sel.max_positions, batch=args.batch,
-                          system_prompt=ws.system_prompt))
+                          system_prompt=ws.system_prompt, auth_token=ws.selector_auth_token, tls=ws.selector_tls))
     finally:
         if stop is not None:
             stop()
@@ -312,9 +316,53 @@ def cmd_distill(args) -> None:
     print(json.dumps(row, default=str))
 
 
+# -- logging --------------------------------------------------------------------------------------------------
+
+
+class LogFormat(enum.Enum):
+    """S2T_LOG_FORMAT: how log lines are written to stderr."""
+
+    TEXT = "text"  # for people: time level logger: message
+    JSON = "json"  # for log shippers: one JSON object per line
+
+
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# What a log call may pass with extra= to tie its line to a request and a selector session.
+LOG_CONTEXT_FIELDS = ("request_id", "session_id")
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, the request_id / session_id of
+    the call's extra= when given, and the formatted exception if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        for field in LOG_CONTEXT_FIELDS:
+            value = getattr(record, field, None)
+            if value:
+                entry[field] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def log_handler(environ=os.environ) -> logging.Handler:
+    """A stderr handler in the format S2T_LOG_FORMAT names (text, the default, or json)."""
+    name = environ.get("S2T_LOG_FORMAT", LogFormat.TEXT.value).lower()
+    try:
+        fmt = LogFormat(name)
+    except ValueError:
+        raise SystemExit(f"S2T_LOG_FORMAT={name!r}: must be one of {[f.value for f in LogFormat]}") from None
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if fmt is LogFormat.JSON else logging.Formatter(TEXT_LOG_FORMAT))
+    return handler
+
+
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("S2T_LOG_LEVEL", "WARNING").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=os.environ.get("S2T_LOG_LEVEL", "WARNING").upper(), handlers=[log_handler()])
     parser = argparse.ArgumentParser(prog="s2t", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML configuration file (also $S2T_CONFIG)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",

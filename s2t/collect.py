@@ -22,15 +22,19 @@ import time
 from pathlib import Path
 
 import grpc
+from pydantic import SecretStr
 from tqdm import tqdm
 
 from . import gsm8k
 from .calibration import greedy_trajectories
+from .config import ClientTlsSettings
 from .prompts import chat_prompt_ids
 from .runtime import Engine
+from .security import bearer_metadata, open_channel
 from .triggers import Proposal
 from .v1 import selector_pb2 as pb
 from .v1 import selector_pb2_grpc as pb_grpc
+from .wire import client_channel_options
 
 NEVER_FIRES_NATS = 1e9  # an explicit KL threshold no position reaches: score and log, never overrule
 
@@ -76,8 +80,12 @@ async def label(stub, requests: list[pb.SelectRequest], metadata: list, timeout_
 
 async def collect(engine: Engine, selector_address: str, application: str, out_dir: Path, problems: int, start: int = 0,
             k: int = 16, max_new_tokens: int = 512, max_positions: int = 64, batch: int = 16,
-            system_prompt: str = "", timeout_s: float = 600.0) -> dict:
-    """Roll out GSM8K train problems [start, start + problems) with the SLM and have the selector label them."""
+            system_prompt: str = "", timeout_s: float = 600.0, auth_token: SecretStr | None = None,
+            tls: ClientTlsSettings | None = None) -> dict:
+    """Roll out GSM8K train problems [start, start + problems) with the SLM and have the selector label them.
+
+    `auth_token` and `tls` are the worker's credentials towards the selector (worker.selector_auth_token,
+    worker.selector_tls)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = out_dir / "progress.jsonl"
     done = set()
@@ -86,13 +94,15 @@ async def collect(engine: Engine, selector_address: str, application: str, out_d
     todo = [p for p in gsm8k.load("train", start, problems) if p["idx"] not in done]
     lm = engine.lm
     metadata = [("application", application)] if application else []
+    if auth_token is not None:
+        metadata.append(bearer_metadata(auth_token))
     t0 = time.time()
     totals = {"positions": 0, "tokens": 0}
     bar = tqdm(total=problems, initial=problems - len(todo), desc="collect", unit="problem", file=sys.stderr)
 
     async def label_chunk(trajectories) -> list[dict]:
-        async with grpc.aio.insecure_channel(selector_address, options=[
-                ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        async with open_channel(selector_address, client_channel_options(64 << 20), tls or ClientTlsSettings(),
+                                "worker.selector_tls") as ch:
             stub = pb_grpc.SelectorServiceStub(ch)
             jobs = []
             for problem, prompt, (generated, proposals) in trajectories:

@@ -7,10 +7,11 @@ Unknown keys are errors everywhere, so a typo never silently falls back to a def
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from .model_store import default_cache_dir
@@ -51,6 +52,66 @@ class TriggerThresholds(_Section):
     }, description="SLM top-1 minus top-2 probability below which it fires, by rate")
 
 
+# RFC 6750's b64token: what an `authorization: Bearer <token>` header can carry unchanged.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def _bearer_token(token: SecretStr) -> SecretStr:
+    """A token must fit in the header as it is; the error never shows the value (it is a secret)."""
+    if not _BEARER_TOKEN.fullmatch(token.get_secret_value()):
+        raise ValueError("a bearer token must be non-empty and consist of letters, digits and -._~+/ "
+                         "(then any '='), RFC 6750; the value is not shown")
+    return token
+
+
+class ServerTlsSettings(_Section):
+    """TLS on a gRPC server face: plaintext unless cert_file is set; client_ca_file adds mTLS."""
+
+    cert_file: Path | None = Field(None, description="PEM certificate chain; with key_file, the face serves TLS instead of plaintext")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file")
+    client_ca_file: Path | None = Field(None, description="PEM CA bundle; if set, clients must present a certificate signed by it (mTLS)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ServerTlsSettings":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file are set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file (mTLS) needs cert_file and key_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class SelectorTlsSettings(ServerTlsSettings):
+    """The selector's TLS. Only the --no-ray server can serve it: Ray Serve's gRPC proxy listens in plaintext
+    (serve.config.gRPCOptions has no TLS fields), so on Ray Serve TLS ends in front of the proxy (a TLS-
+    terminating load balancer, ingress or sidecar) and these stay unset (the app refuses to start otherwise)."""
+
+    cert_file: Path | None = Field(None, description="--no-ray server only: PEM certificate chain; with key_file, TLS instead of plaintext. Ray Serve's gRPC proxy cannot serve TLS: terminate it in front of the proxy")
+    key_file: Path | None = Field(None, description="--no-ray server only: PEM private key of cert_file")
+    client_ca_file: Path | None = Field(None, description="--no-ray server only: PEM CA bundle; if set, workers must present a certificate signed by it (mTLS)")
+
+
+class ClientTlsSettings(_Section):
+    """TLS of a gRPC client: plaintext unless enabled."""
+
+    enabled: bool = Field(False, description="connect over TLS (the settings below need it)")
+    ca_file: Path | None = Field(None, description="PEM CA bundle that signed the server's certificate; unset: the system's roots")
+    cert_file: Path | None = Field(None, description="PEM client certificate chain, for a server that requires mTLS")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file")
+    server_name: str | None = Field(None, description="name the server's certificate is checked against, when it is not the host of the address")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ClientTlsSettings":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file are set together")
+        if not self.enabled and any(v is not None for v in (self.ca_file, self.cert_file, self.server_name)):
+            raise ValueError("ca_file, cert_file, key_file and server_name need enabled: true")
+        return self
+
+
 class WorkerSettings(_Section):
     model: str = Field("qwen2.5-coder-0.5b-instruct", description="registry name or transformers directory")
     host: str = Field("127.0.0.1", description="address the client gRPC server binds")
@@ -58,6 +119,8 @@ class WorkerSettings(_Section):
     runtime: RuntimeSettings = RuntimeSettings()
     selector_address: str = Field("127.0.0.1:9000", description="host:port of the selector's gRPC endpoint")
     selector_application: str = Field("s2t-selector", description="Ray Serve application name (gRPC metadata)")
+    selector_auth_token: SecretStr | None = Field(None, description="sent as 'authorization: Bearer <token>' on every selector RPC; one of the selector's selector.auth_tokens")
+    selector_tls: ClientTlsSettings = ClientTlsSettings()
     default_mode: ModeName = Field("s2t", description="mode of requests that name none: greedy, s2t, s2t-local, llm")
     num_candidates: int = Field(8, ge=1, le=64, description="K: SLM candidates per position sent to the selector")
     trigger: TriggerName = Field("kl", description="when a disagreement is corrected: kl (selector-side, paper), entropy / margin (LLM-free, worker-side), always")
@@ -82,8 +145,12 @@ class WorkerSettings(_Section):
     max_concurrent_requests: int = Field(256, ge=1, description="above this, RESOURCE_EXHAUSTED")
     requests_per_s: float = Field(0.0, ge=0, description="admission rate limit; 0 = none")
     auth_token: SecretStr | None = Field(None, description="if set, clients must send 'authorization: Bearer <token>'")
+    tls: ServerTlsSettings = ServerTlsSettings()
+    shutdown_grace_s: float = Field(25.0, ge=0, description="on SIGTERM / SIGINT: refuse new calls (health checks too), let running requests finish for up to this long, then cancel them; keep it below the orchestrator's kill deadline (Kubernetes: terminationGracePeriodSeconds, 30 s by default)")
     adapter_dir: Path | None = Field(None, description="S2T-Local adapters: an adapter directory, or a directory of them whose newest is loaded; watched, so a newer one is taken while serving")
     adapter_poll_s: float = Field(5.0, gt=0, description="how often adapter_dir is checked for a newer adapter")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics HTTP port (s2t_worker_*); None = no endpoint, 0 = pick a free one")
+    metrics_host: str = Field("127.0.0.1", description="address the /metrics endpoint binds")
     thresholds: TriggerThresholds = TriggerThresholds()
     system_prompt: str = Field((
         "You are a helpful assistant. Please answer the math problem step by step, and put the final answer "
@@ -97,6 +164,11 @@ class WorkerSettings(_Section):
             raise ValueError("selector_address must be host:port")
         return v
 
+    @field_validator("selector_auth_token")
+    @classmethod
+    def _selector_token(cls, v: SecretStr | None) -> SecretStr | None:
+        return None if v is None else _bearer_token(v)
+
 
 class SelectorSettings(_Section):
     model: str = Field("qwen2.5-coder-1.5b-instruct", description="registry name or transformers directory")
@@ -104,6 +176,9 @@ class SelectorSettings(_Section):
     grpc_port: int = Field(9000, ge=0, le=65535, description="selector gRPC port (Serve gRPC proxy or --no-ray server)")
     http_port: int = Field(8123, ge=0, le=65535, description="Ray Serve's HTTP proxy (required by Serve)")
     application: str = Field("s2t-selector", description="Ray Serve application name")
+    auth_tokens: list[SecretStr] = Field(default_factory=list, description="bearer tokens accepted from workers ('authorization: Bearer <token>'), one per worker so each can be rotated or revoked; checked by the Ray Serve deployment and the --no-ray server alike; empty: no authentication. Environment: a JSON list")
+    tls: SelectorTlsSettings = SelectorTlsSettings()
+    shutdown_grace_s: float = Field(25.0, ge=0, description="--no-ray server, on SIGTERM / SIGINT: refuse new calls (health checks too), let running ones finish for up to this long, then close the selection log's open segment (Ray Serve replicas: the deployment's graceful_shutdown_timeout_s)")
     runtime: RuntimeSettings = RuntimeSettings()
     num_replicas: int = Field(1, ge=1, description="selector replicas (sessions are routed by id)")
     replica_num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per replica (0: don't reserve)")
@@ -131,6 +206,13 @@ class SelectorSettings(_Section):
     log_segment_records: int = Field(50_000, ge=1, description="records per log segment")
     log_segment_seconds: float = Field(300.0, gt=0, description="a segment closes after this long")
     log_fsync_every: int = Field(256, ge=1, description="records between fsyncs of the open segment")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="--no-ray server: Prometheus /metrics HTTP port (s2t_selector_*); None = no endpoint, 0 = pick a free one. On Ray Serve the metrics go through Ray's exporter instead")
+    metrics_host: str = Field("127.0.0.1", description="--no-ray server: address the /metrics endpoint binds")
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _tokens(cls, v: list[SecretStr]) -> list[SecretStr]:
+        return [_bearer_token(t) for t in v]
 
 
 def default_data_dir() -> Path:
@@ -171,11 +253,14 @@ class ConfigError(ValueError):
 
 
 def _source(key: str, overrides: dict[str, Any], config_file: Path | str | None) -> str:
-    if key in overrides:
-        return f"--set {key}"
+    # A section's own check (e.g. worker.tls) blames the keys set below it, so a prefix match counts too.
+    given = [k for k in overrides if k == key or k.startswith(key + ".")]
+    if given:
+        return ", ".join(f"--set {k}" for k in given)
     env = "S2T_" + key.upper().replace(".", "__")
-    if env in os.environ:
-        return f"environment variable {env}"
+    named = [k for k in os.environ if k == env or k.startswith(env + "__")]
+    if named:
+        return ", ".join(f"environment variable {k}" for k in named)
     if config_file:
         return f"config file {config_file}"
     return "defaults"

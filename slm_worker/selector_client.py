@@ -21,6 +21,12 @@ Every failure here is something the decode loop degrades around, never a client-
     SelectorBusy         the deadline passed while the selector was busy or slow ("selector busy past the deadline")
     SelectorDown         an outage: connection failures, or the breaker is open
     SelectorRefused      the selector answered with an error that a resend cannot fix (INTERNAL, INVALID_ARGUMENT, ...)
+      SelectorAuthRefused  ... because of the worker's credentials (UNAUTHENTICATED, PERMISSION_DENIED): the selector
+                           is up, so the breaker stays closed and nothing is resent; the request degrades saying so
+
+Credentials: every RPC carries `authorization: Bearer <worker.selector_auth_token>` when that is set, and the
+channel is TLS (or mTLS) when `worker.selector_tls` enables it. Its keepalive is s2t.wire's client policy, which
+Ray Serve's gRPC proxy accepts (an idle channel is never pinged; see there).
 """
 
 from __future__ import annotations
@@ -37,8 +43,13 @@ from typing import Callable
 import grpc
 from asyncio_throttle import Throttler
 
+from pydantic import SecretStr
+
+from s2t.config import ClientTlsSettings, WorkerSettings
+from s2t.security import bearer_metadata, open_channel
 from s2t.v1 import selector_pb2 as pb
 from s2t.v1 import selector_pb2_grpc as pb_grpc
+from s2t.wire import client_channel_options
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,7 @@ _RETRY_AFTER_IN_MESSAGE = re.compile(r"retry-after-ms[=:]\s*(\d+)")
 
 BUSY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 OUTAGE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 1.0
@@ -82,6 +94,11 @@ class SelectorDown(SelectorUnavailable):
 
 class SelectorRefused(SelectorUnavailable):
     """The selector answered with an error that resending the same request cannot fix."""
+
+
+class SelectorAuthRefused(SelectorRefused):
+    """The selector refused the worker's credentials (a missing, wrong or revoked bearer token, or a client
+    certificate it does not accept): only a configuration change fixes that."""
 
 
 class SelectorState(enum.Enum):
@@ -213,12 +230,22 @@ class ClientCounters:
         return dataclasses.asdict(self)
 
 
+def auth_refusal(address: str, code: grpc.StatusCode, details: str | None) -> str:
+    """What to say when the selector at `address` refused the worker's credentials (names what to check)."""
+    return (f"selector at {address} refused the worker's credentials ({code.name}: {details}); "
+            "worker.selector_auth_token must be one of the selector's selector.auth_tokens")
+
+
 class SelectorClient:
     def __init__(self, address: str, application: str = "", select_timeout_s: float = 120.0,
                  breaker_failures: int = 3, breaker_open_s: float = 10.0, calls_per_s: float = 0.0,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, auth_token: SecretStr | None = None,
+                 tls: ClientTlsSettings | None = None):
         self.address = address
         self.application = application
+        # the metadata entry that presents the worker's bearer token (kept as built, never logged)
+        self._authorization = bearer_metadata(auth_token) if auth_token is not None else None
+        self.tls = tls or ClientTlsSettings()
         self.select_timeout_s = select_timeout_s  # cap on one attempt; the request's deadline usually ends it first
         self.breaker = CircuitBreaker(breaker_failures, breaker_open_s)
         self.budget = CallBudget(calls_per_s)
@@ -227,6 +254,23 @@ class SelectorClient:
         self._busy = False  # the last answer was back-pressure / a slow attempt, and no reply came since
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.SelectorServiceStub | None = None
+        # Called after every Select / Decode attempt with (RPC name, None or the failure's status, seconds): the
+        # worker's metrics hook (s2t_worker_selector_rpc_seconds).
+        self.on_attempt: Callable[[str, grpc.StatusCode | None, float], None] | None = None
+
+    @classmethod
+    def from_settings(cls, ws: WorkerSettings) -> "SelectorClient":
+        """The client the worker's settings describe: address, deadlines, breaker, budget, credentials."""
+        return cls(ws.selector_address, ws.selector_application, ws.select_timeout_ms / 1000, ws.breaker_failures,
+                   ws.breaker_open_s, ws.selector_calls_per_s, auth_token=ws.selector_auth_token,
+                   tls=ws.selector_tls)
+
+    def problem(self, error: grpc.aio.AioRpcError) -> str:
+        """Why a call the worker needs (e.g. GetSelectorInfo at start-up) failed, in the words a degraded
+        request reports."""
+        if error.code() in AUTH_CODES:
+            return auth_refusal(self.address, error.code(), error.details())
+        return f"selector at {self.address} unreachable: {error.code().name}"
 
     @property
     def state(self) -> SelectorState:
@@ -236,10 +280,10 @@ class SelectorClient:
 
     def _ensure(self) -> pb_grpc.SelectorServiceStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=[
-                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.max_receive_message_length", 32 << 20), ("grpc.max_send_message_length", 32 << 20),
-                ("grpc.enable_retries", 0)])
+            # The client resends itself (same step, idempotent at the selector); grpc's own retries would not
+            # tell busy from down.
+            self._channel = open_channel(self.address, client_channel_options(32 << 20) + [("grpc.enable_retries", 0)],
+                                         self.tls, "worker.selector_tls")
             self._stub = pb_grpc.SelectorServiceStub(self._channel)
         return self._stub
 
@@ -249,7 +293,7 @@ class SelectorClient:
             self._channel, self._stub = None, None
 
     def _metadata(self, session_id: str = "", request_id: str = "") -> list[tuple[str, str]]:
-        md = []
+        md = [self._authorization] if self._authorization is not None else []
         if self.application:
             md.append(("application", self.application))
         if session_id:
@@ -292,6 +336,25 @@ class SelectorClient:
         self.counters.busy_past_deadline += 1
         return SelectorBusy(f"selector busy past the deadline ({why})", hint_s)
 
+    async def _attempt(self, method, request, timeout: float):
+        """One RPC attempt, reported to `on_attempt` (if set) with its outcome and duration; an attempt
+        cancelled because the request went away reports CANCELLED."""
+        started, code = time.monotonic(), grpc.StatusCode.CANCELLED
+        try:
+            reply = await method(request, timeout=timeout,
+                                 metadata=self._metadata(request.session_id, request.request_id))
+            code = None
+            return reply
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            raise
+        except Exception:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            if self.on_attempt is not None:
+                self.on_attempt(type(request).__name__.removesuffix("Request"), code, time.monotonic() - started)
+
     async def _call(self, method, request, deadline: float):
         """Call until a reply, an error a resend cannot fix, an open breaker or the (monotonic) deadline,
         resending the same step."""
@@ -319,8 +382,7 @@ class SelectorClient:
             capped = timeout < remaining
             self.counters.attempts += 1
             try:
-                reply = await method(request, timeout=timeout,
-                                     metadata=self._metadata(request.session_id, request.request_id))
+                reply = await self._attempt(method, request, timeout)
             except grpc.aio.AioRpcError as e:
                 code, details = e.code(), e.details()
                 if code in OUTAGE_CODES:
@@ -367,6 +429,10 @@ class SelectorClient:
                     self.breaker.success()  # the selector is up; it just lacks our state
                     self._busy = False
                     raise SessionLost(details) from None
+                elif code in AUTH_CODES:
+                    self.breaker.success()  # it answered: up, only not for these credentials
+                    self._busy = False
+                    raise SelectorAuthRefused(auth_refusal(self.address, code, details)) from None
                 else:
                     self.breaker.success()
                     self._busy = False

@@ -21,10 +21,12 @@ from s2t.modes import Mode, TriggerKind
 from s2t.prompts import chat_ids
 from s2t.runtime import Engine, LoadedModel, load_model
 from s2t.triggers import LocalTrigger, ThresholdTable
-from s2t.wire import WireError, parse
+from s2t.security import BearerTokens, add_port
+from s2t.wire import WireError, parse, server_options
 
 from .adapters import AdapterStore
 from .loop import Event, Scheduler, Sequence
+from .metrics import WorkerMetrics
 from .selector_client import CallBudget, SelectorClient
 from .sequence import DecodeOptions
 from .verifiers import Fallback, LocalReranker, RemoteSelector, Verifier
@@ -55,8 +57,7 @@ class Worker:
         ws = settings.worker
         self.lm = lm or load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads)
         self.engine = Engine(self.lm)
-        self.selector = SelectorClient(ws.selector_address, ws.selector_application, ws.select_timeout_ms / 1000,
-                                       ws.breaker_failures, ws.breaker_open_s, ws.selector_calls_per_s)
+        self.selector = SelectorClient.from_settings(ws)
         self.scheduler = Scheduler(self.engine, ws.max_batch_size, CallBudget(ws.selector_calls_per_s))
         # The selector verifies only after its vocabulary matched the SLM's (check_selector).
         self.remote: RemoteSelector | None = None
@@ -68,7 +69,12 @@ class Worker:
                            for kind in ("entropy", "margin")}
         self.active = 0
         self.admissions = CallBudget(ws.requests_per_s)
+        self.client_tokens = BearerTokens.from_secrets([ws.auth_token] if ws.auth_token is not None else [], "worker",
+                                                       "worker.auth_token")
         self._watch: asyncio.Task | None = None
+        self.metrics = WorkerMetrics(active_requests=lambda: self.active,
+                                     adapter_version=lambda: getattr(self.adapters.current(), "version", None))
+        self.selector.on_attempt = self.metrics.selector_attempt
 
     async def start(self, wait_for_selector_s: float = 0.0) -> None:
         self.scheduler.start()
@@ -79,6 +85,10 @@ class Worker:
         if self.selector_info is None:
             log.warning("%s; s2t and llm requests degrade to the SLM until it answers", self.selector_problem)
             self._watch = asyncio.create_task(self._watch_selector())
+        ws = self.settings.worker
+        if ws.metrics_port is not None:  # last: a start that fails leaves no endpoint behind
+            port = self.metrics.serve_http(ws.metrics_host, ws.metrics_port)
+            log.info("worker metrics on http://%s:%d/metrics", ws.metrics_host, port)
 
     async def stop(self) -> None:
         if self._watch is not None:
@@ -86,13 +96,14 @@ class Worker:
         await self.scheduler.stop()
         await self.adapters.stop()
         await self.selector.close()
+        await asyncio.to_thread(self.metrics.close)
 
     async def check_selector(self) -> bool:
         """Contact the selector and refuse a vocabulary different from the SLM's (candidate ids would lie)."""
         try:
             info = await self.selector.info(timeout_s=5.0)
         except grpc.aio.AioRpcError as e:
-            self.selector_problem = f"selector at {self.selector.address} unreachable: {e.code().name}"
+            self.selector_problem = self.selector.problem(e)
             return False
         if info.vocab_sha256 != self.lm.vocab_sha256:
             raise RuntimeError(
@@ -117,13 +128,9 @@ class Worker:
 
     async def admit(self, metadata) -> None:
         ws = self.settings.worker
-        if ws.auth_token is not None:
-            expected = f"Bearer {ws.auth_token.get_secret_value()}"
-            got = dict(metadata or ()).get("authorization")
-            if got != expected:
-                raise RequestError(grpc.StatusCode.UNAUTHENTICATED,
-                                   "authorization: missing or wrong bearer token" if got else
-                                   "authorization: this worker requires 'authorization: Bearer <token>' metadata")
+        refusal = self.client_tokens.refusal(metadata)  # constant-time, never echoes the token
+        if refusal is not None:
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, refusal)
         if self.active >= ws.max_concurrent_requests:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"worker at its limit of {ws.max_concurrent_requests} concurrent requests; retry later")
@@ -248,14 +255,26 @@ class Worker:
         """Stream a request's events; cancelling the iteration cancels the request."""
         seq = self.start_sequence(request)
         self.active += 1
+        ids = {"request_id": seq.request_id, "session_id": seq.session_id}
+        log.debug("request started", extra=ids)
+        answered = False
         try:
             while True:
                 event = await seq.events.get()
+                if event.final is not None:  # counted before the client can see it, so a scrape after agrees
+                    answered, st = True, event.final.stats
+                    self.metrics.request_finished(st)
+                    log.info("request finished: %d tokens in %.2f s, mode %s%s", st.completion_tokens, st.wall_s,
+                             Mode.from_proto(st.mode_used).value,
+                             f", degraded: {st.degraded_reason}" if st.degraded_reason else "", extra=ids)
                 yield event
                 if event.final is not None:
                     return
         finally:
             self.active -= 1
+            if not answered:
+                self.metrics.request_cancelled(seq.stats)
+                log.info("request cancelled by the client", extra=ids)
             if not seq.done:
                 seq.cancelled = True
                 self.scheduler.wake()
@@ -274,9 +293,14 @@ class GenerationServicer:
             await self.worker.admit(context.invocation_metadata())
             return self.worker.run(request)
         except WireError as e:
+            self.worker.metrics.request_refused(grpc.StatusCode.INVALID_ARGUMENT)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            await self._refuse(e, context)
+
+    async def _refuse(self, error: RequestError, context) -> None:
+        self.worker.metrics.request_refused(error.code)
+        await context.abort(error.code, error.message)
 
     async def Generate(self, data: bytes, context) -> gen_pb.GenerateResponse:
         events = await self._start(gen_pb.GenerateRequest, data, context)
@@ -285,7 +309,7 @@ class GenerationServicer:
                 if event.final is not None:
                     return event.final
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            await self._refuse(e, context)
 
     async def GenerateStream(self, data: bytes, context):
         events = await self._start(gen_pb.GenerateStreamRequest, data, context)
@@ -297,7 +321,7 @@ class GenerationServicer:
                     yield gen_pb.GenerateStreamResponse(delta=gen_pb.TextDelta(text=event.text,
                                                                                 token_ids=event.token_ids))
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            await self._refuse(e, context)
 
 
 def _handlers(servicer: GenerationServicer) -> grpc.GenericRpcHandler:
@@ -313,13 +337,13 @@ def _handlers(servicer: GenerationServicer) -> grpc.GenericRpcHandler:
 
 async def serve(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Start the worker's gRPC server (generation, health, reflection); returns it and the bound port."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+    server = grpc.aio.server(options=server_options(16 << 20))  # keepalive policy: see s2t.wire
     server.add_generic_rpc_handlers((_handlers(GenerationServicer(worker)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", worker.settings.worker.tls, "worker.tls")  # TLS / mTLS if configured
     if bound == 0:
         raise RuntimeError(f"cannot bind the worker to {host}:{port}")
     await server.start()
