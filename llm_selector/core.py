@@ -4,6 +4,8 @@ A request goes through `admit` (validation, step ordering, idempotent replay) an
 (`compute_select` / `compute_decode`, synchronous torch, run off the event loop) and `release`, which
 records the reply for retries and lets the session's next step in. Beyond `max_queued_requests` requests
 waiting for a batch, `admit` refuses with RESOURCE_EXHAUSTED and a retry hint (back-pressure, never INTERNAL).
+A request over its worker's quotas (`selector.quota.*`, quotas.py; the transports pass who the worker is) is
+refused the same way, and a worker over its KV quota loses its own least recently used sessions after a batch.
 
 The selection rule is the paper's: the index of the candidate with the highest LLM probability, ties to
 the lower index (the SLM's higher rank). A position diverges when that index is not 0 and the trigger
@@ -29,7 +31,8 @@ from s2t.runtime import Engine
 from s2t.triggers import ThresholdTable, kl_on_support
 
 from s2t.selection_log import ScoredPosition, SelectionLog, SelectorIdentity, SelectRecord
-from .metrics import SelectorMethod, SelectorMetrics, SelectorOutcome
+from .metrics import QuotaKind, SelectorMethod, SelectorMetrics, SelectorOutcome
+from .quotas import LOCAL_CALLER, QuotaRefusal, WorkerIdentity, WorkerQuotas
 from .sessions import Session, SessionStore
 
 log = logging.getLogger(__name__)
@@ -42,20 +45,25 @@ _LOG_TRIGGER = {pb.SELECT_TRIGGER_ALWAYS: "always", pb.SELECT_TRIGGER_WORKER: "w
 DEFAULT_BATCH_S = 0.05
 BATCH_TIME_SMOOTHING = 0.3  # weight of the newest batch in the moving average of batch times
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of an overload answer; the message repeats the number
+QUOTA_KEY = "quota-exceeded"  # trailing metadata of a quota refusal: the setting (the message names it too)
 
 
 class SelectorError(Exception):
     """An expected failure with the gRPC status it maps to (and, for overload, when to try again)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None,
+                 quota: QuotaKind | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after_ms = retry_after_ms
+        self.quota = quota  # the worker's quota that refused the request, if one did
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        """What the transports send as trailing metadata: the retry hint of an overload answer."""
-        return () if self.retry_after_ms is None else ((RETRY_AFTER_KEY, str(self.retry_after_ms)),)
+        """What the transports send as trailing metadata: the retry hint of an overload or quota answer, and
+        which quota refused."""
+        hint = () if self.retry_after_ms is None else ((RETRY_AFTER_KEY, str(self.retry_after_ms)),)
+        return hint + (() if self.quota is None else ((QUOTA_KEY, self.quota.setting),))
 
 
 def invalid(message: str) -> SelectorError:
@@ -90,9 +98,10 @@ class SelectorCore:
         self.kl = ThresholdTable(kl_thresholds if kl_thresholds is not None else settings.kl_thresholds, "KL")
         self.sessions = SessionStore(engine, settings.max_sessions, settings.session_idle_ttl_s,
                                      settings.kv_budget_mb << 20)
+        self.quotas = WorkerQuotas(settings.quota)
         self.counters = {"select": 0, "decode": 0, "replayed": 0, "failed_precondition": 0, "positions": 0,
                          "diverged": 0, "forwards": 0, "batches": 0, "batched_sessions": 0,
-                         "resource_exhausted": 0, "queued_peak": 0}
+                         "resource_exhausted": 0, "queued_peak": 0, "quota_rejections": 0, "quota_evictions": 0}
         self._pending: dict[str, list[tuple[Ticket, asyncio.Future]]] = {"select": [], "decode": []}
         self._draining = False
         # Moving average of batch wall times by kind, and the batch on the engine now (kind, start): the
@@ -196,7 +205,7 @@ class SelectorCore:
         if kind not in (pb.SELECT_TRIGGER_ALWAYS, pb.SELECT_TRIGGER_WORKER, pb.SELECT_TRIGGER_KL):
             raise invalid("trigger.kind: must be SELECT_TRIGGER_ALWAYS, SELECT_TRIGGER_WORKER or SELECT_TRIGGER_KL")
         if kind == pb.SELECT_TRIGGER_KL:
-            if req.trigger.kl_threshold < 0:
+            if not req.trigger.kl_threshold >= 0:  # NaN too: nothing exceeds it, the trigger would never fire
                 raise invalid(f"trigger.kl_threshold: {req.trigger.kl_threshold:g} must be > 0")
             if req.trigger.kl_threshold == 0:
                 if not 0 < req.trigger.kl_rate <= 1:
@@ -231,6 +240,10 @@ class SelectorCore:
                         raise invalid(f"{f}.{name}_probs[{i}]: {p} is not a probability in [0, 1]")
             if kind == pb.SELECT_TRIGGER_KL and not pos.candidate_probs:
                 raise invalid(f"{f}.candidate_probs: SELECT_TRIGGER_KL needs the SLM's probabilities")
+            # The KL statistic pairs every id with its probability: without them the batch's compute would fail
+            # and take every session batched with this one down with it.
+            if kind == pb.SELECT_TRIGGER_KL and pos.support_ids and not pos.support_probs:
+                raise invalid(f"{f}.support_probs: SELECT_TRIGGER_KL needs the SLM's probabilities of support_ids")
 
     def validate_decode(self, req: pb.DecodeRequest) -> None:
         self._check_common(req)
@@ -248,14 +261,15 @@ class SelectorCore:
 
     # -- ordering -----------------------------------------------------------------------------------------
 
-    async def admit(self, req, kind: str) -> Ticket | object:
+    async def admit(self, req, kind: str, worker: WorkerIdentity = LOCAL_CALLER) -> Ticket | object:
         """Validate and wait for the request's turn in its session. Returns a Ticket, or the recorded reply of
         an identical earlier request (idempotent retry); raises SelectorError.
 
         Back-pressure: a request whose turn has come is refused with RESOURCE_EXHAUSTED and a retry hint when
-        `max_queued_requests` requests already wait for a batch. The refusal changes nothing in the session
-        (the resend of the same step is admitted like the first delivery), and replays of kept replies are
-        never refused: they cost no compute."""
+        `max_queued_requests` requests already wait for a batch, or when it is over `worker`'s quotas (a new
+        session beyond max_sessions, positions beyond positions_per_s). The refusal changes nothing in the
+        session (the resend of the same step is admitted like the first delivery), and replays of kept replies
+        are never refused: they cost no compute."""
         (self.validate_select if kind == "select" else self.validate_decode)(req)
         sid, step = req.session_id, req.step
         session = self.sessions.get(sid)
@@ -263,7 +277,8 @@ class SelectorCore:
             if req.prefix_length != 0:
                 self.counters["failed_precondition"] += 1
                 raise stale(f"session_id: unknown session {sid!r}; resend the full context with prefix_length 0")
-            session = self.sessions.create(sid)
+            self._check_session_quota(worker)
+            session = self._open_session(sid, worker)
             session.next_step = step
             log.debug("session opened at step %d", step, extra={"session_id": sid, "request_id": req.request_id})
         async with session.changed:
@@ -292,10 +307,17 @@ class SelectorCore:
             if self.queued() >= self.settings.max_queued_requests:
                 raise self._overloaded(session)
             self._resend_expected.pop(session, None)
-            if self.sessions.get(sid) is not session:  # evicted while waiting
-                if req.prefix_length != 0:
-                    raise stale(f"session_id: session {sid!r} was evicted; resend the full context")
-                session = self.sessions.create(sid)
+            reopen = self.sessions.get(sid) is not session  # evicted while waiting
+            if reopen and req.prefix_length != 0:
+                raise stale(f"session_id: session {sid!r} was evicted; resend the full context")
+            if reopen:
+                self._check_session_quota(worker)
+            # the positions this request has scored (Decode: the tokens it may generate), once it will compute
+            refusal = self.quotas.charge_positions(worker, len(req.positions) if kind == "select" else req.max_tokens)
+            if refusal is not None:
+                raise self._quota_refused(refusal)
+            if reopen:
+                session = self._open_session(sid, worker)
             session.next_step = step + 1
             if req.prefix_length == 0 and session.tokens:
                 self.sessions.reset(session)
@@ -348,6 +370,49 @@ class SelectorCore:
             f"selector overloaded: {self.queued()} requests are waiting for a batch (max_queued_requests "
             f"{self.settings.max_queued_requests}); resend the same step after the hint: {RETRY_AFTER_KEY}={retry_ms}",
             retry_after_ms=retry_ms)
+
+    # -- per-worker quotas (quotas.py) ----------------------------------------------------------------------
+
+    def _check_session_quota(self, worker: WorkerIdentity) -> None:
+        refusal = self.quotas.check_new_session(worker, self.sessions)
+        if refusal is not None:
+            raise self._quota_refused(refusal)
+
+    def _open_session(self, session_id: str, worker: WorkerIdentity) -> Session:
+        session = self.sessions.create(session_id)
+        self.quotas.opened(session, worker)
+        return session
+
+    def _quota_refused(self, refusal: QuotaRefusal) -> SelectorError:
+        """RESOURCE_EXHAUSTED for a request over its worker's quota. The message names the setting and the
+        worker (a token identity is the token's index, never the token); like an overload refusal it changes
+        nothing in the session. Unlike one, the session's later steps do not wait past step_gap_wait_s for the
+        refused step's resend: a worker over its quota often gives the step up (a hint beyond its deadline)
+        and decides its positions locally, and its next steps should be answered (served or refused) soon,
+        not stall until their own deadline. A resend that comes after a later step was served is superseded
+        (FAILED_PRECONDITION: the worker resyncs)."""
+        self.counters["quota_rejections"] += 1
+        self.metrics.quota_rejection(refusal.kind)
+        # one INFO line per worker and quota, then DEBUG: a worker over its quota is refused every block
+        first = self.quotas.refusals(refusal.worker).get(refusal.kind) == 1
+        message = (f"selector quota: {refusal.worker} is over {refusal.kind.setting} = {refusal.limit:g} "
+                   f"({refusal.detail}); resend the same step after the hint: {RETRY_AFTER_KEY}="
+                   f"{refusal.retry_after_ms}")
+        log.log(logging.INFO if first else logging.DEBUG, "%s", message)
+        return SelectorError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_ms=refusal.retry_after_ms,
+                             quota=refusal.kind)
+
+    def _enforce_kv_quota(self) -> None:
+        """After a batch (sessions grew): evict sessions of workers over selector.quota.max_kv_bytes (their own
+        least recently used idle ones, quotas.WorkerQuotas.kv_evictions); they resync when they come back."""
+        evict = self.quotas.kv_evictions(self.sessions)
+        for session in evict:
+            self.sessions.remove(session.id)
+            log.debug("session evicted for %s's %s", self.quotas.owner(session), QuotaKind.MAX_KV_BYTES.setting,
+                      extra={"session_id": session.id})
+        if evict:
+            self.counters["quota_evictions"] += len(evict)
+            self.metrics.quota_evictions(QuotaKind.MAX_KV_BYTES, len(evict))
 
     def _replay(self, session: Session, step: int):
         if step in session.replies:
@@ -473,11 +538,12 @@ class SelectorCore:
 
     # -- one request end to end, batched across sessions ---------------------------------------------------
 
-    async def handle(self, req, kind: str):
-        """admit -> (batched) compute -> release for one request. Returns the reply; raises SelectorError."""
+    async def handle(self, req, kind: str, worker: WorkerIdentity = LOCAL_CALLER):
+        """admit -> (batched) compute -> release for one request of `worker` (quotas.worker_identity: the
+        transports say who called). Returns the reply; raises SelectorError."""
         outcome = SelectorOutcome.CANCELLED  # unless it ends otherwise: a caller that went away
         try:
-            reply = await self._handle(req, kind)
+            reply = await self._handle(req, kind, worker)
             outcome = SelectorOutcome.OK
             return reply
         except SelectorError as e:
@@ -489,8 +555,8 @@ class SelectorCore:
         finally:
             self.metrics.request(SelectorMethod(kind), outcome)
 
-    async def _handle(self, req, kind: str):
-        admitted = await self.admit(req, kind)
+    async def _handle(self, req, kind: str, worker: WorkerIdentity):
+        admitted = await self.admit(req, kind, worker)
         if not isinstance(admitted, Ticket):
             return admitted
         if req.prefix_length == 0 and req.step > 0:  # a session's later step with the full context: a resync
@@ -560,4 +626,5 @@ class SelectorCore:
             finally:  # a failing release (log I/O) must not leave the caller waiting forever
                 if not future.done():
                     future.set_result(reply)
+        self._enforce_kv_quota()
         self._observe_sessions()

@@ -17,9 +17,11 @@ from s2t.v1 import selector_pb2 as pb
 from s2t.v1 import selector_pb2_grpc as pb_grpc
 from s2t.config import SelectorSettings, Settings
 from s2t.security import BearerTokens, add_port
-from s2t.wire import serve_until_signalled, server_options
+from s2t.wire import WireError, parse, serve_until_signalled, server_options
 
 from .core import SelectorCore, SelectorError
+from .metrics import SelectorMethod, SelectorOutcome
+from .quotas import worker_identity
 
 log = logging.getLogger("s2t.selector")
 
@@ -68,13 +70,18 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
 class SelectorServicer(pb_grpc.SelectorServiceServicer):
     def __init__(self, core: SelectorCore):
         self.core = core
+        # The interceptor has let the call in; these tell which accepted token it carries (the worker's
+        # identity for the quotas, quotas.worker_identity).
+        self.tokens = selector_tokens(core.settings)
 
     async def _handle(self, request, context, kind):
+        worker = worker_identity(context.invocation_metadata(), context.peer(), self.tokens)
         try:
-            return await self.core.handle(request, kind)
+            return await self.core.handle(request, kind, worker)
         except SelectorError as e:
-            # Overload (RESOURCE_EXHAUSTED) carries its retry hint as trailing metadata `retry-after-ms`
-            # and in the message; every other SelectorError has no trailing metadata.
+            # Overload and quota refusals (RESOURCE_EXHAUSTED) carry their retry hint as trailing metadata
+            # `retry-after-ms` and in the message (a quota refusal also `quota-exceeded`); every other
+            # SelectorError has no trailing metadata.
             await context.abort(e.code, e.message, trailing_metadata=e.trailing_metadata())
 
     async def Select(self, request, context):
@@ -90,13 +97,41 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
         return self.core.info()
 
 
+def strict_handlers(servicer: SelectorServicer) -> grpc.GenericRpcHandler:
+    """SelectorService's methods over the raw request bytes, parsed by s2t.wire.parse: undecodable bytes and a
+    field with the wrong wire type are INVALID_ARGUMENT naming the field. grpc's generated deserializer would
+    answer UNKNOWN to the first and serve the second with the field silently defaulted (a `step` sent as a
+    string was served as step 0)."""
+
+    def strict(method, request_cls, response_cls, metrics_method: SelectorMethod) -> grpc.RpcMethodHandler:
+        async def handle(data: bytes, context):
+            try:
+                request = parse(request_cls, data)
+            except WireError as e:
+                servicer.core.metrics.request(metrics_method, SelectorOutcome.INVALID_ARGUMENT)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return await method(request, context)
+
+        # no request_deserializer: the handler gets the bytes
+        return grpc.unary_unary_rpc_method_handler(handle, response_serializer=response_cls.SerializeToString)
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Select": strict(servicer.Select, pb.SelectRequest, pb.SelectResponse, SelectorMethod.SELECT),
+        "Decode": strict(servicer.Decode, pb.DecodeRequest, pb.DecodeResponse, SelectorMethod.DECODE),
+        "CloseSession": strict(servicer.CloseSession, pb.CloseSessionRequest, pb.CloseSessionResponse,
+                               SelectorMethod.CLOSE_SESSION),
+        "GetSelectorInfo": strict(servicer.GetSelectorInfo, pb.GetSelectorInfoRequest, pb.GetSelectorInfoResponse,
+                                  SelectorMethod.INFO),
+    })
+
+
 async def serve(core: SelectorCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Serve `core` on host:port with the credentials of its settings (auth_tokens, tls); returns the server
     and the bound port."""
     tokens = selector_tokens(core.settings)
     server = grpc.aio.server(options=server_options(32 << 20),
                              interceptors=[BearerAuthInterceptor(tokens, SERVICE)] if tokens.enabled else [])
-    pb_grpc.add_SelectorServiceServicer_to_server(SelectorServicer(core), server)
+    server.add_generic_rpc_handlers((strict_handlers(SelectorServicer(core)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = add_port(server, f"{host}:{port}", core.settings.tls, "selector.tls")

@@ -47,6 +47,19 @@ class SelectorOutcome(enum.Enum):
         return _OUTCOME_OF_CODE.get(code, cls.ERROR)
 
 
+class QuotaKind(enum.Enum):
+    """The per-worker quotas (`selector.quota.<value>`, llm_selector/quotas.py): the `quota` label, bounded,
+    where the worker's identity would not be."""
+
+    POSITIONS_PER_S = "positions_per_s"
+    MAX_SESSIONS = "max_sessions"
+    MAX_KV_BYTES = "max_kv_bytes"
+
+    @property
+    def setting(self) -> str:
+        return f"selector.quota.{self.value}"
+
+
 _OUTCOME_OF_CODE = {grpc.StatusCode.INVALID_ARGUMENT: SelectorOutcome.INVALID_ARGUMENT,
                     grpc.StatusCode.FAILED_PRECONDITION: SelectorOutcome.FAILED_PRECONDITION,
                     grpc.StatusCode.RESOURCE_EXHAUSTED: SelectorOutcome.RESOURCE_EXHAUSTED,
@@ -199,6 +212,11 @@ class SelectorMetrics:
                                    ("method", "outcome"))
         self._rejections = b.counter("s2t_selector_queue_rejections", "requests refused with RESOURCE_EXHAUSTED "
                                      "because max_queued_requests already waited for a batch (back-pressure)")
+        self._quota_rejections = b.counter("s2t_selector_quota_rejections", "requests refused with "
+                                           "RESOURCE_EXHAUSTED because their worker was over a selector.quota.* "
+                                           "setting, by quota", ("quota",))
+        self._quota_evictions = b.counter("s2t_selector_quota_evictions", "sessions evicted to bring their "
+                                          "worker back within a selector.quota.* setting, by quota", ("quota",))
         self._replays = b.counter("s2t_selector_replays", "retried steps answered from the kept reply (no compute)")
         self._resyncs = b.counter("s2t_selector_resyncs", "full-context resends admitted (prefix_length 0 after "
                                   "step 0): a worker rebuilding a session the selector lost or never had")
@@ -225,6 +243,12 @@ class SelectorMetrics:
 
     def queue_rejection(self) -> None:
         self._rejections.inc(1, {})
+
+    def quota_rejection(self, quota: QuotaKind) -> None:
+        self._quota_rejections.inc(1, {"quota": quota.value})
+
+    def quota_evictions(self, quota: QuotaKind, sessions: int) -> None:
+        self._quota_evictions.inc(sessions, {"quota": quota.value})
 
     def replay(self) -> None:
         self._replays.inc(1, {})

@@ -31,6 +31,7 @@ from s2t.security import BearerTokens
 from .core import SelectorCore, SelectorError
 from .grpc_server import AUTH_HINT, selector_tokens
 from .metrics import SelectorMetrics
+from .quotas import worker_identity
 
 log = logging.getLogger("s2t.selector")
 
@@ -79,8 +80,10 @@ class SelectorDeployment:
     async def _serve(self, request, grpc_context, kind: str, empty):
         if self._refused(grpc_context):
             return empty()
+        # who called, for the per-worker quotas (the proxy passes the worker's metadata and peer through)
+        worker = worker_identity(grpc_context.invocation_metadata(), grpc_context.peer(), self.tokens)
         try:
-            return await self.core.handle(request, kind)
+            return await self.core.handle(request, kind, worker)
         except SelectorError as e:
             # Expected failures carry their own status; Serve would turn a raised exception into INTERNAL.
             # Serve 2.60's proxy copies code, details and trailing metadata of this RayServegRPCContext onto

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import dataclasses
 import time
+from typing import Iterator
 
 from s2t.runtime import Engine, KVCache
 
@@ -51,6 +52,10 @@ class SessionStore:
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
+
+    def __iter__(self) -> Iterator[Session]:
+        """The sessions, least recently used first (a snapshot: the caller may remove sessions meanwhile)."""
+        return iter(list(self._sessions.values()))
 
     def get(self, session_id: str) -> Session | None:
         s = self._sessions.get(session_id)

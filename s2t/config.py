@@ -112,6 +112,11 @@ class ClientTlsSettings(_Section):
         return self
 
 
+# What a worker may call itself in the selector's `worker-id` metadata (s2t/security.py): a metadata value
+# that logs and quota messages can show as it is, bounded like the selector's other ids.
+WORKER_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@/+-]{1,128}")
+
+
 class WorkerSettings(_Section):
     model: str = Field("qwen2.5-coder-0.5b-instruct", description="registry name or transformers directory")
     host: str = Field("127.0.0.1", description="address the client gRPC server binds")
@@ -121,6 +126,7 @@ class WorkerSettings(_Section):
     selector_application: str = Field("s2t-selector", description="Ray Serve application name (gRPC metadata)")
     selector_auth_token: SecretStr | None = Field(None, description="sent as 'authorization: Bearer <token>' on every selector RPC; one of the selector's selector.auth_tokens")
     selector_tls: ClientTlsSettings = ClientTlsSettings()
+    worker_id: str | None = Field(None, description="this worker's name to the selector, sent as 'worker-id' metadata on every selector RPC: the key of the selector's selector.quota.* when it has no auth_tokens (with them, the token is the key); None = <hostname>-<pid>; letters, digits and ._:@/+-, at most 128")
     default_mode: ModeName = Field("s2t", description="mode of requests that name none: greedy, s2t, s2t-local, llm")
     num_candidates: int = Field(8, ge=1, le=64, description="K: SLM candidates per position sent to the selector")
     trigger: TriggerName = Field("kl", description="when a disagreement is corrected: kl (selector-side, paper), entropy / margin (LLM-free, worker-side), always")
@@ -169,6 +175,31 @@ class WorkerSettings(_Section):
     def _selector_token(cls, v: SecretStr | None) -> SecretStr | None:
         return None if v is None else _bearer_token(v)
 
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id(cls, v: str | None) -> str | None:
+        if v is not None and not WORKER_ID_PATTERN.fullmatch(v):
+            raise ValueError("worker_id must be 1 to 128 letters, digits or ._:@/+-")
+        return v
+
+
+class QuotaSettings(_Section):
+    """Per-worker quotas of one selector replica (llm_selector/quotas.py), so one worker cannot starve the
+    others; None = unlimited. A worker is its bearer token when selector.auth_tokens is set, else the
+    'worker-id' it sends (worker.worker_id), else its host. Over a quota the selector answers
+    RESOURCE_EXHAUSTED with a retry-after-ms hint, which the worker treats as busy."""
+
+    positions_per_s: float | None = Field(None, gt=0, description="positions a worker may have scored per second (Select: its positions; Decode: max_tokens), a token bucket checked when a request's turn comes")
+    positions_burst: float | None = Field(None, gt=0, description="the bucket's size in positions (what an idle worker may send at once); None = 2 s worth of positions_per_s")
+    max_sessions: int | None = Field(None, ge=1, description="sessions a worker may hold open; a new one beyond is refused until one closes or idles out (session_idle_ttl_s)")
+    max_kv_bytes: int | None = Field(None, ge=1, description="KV cache bytes a worker's sessions may hold; after each batch the worker's own least recently used idle sessions are evicted down to it (never its most recent one, never another worker's)")
+
+    @model_validator(mode="after")
+    def _burst_needs_rate(self) -> "QuotaSettings":
+        if self.positions_burst is not None and self.positions_per_s is None:
+            raise ValueError("positions_burst needs positions_per_s")
+        return self
+
 
 class SelectorSettings(_Section):
     model: str = Field("qwen2.5-coder-1.5b-instruct", description="registry name or transformers directory")
@@ -195,6 +226,7 @@ class SelectorSettings(_Section):
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long an idle selector waits for more sessions before a batch")
     max_queued_requests: int = Field(256, ge=1, description="per replica: requests waiting for a batch beyond which the selector answers RESOURCE_EXHAUSTED with a retry-after-ms hint (back-pressure)")
     max_ongoing_requests: int = Field(512, ge=1, description="per replica, Ray Serve back-pressure")
+    quota: QuotaSettings = QuotaSettings()
     # Defaults for the embedded pair, from the same calibration run as TriggerThresholds.
     kl_thresholds: dict[float, float] = Field(
         default_factory=lambda: {

@@ -13,21 +13,44 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import socket
 from pathlib import Path
 from typing import Iterable
 
 import grpc
 from pydantic import SecretStr
 
-from .config import ClientTlsSettings, ConfigError, ServerTlsSettings
+from .config import WORKER_ID_PATTERN, ClientTlsSettings, ConfigError, ServerTlsSettings
 
 AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
 BEARER = "bearer"  # the scheme; compared case-insensitively (RFC 7235)
+WORKER_ID = "worker-id"  # how a worker names itself to the selector (the key of its quotas without tokens)
 
 
 def bearer_metadata(token: SecretStr) -> tuple[str, str]:
     """The metadata entry that presents `token`."""
     return AUTHORIZATION, f"Bearer {token.get_secret_value()}"
+
+
+def default_worker_id() -> str:
+    """`worker.worker_id` when unset: <hostname>-<pid>, distinct per process on a host (cut to 128 characters,
+    characters outside WORKER_ID_PATTERN replaced)."""
+    raw = f"{socket.gethostname()}-{os.getpid()}"
+    name = "".join(c if WORKER_ID_PATTERN.fullmatch(c) else "_" for c in raw)
+    return name[-128:]  # keep the pid: it is what tells two processes of one host apart
+
+
+def presented_worker_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The `worker-id` a call presents, if it is a valid one (WORKER_ID_PATTERN); anything else is ignored,
+    so a malformed header cannot reach logs or quota messages."""
+    for key, value in metadata or ():
+        if key.lower() == WORKER_ID:
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            if WORKER_ID_PATTERN.fullmatch(value):
+                return value
+    return None
 
 
 def _digest(token: str) -> bytes:
@@ -59,29 +82,44 @@ class BearerTokens:
     def enabled(self) -> bool:
         return bool(self._digests)
 
-    def accepts(self, token: str) -> bool:
-        """Whether `token` is one of the set, comparing against every digest (no early exit)."""
+    def index_of(self, token: str) -> int | None:
+        """The position of `token` in the set (the order of the settings), or None; compares against every
+        digest (no early exit)."""
         presented = _digest(token)
-        found = False
-        for digest in self._digests:
-            found |= hmac.compare_digest(presented, digest)
+        found = None
+        for i, digest in enumerate(self._digests):
+            if hmac.compare_digest(presented, digest) and found is None:
+                found = i
         return found
+
+    def accepts(self, token: str) -> bool:
+        """Whether `token` is one of the set."""
+        return self.index_of(token) is not None
+
+    def accepted_index(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> int | None:
+        """The position of the first accepted bearer token the call presents, or None: with one token per
+        worker, who is calling (the selector's quotas are keyed on it)."""
+        for value in (v for k, v in metadata or () if k.lower() == AUTHORIZATION):
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == BEARER:
+                index = self.index_of(token.strip())
+                if index is not None:
+                    return index
+        return None
 
     def refusal(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         """None if the call may proceed, else the UNAUTHENTICATED message: it names the header and the
         settings to check, never the value that arrived."""
         if not self.enabled:
             return None
-        values = [v for k, v in metadata or () if k.lower() == AUTHORIZATION]
         hint = f" ({self.hint})" if self.hint else ""
-        if not values:
+        metadata = tuple(metadata or ())  # read twice below
+        if not any(k.lower() == AUTHORIZATION for k, _ in metadata):
             return f"authorization: the {self.server} requires 'authorization: Bearer <token>' metadata{hint}"
-        for value in values:
-            if isinstance(value, bytes):
-                value = value.decode("latin-1")
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == BEARER and self.accepts(token.strip()):
-                return None
+        if self.accepted_index(metadata) is not None:
+            return None
         return f"authorization: the {self.server} did not accept the bearer token{hint}"
 
 

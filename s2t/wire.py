@@ -14,6 +14,7 @@ import asyncio
 import signal
 
 import grpc
+from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import unknown_fields
 
@@ -50,13 +51,134 @@ def check_wire_types(msg: _message.Message) -> None:
 
 
 def parse(cls, data: bytes):
-    """Parse `data` as `cls`, rejecting undecodable bytes and mistyped fields with a WireError."""
+    """Parse `data` as `cls`, rejecting undecodable bytes and mistyped fields with a WireError that names the
+    field where the bytes stop making sense (protobuf's own error names only the message type)."""
     try:
         msg = cls.FromString(data)
     except _message.DecodeError as e:
-        raise WireError(f"request is not a valid {cls.DESCRIPTOR.full_name}: {e}") from None
+        where = decode_error_location(cls.DESCRIPTOR, data) or str(e)
+        raise WireError(f"request is not a valid {cls.DESCRIPTOR.full_name}: {where}") from None
     check_wire_types(msg)
     return msg
+
+
+# -- where undecodable bytes go wrong -------------------------------------------------------------------------
+#
+# A walk over the wire format that mirrors what protobuf's parser (upb) rejects: a truncated or over-long
+# varint, a field key beyond 32 bits or with field number 0, wire types 6 and 7, an end-group without its
+# start, a length beyond the bytes left, invalid UTF-8 in a declared string field, a broken packed repeated
+# field, and all of these inside declared message fields (recursively) and groups. Only run once the parser
+# has refused the bytes, so its cost does not matter.
+
+_MAX_DEPTH = 100  # upb's default recursion limit
+_PACKED_WIDTH = {_descriptor.FieldDescriptor.TYPE_DOUBLE: 8, _descriptor.FieldDescriptor.TYPE_FIXED64: 8,
+                 _descriptor.FieldDescriptor.TYPE_SFIXED64: 8, _descriptor.FieldDescriptor.TYPE_FLOAT: 4,
+                 _descriptor.FieldDescriptor.TYPE_FIXED32: 4, _descriptor.FieldDescriptor.TYPE_SFIXED32: 4}
+_LENGTH_DELIMITED_TYPES = {_descriptor.FieldDescriptor.TYPE_STRING, _descriptor.FieldDescriptor.TYPE_BYTES,
+                           _descriptor.FieldDescriptor.TYPE_MESSAGE}
+
+
+class _Cut(Exception):
+    """The bytes end inside a value, or a value is malformed; says what, the walk adds where."""
+
+
+class _Located(Exception):
+    """A _Cut with the field path it happened in: the finished location."""
+
+
+def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = 0
+    for i in range(10):
+        if pos + i >= end:
+            raise _Cut("a varint is cut off")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    raise _Cut("a varint is longer than 10 bytes")
+
+
+def decode_error_location(descriptor, data: bytes) -> str | None:
+    """Where `data` stops being a valid `descriptor` message: 'positions[0].candidate_ids: a varint is cut off',
+    or 'field key at byte 17: ...' for a broken field key of the message itself (no field to name yet). None
+    if the walk finds nothing wrong (a parser limit it does not model): the caller then reports the parser's
+    own message."""
+    try:
+        _walk(descriptor, data, 0, len(data), "", 0, None)
+    except _Located as e:
+        return str(e)
+    return None
+
+
+def _walk(descriptor, data: bytes, pos: int, end: int, path: str, depth: int, group: int | None) -> int:
+    """Walk the fields in data[pos:end] of a `descriptor` message (None: an unknown group's fields) and return
+    where the walk stopped: `end`, or after the end-group key of `group`. Raises _Located."""
+    if depth > _MAX_DEPTH:
+        raise _Located(f"{path.rstrip('.') or 'the message'}: nested more than {_MAX_DEPTH} levels deep")
+    occurrences: dict[int, int] = {}
+    while pos < end:
+        # A broken key belongs to the enclosing field; one of the top-level message is located by its offset.
+        key_at = f"{path.rstrip('.')}: field key at byte {pos}" if path else f"field key at byte {pos}"
+        try:
+            key, pos = _varint(data, pos, end)
+        except _Cut as e:
+            raise _Located(f"{key_at}: {e}") from None
+        number, wire_type = key >> 3, key & 7
+        if number == 0 or key > 0xFFFFFFFF:
+            raise _Located(f"{key_at}: field number {number} is not valid")
+        field = descriptor.fields_by_number.get(number) if descriptor is not None else None
+        name = f"{path}{field.name}" if field is not None else f"{path}<field {number}>"
+        if field is not None and field.message_type is not None and field.is_repeated:
+            occurrences[number] = occurrences.get(number, 0) + 1
+            name += f"[{occurrences[number] - 1}]"
+        try:
+            if wire_type == 0:
+                _, pos = _varint(data, pos, end)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+                if pos > end:
+                    raise _Cut(f"its {'8' if wire_type == 1 else '4'} bytes are cut off")
+            elif wire_type == 2:
+                length, pos = _varint(data, pos, end)
+                if length > end - pos:
+                    raise _Cut(f"{length} bytes announced, {end - pos} left")
+                _check_payload(field, data, pos, pos + length, name, depth)
+                pos += length
+            elif wire_type == 3:
+                pos = _walk(None, data, pos, end, f"{name}.", depth + 1, number)
+            elif wire_type == 4:
+                if group != number:
+                    raise _Cut("an end-group key without its start")
+                return pos
+            else:
+                raise _Cut(f"wire type {wire_type} does not exist")
+        except _Cut as e:
+            raise _Located(f"{name}: {e}") from None
+    if group is not None:
+        raise _Located(f"{path.rstrip('.')}: the group has no end-group key")
+    return pos
+
+
+def _check_payload(field, data: bytes, pos: int, end: int, name: str, depth: int) -> None:
+    """A length-delimited value of a declared field with that wire type: a message, a string, or a packed
+    repeated scalar (any other declared field with this wire type is kept as an unknown field, unchecked)."""
+    if field is None:
+        return
+    if field.type == _descriptor.FieldDescriptor.TYPE_MESSAGE:
+        _walk(field.message_type, data, pos, end, f"{name}.", depth + 1, None)
+    elif field.type == _descriptor.FieldDescriptor.TYPE_STRING:
+        try:
+            data[pos:end].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Cut(f"not valid UTF-8 (at byte {e.start} of the string)") from None
+    elif field.is_repeated and field.type not in _LENGTH_DELIMITED_TYPES:  # packed scalars
+        width = _PACKED_WIDTH.get(field.type)
+        if width is not None:
+            if (end - pos) % width:
+                raise _Cut(f"{end - pos} bytes of packed {width}-byte values")
+        else:
+            while pos < end:
+                _, pos = _varint(data, pos, end)
 
 
 # -- channel settings: keepalive ------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A busy selector and a dead one are different things, and only the second may open the breaker:
 
-  busy    the selector answered RESOURCE_EXHAUSTED (its queue is full; the answer carries a retry hint) or
+  busy    the selector answered RESOURCE_EXHAUSTED (its queue is full, or this worker is over one of its
+          selector.quota.* quotas; the answer carries a retry hint) or
           ABORTED, or one attempt ran into the per-attempt cap while the channel was connected. The client
           waits (the hint, else a jittered backoff) and resends the same (session_id, step) until the
           request's own deadline. Nothing counts toward the breaker: under load every session would
@@ -23,6 +24,9 @@ Every failure here is something the decode loop degrades around, never a client-
     SelectorRefused      the selector answered with an error that a resend cannot fix (INTERNAL, INVALID_ARGUMENT, ...)
       SelectorAuthRefused  ... because of the worker's credentials (UNAUTHENTICATED, PERMISSION_DENIED): the selector
                            is up, so the breaker stays closed and nothing is resent; the request degrades saying so
+
+Identity: every RPC carries `worker-id: <worker.worker_id>` (default <hostname>-<pid>), the key of the selector's
+per-worker quotas when it has no bearer tokens (with them, the token is the key).
 
 Credentials: every RPC carries `authorization: Bearer <worker.selector_auth_token>` when that is set, and the
 channel is TLS (or mTLS) when `worker.selector_tls` enables it. Its keepalive is s2t.wire's client policy, which
@@ -46,7 +50,7 @@ from asyncio_throttle import Throttler
 from pydantic import SecretStr
 
 from s2t.config import ClientTlsSettings, WorkerSettings
-from s2t.security import bearer_metadata, open_channel
+from s2t.security import WORKER_ID, bearer_metadata, default_worker_id, open_channel
 from s2t.v1 import selector_pb2 as pb
 from s2t.v1 import selector_pb2_grpc as pb_grpc
 from s2t.wire import client_channel_options
@@ -58,6 +62,10 @@ log = logging.getLogger(__name__)
 # the part every transport keeps, so it is parsed when the metadata is missing.
 RETRY_AFTER_KEY = "retry-after-ms"
 _RETRY_AFTER_IN_MESSAGE = re.compile(r"retry-after-ms[=:]\s*(\d+)")
+# A refusal for this worker's quota also carries `quota-exceeded: selector.quota.<name>`, and the message names
+# the setting.
+QUOTA_KEY = "quota-exceeded"
+_QUOTA_IN_MESSAGE = re.compile(r"selector\.quota\.[a-z_]+")
 
 BUSY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 OUTAGE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -134,6 +142,16 @@ def retry_after_s(error: grpc.aio.AioRpcError) -> float | None:
                 break
     match = _RETRY_AFTER_IN_MESSAGE.search(error.details() or "")
     return int(match.group(1)) / 1000 if match else None
+
+
+def quota_exceeded(error: grpc.aio.AioRpcError) -> str | None:
+    """The selector quota (its setting) that refused a RESOURCE_EXHAUSTED answer, or None when the answer was
+    not about this worker's quota (e.g. the selector's queue is full)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == QUOTA_KEY:
+            return value if isinstance(value, str) else value.decode("latin-1")
+    match = _QUOTA_IN_MESSAGE.search(error.details() or "")
+    return match.group(0) if match else None
 
 
 class CallBudget:
@@ -222,6 +240,7 @@ class ClientCounters:
     attempts: int = 0  # RPC attempts (a call may resend its step)
     busy_retries: int = 0  # attempts answered busy (RESOURCE_EXHAUSTED, ABORTED, a capped slow attempt), then resent
     resource_exhausted: int = 0  # RESOURCE_EXHAUSTED answers (the selector's back-pressure)
+    quota_refusals: int = 0  # ... of them because this worker was over a selector.quota.* quota
     busy_past_deadline: int = 0  # calls that ended in SelectorBusy
     outage_failures: int = 0  # attempts that could not reach the selector
     breaker_rejections: int = 0  # calls refused at once by an open breaker (SelectorDown)
@@ -240,9 +259,10 @@ class SelectorClient:
     def __init__(self, address: str, application: str = "", select_timeout_s: float = 120.0,
                  breaker_failures: int = 3, breaker_open_s: float = 10.0, calls_per_s: float = 0.0,
                  rng: random.Random | None = None, auth_token: SecretStr | None = None,
-                 tls: ClientTlsSettings | None = None):
+                 tls: ClientTlsSettings | None = None, worker_id: str | None = None):
         self.address = address
         self.application = application
+        self.worker_id = worker_id or default_worker_id()  # who this worker is to the selector's quotas
         # the metadata entry that presents the worker's bearer token (kept as built, never logged)
         self._authorization = bearer_metadata(auth_token) if auth_token is not None else None
         self.tls = tls or ClientTlsSettings()
@@ -263,7 +283,7 @@ class SelectorClient:
         """The client the worker's settings describe: address, deadlines, breaker, budget, credentials."""
         return cls(ws.selector_address, ws.selector_application, ws.select_timeout_ms / 1000, ws.breaker_failures,
                    ws.breaker_open_s, ws.selector_calls_per_s, auth_token=ws.selector_auth_token,
-                   tls=ws.selector_tls)
+                   tls=ws.selector_tls, worker_id=ws.worker_id)
 
     def problem(self, error: grpc.aio.AioRpcError) -> str:
         """Why a call the worker needs (e.g. GetSelectorInfo at start-up) failed, in the words a degraded
@@ -294,6 +314,7 @@ class SelectorClient:
 
     def _metadata(self, session_id: str = "", request_id: str = "") -> list[tuple[str, str]]:
         md = [self._authorization] if self._authorization is not None else []
+        md.append((WORKER_ID, self.worker_id))
         if self.application:
             md.append(("application", self.application))
         if session_id:
@@ -411,6 +432,9 @@ class SelectorClient:
                     self._busy, last_outage = True, None
                     hint = retry_after_s(e) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
                     self.counters.resource_exhausted += code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    # over this worker's quota: busy like a full queue (the breaker stays closed), counted apart
+                    self.counters.quota_refusals += (code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                                     and quota_exceeded(e) is not None)
                     last_busy = f"{code.name}: {details}"
                     left = deadline - time.monotonic()
                     if hint is not None:

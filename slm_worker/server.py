@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 import uuid
 from typing import AsyncIterator
@@ -36,6 +37,11 @@ log = logging.getLogger("s2t.worker")
 SERVICE = gen_pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 ROLES = {"system", "user", "assistant"}
 MAX_INFLIGHT_BLOCKS = 16
+# request_id: at most this long; the selector allows as much for the session id made from it (<request_id>-<8 hex>)
+MAX_ID_LEN = 128
+# The request id travels to the selector as gRPC metadata (request_id, session_id): printable ASCII only, or
+# every selector call of the request fails in the client ("Illegal header value") and the request degrades.
+METADATA_SAFE = re.compile(r"[\x20-\x7e]*")
 
 
 class RequestError(Exception):
@@ -192,6 +198,13 @@ class Worker:
                 local = LocalTrigger(trigger.value, self.thresholds[trigger.value].threshold(rate), ws.warmup_steps)
             except ValueError as e:
                 raise _invalid(f"options.trigger_rate: {e}") from None
+        elif trigger is TriggerKind.KL and self.selector_info is not None:
+            # The selector maps the rate through its KL calibration and refuses one outside it: refused here, like
+            # an entropy or margin rate outside the worker's, rather than served unverified after every Select failed.
+            try:
+                ThresholdTable(dict(self.selector_info.kl_thresholds), "KL").threshold(rate)
+            except ValueError as e:
+                raise _invalid(f"options.trigger_rate: {e}") from None
         block = o.block_size or ws.block_size
         if block > ws.max_block_size:
             raise _invalid(f"options.block_size: {block} exceeds the limit {ws.max_block_size}")
@@ -235,12 +248,15 @@ class Worker:
         return None, mode, ""
 
     def start_sequence(self, request) -> Sequence:
-        if len(request.request_id) > 128:
-            raise _invalid(f"request_id: {len(request.request_id)} characters, at most 128")
+        if len(request.request_id) > MAX_ID_LEN:
+            raise _invalid(f"request_id: {len(request.request_id)} characters, at most {MAX_ID_LEN}")
+        if not METADATA_SAFE.fullmatch(request.request_id):
+            raise _invalid("request_id: only printable ASCII characters (it is sent on as gRPC metadata)")
         prompt = self.prompt_ids(request)
         opts, mode_requested = self.options(request)
         request_id = request.request_id or uuid.uuid4().hex
-        seq = Sequence(request_id, f"{request_id}-{uuid.uuid4().hex[:8]}", prompt, opts, self.engine,
+        session_id = f"{request_id[:MAX_ID_LEN - 9]}-{uuid.uuid4().hex[:8]}"  # within the selector's limit too
+        seq = Sequence(request_id, session_id, prompt, opts, self.engine,
                        self.lm.stop_ids, self.lm.tokenizer, mode_requested, odds=self.scheduler.odds)
         verifier, running, why = self.verifier_for(opts.mode)
         seq.running = running
