@@ -13,11 +13,11 @@ SelectorCore (core.py) calls the same `SelectorMetrics` methods either way, alwa
 from __future__ import annotations
 
 import enum
-import threading
 from typing import Mapping, Protocol
-from wsgiref.simple_server import WSGIServer
 
 import grpc
+
+from s2t.metrics_http import MetricsEndpoint
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FORWARD_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -119,7 +119,7 @@ class PrometheusBackend:
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()
-        self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self._endpoint = MetricsEndpoint(self.registry, "selector")
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> CounterInstrument:
         from prometheus_client import Counter
@@ -138,27 +138,16 @@ class PrometheusBackend:
         return _PromInstrument(Histogram(name, doc, labels, buckets=buckets, registry=self.registry))
 
     def serve_http(self, host: str, port: int) -> int:
-        """Serve /metrics (prometheus_client's threaded WSGI server) on host:port (0: a free port); returns the
-        bound port."""
-        from prometheus_client import start_http_server
-
-        if self._http is not None:
-            raise RuntimeError("the selector's metrics endpoint is already serving")
-        self._http = start_http_server(port, addr=host, registry=self.registry)
-        return self._http[0].server_address[1]
+        """Serve /metrics on host:port (0: a free port); returns the bound port."""
+        return self._endpoint.serve(host, port)
 
     @property
     def http_port(self) -> int | None:
-        return None if self._http is None else self._http[0].server_address[1]
+        return self._endpoint.port
 
     def close(self) -> None:
-        """Stop the endpoint (blocks up to the server's 0.5 s poll interval). Idempotent."""
-        if self._http is not None:
-            server, thread = self._http
-            self._http = None
-            server.shutdown()
-            server.server_close()
-            thread.join()
+        """Stop the endpoint. Idempotent."""
+        self._endpoint.close()
 
 
 class _RayInstrument:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import enum
 import re
-import threading
 from typing import Callable, Iterable
-from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import InfoMetricFamily, Metric
 
+from s2t.metrics_http import MetricsEndpoint
 from s2t.modes import Mode
 from s2t.v1 import generation_pb2 as gen_pb
 
@@ -149,7 +148,7 @@ class WorkerMetrics:
                        registry=r)
         active.set_function(lambda: float(active_requests()))
         r.register(_AdapterCollector(adapter_version))
-        self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self._endpoint = MetricsEndpoint(self.registry, "worker")
 
     # -- recording (on the worker's event loop) -------------------------------------------------------------
 
@@ -188,22 +187,13 @@ class WorkerMetrics:
     # -- the /metrics endpoint ------------------------------------------------------------------------------
 
     def serve_http(self, host: str, port: int) -> int:
-        """Serve /metrics (prometheus_client's threaded WSGI server) on host:port (0: a free port); returns the
-        bound port."""
-        if self._http is not None:
-            raise RuntimeError("the worker's metrics endpoint is already serving")
-        self._http = start_http_server(port, addr=host, registry=self.registry)
-        return self._http[0].server_address[1]
+        """Serve /metrics on host:port (0: a free port); returns the bound port."""
+        return self._endpoint.serve(host, port)
 
     @property
     def http_port(self) -> int | None:
-        return None if self._http is None else self._http[0].server_address[1]
+        return self._endpoint.port
 
     def close(self) -> None:
-        """Stop the endpoint (blocks up to the server's 0.5 s poll interval). Idempotent."""
-        if self._http is not None:
-            server, thread = self._http
-            self._http = None
-            server.shutdown()
-            server.server_close()
-            thread.join()
+        """Stop the endpoint. Idempotent."""
+        self._endpoint.close()
