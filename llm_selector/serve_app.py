@@ -27,10 +27,11 @@ from ray import serve
 from s2t.v1 import selector_pb2 as pb
 from s2t.config import ConfigError, Settings
 from s2t.security import BearerTokens
+from s2t.wire import WireError, check_wire_types
 
 from .core import SelectorCore, SelectorError
 from .grpc_server import AUTH_HINT, selector_tokens
-from .metrics import SelectorMetrics
+from .metrics import SelectorMethod, SelectorMetrics, SelectorOutcome
 from .quotas import worker_identity
 
 log = logging.getLogger("s2t.selector")
@@ -79,6 +80,16 @@ class SelectorDeployment:
 
     async def _serve(self, request, grpc_context, kind: str, empty):
         if self._refused(grpc_context):
+            return empty()
+        try:
+            # The proxy parsed the bytes with protobuf's deserializer, which keeps a field of the wrong wire type
+            # as an unknown field and leaves the declared one at its default: refuse it by name instead, as the
+            # --no-ray server's parser does.
+            check_wire_types(request)
+        except WireError as e:
+            self.core.metrics.request(SelectorMethod(kind), SelectorOutcome.INVALID_ARGUMENT)
+            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            grpc_context.set_details(str(e))
             return empty()
         # who called, for the per-worker quotas (the proxy passes the worker's metadata and peer through)
         worker = worker_identity(grpc_context.invocation_metadata(), grpc_context.peer(), self.tokens)

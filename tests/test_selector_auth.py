@@ -432,6 +432,13 @@ async def test_serve_deployment_checks_tokens_it_gets_as_digests(make_settings, 
         ctx = RayServegRPCContext(ProxyContext([("session_id", "d-s"), ("authorization", f"Bearer {TOKEN_A}")]))
         reply = await deployment.Select(position_request("d-s"), ctx)
         assert reply.session_length == 3 and ctx.code() is None
+        # a field of the wrong wire type, as the proxy's deserializer hands it over: refused by name, not
+        # served with the field defaulted (here `step` as a string: step 0 would replay the first reply)
+        mistyped = pb.SelectRequest.FromString(position_request("d-s").SerializeToString() + b"\x12\x01x")
+        ctx = RayServegRPCContext(ProxyContext([("session_id", "d-s"), ("authorization", f"Bearer {TOKEN_A}")]))
+        assert await deployment.Select(mistyped, ctx) == pb.SelectResponse()
+        assert ctx.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ctx.details() == "wrong field types: step (field 2) arrived as length-delimited"
     finally:
         core.close()
 
