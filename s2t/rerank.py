@@ -382,6 +382,13 @@ class Reranker:
     def num_bins(self) -> int:
         return self.bin_weight.shape[0]
 
+    @property
+    def first_layer(self) -> int:
+        """The lowest decoder layer the LoRA adapts: below it the adapted model is the base model, so a
+        scorer may start there from the drafting cache (Engine.score_trees)."""
+        layers = [int(m.group(1)) for name in self.lora if (m := _LAYER_INDEX.search(name + "."))]
+        return min(layers, default=0)
+
     def scores(self, hidden: torch.Tensor, slm_probs: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
         """[n, hidden] final hidden states at candidate positions (+ the SLM's probabilities of the n
         candidates) -> [n] ranking scores: expected bin values in [0, 1] + prior_weight · log p_SLM."""

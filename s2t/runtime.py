@@ -127,19 +127,32 @@ def load_model(spec: str, cache_dir: Path, weight_formats: str = "auto", threads
 
 
 class KVCache:
-    """One sequence's keys and values for every layer, in buffers that grow geometrically.
+    """One sequence's keys and values for layers [first_layer, num_layers), in buffers that grow geometrically.
 
     Holds the keys/values of the first `length` tokens of its sequence. `crop` is O(1); appending n tokens
     copies only those n (plus an occasional regrowth), unlike transformers' concatenating DynamicCache.
+
+    A drafting cache may also keep a *tap*: the hidden state entering layer `tap_layer` at each position
+    (written by Engine.forward). An S2T-Local scorer whose adapter leaves the layers below `tap_layer` alone
+    starts its own forward there, from the tap, instead of recomputing those layers (Engine.score_trees).
+    Invariant: tap[:length] belongs to the same tokens as keys/values[:length].
     """
 
-    __slots__ = ("keys", "values", "length", "capacity", "_shape", "dtype")
+    __slots__ = ("keys", "values", "length", "capacity", "_shape", "dtype", "first_layer", "tap_layer", "tap",
+                 "_hidden")
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
-        self._shape = (num_layers, num_kv_heads, head_dim)
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, first_layer: int = 0,
+                 tap_layer: int | None = None, hidden_size: int = 0):
+        if not 0 <= first_layer < num_layers:
+            raise ValueError(f"first_layer {first_layer} outside [0, {num_layers})")
+        self._shape = (num_layers - first_layer, num_kv_heads, head_dim)
         self.dtype = dtype
+        self.first_layer = first_layer
+        self.tap_layer = tap_layer
+        self._hidden = hidden_size
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.tap: torch.Tensor | None = None
         self.length = 0
         self.capacity = 0
 
@@ -156,6 +169,11 @@ class KVCache:
                     store[i] = new
                 else:
                     store.append(new)
+        if self.tap_layer is not None:
+            tap = torch.empty(cap, self._hidden, dtype=self.dtype)
+            if self.tap is not None:
+                tap[: self.length] = self.tap[: self.length]
+            self.tap = tap
         self.capacity = cap
 
     def crop(self, length: int) -> None:
@@ -166,7 +184,27 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         layers, heads, dim = self._shape
-        return 2 * layers * heads * dim * self.capacity * torch.tensor([], dtype=self.dtype).element_size()
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        tap = self.capacity * self._hidden * size if self.tap_layer is not None else 0
+        return 2 * layers * heads * dim * self.capacity * size + tap
+
+
+@dataclasses.dataclass
+class TreeJob:
+    """One sequence's share of a batched scoring forward (Engine.score_trees).
+
+    `cache` is the scorer's own cache (computed with the adapter) for layers [cache.first_layer, N); `tokens`
+    are appended to it; each branch (pos, candidate_ids) is scored at position pos. When cache.first_layer > 0
+    the forward is split there: `base` is the sequence's drafting cache, tapped at that layer, whose tap gives
+    the new tokens' hidden states and whose lower layers the candidates attend to. `base_length` is the base
+    cache's length to use (read once, by the caller, on the compute thread).
+    """
+
+    cache: KVCache
+    tokens: list[int]
+    branches: list[tuple[int, list[int]]]
+    base: KVCache | None = None
+    base_length: int = 0
 
 
 class _BatchCache:
@@ -182,19 +220,20 @@ class _BatchCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         for b, cache in enumerate(self.caches):
-            s, n = self.starts[b], self.counts[b]
-            cache.keys[layer_idx][:, s:s + n] = key_states[b, :, :n]
-            cache.values[layer_idx][:, s:s + n] = value_states[b, :, :n]
+            s, n, i = self.starts[b], self.counts[b], layer_idx - cache.first_layer
+            cache.keys[i][:, s:s + n] = key_states[b, :, :n]
+            cache.values[i][:, s:s + n] = value_states[b, :, :n]
         if len(self.caches) == 1:
-            t = self.totals[0]
-            return self.caches[0].keys[layer_idx][None, :, :t], self.caches[0].values[layer_idx][None, :, :t]
+            t, cache = self.totals[0], self.caches[0]
+            i = layer_idx - cache.first_layer
+            return cache.keys[i][None, :, :t], cache.values[i][None, :, :t]
         bsz, heads, _, dim = key_states.shape
         keys = key_states.new_zeros(bsz, heads, self.kv_len, dim)
         values = value_states.new_zeros(bsz, heads, self.kv_len, dim)
         for b, cache in enumerate(self.caches):
-            t = self.totals[b]
-            keys[b, :, :t] = cache.keys[layer_idx][:, :t]
-            values[b, :, :t] = cache.values[layer_idx][:, :t]
+            t, i = self.totals[b], layer_idx - cache.first_layer
+            keys[b, :, :t] = cache.keys[i][:, :t]
+            values[b, :, :t] = cache.values[i][:, :t]
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -222,9 +261,41 @@ class Engine:
         self.head = lm.model.get_output_embeddings()
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.vocab_size = lm.vocab_size
+        self.hidden_size = cfg.hidden_size
+        # Split scoring needs the decoder's parts by their usual names and full attention in every layer.
+        types = getattr(cfg, "layer_types", None) or []
+        self.can_split = (all(hasattr(self.base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+                          and all(t == "full_attention" for t in types))
+        self.tap_layer: int | None = None  # new caches record the hidden state entering this layer
+        self._tap_hook = None
+        self._tap_rows: tuple | None = None  # (caches, starts, counts) while Engine.forward runs
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
+    def new_cache(self, first_layer: int = 0) -> KVCache:
+        """A cache for layers [first_layer, N) (a split scorer's); drafting caches (first_layer 0) are tapped
+        at `tap_layer` when one is set."""
+        tap = self.tap_layer if first_layer == 0 else None
+        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype, first_layer=first_layer,
+                       tap_layer=tap, hidden_size=self.hidden_size)
+
+    def set_tap(self, layer: int | None) -> None:
+        """From now on, new drafting caches keep the hidden state entering `layer` (None: stop tapping). Caches
+        made before keep the tap they had. Call on the compute thread, between forwards."""
+        if layer is not None and not (self.can_split and 0 < layer < self.num_layers):
+            raise ValueError(f"cannot tap layer {layer} of this model (split scoring supported: {self.can_split})")
+        if self._tap_hook is not None:
+            self._tap_hook.remove()
+            self._tap_hook = None
+        self.tap_layer = layer
+        if layer is not None:
+            self._tap_hook = self.base.layers[layer].register_forward_pre_hook(self._record_tap)
+
+    def _record_tap(self, module, args):
+        if self._tap_rows is None:  # a scoring pass, not a drafting forward
+            return
+        hidden = args[0]
+        for b, (cache, s, n) in enumerate(zip(*self._tap_rows)):
+            if cache.tap is not None:
+                cache.tap[s:s + n] = hidden[b, :n]
 
     def forward(self, caches: list[KVCache], tokens: list[list[int]], want: list[list[int]]) -> list[torch.Tensor]:
         """Append tokens[b] to caches[b] and return logits [len(want[b]), vocab] for each b (float32, or
@@ -245,7 +316,6 @@ class Engine:
                 out[i] = lg
         return out
 
-    @torch.inference_mode()
     def forward_tree(self, cache: KVCache, tokens: list[int], branches: list[tuple[int, list[int]]],
                      adapter: str | None) -> list[torch.Tensor]:
         """Append `tokens` to `cache` and, in the same forward, score-read each branch's candidates.
@@ -259,21 +329,94 @@ class Engine:
         new tokens' keys/values are computed with it too, so a scorer keeps a cache of its own, built with
         the same adapter throughout (prefill with branches=[]). `tokens` may be empty.
         """
-        start, n = cache.length, len(tokens)
-        sizes = [len(c) for _, c in branches]
-        positions, mask = tree_inputs(start, n, [p for p, _ in branches], sizes)
-        if n + sum(sizes) == 0:
-            return [torch.zeros(0, self.lm.model.config.hidden_size, dtype=self.kv_dtype) for _ in branches]
-        query = len(positions)
-        # Room for the candidates too: they are written after the new tokens and left beyond cache.length.
-        cache.reserve(start + query)
-        ids = torch.tensor(list(tokens) + [c for _, cands in branches for c in cands], dtype=torch.long)[None]
+        return self.score_trees([TreeJob(cache, list(tokens), branches)], adapter)[0]
+
+    @torch.inference_mode()
+    def score_trees(self, jobs: list[TreeJob], adapter: str | None) -> list[list[torch.Tensor]]:
+        """forward_tree for several sequences in one batched forward (per split layer), with the split.
+
+        A job whose cache starts at layer S > 0 runs in two passes: its candidates go through layers [0, S)
+        attending to the base (drafting) cache, which holds those layers' keys/values of the prefix already
+        (the adapter has no weights there, so base and scorer agree on them); then new tokens — entering at
+        layer S from the base cache's tap, never recomputed below it — and candidates go through [S, N) on
+        the scorer's cache with the adapter. Results equal the unsplit forward up to rounding.
+        """
+        out: list[list[torch.Tensor] | None] = [None] * len(jobs)
+        for split in sorted({j.cache.first_layer for j in jobs}):
+            idx = [i for i, j in enumerate(jobs) if j.cache.first_layer == split]
+            for i, res in zip(idx, self._score_split([jobs[i] for i in idx], split, adapter)):
+                out[i] = res
+        return out
+
+    def _score_split(self, jobs: list[TreeJob], split: int, adapter: str | None) -> list[list[torch.Tensor]]:
+        embed = self.base.embed_tokens
+        cand_ids = [[c for _, cands in j.branches for c in cands] for j in jobs]
+        sizes = [[len(c) for _, c in j.branches] for j in jobs]
+        inputs, layouts = [], []
+        if split > 0:
+            # 1. candidates through layers [0, split), attending to the drafting cache's prefix
+            lower_in, lower_layout = [], []
+            for j, ids, sz in zip(jobs, cand_ids, sizes):
+                if j.base is None or j.base.tap_layer != split or j.base.tap is None:
+                    raise ValueError(f"a scorer split at layer {split} needs a drafting cache tapped there")
+                start = j.cache.length
+                if j.base_length < start + len(j.tokens) or any(p > j.base_length for p, _ in j.branches):
+                    raise ValueError(f"the drafting cache holds {j.base_length} tokens, the scorer needs "
+                                     f"{start + len(j.tokens)} and branches at {[p for p, _ in j.branches]}")
+                lower_in.append(embed(torch.tensor(ids, dtype=torch.long)))
+                lower_layout.append(tree_inputs(j.base_length, 0, [p for p, _ in j.branches], sz))
+            lower = self._run_layers(range(0, split), [j.base for j in jobs], [j.base_length for j in jobs],
+                                     lower_in, lower_layout, adapter=None)
+            for j, h in zip(jobs, lower):
+                start = j.cache.length
+                inputs.append(torch.cat([j.base.tap[start:start + len(j.tokens)], h]))
+        else:
+            for j, ids in zip(jobs, cand_ids):
+                inputs.append(embed(torch.tensor(list(j.tokens) + ids, dtype=torch.long)))
+        for j, sz in zip(jobs, sizes):
+            layouts.append(tree_inputs(j.cache.length, len(j.tokens), [p for p, _ in j.branches], sz))
+        # 2. new tokens and candidates through layers [split, N) on the scorer's cache, with the adapter
+        hidden = self._run_layers(range(split, self.num_layers), [j.cache for j in jobs],
+                                  [j.cache.length for j in jobs], inputs, layouts, adapter=adapter, norm=True)
+        results = []
+        for j, h, sz in zip(jobs, hidden, sizes):
+            j.cache.length += len(j.tokens)
+            results.append(list(torch.split(h[len(j.tokens):], sz)))
+        return results
+
+    def _run_layers(self, layers: range, caches: list[KVCache], starts: list[int], inputs: list[torch.Tensor],
+                    layouts: list[tuple[torch.Tensor, torch.Tensor]], adapter: str | None, norm: bool = False
+                    ) -> list[torch.Tensor]:
+        """Run decoder layers `layers` over ragged queries: inputs[b] [q_b, H] at layouts[b] = (positions [q_b],
+        mask [q_b, starts[b] + q_b]) against caches[b], whose first starts[b] tokens are the keys before the
+        query; the query's keys/values are written at starts[b] onward (the caller sets lengths)."""
+        counts = [x.shape[0] for x in inputs]
+        width = max(counts)
+        if width == 0:
+            return [x for x in inputs]
+        kv = max(s + n for s, n in zip(starts, counts))
+        bsz = len(inputs)
+        dtype = self.kv_dtype
+        hidden = torch.zeros(bsz, width, self.hidden_size, dtype=dtype)
+        positions = torch.zeros(bsz, width, dtype=torch.long)
+        mask = torch.zeros(bsz, 1, width, kv, dtype=torch.bool)
+        mask[:, :, :, 0] = True  # padding queries attend to one real key (no all-masked softmax rows)
+        for b, (x, (pos, m), s) in enumerate(zip(inputs, layouts, starts)):
+            n = x.shape[0]
+            caches[b].reserve(s + n)
+            hidden[b, :n] = x
+            positions[b, :n] = pos
+            mask[b, 0, :n] = False
+            mask[b, 0, :n, :s + n] = m
+        batch_cache = _BatchCache(caches, starts, counts)
+        position_embeddings = self.base.rotary_emb(hidden, positions)
         with adapter_scope(self.lm.model, adapter):
-            hidden = self.base(input_ids=ids, attention_mask=mask[None, None], position_ids=positions[None],
-                               past_key_values=_BatchCache([cache], [start], [query]), use_cache=True
-                               ).last_hidden_state[0]
-        cache.length = start + n
-        return list(torch.split(hidden[n:], sizes))
+            for i in layers:
+                hidden = self.base.layers[i](hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                                             position_ids=positions, past_key_values=batch_cache, use_cache=True)
+        if norm:
+            hidden = self.base.norm(hidden)
+        return [hidden[b, :n] for b, n in enumerate(counts)]
 
     @torch.inference_mode()
     def _forward_group(self, caches: list[KVCache], tokens: list[list[int]], want: list[list[int]]) -> list[torch.Tensor]:
@@ -293,8 +436,12 @@ class Engine:
         # Row b, query i sees keys 0..start_b+i; padded queries (i >= count_b) see what their last real query sees.
         mask = (kv <= positions[:, :, None])[:, None]
         batch_cache = _BatchCache(caches, starts, counts)
-        hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch_cache,
-                           use_cache=True).last_hidden_state
+        self._tap_rows = (caches, starts, counts)
+        try:
+            hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               past_key_values=batch_cache, use_cache=True).last_hidden_state
+        finally:
+            self._tap_rows = None
         for c, s, n in zip(caches, starts, counts):
             c.length = s + n
         rows = [(b, i) for b, w in enumerate(want) for i in w]

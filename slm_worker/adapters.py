@@ -102,6 +102,11 @@ class AdapterStore:
             return self._current
         # Installing changes the model's modules: do it on the compute thread, between forwards.
         await loop.run_in_executor(self.engine.executor, install, lm.model, reranker)
+        # Below its first adapted layer the scorer is the base SLM: tap the drafting caches there, so that
+        # local scoring starts at that layer instead of recomputing the ones beneath (Engine.score_trees).
+        tap, first = self.engine.tap_layer, reranker.first_layer
+        if self.engine.can_split and first > 0 and (tap is None or first < tap):
+            await loop.run_in_executor(self.engine.executor, self.engine.set_tap, first)
         self._installed[reranker.version] = reranker
         previous, self._current = self._current, reranker
         self.loads += 1

@@ -30,7 +30,7 @@ from .loop import Event, Scheduler, Sequence
 from .metrics import WorkerMetrics
 from .selector_client import CallBudget, SelectorClient
 from .sequence import DecodeOptions
-from .verifiers import Fallback, LocalReranker, RemoteSelector, Verifier
+from .verifiers import Fallback, LocalReranker, RemoteSelector, ScoringBatcher, Verifier
 
 log = logging.getLogger("s2t.worker")
 
@@ -68,6 +68,7 @@ class Worker:
         # The selector verifies only after its vocabulary matched the SLM's (check_selector).
         self.remote: RemoteSelector | None = None
         self.adapters = AdapterStore(self.engine, ws.adapter_dir, ws.adapter_poll_s)
+        self.scoring = ScoringBatcher(self.engine, ws.max_batch_size)  # every request's local re-ranking
         self.selector_info = None
         self.selector_problem = "selector not contacted yet"
         calibration = read_calibration(settings.calibration_file()) or {}
@@ -232,7 +233,7 @@ class Worker:
     def verifier_for(self, mode: Mode) -> tuple[Verifier | None, Mode, str]:
         """The verifier a request of `mode` gets now, the mode that will run, and why it differs (if it does)."""
         local = self.adapters.current()
-        local_verifier = LocalReranker(self.engine, local, self.adapters) if local is not None else None
+        local_verifier = LocalReranker(self.engine, local, self.adapters, self.scoring) if local is not None else None
         if mode is Mode.S2T:
             if self.remote is not None:
                 return (Fallback(self.remote, local_verifier) if local_verifier else self.remote), Mode.S2T, ""

@@ -20,11 +20,12 @@ import dataclasses
 import enum
 import logging
 import time
-from typing import TYPE_CHECKING, Awaitable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 import torch
 
 from s2t.modes import TriggerKind
+from s2t.runtime import TreeJob
 from s2t.v1 import selector_pb2 as sel_pb
 
 from .selector_client import SelectorClient, SelectorDown, SelectorState, SelectorUnavailable, SessionLost
@@ -211,36 +212,52 @@ class LocalReranker:
     """Mode s2t-local: the worker's S2T-Local adapter scores the candidates itself (no large-model calls).
 
     Proposals come from the base SLM (adapter off): scoring with the adapter while also generating with it
-    hurts (the "Proposal-Preserving Selection" follow-up study of S2T-Local). The scorer — SLM + adapter — keeps its own KV cache per
-    request, extended lazily at each verified block by the tokens since the last one, and scores every
-    candidate of the block in that same forward (each candidate attends to its prefix only).
+    hurts (the "Proposal-Preserving Selection" follow-up study of S2T-Local). The scorer — SLM + adapter — keeps
+    its own KV cache per request, extended lazily at each verified block by the tokens since the last one, and
+    scores every candidate of the block in that same forward (each candidate attends to its prefix only).
+    Below the adapter's first layer the scorer is the base SLM, so when the drafting cache is tapped there
+    (Engine.set_tap) the scorer starts at that layer and reuses the drafting cache beneath it. The forwards of
+    all sessions go through one `ScoringBatcher`.
     """
 
-    def __init__(self, engine: "Engine", reranker: "Reranker", holders=None):
+    def __init__(self, engine: "Engine", reranker: "Reranker", holders=None, batcher: "ScoringBatcher | None" = None):
         self.engine = engine
         self.reranker = reranker
         self.holders = holders  # AdapterStore: keeps the version installed while a request uses it
+        self.batcher = batcher or ScoringBatcher(engine)
 
     def open(self, seq: "Sequence") -> "LocalRerankerSession":
         if self.holders is not None:
             self.holders.hold(self.reranker.version)
-        return LocalRerankerSession(self.engine, self.reranker, self.holders)
+        tap = seq.cache.tap_layer if seq.cache is not None else None
+        split = tap if tap is not None and 0 < tap <= self.reranker.first_layer else 0
+        return LocalRerankerSession(self.engine, self.reranker, self.holders, self.batcher, split)
+
+
+class StaleBlock(Exception):
+    """The sequence rolled back below the block before it was scored: its verdict would be ignored."""
 
 
 class LocalRerankerSession:
     """The scorer's cache for one request.
 
-    Invariant: `cached` is the list of token ids whose keys/values `cache` holds (computed with the adapter
-    on), always a prefix of some state of the sequence. Each verification first cuts the cache back to the
-    longest common prefix with the block's tokens (drafts rolled back since are dropped there), then extends
-    it; so rollbacks need no bookkeeping, and verifications run one at a time on the engine's thread.
+    Invariants: `cached` is the list of token ids whose keys/values `cache` holds (computed with the adapter
+    on, for layers [split, N)), always a prefix of some state of the sequence. Each verification first cuts the
+    cache back to the longest common prefix with the block's tokens (drafts rolled back since are dropped
+    there), then extends it; so rollbacks need no bookkeeping. One verification of a session runs at a time;
+    `cache` and `cached` are touched only on the engine's thread. With split > 0, the sequence's drafting
+    cache supplies the layers below `split` and the new tokens' hidden states (its tap); scoring checks, on
+    the engine's thread, that it still holds the block's tokens.
     """
 
-    def __init__(self, engine: "Engine", reranker: "Reranker", holders=None):
+    def __init__(self, engine: "Engine", reranker: "Reranker", holders=None, batcher: "ScoringBatcher | None" = None,
+                 split: int = 0):
         self.engine = engine
         self.reranker = reranker
         self.holders = holders
-        self.cache = engine.new_cache()
+        self.batcher = batcher or ScoringBatcher(engine)
+        self.split = split
+        self.cache = engine.new_cache(first_layer=split)
         self.cached: list[int] = []
         self._lock = asyncio.Lock()
 
@@ -250,14 +267,15 @@ class LocalRerankerSession:
         branches = [(p, seq.proposals[p].ids[:k]) for p in block.checked]
         # the base SLM's probabilities of the candidates: the adapter's SLM prior (s2t.rerank.with_prior)
         slm_probs = [seq.proposals[p].probs[:k] for p in block.checked]
-        return self._verify(seq, block, tokens, branches, slm_probs)
+        return self._verify(seq, tokens, branches, slm_probs)
 
-    async def _verify(self, seq: "Sequence", block: Block, tokens: list[int],
-                      branches: list[tuple[int, list[int]]], slm_probs: list[list[float]]) -> Verdict:
+    async def _verify(self, seq: "Sequence", tokens: list[int], branches: list[tuple[int, list[int]]],
+                      slm_probs: list[list[float]]) -> Verdict:
         try:
             async with self._lock:
-                scores = await asyncio.get_running_loop().run_in_executor(
-                    self.engine.executor, self._score, tokens, branches, slm_probs)
+                scores = await self.batcher.score(lambda: self._prepare(seq, tokens, branches, slm_probs))
+        except StaleBlock as e:
+            return Verdict(VerdictKind.UNAVAILABLE, reason=str(e))
         except Exception as e:
             log.exception("local re-ranking failed")
             return Verdict(VerdictKind.UNAVAILABLE, reason=f"local re-ranker failed: {e!r}")
@@ -270,9 +288,17 @@ class LocalRerankerSession:
                                checked=checked, adapter_version=version)
         return Verdict(VerdictKind.ACCEPTED, VerdictSource.RERANKER, checked=len(branches), adapter_version=version)
 
-    def _score(self, tokens: list[int], branches: list[tuple[int, list[int]]], slm_probs: list[list[float]]
-               ) -> list[torch.Tensor]:
-        """On the compute thread: sync the scorer cache with `tokens`, score every branch in one forward."""
+    def _prepare(self, seq: "Sequence", tokens: list[int], branches: list[tuple[int, list[int]]],
+                 slm_probs: list[list[float]]) -> tuple[TreeJob, str, Callable[[list[torch.Tensor]], list[torch.Tensor]]]:
+        """On the engine's thread: sync the scorer cache with `tokens`; the job, its adapter, and what turns
+        the job's hidden states into scores."""
+        if self.cache is None:
+            raise StaleBlock("the request ended before its block was scored")
+        base, base_length = None, 0
+        if self.split:
+            base, base_length = seq.cache, seq.cache.length
+            if base_length < len(tokens) or seq.tokens[:len(tokens)] != tokens:
+                raise StaleBlock("rolled back before scoring")
         common = 0
         for a, b in zip(self.cached, tokens):
             if a != b:
@@ -281,18 +307,86 @@ class LocalRerankerSession:
         self.cache.crop(common)
         del self.cached[common:]
         delta = tokens[common:]
-        hidden = self.engine.forward_tree(self.cache, delta, branches, adapter=self.reranker.version)
-        self.cached.extend(delta)
-        return [self.reranker.scores(h, p) for h, p in zip(hidden, slm_probs)]
+
+        def finish(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+            self.cached.extend(delta)
+            return [self.reranker.scores(h, p) for h, p in zip(hidden, slm_probs)]
+
+        return TreeJob(self.cache, delta, branches, base=base, base_length=base_length), self.reranker.version, finish
 
     def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
         pass
 
     async def close(self) -> None:
-        if self.cache is not None and self.holders is not None:
-            self.holders.release(self.reranker.version)
-        self.cache = None
-        self.cached = []
+        async with self._lock:  # not while a scoring of this session is queued or running
+            if self.cache is not None and self.holders is not None:
+                self.holders.release(self.reranker.version)
+            self.cache = None
+            self.cached = []
+
+
+class ScoringBatcher:
+    """The local re-ranker's forwards of every session on one worker, batched like the decode loop's drafting:
+    requests that arrive while a batch runs on the engine's thread go together into the next one, one pass
+    over the weights for all of them (grouped by adapter version: a forward has one adapter active)."""
+
+    def __init__(self, engine: "Engine", max_jobs: int = 64):
+        self.engine = engine
+        self.max_jobs = max_jobs
+        self._queue: list[tuple[Callable, asyncio.Future]] = []
+        self._runner: asyncio.Task | None = None
+        self.batches = 0  # scoring forwards run
+        self.jobs = 0  # session verifications they served
+
+    async def score(self, prepare: Callable) -> list[torch.Tensor]:
+        """`prepare()` runs on the engine's thread right before the forward and returns (TreeJob, adapter,
+        finish); the result is finish(the job's hidden states), or the exception either raised."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((prepare, future))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._drain(), name="s2t-local-scoring")
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch, self._queue = self._queue[:self.max_jobs], self._queue[self.max_jobs:]
+            try:
+                outcomes = await loop.run_in_executor(self.engine.executor, self._run, [p for p, _ in batch])
+            except BaseException as e:  # cancelled: fail what this batch waited for, then stop
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e if isinstance(e, Exception) else RuntimeError("scoring cancelled"))
+                raise
+            for (_, future), (ok, value) in zip(batch, outcomes):
+                if not future.done():
+                    future.set_result(value) if ok else future.set_exception(value)
+
+    def _run(self, prepares: list[Callable]) -> list[tuple[bool, object]]:
+        outcomes: list[tuple[bool, object]] = [(False, RuntimeError("not scored"))] * len(prepares)
+        groups: dict[str, list[tuple[int, TreeJob, Callable]]] = {}
+        for i, prepare in enumerate(prepares):
+            try:
+                job, adapter, finish = prepare()
+            except Exception as e:
+                outcomes[i] = (False, e)
+                continue
+            groups.setdefault(adapter, []).append((i, job, finish))
+        for adapter, items in groups.items():
+            try:
+                hidden = self.engine.score_trees([job for _, job, _ in items], adapter)
+                self.batches += 1
+                self.jobs += len(items)
+            except Exception as e:
+                for i, _, _ in items:
+                    outcomes[i] = (False, e)
+                continue
+            for (i, _, finish), h in zip(items, hidden):
+                try:
+                    outcomes[i] = (True, finish(h))
+                except Exception as e:
+                    outcomes[i] = (False, e)
+        return outcomes
 
 
 # -- both: the selector while it is reachable, the re-ranker during an outage -------------------------------

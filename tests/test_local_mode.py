@@ -16,13 +16,15 @@ NUM_BINS = 8  # the tiny vocabulary has 13 unassigned rows
 PRIOR = 1.0  # the test adapter's SLM-prior weight: large enough to change some picks of the random bins
 
 
-def make_adapter(slm_dir, out, version: str, seed: int, base_hash: str | None = None, prior_weight: float = 0.0):
-    """A random (untrained) adapter for the tiny SLM: LoRA B and score bins drawn at random, so it re-ranks."""
+def make_adapter(slm_dir, out, version: str, seed: int, base_hash: str | None = None, prior_weight: float = 0.0,
+                 layers=None):
+    """A random (untrained) adapter for the tiny SLM: LoRA B and score bins drawn at random, so it re-ranks.
+    layers: the decoder layers it adapts (None: all)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(slm_dir))
     tok = AutoTokenizer.from_pretrained(str(slm_dir))
-    attach_lora(model, rank=4, alpha=8.0, name="train")
+    attach_lora(model, rank=4, alpha=8.0, name="train", layers=layers)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for w in lora_wrappers(model).values():
@@ -83,6 +85,26 @@ async def test_s2t_local_equals_the_paper_loop_and_calls_no_selector(make_settin
     assert st.mode_used == pb.MODE_S2T_LOCAL and st.adapter_version == "v1" and not st.degraded_reason
     assert st.selector_calls == 0 and calls == 0 and st.positions_checked == 0
     assert st.reranked_positions >= st.completion_tokens and st.picks_changed > 0
+
+
+async def test_split_scoring_of_concurrent_requests_equals_the_paper_loop(make_settings, tiny_pair, tmp_path):
+    """An adapter on the upper layer only: the worker taps the drafting caches there, scores from the tap, and
+    batches the scoring of concurrent requests; every answer still equals the full-recomputation loop."""
+    adapter = make_adapter(tiny_pair[0], tmp_path / "adapters" / "v1", "v1", seed=5, prior_weight=PRIOR, layers=[1])
+    prompts = [PROMPT, "Name a prime.", "Count to three.", "Why?"]
+    async with Stack(make_settings(**{"worker.adapter_dir": str(tmp_path / "adapters")})) as stack:
+        worker = stack.worker
+        assert worker.engine.tap_layer == 1
+        stops = set(worker.lm.stop_ids)
+        ids = [worker.prompt_ids(pb.GenerateRequest(prompt=p)) for p in prompts]
+        expected = [reference_local(tiny_pair[0], adapter, i, 20, 8, stops) for i in ids]
+        finals = await asyncio.gather(*(stack.generate(p, mode=pb.MODE_S2T_LOCAL, max_new_tokens=20, num_candidates=8,
+                                                       trigger=pb.TRIGGER_ALWAYS, block_size=3) for p in prompts))
+        scoring = worker.scoring
+    assert [list(f.token_ids) for f in finals] == expected
+    assert sum(f.stats.picks_changed for f in finals) > 0
+    assert all(f.stats.mode_used == pb.MODE_S2T_LOCAL and not f.stats.degraded_reason for f in finals)
+    assert 0 < scoring.batches < scoring.jobs  # requests shared scoring forwards
 
 
 async def test_without_an_adapter_s2t_local_degrades_to_greedy_and_says_why(make_settings):

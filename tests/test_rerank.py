@@ -18,7 +18,7 @@ from tiny import make_tiny_model_dir
 from s2t.rerank import (AdapterMismatch, LoRALinear, Reranker, attach_lora, bin_scores, install, installed_adapters,
                         load_adapter, lora_wrappers, reserved_bin_ids, save_adapter, set_active_adapter, tree_inputs,
                         uninstall)
-from s2t.runtime import Engine, load_model
+from s2t.runtime import Engine, TreeJob, load_model
 
 VOCAB_ROWS = 288
 BINS = list(range(272, 288))
@@ -280,3 +280,53 @@ def test_gguf_padding_tokens_count_as_free_rows():
             return vocab
 
     assert reserved_bin_ids(GgufLikeTokenizer(), 288, 16) == list(range(272, 288))
+
+
+def test_split_scoring_reuses_the_drafting_cache_below_the_adapter_and_batches_sequences(slm_dir, tmp_path):
+    """An adapter on layer 1 only: the scorer starts at layer 1 from the drafting cache's tap (never recomputing
+    layer 0 for the context), and several sequences score in one batched forward; all of it equals naive
+    re-encoding of context + candidate with the adapter on."""
+    engine = Engine(load_model(str(slm_dir), slm_dir.parent, weight_formats="native", threads=1))
+    reference = plain_model(slm_dir)
+    attach_lora(reference, rank=4, alpha=8, name="v1", layers=[1])
+    randomise_adapter(reference, "v1", seed=6)
+    set_active_adapter(reference, "v1")
+    reranker = make_reranker(reference, "v1", torch.randn(16, 64, dtype=torch.float64), tmp_path)
+    assert reranker.first_layer == 1
+    install(engine.lm.model, reranker)
+    untapped = engine.new_cache()
+    engine.set_tap(reranker.first_layer)
+    rng = random.Random(1)
+    seqs = [[rng.randrange(256) for _ in range(n)] for n in (30, 23)]
+    drafts = [engine.new_cache() for _ in seqs]
+    assert untapped.tap_layer is None and all(c.tap_layer == 1 for c in drafts)
+    # drafting: a prompt, then one token per forward, both sequences batched (the tap records every row)
+    engine.forward(drafts, [s[:9] for s in seqs], [[8], [8]])
+    for i in range(9, 20):
+        engine.forward(drafts, [[s[i]] for s in seqs], [[0], [0]])
+    scorers = [engine.new_cache(first_layer=1) for _ in seqs]
+
+    def job(b, upto, branches):
+        return TreeJob(scorers[b], seqs[b][scorers[b].length:upto], branches, base=drafts[b],
+                       base_length=drafts[b].length)
+
+    rounds = [[(0, 12, [(12, [3, 4, 5]), (4, [6])]), (1, 15, [(15, [7, 8])])],
+              [(0, 20, [(20, [9, 10]), (13, [11])]), (1, 15, [(2, [12, 13, 14])])]]
+    for jobs in rounds:
+        out = engine.score_trees([job(*j) for j in jobs], adapter="v1")
+        for (b, upto, branches), hidden in zip(jobs, out):
+            assert scorers[b].length == upto
+            for (pos, cands), h in zip(branches, hidden):
+                for c, row in zip(cands, h):
+                    torch.testing.assert_close(row, naive_hidden(reference, seqs[b][:pos], c), rtol=0, atol=1e-10)
+    assert len(scorers[0].keys) == 1  # the scorer holds layer 1 only
+    # the candidates' scratch keys left the drafting caches as they were: drafting continues exactly
+    got = engine.forward([drafts[0]], [seqs[0][20:30]], [[9]])[0][0]
+    with torch.no_grad():
+        want = plain_model(slm_dir)(torch.tensor([seqs[0]])).logits[0, -1]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    # a split needs a drafting cache tapped at that layer
+    with pytest.raises(ValueError, match="tapped"):
+        engine.score_trees([TreeJob(engine.new_cache(first_layer=1), [], [(0, [1])], base=untapped)], adapter="v1")
+    with pytest.raises(ValueError, match="cannot tap"):
+        engine.set_tap(0)
