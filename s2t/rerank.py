@@ -382,6 +382,18 @@ class Reranker:
     def num_bins(self) -> int:
         return self.bin_weight.shape[0]
 
+    def contenders(self, slm_probs: Sequence[float]) -> list[int]:
+        """Indices of the candidates (in the SLM's order, the first being its top-1) that can still outrank the
+        first, whatever the bins say: bin scores lie in [0, 1], so candidate i can win only if
+        w · (log p_0 - log p_i) < 1. The rest need no scoring forward; a position whose list is [0] needs
+        none at all. Exact: the winner among the contenders is the winner among all candidates. Every
+        candidate contends when w <= 0 (the paper's score)."""
+        if self.prior_weight <= 0.0 or not slm_probs:
+            return list(range(len(slm_probs)))
+        logp = [math.log(max(float(p), 1e-12)) for p in slm_probs]  # clamped as with_prior clamps
+        # the margin keeps a candidate whose bound is within rounding of 1 (the scores are float32)
+        return [i for i, lp in enumerate(logp) if i == 0 or self.prior_weight * (logp[0] - lp) < 1.0 + 1e-4]
+
     @property
     def first_layer(self) -> int:
         """The lowest decoder layer the LoRA adapts: below it the adapted model is the base model, so a

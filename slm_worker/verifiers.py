@@ -263,14 +263,25 @@ class LocalRerankerSession:
 
     def send(self, seq: "Sequence", block: Block) -> Awaitable[Verdict]:
         k = seq.opts.num_candidates
-        tokens = seq.tokens[:block.checked[-1]]  # everything the last checked position is predicted from
-        branches = [(p, seq.proposals[p].ids[:k]) for p in block.checked]
-        # the base SLM's probabilities of the candidates: the adapter's SLM prior (s2t.rerank.with_prior)
-        slm_probs = [seq.proposals[p].probs[:k] for p in block.checked]
-        return self._verify(seq, tokens, branches, slm_probs)
+        # Per checked position, the candidates that can still outrank the SLM's top-1 under the adapter's SLM
+        # prior (Reranker.contenders); a position where none can is decided without a forward.
+        branches, slm_probs, picks = [], [], []
+        for p in block.checked:
+            ids, probs = seq.proposals[p].ids[:k], seq.proposals[p].probs[:k]
+            keep = self.reranker.contenders(probs)
+            if len(keep) > 1:
+                branches.append((p, [ids[i] for i in keep]))
+                slm_probs.append([probs[i] for i in keep])  # the adapter's SLM prior (s2t.rerank.with_prior)
+                picks.append(keep)
+        # everything the last scored position is predicted from
+        tokens = seq.tokens[:branches[-1][0]] if branches else []
+        return self._verify(seq, tokens, branches, slm_probs, picks, list(block.checked))
 
     async def _verify(self, seq: "Sequence", tokens: list[int], branches: list[tuple[int, list[int]]],
-                      slm_probs: list[list[float]]) -> Verdict:
+                      slm_probs: list[list[float]], picks: list[list[int]], checked: list[int]) -> Verdict:
+        version = self.reranker.version
+        if not branches:
+            return Verdict(VerdictKind.ACCEPTED, VerdictSource.RERANKER, checked=len(checked), adapter_version=version)
         try:
             async with self._lock:
                 scores = await self.batcher.score(lambda: self._prepare(seq, tokens, branches, slm_probs))
@@ -279,14 +290,12 @@ class LocalRerankerSession:
         except Exception as e:
             log.exception("local re-ranking failed")
             return Verdict(VerdictKind.UNAVAILABLE, reason=f"local re-ranker failed: {e!r}")
-        version = self.reranker.version
-        for (pos, _), s in zip(branches, scores):
-            index = int(torch.argmax(s))  # first maximum: ties go to the SLM's higher rank
+        for (pos, _), s, keep in zip(branches, scores, picks):
+            index = keep[int(torch.argmax(s))]  # first maximum: ties go to the SLM's higher rank
             if index != 0:
-                checked = sum(1 for p, _ in branches if p <= pos)
                 return Verdict(VerdictKind.DIVERGED, VerdictSource.RERANKER, position=pos, index=index,
-                               checked=checked, adapter_version=version)
-        return Verdict(VerdictKind.ACCEPTED, VerdictSource.RERANKER, checked=len(branches), adapter_version=version)
+                               checked=sum(1 for p in checked if p <= pos), adapter_version=version)
+        return Verdict(VerdictKind.ACCEPTED, VerdictSource.RERANKER, checked=len(checked), adapter_version=version)
 
     def _prepare(self, seq: "Sequence", tokens: list[int], branches: list[tuple[int, list[int]]],
                  slm_probs: list[list[float]]) -> tuple[TreeJob, str, Callable[[list[torch.Tensor]], list[torch.Tensor]]]:

@@ -6,6 +6,7 @@ score bins are rows 272-287), and is compared exactly against plain full forward
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -330,3 +331,24 @@ def test_split_scoring_reuses_the_drafting_cache_below_the_adapter_and_batches_s
         engine.score_trees([TreeJob(engine.new_cache(first_layer=1), [], [(0, [1])], base=untapped)], adapter="v1")
     with pytest.raises(ValueError, match="cannot tap"):
         engine.set_tap(0)
+
+
+def test_contenders_are_the_candidates_the_bins_can_still_lift_above_the_slm_top1():
+    """Bin scores lie in [0, 1]: under the SLM prior w · log p a candidate whose probability is below
+    exp(-1/w) of the top-1's cannot win, so it needs no scoring row; with w = 0 every candidate contends."""
+    bins = torch.zeros(16, 8)
+    r = Reranker(version="v", path=Path("."), manifest={}, bin_ids=BINS, bin_weight=bins, prior_weight=1.0)
+    probs = [0.5, 0.3, 0.1, 0.01, 0.0]
+    assert r.contenders(probs) == [0, 1]  # 0.5/0.3 -> 0.51 nats; 0.5/0.1 -> 1.61 nats
+    assert dataclasses.replace(r, prior_weight=0.5).contenders(probs) == [0, 1, 2]
+    assert dataclasses.replace(r, prior_weight=0.0).contenders(probs) == [0, 1, 2, 3, 4]
+    assert r.contenders([0.9]) == [0]
+    # exact: whatever the bins say, the winner among all candidates is a contender
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        p = torch.softmax(torch.randn(8, generator=gen) * 2, -1).sort(descending=True).values
+        w = float(torch.rand(1, generator=gen)) * 2
+        bin_part = torch.rand(8, generator=gen, dtype=torch.float64)
+        bin_part[0] = 0.0  # the worst case for the top-1
+        winner = int(torch.argmax(bin_part + w * torch.log(p.double())))
+        assert winner in dataclasses.replace(r, prior_weight=w).contenders(p.tolist())
