@@ -14,6 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -41,32 +42,52 @@ def write_calibration(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def greedy_rollouts(engine: Engine, prompts: list[list[int]], max_new_tokens: int, stop_ids, batch_size: int = 32
+                    ) -> Iterator[tuple[int, list[int], list[Proposal]]]:
+    """Batched greedy decoding with continuous batching: up to `batch_size` prompts decode together, and a
+    finished one is replaced by the next prompt at the following step (its prefill joins that forward), so
+    the batch never runs down to its longest member alone. Yields (prompt index, generated ids, the SLM's
+    proposal at each of them) as each finishes; between two yields nothing runs, so a caller may pause.
+    Each trajectory is what decoding its prompt alone would give, up to the rounding of batched matmuls."""
+    stop = set(stop_ids)
+    waiting = iter(range(len(prompts)))
+    active: dict[int, tuple] = {}  # prompt index -> (cache, next feed, generated, proposals)
+
+    def admit() -> None:
+        while len(active) < batch_size:
+            i = next(waiting, None)
+            if i is None:
+                return
+            active[i] = (engine.new_cache(), list(prompts[i]), [], [])
+
+    admit()
+    while active:
+        order = list(active)
+        logits = engine.forward([active[i][0] for i in order], [active[i][1] for i in order],
+                                [[len(active[i][1]) - 1] for i in order])
+        done = []
+        for i, lg in zip(order, logits):
+            cache, _, gen, props = active[i]
+            p = propose(lg)[0]
+            props.append(p)
+            gen.append(p.token)
+            if p.token in stop or len(gen) >= max_new_tokens:
+                done.append(i)
+            else:
+                active[i] = (cache, [p.token], gen, props)
+        for i in done:
+            _, _, gen, props = active.pop(i)
+            yield i, gen, props
+        admit()
+
+
 def greedy_trajectories(engine: Engine, prompts: list[list[int]], max_new_tokens: int, stop_ids,
                         batch_size: int = 32) -> list[tuple[list[int], list[Proposal]]]:
-    """Batched greedy decoding; per prompt the generated ids and the SLM's proposal at each of them."""
-    stop = set(stop_ids)
-    results = []
-    for lo in range(0, len(prompts), batch_size):
-        chunk = prompts[lo:lo + batch_size]
-        caches = [engine.new_cache() for _ in chunk]
-        feeds = [list(p) for p in chunk]
-        gen: list[list[int]] = [[] for _ in chunk]
-        props: list[list[Proposal]] = [[] for _ in chunk]
-        active = list(range(len(chunk)))
-        while active:
-            logits = engine.forward([caches[i] for i in active], [feeds[i] for i in active],
-                                    [[len(feeds[i]) - 1] for i in active])
-            still = []
-            for i, lg in zip(active, logits):
-                p = propose(lg)[0]
-                props[i].append(p)
-                gen[i].append(p.token)
-                if p.token not in stop and len(gen[i]) < max_new_tokens:
-                    feeds[i] = [p.token]
-                    still.append(i)
-            active = still
-        results.extend(zip(gen, props))
-    return results
+    """Batched greedy decoding (greedy_rollouts); per prompt, in order, the generated ids and proposals."""
+    out: list[tuple[list[int], list[Proposal]] | None] = [None] * len(prompts)
+    for i, gen, props in greedy_rollouts(engine, prompts, max_new_tokens, stop_ids, batch_size):
+        out[i] = (gen, props)
+    return out
 
 
 def teacher_logprobs(engine: Engine, prompt: list[int], generated: list[int]) -> torch.Tensor:

@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from tqdm import tqdm
 
 from . import gsm8k
-from .calibration import greedy_trajectories
+from .calibration import greedy_rollouts
 from .config import ClientTlsSettings
 from .prompts import chat_prompt_ids
 from .runtime import Engine
@@ -114,18 +114,31 @@ async def collect(engine: Engine, selector_address: str, application: str, out_d
         return [{"idx": problem["idx"], "tokens": len(generated), "positions": n}
                 for (problem, _, (generated, _)), n in zip(trajectories, scored)]
 
-    for lo in range(0, len(todo), batch):
-        chunk = todo[lo:lo + batch]
-        prompts = [chat_prompt_ids(lm.tokenizer, system_prompt, p["question"]) for p in chunk]
-        rollouts = await asyncio.get_running_loop().run_in_executor(
-            engine.executor, greedy_trajectories, engine, prompts, max_new_tokens, lm.stop_ids, batch)
-        rows = await label_chunk(list(zip(chunk, prompts, rollouts)))
-        with open(progress, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-                totals["positions"] += row["positions"]
-                totals["tokens"] += row["tokens"]
-        bar.update(len(chunk))
+    # The SLM rolls out with continuous batching (a finished problem's slot takes the next one at once);
+    # whenever `batch` trajectories are finished, rollouts pause while the selector labels them, so the two
+    # models never contend for the cores, and their progress is recorded.
+    prompts = [chat_prompt_ids(lm.tokenizer, system_prompt, p["question"]) for p in todo]
+    rollouts = greedy_rollouts(engine, prompts, max_new_tokens, lm.stop_ids, batch)
+    loop = asyncio.get_running_loop()
+    finished: list[tuple] = []
+    exhausted = False
+    while not exhausted or finished:
+        if not exhausted:
+            item = await loop.run_in_executor(engine.executor, next, rollouts, None)
+            if item is None:
+                exhausted = True
+            else:
+                i, generated, proposals = item
+                finished.append((todo[i], prompts[i], (generated, proposals)))
+        if finished and (exhausted or len(finished) >= batch):
+            rows = await label_chunk(finished)
+            with open(progress, "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+                    totals["positions"] += row["positions"]
+                    totals["tokens"] += row["tokens"]
+            bar.update(len(finished))
+            finished = []
     bar.close()
     rows = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()] if progress.is_file() else []
     return {"mode": "collect", "kind": "collection", "problems": len(rows),
