@@ -15,7 +15,10 @@ Accuracy results are cached per problem under bench/cache/ (bench/problem_cache.
 them (model and weight hashes, weight formats, mode options, prompt, token cap): a rerun computes only the
 problems whose configuration changed and resumes after a kill; each run recomputes --canaries cached problems
 and stops with an error if they differ (--allow-canary-drift records the drift and goes on; --no-cache
-computes everything). Accuracy rows on the same problems are compared pairwise (exact McNemar, Tango interval
+computes everything). Canaries are token-exact only at the concurrency the cached results had: sessions share
+forwards by arrival time and the weight format follows the row count, so a near-tie can flip (greedy cached at
+100 concurrent problems drifted on 2 of 2 canaries recomputed 2 at a time, at tokens 123 and 250, both still
+wrong); a rerun at another size needs --allow-canary-drift, and its results record the drift. Accuracy rows on the same problems are compared pairwise (exact McNemar, Tango interval
 of the difference, "within --margin points?"; bench/stats.py), and the tau and K sweeps are drawn as PNGs
 next to the results (bench/plots.py).
 
