@@ -4,6 +4,14 @@
     python bench/run_bench.py speculation   # issue: greedy, llm, hf-assisted, speculative s2t (tau 1 %, 10 %, always)
     python bench/run_bench.py speculation-small --name speculation   # the same at the sizes that fit 60 min here
     python bench/run_bench.py custom --rows greedy,s2t-spec-always-b8 --accuracy-n 5 --speed-n 2
+    python bench/run_bench.py custom --name baselines --rows greedy,llm,maj8,takeover,s2t-spec-tau10-b8 \
+        --accuracy-n 100 --speed-n 0   # issue #16's baselines: maj8 (majority of 8 samples), takeover
+
+Rows `maj8` (bench/majority.py: 8 sampled greedy-mode requests per problem at temperature 0.7, top-p 0.8, seeds
+from the problem index and sample number; accuracy is the majority vote, `pass_at_8` any sample correct) and
+`takeover` (the LLM's own top-1 replaces the SLM's token where the KL trigger fires, tau 10 %, blocks of 8) are
+the references S2T is read against: what sampling more from the SLM gives, and what selecting only among the
+SLM's top-K gives up.
 
 Accuracy runs send every problem at once (concurrent sessions: the worker batches their SLM steps, the
 selector batches their Select calls); speed runs send one problem at a time (batch-1 tokens/s, the
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -46,6 +55,7 @@ if str(BENCH) not in sys.path:  # bench/'s own modules, also when the tests impo
     sys.path.insert(0, str(BENCH))
 
 import stats  # noqa: E402
+from majority import SEED_RULE, combine_samples, sample_seed  # noqa: E402
 from problem_cache import DEFAULT_ROOT as CACHE_ROOT, ProblemCache, problem_digest  # noqa: E402
 from stats import wilson  # noqa: E402,F401 - re-exported: wilson lived here before bench/stats.py
 
@@ -57,18 +67,35 @@ class Row:
     """One configuration: a mode name as reported, and the request/worker options that produce it."""
 
     name: str
-    mode: str  # greedy | llm | s2t | s2t-local | hf-assisted
+    # greedy | llm | s2t | s2t-local | takeover | hf-assisted, or maj8: a majority vote over `samples` sampled
+    # requests of mode greedy per problem (bench/majority.py)
+    mode: str
     trigger: str = ""
     rate: float = 0.0
     block_size: int = 0
     inflight: int = 0
     k: int = 0  # candidates per position (num_candidates); 0 = the worker's default
+    samples: int = 0  # > 0: sampled requests per problem, scored by majority vote (and pass@samples)
+    temperature: float = 0.0  # of every sampled request
+    top_p: float = 0.0
+
+    def __post_init__(self):
+        if self.samples and not self.temperature > 0:
+            raise ValueError(f"row {self.name}: {self.samples} samples per problem need a temperature > 0")
+
+    @property
+    def request_mode(self):
+        """The s2t.modes.Mode its requests ask for: a majority-vote row samples in mode greedy."""
+        from s2t.modes import Mode
+
+        return Mode.GREEDY if self.samples else Mode(self.mode)
 
     def options(self):
-        from s2t.modes import Mode, TriggerKind
+        from s2t.modes import TriggerKind
 
-        return dict(mode=Mode(self.mode).proto, trigger=TriggerKind(self.trigger).proto if self.trigger else 0,
-                    trigger_rate=self.rate, block_size=self.block_size, num_candidates=self.k)
+        sampling = dict(temperature=self.temperature, top_p=self.top_p) if self.samples else {}
+        return dict(mode=self.request_mode.proto, trigger=TriggerKind(self.trigger).proto if self.trigger else 0,
+                    trigger_rate=self.rate, block_size=self.block_size, num_candidates=self.k, **sampling)
 
 
 def s2t_row(name, trigger, rate, block, inflight):
@@ -90,6 +117,11 @@ ROWS = {
     "s2t-local": Row("s2t-local", "s2t-local", "entropy", 0.10, 8, 1),
     "s2t-local-tau5": Row("s2t-local-tau5", "s2t-local", "entropy", 0.05, 8, 1),
     "s2t-local-tau20": Row("s2t-local-tau20", "s2t-local", "entropy", 0.20, 8, 1),
+    # issue #16's baselines. maj8: self-consistency of the SLM alone, 8 samples at temperature 0.7, top-p 0.8,
+    # majority vote (and pass@8). takeover: the upper reference for selection, the LLM's own top-1 where the
+    # trigger fires, configured like the default speculative s2t (s2t-spec-tau10-b8).
+    "maj8": Row("maj8", "maj8", samples=8, temperature=0.7, top_p=0.8),
+    "takeover": Row("takeover", "takeover", "kl", 0.10, 8, 2),
 }
 for _block in (2, 4, 8, 16):
     for _tag, _trigger, _rate in (("tau1", "kl", 0.01), ("tau10", "kl", 0.10), ("always", "always", 0.0)):
@@ -143,6 +175,15 @@ def load_row(row: Row, results: list[dict], wall: float, max_new: int) -> dict:
             "modes_used": sorted({r["mode_used"] for r in results})}
 
 
+def pass_at_k(row: Row, results: list[dict]) -> dict:
+    """A majority row's pass@k (k = row.samples: any sample correct), with its Wilson interval, as
+    {"pass_at_8": ..., "pass_at_8_ci95": [...], "pass_at_8_correct": ...} for k = 8."""
+    n, solved = len(results), sum(bool(r["any_correct"]) for r in results)
+    lo, hi = wilson(solved, n)
+    name = f"pass_at_{row.samples}"
+    return {name: solved / n if n else 0.0, f"{name}_ci95": [round(lo, 4), round(hi, 4)], f"{name}_correct": solved}
+
+
 def summarize(row: Row, kind: str, results: list[dict], wall: float, extra: dict | None = None) -> dict:
     n = len(results)
     tokens = sum(r["tokens"] for r in results)
@@ -168,18 +209,22 @@ def summarize(row: Row, kind: str, results: list[dict], wall: float, extra: dict
     return out
 
 
-async def generate_one(stack, row: Row, p: dict, max_new: int, concurrent: bool) -> dict:
-    """One problem through the service; the result record of the details and of the problem cache."""
+async def generate_one(stack, row: Row, p: dict, max_new: int, concurrent: bool, seed: int = 0,
+                       gate: asyncio.Semaphore | None = None) -> dict:
+    """One request for a problem through the service (a sampled one with `seed`); the result record of the
+    details and of the problem cache. `gate` bounds the requests in flight (see request_gate)."""
     from s2t.v1 import generation_pb2 as pb
     from s2t import gsm8k
 
     # Concurrent accuracy runs queue every session's prefill on one selector: its first replies take
     # minutes on 2 cores, so they wait (verify policy `wait`) instead of degrading after the 30 s default.
     deadline = dict(verify_deadline_ms=900_000) if concurrent else {}
-    sent = time.monotonic()
-    r = await stack.stub.Generate(pb.GenerateRequest(
-        prompt=p["question"], options=pb.GenerationOptions(max_new_tokens=max_new, **deadline, **row.options(),
-                                                           max_inflight_blocks=row.inflight or 0)))
+    sampled = dict(seed=seed) if row.samples else {}
+    async with gate if gate is not None else contextlib.nullcontext():
+        sent = time.monotonic()
+        r = await stack.stub.Generate(pb.GenerateRequest(
+            prompt=p["question"], options=pb.GenerationOptions(max_new_tokens=max_new, **deadline, **row.options(),
+                                                               max_inflight_blocks=row.inflight or 0, **sampled)))
     st = r.stats
     return {"idx": p["idx"], "tokens": st.completion_tokens, "correct": gsm8k.is_correct(r.text, p["gold"]),
             "pred": gsm8k.extract(r.text), "gold": p["gold"], "wall_s": st.wall_s,
@@ -190,22 +235,47 @@ async def generate_one(stack, row: Row, p: dict, max_new: int, concurrent: bool)
             "resyncs": st.resyncs, "triggered_positions": st.triggered_positions,
             "mode_used": pb.Mode.Name(st.mode_used), "text": r.text,
             "degraded": st.degraded_reason, "latency_s": round(time.monotonic() - sent, 3),
-            "token_ids": list(r.token_ids)}
+            "token_ids": list(r.token_ids), **({"seed": st.seed} if row.samples else {})}
+
+
+async def solve_one(stack, row: Row, p: dict, max_new: int, concurrent: bool,
+                    gate: asyncio.Semaphore | None = None) -> dict:
+    """One problem's result record: one request, or for a majority-vote row `row.samples` sampled requests
+    (sent together, seeds from majority.sample_seed) combined by majority.combine_samples."""
+    if not row.samples:
+        return await generate_one(stack, row, p, max_new, concurrent, gate=gate)
+    sent = time.monotonic()
+    samples = await asyncio.gather(*[generate_one(stack, row, p, max_new, concurrent, sample_seed(p["idx"], k), gate)
+                                     for k in range(row.samples)])
+    return combine_samples(p, samples, time.monotonic() - sent)
+
+
+def request_gate(stack) -> asyncio.Semaphore | None:
+    """A bound on the requests one row keeps in flight: the worker's max_concurrent_requests, which an accuracy
+    run of a majority-vote row (problems x samples at once) would exceed and be refused (RESOURCE_EXHAUSTED).
+    None for a stack that does not say (the tests' fakes)."""
+    settings = getattr(stack, "settings", None)
+    limit = getattr(getattr(settings, "worker", None), "max_concurrent_requests", None)
+    return asyncio.Semaphore(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 def _without_token_ids(result: dict) -> dict:
     """The details in the results JSON leave the token ids out (they stay in the cache): 100 problems x 4 rows
-    of a few hundred ids each would dwarf everything else in the file."""
-    return {k: v for k, v in result.items() if k != "token_ids"}
+    of a few hundred ids each would dwarf everything else in the file. Also a majority row's samples'."""
+    out = {k: v for k, v in result.items() if k != "token_ids"}
+    if "samples" in out:
+        out["samples"] = [_without_token_ids(s) for s in out["samples"]]
+    return out
 
 
 async def run_service_row(stack, row: Row, problems: list[dict], max_new: int, concurrent: bool) -> tuple[list, float]:
     """Speed runs (one at a time) and load runs (all at once); never cached: they measure time."""
     t0 = time.monotonic()
     if concurrent:
-        results = list(await asyncio.gather(*[generate_one(stack, row, p, max_new, True) for p in problems]))
+        gate = request_gate(stack)
+        results = list(await asyncio.gather(*[solve_one(stack, row, p, max_new, True, gate) for p in problems]))
     else:
-        results = [await generate_one(stack, row, p, max_new, False) for p in problems]
+        results = [await solve_one(stack, row, p, max_new, False) for p in problems]
     return [_without_token_ids(r) for r in results], time.monotonic() - t0
 
 
@@ -250,9 +320,14 @@ def row_cache_key(identity: dict, row: Row, max_new: int, split: str = "test") -
     row is reused when only the LLM changed). The commit is not part of it: the canaries catch code changes."""
     from s2t.modes import Mode, TriggerKind
 
-    mode, defaults = Mode(row.mode), identity["worker"]
+    mode, defaults = row.request_mode, identity["worker"]
     key: dict = {"dataset": {"name": "gsm8k", "split": split}, "mode": mode.value, "max_new_tokens": max_new,
                  "prompt": identity["prompt"]}
+    if row.samples:  # a majority-vote row: what is sampled, with which seeds, and how the samples are scored
+        key["sampling"] = {"temperature": row.temperature, "top_p": row.top_p, "samples": row.samples,
+                           "seed_rule": SEED_RULE,
+                           "seeds_of_problem_0": [sample_seed(0, k) for k in range(row.samples)],
+                           "aggregate": "majority vote, ties to the first sample's answer; pass@samples"}
     if mode is Mode.LLM:
         # the LLM generates alone; the worker still applies the chat template with the SLM's tokenizer
         key["llm"] = identity["llm"]
@@ -272,7 +347,7 @@ def row_cache_key(identity: dict, row: Row, max_new: int, split: str = "test") -
                          "warmup_steps": defaults["warmup_steps"], "draft_confidence": defaults["draft_confidence"]}
     if trigger is not TriggerKind.ALWAYS:
         key["thresholds"] = identity["thresholds"][trigger.value]
-    if mode is Mode.S2T:
+    if mode.selector_verified:  # s2t, takeover
         key["llm"] = identity["llm"]
     else:
         key["adapter"] = identity["adapter"]
@@ -282,10 +357,9 @@ def row_cache_key(identity: dict, row: Row, max_new: int, split: str = "test") -
 def reusable(result: dict, row: Row) -> bool:
     """Only results produced as configured are cached: a degraded request (selector timeout, no adapter,
     unverified tokens) says something about that run, not about the configuration."""
-    from s2t.modes import Mode
     from s2t.v1 import generation_pb2 as gen_pb
 
-    return (result["mode_used"] == gen_pb.Mode.Name(Mode(row.mode).proto) and not result.get("degraded")
+    return (result["mode_used"] == gen_pb.Mode.Name(row.request_mode.proto) and not result.get("degraded")
             and not result.get("unverified_tokens"))
 
 
@@ -302,7 +376,21 @@ def pick_canaries(cached: list[int], n: int) -> list[int]:
 
 def compare_canary(idx: int, cached: dict, fresh: dict) -> dict:
     """Does a recomputed problem reproduce its cached result? By token ids where both have them, else by text;
-    the correctness must agree too. Says where the outputs part."""
+    the correctness must agree too. Says where the outputs part. A majority row's problem is compared sample by
+    sample: `first_difference` is then the first sample that differs, `sample` its own report."""
+    if "samples" in cached and "samples" in fresh:
+        reports = [compare_canary(idx, c, f) for c, f in zip(cached["samples"], fresh["samples"])]
+        first = next((k for k, r in enumerate(reports) if not r["matched"]), None)
+        if first is None and len(cached["samples"]) != len(fresh["samples"]):
+            first = min(len(cached["samples"]), len(fresh["samples"]))
+        report = {"idx": idx, "matched": first is None and bool(cached["correct"]) == bool(fresh["correct"]),
+                  "compared": "samples", "first_difference": first, "cached_tokens": cached["tokens"],
+                  "fresh_tokens": fresh["tokens"], "cached_correct": bool(cached["correct"]),
+                  "fresh_correct": bool(fresh["correct"]), "fresh_mode_used": fresh["mode_used"],
+                  "fresh_degraded": fresh.get("degraded", "")}
+        if first is not None and first < len(reports):
+            report["sample"] = reports[first]
+        return report
     if cached.get("token_ids") is not None and fresh.get("token_ids") is not None:
         basis, old, new = "token_ids", cached["token_ids"], fresh["token_ids"]
     else:
@@ -373,8 +461,10 @@ async def run_accuracy_row(stack, row: Row, problems: list[dict], max_new: int, 
     jobs = [(p, False) for p in problems if p["idx"] in missing] + [(p, True) for p in problems
                                                                     if p["idx"] in canary_idx]
 
+    gate = request_gate(stack)
+
     async def job(p: dict, is_canary: bool) -> tuple[dict, bool, dict]:
-        return p, is_canary, await generate_one(stack, row, p, max_new, True)
+        return p, is_canary, await solve_one(stack, row, p, max_new, True, gate)
 
     fresh: dict[int, dict] = {}
     canary_fresh: dict[int, dict] = {}
@@ -621,7 +711,6 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
                          payload, name, accuracy_rows=None, split=None, speed_rows=None,
                          load_problems=(), load_rows=(), load_max_new=64,
                          cache_options: CacheOptions = CacheOptions(enabled=False)) -> None:
-    from s2t.modes import Mode
     from s2t.stack import LocalStack
     from s2t.v1 import generation_pb2 as gen_pb
 
@@ -649,7 +738,9 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
                     continue
                 print(f"[bench] {row.name} {kind}: {len(problems)} problems ...", file=sys.stderr, flush=True)
                 extra = {"max_new_tokens": max_new}
-                if Mode(row.mode).verified:
+                if row.samples:
+                    extra.update(samples=row.samples, temperature=row.temperature, top_p=row.top_p)
+                if row.request_mode.verified:
                     extra["num_candidates"] = row.k or stack.settings.worker.num_candidates
                 run = None
                 if kind == "accuracy":
@@ -675,6 +766,8 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
                 else:
                     results, wall = await run_service_row(stack, row, problems, max_new, concurrent)
                 summary = summarize(row, kind, results, wall, extra)
+                if row.samples:
+                    summary.update(pass_at_k(row, results))
                 if run is not None:  # time covers only what this run computed: tokens/s over those tokens
                     summary["tokens_per_s"] = run.fresh_tokens / wall if wall else 0.0
                 payload["rows"].append(summary)
@@ -687,7 +780,7 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
                 if run is not None and any(not c["matched"] for c in run.canaries):
                     payload["notes"].append(f"{row.name}: canaries drifted from the cache (--allow-canary-drift); "
                                             f"the row uses the cached results, see rows[].cache.canaries")
-                if summary["modes_used"] != [gen_pb.Mode.Name(Mode(row.mode).proto)]:
+                if summary["modes_used"] != [gen_pb.Mode.Name(row.request_mode.proto)]:
                     payload["notes"].append(f"{row.name} {kind}: some requests degraded (modes used "
                                             f"{summary['modes_used']}); see details")
                 write(name, payload, split)

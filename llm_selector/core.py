@@ -10,7 +10,9 @@ refused the same way, and a worker over its KV quota loses its own least recentl
 The selection rule is the paper's: the index of the candidate with the highest LLM probability, ties to
 the lower index (the SLM's higher rank). A position diverges when that index is not 0 and the trigger
 fires; the reply stops at the first divergence and the session is cut back to it, so the selector's
-cache never keeps a rejected token.
+cache never keeps a rejected token. A takeover request (the paper's upper reference) diverges instead where
+the trigger fires and the LLM's full-vocabulary top-1 is not the SLM's draft, and names that top-1
+(Selection.token_id), which the worker takes there.
 """
 
 from __future__ import annotations
@@ -461,6 +463,8 @@ class SelectorCore:
             cand = torch.tensor(list(pos.candidate_ids))
             cand_logp = logp[j, cand]
             index = int(torch.argmax(cand_logp))  # first maximum: ties go to the SLM's higher rank
+            # takeover: the LLM's own full-vocabulary top-1 decides, whether or not it is a candidate
+            top1 = int(torch.argmax(logp[j])) if req.takeover else -1
             if trigger.kind == pb.SELECT_TRIGGER_ALWAYS:
                 fired, value = True, 0.0
             elif trigger.kind == pb.SELECT_TRIGGER_WORKER:
@@ -469,12 +473,13 @@ class SelectorCore:
                 value = kl_on_support(list(pos.candidate_ids) + list(pos.support_ids),
                                       list(pos.candidate_probs) + list(pos.support_probs), logp[j])
                 fired = value > threshold
-            diverged = fired and index != 0
+            diverged = fired and (top1 != pos.candidate_ids[0] if req.takeover else index != 0)
             if self.log is not None:
                 scored.append((j, index, diverged, value, after))
             if after:
                 continue  # scored in the same forward on the drafted tokens: logged, not answered
-            selections.append(pb.Selection(position=pos.position, index=index, diverged=diverged, trigger_value=value))
+            selections.append(pb.Selection(position=pos.position, index=index, diverged=diverged, trigger_value=value,
+                                           token_id=top1 if req.takeover else 0))
             if diverged:
                 outcome = pb.SELECT_OUTCOME_DIVERGED
                 session.crop(pos.position)
@@ -506,7 +511,8 @@ class SelectorCore:
                 slm_model=req.slm_model, slm_weights_sha256=req.slm_weights_sha256,
                 prefix_length=req.prefix_length, token_ids=list(req.token_ids),
                 trigger=_LOG_TRIGGER[req.trigger.kind], trigger_threshold=threshold, kl_rate=req.trigger.kl_rate,
-                outcome="diverged" if outcome == pb.SELECT_OUTCOME_DIVERGED else "accepted", positions=positions))
+                takeover=req.takeover, outcome="diverged" if outcome == pb.SELECT_OUTCOME_DIVERGED else "accepted",
+                positions=positions))
         except Exception:
             log.exception("selection log: could not record session %r step %d", req.session_id, req.step)
 

@@ -18,6 +18,9 @@ class Mode(enum.Enum):
     S2T = "s2t"  # the SLM drafts, the remote selector picks among its top-K
     S2T_LOCAL = "s2t-local"  # the SLM drafts, its S2T-Local re-ranker picks: no large-model calls
     LLM = "llm"  # the selector's model generates alone (the quality baseline)
+    # the SLM drafts; where the trigger fires, the selector's model's own top-1 replaces the draft (the paper's
+    # upper reference for selection: what picking among the SLM's top-K gives up)
+    TAKEOVER = "takeover"
 
     @property
     def proto(self) -> int:
@@ -34,7 +37,12 @@ class Mode(enum.Enum):
     @property
     def verified(self) -> bool:
         """Modes whose drafts go through a verifier (remote selector or local re-ranker)."""
-        return self in (Mode.S2T, Mode.S2T_LOCAL)
+        return self in (Mode.S2T, Mode.S2T_LOCAL, Mode.TAKEOVER)
+
+    @property
+    def selector_verified(self) -> bool:
+        """Modes whose verifier is the remote selector: they spend its call budget and learn its odds."""
+        return self in (Mode.S2T, Mode.TAKEOVER)
 
 
 class TriggerKind(enum.Enum):
@@ -63,7 +71,7 @@ class TriggerKind(enum.Enum):
 
 
 _MODE_TO_PROTO = {Mode.GREEDY: gen_pb.MODE_GREEDY, Mode.S2T: gen_pb.MODE_S2T, Mode.S2T_LOCAL: gen_pb.MODE_S2T_LOCAL,
-                  Mode.LLM: gen_pb.MODE_LLM}
+                  Mode.LLM: gen_pb.MODE_LLM, Mode.TAKEOVER: gen_pb.MODE_TAKEOVER}
 _PROTO_TO_MODE = {v: k for k, v in _MODE_TO_PROTO.items()}
 _TRIGGER_TO_PROTO = {TriggerKind.ALWAYS: gen_pb.TRIGGER_ALWAYS, TriggerKind.ENTROPY: gen_pb.TRIGGER_ENTROPY,
                      TriggerKind.MARGIN: gen_pb.TRIGGER_MARGIN, TriggerKind.KL: gen_pb.TRIGGER_KL}

@@ -9,10 +9,11 @@ Schema (version 2, `SCHEMA_VERSION`), JSON lines, one segment per file:
   request added (a delta: a session's context is stored once and rebuilt by `replay_contexts`), the trigger
   and its threshold, the outcome, and one `ScoredPosition` per position the selector scored: candidates,
   the SLM's and the LLM's probabilities of them, the LLM's full-vocabulary top-1, the chosen index, the
-  trigger statistic and the worker's trigger. Every position of the request is logged, also those after the
-  first divergence (`after_divergence`): the selector scored them in the same forward, on the drafted
-  tokens as sent, which makes them labelled positions of an SLM rollout. The reply to the worker stops at
-  the first divergence; the log does not.
+  trigger statistic and the worker's trigger; `takeover`, present (and true) only for a takeover request,
+  says its divergences took the LLM's top-1 instead of a candidate. Every position of the request is logged,
+  also those after the first divergence (`after_divergence`): the selector scored them in the same forward,
+  on the drafted tokens as sent, which makes them labelled positions of an SLM rollout. The reply to the
+  worker stops at the first divergence; the log does not.
 
 Readers accept only the versions in `SUPPORTED_SCHEMA_VERSIONS`. Version-1 logs (before the SLM identity
 and the after-divergence positions) are refused, not converted: they do not say which SLM drafted them, so
@@ -49,7 +50,8 @@ import time
 from pathlib import Path
 from typing import Annotated, Callable, Iterable, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PrivateAttr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PrivateAttr, SerializerFunctionWrapHandler,
+                      ValidationError, model_serializer)
 
 from s2t.model_store import fsync_dir
 
@@ -114,7 +116,9 @@ class ScoredPosition(_Strict):
     llm_top1: int  # the LLM's most probable token over the whole vocabulary
     llm_top1_prob: Prob
     index: int  # the selection: argmax of llm_probs, ties to the lower index
-    diverged: bool  # index != 0 and the trigger fired (after the divergence: would have diverged)
+    # index != 0 and the trigger fired (after the divergence: would have diverged); in a takeover record:
+    # llm_top1 != candidate_ids[0] and the trigger fired (the session then continues with llm_top1)
+    diverged: bool
     after_divergence: bool = False  # after the request's first divergence: not in the reply
     trigger_value: Prob  # the KL statistic for the KL trigger, else 0
     worker_triggered: bool
@@ -138,8 +142,21 @@ class SelectRecord(_Strict):
     kl_rate: float = 0.0  # the rate the worker asked for, for trigger "kl" without an explicit threshold
     outcome: Literal["accepted", "diverged"]
     positions: list[ScoredPosition]
+    # The request was a takeover (SelectRequest.takeover, the worker's mode takeover): its divergences took the
+    # LLM's own top-1 rather than a candidate. Written only when true (see _omit_false_takeover).
+    takeover: bool = False
 
     _source: str = PrivateAttr("")
+
+    @model_serializer(mode="wrap")
+    def _omit_false_takeover(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """Leave `takeover` out unless it is true: a log without takeover requests stays exactly what schema 2
+        always wrote (readable by every schema-2 reader), and a reader that predates the field refuses a takeover
+        record as a field it does not know, rather than read its divergences as candidate picks."""
+        data = handler(self)
+        if not self.takeover:
+            data.pop("takeover", None)
+        return data
 
     @property
     def source(self) -> str:

@@ -14,7 +14,9 @@ Every active request is a `Sequence`; one `Scheduler` iteration, for all of them
                accepted (`draft_confidence`; see proposer.py). Its top-1 is the next draft, its top-K the
                candidates a verifier may pick from.
 
-Mode greedy has no verifier: each draft commits at once. With block_size 1 and one block in flight, mode s2t
+Mode greedy has no verifier: each draft commits at once (with temperature > 0 the draft is sampled, see
+sampling.py). Mode takeover runs like s2t, except that the selector's verdict may carry a token of its own (the
+LLM's top-1) instead of an index into the candidates. With block_size 1 and one block in flight, mode s2t
 is the classic, non-speculative S2T step. Mode llm is a different algorithm — the selector's model
 generates — and has its own small runner (`run_llm`). Only committed tokens reach the client. A verifier that
 fails, lags past the request's deadline or is over budget never fails a request: the block commits unverified
@@ -128,11 +130,12 @@ class Scheduler:
             self.engine.executor, self.engine.forward, [s.cache for s in ready], feeds, [[len(f) - 1] for f in feeds])
         for seq, lg in zip(ready, logits):
             if not seq.cancelled:
-                seq.add_proposal(propose(lg)[0])
+                # a sampling request draws from its own generator and its own logits row: batching cannot change it
+                seq.add_proposal(propose(lg)[0], seq.sampler.sample(lg[0]) if seq.sampler is not None else None)
 
     async def _send(self, seq: Sequence, block: Block) -> None:
         """Hand a block to the sequence's verifier; the verdict lands on the block when it comes."""
-        if seq.running is Mode.S2T and self.call_budget is not None and not await self.call_budget.try_take():
+        if seq.running.selector_verified and self.call_budget is not None and not await self.call_budget.try_take():
             block.verdict = Verdict(VerdictKind.OVER_BUDGET)  # the SLM's drafts stand, counted as local decisions
             return
         self.spawn(self._record(block, seq.verifier.send(seq, block)))

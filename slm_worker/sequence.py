@@ -14,6 +14,7 @@ from s2t.triggers import LocalTrigger, Proposal
 from s2t.v1 import generation_pb2 as gen_pb
 
 from .proposer import DivergenceOdds
+from .sampling import Sampler
 from .verifiers import Block, Verdict, VerdictKind, VerdictSource, VerifierSession
 
 MAX_RESYNCS = 2  # per block start; after that the block is committed unverified
@@ -35,6 +36,15 @@ class DecodeOptions:
     selector_deadline_s: float  # how long one selector call may take before its drafts commit unverified
     decode_chunk: int  # llm mode: tokens per Decode call
     draft_confidence: float  # draft past unverified positions only while P(all accepted) >= this
+    # Sampling (mode greedy only): temperature 0 is the argmax; top_p 0 or 1 is off; seed is the one resolved by
+    # the server (never 0 when temperature > 0: the worker picks one for a request that leaves it unset).
+    temperature: float = 0.0
+    top_p: float = 0.0
+    seed: int = 0
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
 
 
 class Commit(enum.Enum):
@@ -130,7 +140,9 @@ class Sequence:
         self.cancelled = False
         self.finish_reason = gen_pb.FINISH_REASON_UNSPECIFIED
         self.stats = gen_pb.GenerationStats(mode_requested=mode_requested, mode_used=opts.mode.proto,
-                                            prompt_tokens=self.prompt_len)
+                                            prompt_tokens=self.prompt_len, seed=opts.seed if opts.sampling else 0)
+        # Its own generator: the sampled tokens depend on the seed and this request's logits only (sampling.py).
+        self.sampler = Sampler(opts.temperature, opts.top_p, opts.seed) if opts.sampling else None
         self.started = time.monotonic()
         self.first_commit: float | None = None
         self.unverified_reasons: collections.Counter[str] = collections.Counter()
@@ -151,6 +163,8 @@ class Sequence:
 
     def odds_key(self, source: VerdictSource = VerdictSource.SELECTOR) -> tuple:
         rate = self.opts.trigger_rate if self.opts.trigger is not TriggerKind.ALWAYS else 0.0
+        if self.opts.mode is Mode.TAKEOVER:  # diverges on any disagreement with the LLM's top-1: odds of its own
+            return (source.value, Mode.TAKEOVER.value, self.opts.trigger.value, rate)
         return (source.value, self.opts.trigger.value, rate)
 
     def unsure(self) -> bool:
@@ -158,7 +172,7 @@ class Sequence:
         if not self.running.verified or self.opts.draft_confidence <= 0:
             return False
         accepted = 1.0
-        key = self.odds_key(VerdictSource.SELECTOR if self.running is Mode.S2T else VerdictSource.RERANKER)
+        key = self.odds_key(VerdictSource.SELECTOR if self.running.selector_verified else VerdictSource.RERANKER)
         for pos in range(self.committed, len(self.tokens)):
             if self.needs_check(pos):
                 accepted *= 1.0 - self.odds.p_diverge(key, self.proposals[pos].probs[0])
@@ -168,13 +182,14 @@ class Sequence:
         """Tokens the SLM cache lacks: the whole prompt at first, then the last token."""
         return self.tokens[self.cache.length:]
 
-    def add_proposal(self, proposal: Proposal) -> None:
+    def add_proposal(self, proposal: Proposal, token: int | None = None) -> None:
+        """Draft the next position: the proposal's top-1, or `token` when the request samples (mode greedy)."""
         pos = len(self.tokens)
         trig = self.opts.local_trigger
         proposal.triggered = trig is not None and trig.fires(proposal, pos - self.prompt_len)
         self.stats.triggered_positions += proposal.triggered
         self.proposals[pos] = proposal
-        self.tokens.append(proposal.token)
+        self.tokens.append(proposal.token if token is None else token)
         self.stats.drafted_tokens += 1
         if not self.running.verified:  # no verifier: the draft is final (unverified unless greedy was asked for)
             if self.opts.mode is Mode.GREEDY:
@@ -244,7 +259,8 @@ class Sequence:
         if verdict.kind is VerdictKind.ACCEPTED:
             self.commit(block.end, Commit.VERIFIED)
             return
-        chosen = self.proposals[q].ids[verdict.index]
+        # takeover: the LLM's own top-1, which need not be among the candidates
+        chosen = verdict.token if verdict.token is not None else self.proposals[q].ids[verdict.index]
         self.commit(q, Commit.VERIFIED)
         self.rollback(q)
         self.tokens.append(chosen)

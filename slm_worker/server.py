@@ -28,6 +28,7 @@ from s2t.wire import WireError, parse, server_options
 from .adapters import AdapterStore
 from .loop import Event, Scheduler, Sequence
 from .metrics import WorkerMetrics
+from .sampling import pick_seed
 from .selector_client import CallBudget, SelectorClient
 from .sequence import DecodeOptions
 from .verifiers import Fallback, LocalReranker, RemoteSelector, ScoringBatcher, Verifier
@@ -224,16 +225,39 @@ class Worker:
             deadline_ms = o.verify_deadline_ms or ws.verify_deadline_ms
         else:
             deadline_ms = o.commit_lag_ms or ws.commit_lag_ms
+        temperature, top_p, seed = self.sampling(o, mode)
         opts = DecodeOptions(mode=mode, max_new_tokens=max_new, num_candidates=k, trigger=trigger, trigger_rate=rate,
                              local_trigger=local, warmup_steps=ws.warmup_steps, block_size=block,
                              max_inflight_blocks=inflight, selector_deadline_s=deadline_ms / 1000,
-                             decode_chunk=ws.decode_chunk, draft_confidence=confidence)
+                             decode_chunk=ws.decode_chunk, draft_confidence=confidence,
+                             temperature=temperature, top_p=top_p, seed=seed)
         return opts, mode_requested
+
+    @staticmethod
+    def sampling(o: gen_pb.GenerationOptions, mode: Mode) -> tuple[float, float, int]:
+        """(temperature, top_p, seed) of a request. Sampling is for mode greedy only: in the verified modes the
+        SLM's draft is its top-1 by definition (the selector picks among its top-K), and llm is the large
+        model's greedy baseline. A sampling request without a seed gets one the stats report (replayable)."""
+        temperature, top_p = o.temperature, o.top_p
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise _invalid(f"options.temperature: {temperature} must be a finite number >= 0 (0 = greedy)")
+        if math.isnan(top_p) or not 0 <= top_p <= 1:
+            raise _invalid(f"options.top_p: {top_p} must be in [0, 1] (0 or 1 = off)")
+        if temperature == 0:
+            return 0.0, 0.0, 0  # greedy: top_p and seed have nothing to act on
+        if mode is not Mode.GREEDY:
+            raise _invalid(f"options.temperature: {temperature:g} > 0 samples, which only mode greedy does; "
+                           f"mode {mode.value} decodes greedily (temperature 0)")
+        return temperature, top_p, o.seed or pick_seed()
 
     def verifier_for(self, mode: Mode) -> tuple[Verifier | None, Mode, str]:
         """The verifier a request of `mode` gets now, the mode that will run, and why it differs (if it does)."""
         local = self.adapters.current()
         local_verifier = LocalReranker(self.engine, local, self.adapters, self.scoring) if local is not None else None
+        if mode is Mode.TAKEOVER:  # only the selector's model has the top-1 it takes; no local stand-in
+            if self.remote is not None:
+                return self.remote, Mode.TAKEOVER, ""
+            return None, Mode.GREEDY, self.selector_problem
         if mode is Mode.S2T:
             if self.remote is not None:
                 return (Fallback(self.remote, local_verifier) if local_verifier else self.remote), Mode.S2T, ""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 import torch
 
-from s2t.modes import TriggerKind
+from s2t.modes import Mode, TriggerKind
 from s2t.runtime import TreeJob
 from s2t.v1 import selector_pb2 as sel_pb
 
@@ -66,6 +66,7 @@ class Verdict:
     adapter_version: str = ""  # RERANKER: which adapter scored
     reply: sel_pb.SelectResponse | None = None  # SELECTOR: the reply, for its per-position verdicts
     outage: bool = False  # UNAVAILABLE because the selector is down (not merely busy past the deadline)
+    token: int | None = None  # DIVERGED in mode takeover: the LLM's own top-1, taken instead of candidate `index`
 
 
 @dataclasses.dataclass(eq=False)
@@ -157,7 +158,8 @@ class RemoteSelectorSession:
             trigger = sel_pb.SelectTriggerSpec(kind=sel_pb.SELECT_TRIGGER_WORKER)
         request = sel_pb.SelectRequest(session_id=self.session_id, step=step, prefix_length=prefix,
                                        token_ids=seq.tokens[prefix:block.end - 1], positions=positions,
-                                       trigger=trigger, request_id=seq.request_id)
+                                       trigger=trigger, request_id=seq.request_id,
+                                       takeover=opts.mode is Mode.TAKEOVER)  # decide by the LLM's own top-1
         if self.verifier.slm_model:
             request.slm_model = self.verifier.slm_model
             request.slm_weights_sha256 = self.verifier.slm_weights_sha256
@@ -186,7 +188,8 @@ class RemoteSelectorSession:
         if reply.outcome == sel_pb.SELECT_OUTCOME_DIVERGED:
             sel = reply.selections[-1]
             return Verdict(VerdictKind.DIVERGED, VerdictSource.SELECTOR, position=sel.position, index=sel.index,
-                           checked=len(block.checked), llm_forwards=1, reply=reply)
+                           checked=len(block.checked), llm_forwards=1, reply=reply,
+                           token=sel.token_id if request.takeover else None)
         return Verdict(VerdictKind.ACCEPTED, VerdictSource.SELECTOR, checked=len(block.checked), llm_forwards=1,
                        reply=reply)
 

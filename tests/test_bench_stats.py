@@ -1,6 +1,8 @@
 """bench/: the statistics (exact values), the per-problem cache, the cached accuracy runner and the plots.
 
-Model-free except the last test, which runs the benchmark's row loop on the tiny random model pair in-process.
+Model-free except the row-loop tests (`test_bench_rows_reuse_the_cache_on_a_rerun`,
+`test_baseline_rows_on_the_tiny_pair_and_their_rerun`), which run the benchmark on the tiny random model pair
+in-process. Issue #16's baselines (maj8's majority vote and seeds, the takeover row) are tested at the end.
 """
 
 from __future__ import annotations
@@ -543,3 +545,246 @@ async def test_bench_rows_reuse_the_cache_on_a_rerun(make_settings, tmp_path, mo
                                                              ("s2t-spec-always-b8", "llm")]
     assert [p["highlight"] for p in written["paired"]] == [False, False, True]
     assert "## Paired comparisons" in (tmp_path / "results" / "second.md").read_text()
+
+
+# ---- issue #16's baselines: maj8 (majority vote over sampled requests) and takeover ----------------------
+
+import majority  # noqa: E402
+
+
+def test_majority_vote_is_a_plurality_with_ties_to_the_first_answer():
+    vote = majority.majority_vote([3.0, 5.0, 5.0, None, 3.0, 5.0, 7.0, None])
+    assert (vote.answer, vote.votes, vote.first_sample) == (5.0, 3, 1)
+    assert vote.tally == ((3.0, 2), (5.0, 3), (7.0, 1))
+    # a tie (2 - 2 - 1): the answer whose first vote came first wins, whichever sample voted last
+    tie = majority.majority_vote([None, 9.0, 4.0, 4.0, 9.0, 1.0])
+    assert (tie.answer, tie.votes, tie.first_sample) == (9.0, 2, 1)
+    assert majority.majority_vote([4.0, 9.0, 9.0, 4.0]).answer == 4.0
+    # no majority of the samples is needed: the most frequent answer wins (self-consistency's maj@k)
+    assert majority.majority_vote([1.0, 2.0, 3.0, 3.0, 4.0, 5.0, 6.0, 7.0]).answer == 3.0
+    # samples without an answer abstain; none at all: no answer
+    assert majority.majority_vote([None, None, 2.0]).answer == 2.0
+    nothing = majority.majority_vote([None] * 8)
+    assert (nothing.answer, nothing.votes, nothing.first_sample, nothing.tally) == (None, 0, None, ())
+
+
+def test_majority_vote_counts_equal_numbers_as_one_answer():
+    from s2t import gsm8k
+
+    texts = ["so \\boxed{18}", "It is $18.00", "\\boxed{1,800}", "18.0 dollars", "\\boxed{1800}", "\\boxed{1800}"]
+    vote = majority.majority_vote([gsm8k.extract(t) for t in texts])
+    assert (vote.answer, vote.votes) == (18.0, 3)  # 3 - 3: 18 came first
+
+
+def test_sample_seeds_depend_only_on_problem_and_sample():
+    seeds = {(i, k): majority.sample_seed(i, k) for i in range(200) for k in range(8)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 < s < 2**64 for s in seeds.values())
+    assert majority.sample_seed(17, 3) == majority.sample_seed(17, 3) == seeds[17, 3]
+    # pinned: a change of the rule must also change SEED_RULE (it is part of the cache key)
+    assert majority.sample_seed(0, 0) == int.from_bytes(__import__("hashlib").sha256(b"gsm8k-maj/0/0").digest()[:8],
+                                                        "big")
+
+
+def _sample(pred, correct, tokens=10, text=None, mode="MODE_GREEDY", degraded=""):
+    return {"idx": 4, "gold": "18", "pred": pred, "correct": correct, "tokens": tokens, "mode_used": mode,
+            "degraded": degraded, "text": text or f"answer {pred}", "token_ids": [1] * tokens, "wall_s": 0.5,
+            "unverified_tokens": 0, "seed": 11}
+
+
+def test_combine_samples_scores_the_majority_and_pass_at_k():
+    problem = {"idx": 4, "question": "q", "gold": "18"}
+    samples = [_sample(17.0, False, text="first 17"), _sample(18.0, True), _sample(17.0, False, text="second 17"),
+               _sample(None, False)]
+    record = majority.combine_samples(problem, samples, 1.23456)
+    assert (record["pred"], record["correct"], record["any_correct"], record["majority_votes"]) == (
+        17.0, False, True, 2)
+    assert record["votes"] == [[17.0, 2], [18.0, 1]] and record["text"] == "first 17"
+    assert record["tokens"] == 40 and record["wall_s"] == 2.0 and record["latency_s"] == 1.235
+    assert record["mode_used"] == "MODE_GREEDY" and record["degraded"] == ""
+    assert [s["pred"] for s in record["samples"]] == [17.0, 18.0, 17.0, None]
+    assert all("idx" not in s and "gold" not in s and s["seed"] == 11 for s in record["samples"])
+    # a degraded sample marks the problem (so it is not cached); mixed modes are named
+    mixed = majority.combine_samples(problem, [_sample(18.0, True), _sample(18.0, True, mode="MODE_S2T",
+                                                                             degraded="slow")], 0.1)
+    assert mixed["correct"] and mixed["mode_used"] == "MODE_GREEDY+MODE_S2T" and mixed["degraded"] == "sample 1: slow"
+    assert not majority.combine_samples(problem, [_sample(None, False)] * 2, 0.1)["correct"]
+
+
+def test_baseline_rows_and_their_requests():
+    maj8, takeover = run_bench.ROWS["maj8"], run_bench.ROWS["takeover"]
+    assert (maj8.samples, maj8.temperature, maj8.top_p) == (8, 0.7, 0.8)
+    assert maj8.options() == dict(mode=pb.MODE_GREEDY, trigger=0, trigger_rate=0.0, block_size=0, num_candidates=0,
+                                  temperature=0.7, top_p=0.8)
+    assert takeover.options() == dict(mode=pb.MODE_TAKEOVER, trigger=pb.TRIGGER_KL, trigger_rate=0.1, block_size=8,
+                                      num_candidates=0)
+    spec = run_bench.ROWS["s2t-spec-tau10-b8"]
+    assert (takeover.trigger, takeover.rate, takeover.block_size, takeover.inflight) == (
+        spec.trigger, spec.rate, spec.block_size, spec.inflight)
+    with pytest.raises(ValueError, match="temperature"):
+        run_bench.Row("bad", "maj8", samples=8)
+
+
+@pytest.mark.parametrize("row_name, path, value", [
+    ("maj8", ("slm", "weights_sha256"), "S" * 64),
+    ("maj8", ("prompt", "system_prompt"), "Think."),
+    ("takeover", ("llm", "weights_sha256"), "L" * 64),
+    ("takeover", ("slm", "weights_sha256"), "S" * 64),
+    ("takeover", ("thresholds", "kl"), {"0.1": 0.6}),
+])
+def test_baseline_cache_keys_change_with_their_determinants(row_name, path, value):
+    assert _key(row_name, _changed(path, value)) != _key(row_name)
+
+
+def test_baseline_cache_keys_hold_their_own_options():
+    maj8 = run_bench.ROWS["maj8"]
+    key = run_bench.row_cache_key(IDENTITY, maj8, 512)
+    assert key["mode"] == "greedy" and "llm" not in key  # the SLM alone: an LLM change keeps maj8's results
+    assert key["sampling"]["seeds_of_problem_0"] == [majority.sample_seed(0, k) for k in range(8)]
+    assert key["sampling"]["seed_rule"] == majority.SEED_RULE
+    assert _key("maj8", _changed(("llm", "weights_sha256"), "L" * 64)) == _key("maj8")
+    keys = {_key("", row=row) for row in (
+        maj8, dataclasses.replace(maj8, temperature=0.6), dataclasses.replace(maj8, top_p=0.9),
+        dataclasses.replace(maj8, samples=4), run_bench.ROWS["greedy"], run_bench.ROWS["takeover"],
+        run_bench.ROWS["s2t-spec-tau10-b8"])}
+    assert len(keys) == 7
+    # the greedy row's key is unchanged by sampling support (its cached results stay valid)
+    assert "sampling" not in run_bench.row_cache_key(IDENTITY, run_bench.ROWS["greedy"], 512)
+    assert _key("takeover", _changed(("adapter", "version"), "s2t-other")) == _key("takeover")
+
+
+class SeededStub:
+    """Answers by (question, seed): `answers[question][seed]`; every request recorded."""
+
+    def __init__(self, answers: dict[str, dict[int, tuple[str, list[int]]]]):
+        self.answers = answers
+        self.requests: list = []
+
+    async def Generate(self, request):
+        self.requests.append(request)
+        await asyncio.sleep(0)
+        text, ids = self.answers[request.prompt][request.options.seed]
+        stats_msg = pb.GenerationStats(mode_requested=request.options.mode, mode_used=request.options.mode,
+                                       completion_tokens=len(ids), seed=request.options.seed)
+        return pb.GenerateResponse(text=text, token_ids=ids, stats=stats_msg)
+
+
+def _maj_answers(n: int, wrong_votes: dict[int, int]) -> dict:
+    """Problem i (gold i): wrong_votes.get(i, 0) of the 8 samples answer i + 100, the others i; sample k's ids
+    are [i, k]."""
+    out = {}
+    for i in range(n):
+        per_seed = {}
+        for k in range(8):
+            answer = i + 100 if k < wrong_votes.get(i, 0) else i
+            per_seed[majority.sample_seed(i, k)] = (f"so \\boxed{{{answer}}}", [i, k])
+        out[f"q{i}"] = per_seed
+    return out
+
+
+async def test_majority_row_runs_eight_seeded_samples_per_problem_and_caches_them(tmp_path):
+    # problem 0: all right; 1: 3 of 8 wrong (majority right); 2: 5 wrong (majority wrong, pass@8 right);
+    # 3: 4 - 4, the wrong answer first (tie -> wrong); 4: all wrong
+    answers = _maj_answers(5, {1: 3, 2: 5, 3: 4, 4: 8})
+    stack = FakeStack({})
+    stack.stub = SeededStub(answers)
+    row = run_bench.ROWS["maj8"]
+    cache = ProblemCache(tmp_path, {"row": "maj8"})
+    run = await run_bench.run_accuracy_row(stack, row, _problems(5), 64, cache, canaries=2, progress=False)
+    sent = stack.stub.requests
+    assert len(sent) == 40
+    assert sorted((r.prompt, r.options.seed) for r in sent) == sorted(
+        (f"q{i}", majority.sample_seed(i, k)) for i in range(5) for k in range(8))
+    assert {(r.options.mode, round(r.options.temperature, 6), round(r.options.top_p, 6)) for r in sent} == {
+        (pb.MODE_GREEDY, 0.7, 0.8)}
+    assert [r["correct"] for r in run.results] == [True, True, False, False, False]
+    assert [r["any_correct"] for r in run.results] == [True, True, True, True, False]
+    assert [r["pred"] for r in run.results] == [0.0, 1.0, 102.0, 103.0, 104.0]
+    assert all("token_ids" not in s for r in run.results for s in r["samples"])  # not in the details ...
+    assert cache.get(2)["samples"][5]["token_ids"] == [2, 5]  # ... but in the cache, per sample
+    assert [s["seed"] for s in cache.get(3)["samples"]] == [majority.sample_seed(3, k) for k in range(8)]
+    summary = run_bench.summarize(row, "accuracy", run.results, run.wall, {"samples": 8})
+    summary.update(run_bench.pass_at_k(row, run.results))
+    assert (summary["mode"], summary["kind"], summary["request_mode"]) == ("maj8", "accuracy", "maj8")
+    assert (summary["correct"], summary["accuracy"]) == (2, 0.4)
+    assert (summary["pass_at_8"], summary["pass_at_8_correct"]) == (0.8, 4)
+    assert summary["pass_at_8_ci95"] == [round(x, 4) for x in stats.wilson(4, 5)]
+    assert summary["tokens"] == 5 * 8 * 2
+
+    # a rerun computes nothing but the canaries (all 8 samples of each), which match
+    stack.stub.requests.clear()
+    again = await run_bench.run_accuracy_row(stack, row, _problems(5), 64, cache, canaries=2, progress=False)
+    assert sorted({r.prompt for r in stack.stub.requests}) == ["q0", "q4"] and len(stack.stub.requests) == 16
+    assert (again.computed, again.reused) == (0, 5) and all(c["matched"] for c in again.canaries)
+    # one sample of a canary changes: the mismatch names the sample and where its tokens part
+    answers["q4"][majority.sample_seed(4, 6)] = ("so \\boxed{104}", [4, 6, 9])
+    with pytest.raises(run_bench.CanaryMismatch) as failure:
+        await run_bench.run_accuracy_row(stack, row, _problems(5), 64, cache, canaries=2, progress=False)
+    bad = [r for r in failure.value.reports if not r["matched"]]
+    assert [(r["idx"], r["compared"], r["first_difference"], r["sample"]["first_difference"]) for r in bad] == [
+        (4, "samples", 6, 2)]
+
+
+async def test_majority_row_keeps_within_the_workers_request_limit(tmp_path):
+    from types import SimpleNamespace
+
+    answers = _maj_answers(6, {})
+    stack = FakeStack({})
+    stack.stub = SeededStub(answers)
+    stack.settings = SimpleNamespace(worker=SimpleNamespace(max_concurrent_requests=5))
+    in_flight, peak = 0, 0
+    original = stack.stub.Generate
+
+    async def counted(request):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            return await original(request)
+        finally:
+            in_flight -= 1
+
+    stack.stub.Generate = counted
+    run = await run_bench.run_accuracy_row(stack, run_bench.ROWS["maj8"], _problems(6), 64, None, progress=False)
+    assert len(stack.stub.requests) == 48 and peak == 5 and all(r["correct"] for r in run.results)
+
+
+async def test_baseline_rows_on_the_tiny_pair_and_their_rerun(make_settings, tmp_path, monkeypatch):
+    """maj8 and takeover through the real row loop (worker, selector, cache) on the tiny models: the result rows,
+    and a rerun that takes every problem from the cache with its canaries recomputed token-exact (sampling is
+    reproducible by seed)."""
+    from s2t import stack as stack_module
+
+    real_stack = stack_module.LocalStack
+    monkeypatch.setattr(stack_module, "LocalStack",
+                        lambda settings: real_stack(settings, fetch=False, ray=False, say=lambda m: None))
+    monkeypatch.setattr(run_bench, "RESULTS", tmp_path / "results")
+    settings = make_settings(**{"selector.kl_thresholds": {0.1: 0.5}})
+    rows = [run_bench.ROWS["greedy"], run_bench.ROWS["maj8"], run_bench.ROWS["takeover"]]
+    problems = [{"idx": i, "question": f"What is {i} plus {i}?", "gold": str(2 * i)} for i in range(2)]
+    options = run_bench.CacheOptions(enabled=True, root=tmp_path / "problem-cache", canaries=1)
+
+    first = _payload()
+    await run_bench.run_stack_rows(settings, rows, problems, [], 16, 6, first, "first", cache_options=options)
+    greedy, maj8, takeover = first["rows"]
+    assert (maj8["mode"], maj8["kind"], maj8["request_mode"], maj8["n"]) == ("maj8", "accuracy", "maj8", 2)
+    assert (maj8["samples"], maj8["temperature"], maj8["top_p"]) == (8, 0.7, 0.8)
+    assert maj8["pass_at_8"] >= maj8["accuracy"] and maj8["modes_used"] == ["MODE_GREEDY"]
+    assert maj8["tokens"] == 2 * 8 * 6  # every sample runs to the 6-token cap (the tiny model never stops)
+    details = next(d for d in first["details"] if d["mode"] == "maj8")["results"]
+    for result in details:
+        seeds = [s["seed"] for s in result["samples"]]
+        assert seeds == [majority.sample_seed(result["idx"], k) for k in range(8)]
+    assert len({s["text"] for r in details for s in r["samples"]}) > 2, "different seeds should sample differently"
+    assert (takeover["mode"], takeover["request_mode"], takeover["modes_used"]) == ("takeover", "takeover",
+                                                                                   ["MODE_TAKEOVER"])
+    assert takeover["llm_positions_per_token"] > 0 and takeover["unverified_tokens"] == 0
+    assert set(plots.baselines(first)) == {"greedy", "maj8"}
+
+    second = _payload()
+    await run_bench.run_stack_rows(settings, rows, problems, [], 16, 6, second, "second", cache_options=options)
+    assert [(r["cache"]["computed"], r["cache"]["reused"], r["cache"]["canaries_matched"]) for r in second["rows"]] == [
+        (0, 2, 1)] * 3
+    assert [r["accuracy"] for r in second["rows"]] == [r["accuracy"] for r in first["rows"]]
+    assert second["rows"][1]["pass_at_8"] == maj8["pass_at_8"]

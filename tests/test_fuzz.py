@@ -413,7 +413,8 @@ class WorkerFace:
             out.append(which)
         o = req.options
         mode = o.mode or self.default_mode
-        if mode not in (gen_pb.MODE_GREEDY, gen_pb.MODE_S2T, gen_pb.MODE_LLM, gen_pb.MODE_S2T_LOCAL):
+        if mode not in (gen_pb.MODE_GREEDY, gen_pb.MODE_S2T, gen_pb.MODE_LLM, gen_pb.MODE_S2T_LOCAL,
+                        gen_pb.MODE_TAKEOVER):
             out.append("options.mode")
         if (o.max_new_tokens or ws.max_new_tokens) > ws.max_new_tokens_limit:
             out.append("options.max_new_tokens")
@@ -439,6 +440,12 @@ class WorkerFace:
             out.append("options.draft_confidence")
         if o.verify_policy not in (0, gen_pb.VERIFY_POLICY_WAIT, gen_pb.VERIFY_POLICY_COMMIT_AFTER_LAG):
             out.append("options.verify_policy")
+        # sampling: a finite temperature >= 0, top_p in [0, 1], and a temperature > 0 in mode greedy only
+        if not (math.isfinite(o.temperature) and o.temperature >= 0) or (
+                o.temperature > 0 and mode != gen_pb.MODE_GREEDY):
+            out.append("options.temperature")
+        if not 0 <= o.top_p <= 1:
+            out.append("options.top_p")
         return out
 
     def expect(self, method: str, data: bytes) -> tuple[Expect, _message.Message | None]:
@@ -526,7 +533,7 @@ class WorkerFace:
             return valid() if rng.random() < 0.88 else rng.choice(extreme)
 
         for name, valid, extreme in [
-            ("mode", lambda: rng.randrange(5), [5, 99, 2 ** 31 - 1, -1, -(2 ** 31)]),
+            ("mode", lambda: rng.randrange(5), [6, 99, 2 ** 31 - 1, -1, -(2 ** 31)]),
             ("max_new_tokens", lambda: rng.randint(1, self.ws.max_new_tokens_limit), [5, 4096, 2 ** 31, 2 ** 32 - 1]),
             ("num_candidates", lambda: rng.randint(1, self.max_candidates),
              [self.max_candidates + 1, 65, 10 ** 4, 2 ** 32 - 1]),

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15s2t/v1/selector.proto\x12\x06s2t.v1\"\xb9\x01\n\x11\x43\x61ndidatePosition\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x15\n\rcandidate_ids\x18\x02 \x03(\x05\x12\x17\n\x0f\x63\x61ndidate_probs\x18\x03 \x03(\x02\x12\x13\n\x0bsupport_ids\x18\x04 \x03(\x05\x12\x15\n\rsupport_probs\x18\x05 \x03(\x02\x12\x18\n\x10worker_triggered\x18\x06 \x01(\x08\x12\x1c\n\x14worker_trigger_value\x18\x07 \x01(\x02\"_\n\x11SelectTriggerSpec\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.s2t.v1.SelectTrigger\x12\x0f\n\x07kl_rate\x18\x02 \x01(\x02\x12\x14\n\x0ckl_threshold\x18\x03 \x01(\x02\"\xf8\x01\n\rSelectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x15\n\rprefix_length\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12,\n\tpositions\x18\x05 \x03(\x0b\x32\x19.s2t.v1.CandidatePosition\x12*\n\x07trigger\x18\x06 \x01(\x0b\x32\x19.s2t.v1.SelectTriggerSpec\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x11\n\tslm_model\x18\x08 \x01(\t\x12\x1a\n\x12slm_weights_sha256\x18\t \x01(\t\"U\n\tSelection\x12\x10\n\x08position\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08\x64iverged\x18\x03 \x01(\x08\x12\x15\n\rtrigger_value\x18\x04 \x01(\x02\"\x99\x01\n\x0eSelectResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12&\n\x07outcome\x18\x03 \x01(\x0e\x32\x15.s2t.v1.SelectOutcome\x12%\n\nselections\x18\x04 \x03(\x0b\x32\x11.s2t.v1.Selection\x12\x16\n\x0esession_length\x18\x05 \x01(\r\"\x95\x01\n\rDecodeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x15\n\rprefix_length\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x10\n\x08stop_ids\x18\x06 \x03(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"]\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x16\n\x0esession_length\x18\x04 \x01(\r\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x18\n\x16GetSelectorInfoRequest\"\xec\x02\n\x17GetSelectorInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x14\n\x0cvocab_sha256\x18\x03 \x01(\t\x12\x16\n\x0emax_candidates\x18\x04 \x01(\r\x12\x15\n\rmax_positions\x18\x05 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\r\x12\x19\n\x11max_decode_tokens\x18\x07 \x01(\r\x12H\n\rkl_thresholds\x18\x08 \x03(\x0b\x32\x31.s2t.v1.GetSelectorInfoResponse.KlThresholdsEntry\x12\x16\n\x0eweight_formats\x18\t \x01(\t\x12\x16\n\x0e\x63pu_capability\x18\n \x01(\t\x1a\x33\n\x11KlThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01*|\n\rSelectTrigger\x12\x1e\n\x1aSELECT_TRIGGER_UNSPECIFIED\x10\x00\x12\x19\n\x15SELECT_TRIGGER_ALWAYS\x10\x01\x12\x19\n\x15SELECT_TRIGGER_WORKER\x10\x02\x12\x15\n\x11SELECT_TRIGGER_KL\x10\x03*i\n\rSelectOutcome\x12\x1e\n\x1aSELECT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17SELECT_OUTCOME_ACCEPTED\x10\x01\x12\x1b\n\x17SELECT_OUTCOME_DIVERGED\x10\x02\x32\xa2\x02\n\x0fSelectorService\x12\x37\n\x06Select\x12\x15.s2t.v1.SelectRequest\x1a\x16.s2t.v1.SelectResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.s2t.v1.DecodeRequest\x1a\x16.s2t.v1.DecodeResponse\x12I\n\x0c\x43loseSession\x12\x1b.s2t.v1.CloseSessionRequest\x1a\x1c.s2t.v1.CloseSessionResponse\x12R\n\x0fGetSelectorInfo\x12\x1e.s2t.v1.GetSelectorInfoRequest\x1a\x1f.s2t.v1.GetSelectorInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15s2t/v1/selector.proto\x12\x06s2t.v1\"\xb9\x01\n\x11\x43\x61ndidatePosition\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x15\n\rcandidate_ids\x18\x02 \x03(\x05\x12\x17\n\x0f\x63\x61ndidate_probs\x18\x03 \x03(\x02\x12\x13\n\x0bsupport_ids\x18\x04 \x03(\x05\x12\x15\n\rsupport_probs\x18\x05 \x03(\x02\x12\x18\n\x10worker_triggered\x18\x06 \x01(\x08\x12\x1c\n\x14worker_trigger_value\x18\x07 \x01(\x02\"_\n\x11SelectTriggerSpec\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.s2t.v1.SelectTrigger\x12\x0f\n\x07kl_rate\x18\x02 \x01(\x02\x12\x14\n\x0ckl_threshold\x18\x03 \x01(\x02\"\x8a\x02\n\rSelectRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x15\n\rprefix_length\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12,\n\tpositions\x18\x05 \x03(\x0b\x32\x19.s2t.v1.CandidatePosition\x12*\n\x07trigger\x18\x06 \x01(\x0b\x32\x19.s2t.v1.SelectTriggerSpec\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x11\n\tslm_model\x18\x08 \x01(\t\x12\x1a\n\x12slm_weights_sha256\x18\t \x01(\t\x12\x10\n\x08takeover\x18\n \x01(\x08\"g\n\tSelection\x12\x10\n\x08position\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08\x64iverged\x18\x03 \x01(\x08\x12\x15\n\rtrigger_value\x18\x04 \x01(\x02\x12\x10\n\x08token_id\x18\x05 \x01(\x05\"\x99\x01\n\x0eSelectResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12&\n\x07outcome\x18\x03 \x01(\x0e\x32\x15.s2t.v1.SelectOutcome\x12%\n\nselections\x18\x04 \x03(\x0b\x32\x11.s2t.v1.Selection\x12\x16\n\x0esession_length\x18\x05 \x01(\r\"\x95\x01\n\rDecodeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x15\n\rprefix_length\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x10\n\x08stop_ids\x18\x06 \x03(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"]\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x16\n\x0esession_length\x18\x04 \x01(\r\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x18\n\x16GetSelectorInfoRequest\"\xec\x02\n\x17GetSelectorInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x14\n\x0cvocab_sha256\x18\x03 \x01(\t\x12\x16\n\x0emax_candidates\x18\x04 \x01(\r\x12\x15\n\rmax_positions\x18\x05 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\r\x12\x19\n\x11max_decode_tokens\x18\x07 \x01(\r\x12H\n\rkl_thresholds\x18\x08 \x03(\x0b\x32\x31.s2t.v1.GetSelectorInfoResponse.KlThresholdsEntry\x12\x16\n\x0eweight_formats\x18\t \x01(\t\x12\x16\n\x0e\x63pu_capability\x18\n \x01(\t\x1a\x33\n\x11KlThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01*|\n\rSelectTrigger\x12\x1e\n\x1aSELECT_TRIGGER_UNSPECIFIED\x10\x00\x12\x19\n\x15SELECT_TRIGGER_ALWAYS\x10\x01\x12\x19\n\x15SELECT_TRIGGER_WORKER\x10\x02\x12\x15\n\x11SELECT_TRIGGER_KL\x10\x03*i\n\rSelectOutcome\x12\x1e\n\x1aSELECT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17SELECT_OUTCOME_ACCEPTED\x10\x01\x12\x1b\n\x17SELECT_OUTCOME_DIVERGED\x10\x02\x32\xa2\x02\n\x0fSelectorService\x12\x37\n\x06Select\x12\x15.s2t.v1.SelectRequest\x1a\x16.s2t.v1.SelectResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.s2t.v1.DecodeRequest\x1a\x16.s2t.v1.DecodeResponse\x12I\n\x0c\x43loseSession\x12\x1b.s2t.v1.CloseSessionRequest\x1a\x1c.s2t.v1.CloseSessionResponse\x12R\n\x0fGetSelectorInfo\x12\x1e.s2t.v1.GetSelectorInfoRequest\x1a\x1f.s2t.v1.GetSelectorInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSELECTORINFORESPONSE_KLTHRESHOLDSENTRY']._loaded_options = None
   _globals['_GETSELECTORINFORESPONSE_KLTHRESHOLDSENTRY']._serialized_options = b'8\001'
-  _globals['_SELECTTRIGGER']._serialized_start=1536
-  _globals['_SELECTTRIGGER']._serialized_end=1660
-  _globals['_SELECTOUTCOME']._serialized_start=1662
-  _globals['_SELECTOUTCOME']._serialized_end=1767
+  _globals['_SELECTTRIGGER']._serialized_start=1572
+  _globals['_SELECTTRIGGER']._serialized_end=1696
+  _globals['_SELECTOUTCOME']._serialized_start=1698
+  _globals['_SELECTOUTCOME']._serialized_end=1803
   _globals['_CANDIDATEPOSITION']._serialized_start=34
   _globals['_CANDIDATEPOSITION']._serialized_end=219
   _globals['_SELECTTRIGGERSPEC']._serialized_start=221
   _globals['_SELECTTRIGGERSPEC']._serialized_end=316
   _globals['_SELECTREQUEST']._serialized_start=319
-  _globals['_SELECTREQUEST']._serialized_end=567
-  _globals['_SELECTION']._serialized_start=569
-  _globals['_SELECTION']._serialized_end=654
-  _globals['_SELECTRESPONSE']._serialized_start=657
-  _globals['_SELECTRESPONSE']._serialized_end=810
-  _globals['_DECODEREQUEST']._serialized_start=813
-  _globals['_DECODEREQUEST']._serialized_end=962
-  _globals['_DECODERESPONSE']._serialized_start=964
-  _globals['_DECODERESPONSE']._serialized_end=1057
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1059
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1100
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1102
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1141
-  _globals['_GETSELECTORINFOREQUEST']._serialized_start=1143
-  _globals['_GETSELECTORINFOREQUEST']._serialized_end=1167
-  _globals['_GETSELECTORINFORESPONSE']._serialized_start=1170
-  _globals['_GETSELECTORINFORESPONSE']._serialized_end=1534
-  _globals['_GETSELECTORINFORESPONSE_KLTHRESHOLDSENTRY']._serialized_start=1483
-  _globals['_GETSELECTORINFORESPONSE_KLTHRESHOLDSENTRY']._serialized_end=1534
-  _globals['_SELECTORSERVICE']._serialized_start=1770
-  _globals['_SELECTORSERVICE']._serialized_end=2060
+  _globals['_SELECTREQUEST']._serialized_end=585
+  _globals['_SELECTION']._serialized_start=587
+  _globals['_SELECTION']._serialized_end=690
+  _globals['_SELECTRESPONSE']._serialized_start=693
+  _globals['_SELECTRESPONSE']._serialized_end=846
+  _globals['_DECODEREQUEST']._serialized_start=849
+  _globals['_DECODEREQUEST']._serialized_end=998
+  _globals['_DECODERESPONSE']._serialized_start=1000
+  _globals['_DECODERESPONSE']._serialized_end=1093
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1095
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1136
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1138
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1177
+  _globals['_GETSELECTORINFOREQUEST']._serialized_start=1179
+  _globals['_GETSELECTORINFOREQUEST']._serialized_end=1203
+  _globals['_GETSELECTORINFORESPONSE']._serialized_start=1206
+  _globals['_GETSELECTORINFORESPONSE']._serialized_end=1570
+  _globals['_GETSELECTORINFORESPONSE_KLTHRESHOLDSENTRY']._serialized_start=1519
+  _globals['_GETSELECTORINFORESPONSE_KLTHRESHOLDSENTRY']._serialized_end=1570
+  _globals['_SELECTORSERVICE']._serialized_start=1806
+  _globals['_SELECTORSERVICE']._serialized_end=2096
 # @@protoc_insertion_point(module_scope)

@@ -56,7 +56,7 @@ class SelectTriggerSpec(_message.Message):
     def __init__(self, kind: _Optional[_Union[SelectTrigger, str]] = ..., kl_rate: _Optional[float] = ..., kl_threshold: _Optional[float] = ...) -> None: ...
 
 class SelectRequest(_message.Message):
-    __slots__ = ("session_id", "step", "prefix_length", "token_ids", "positions", "trigger", "request_id", "slm_model", "slm_weights_sha256")
+    __slots__ = ("session_id", "step", "prefix_length", "token_ids", "positions", "trigger", "request_id", "slm_model", "slm_weights_sha256", "takeover")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class SelectRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SLM_MODEL_FIELD_NUMBER: _ClassVar[int]
     SLM_WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TAKEOVER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     prefix_length: int
@@ -75,19 +76,22 @@ class SelectRequest(_message.Message):
     request_id: str
     slm_model: str
     slm_weights_sha256: str
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., prefix_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[_Union[CandidatePosition, _Mapping]]] = ..., trigger: _Optional[_Union[SelectTriggerSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., slm_model: _Optional[str] = ..., slm_weights_sha256: _Optional[str] = ...) -> None: ...
+    takeover: bool
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., prefix_length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[_Union[CandidatePosition, _Mapping]]] = ..., trigger: _Optional[_Union[SelectTriggerSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., slm_model: _Optional[str] = ..., slm_weights_sha256: _Optional[str] = ..., takeover: _Optional[bool] = ...) -> None: ...
 
 class Selection(_message.Message):
-    __slots__ = ("position", "index", "diverged", "trigger_value")
+    __slots__ = ("position", "index", "diverged", "trigger_value", "token_id")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DIVERGED_FIELD_NUMBER: _ClassVar[int]
     TRIGGER_VALUE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     position: int
     index: int
     diverged: bool
     trigger_value: float
-    def __init__(self, position: _Optional[int] = ..., index: _Optional[int] = ..., diverged: _Optional[bool] = ..., trigger_value: _Optional[float] = ...) -> None: ...
+    token_id: int
+    def __init__(self, position: _Optional[int] = ..., index: _Optional[int] = ..., diverged: _Optional[bool] = ..., trigger_value: _Optional[float] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class SelectResponse(_message.Message):
     __slots__ = ("session_id", "step", "outcome", "selections", "session_length")

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class SelectorServiceStub:
     """SelectorService hosts the large model. It never generates text for an s2t worker: it answers with an
-    index into the candidate set the worker proposed.
+    index into the candidate set the worker proposed (a takeover request: also with its own top-1 token).
 
     Sessions. Per session the selector keeps the large model's KV cache of a token prefix. That state is a
     cache the selector may lose at any time (eviction, restart, re-routing). A request names the prefix
@@ -74,7 +74,7 @@ class SelectorServiceStub:
 
 class SelectorServiceServicer:
     """SelectorService hosts the large model. It never generates text for an s2t worker: it answers with an
-    index into the candidate set the worker proposed.
+    index into the candidate set the worker proposed (a takeover request: also with its own top-1 token).
 
     Sessions. Per session the selector keeps the large model's KV cache of a token prefix. That state is a
     cache the selector may lose at any time (eviction, restart, re-routing). A request names the prefix
@@ -152,7 +152,7 @@ def add_SelectorServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class SelectorService:
     """SelectorService hosts the large model. It never generates text for an s2t worker: it answers with an
-    index into the candidate set the worker proposed.
+    index into the candidate set the worker proposed (a takeover request: also with its own top-1 token).
 
     Sessions. Per session the selector keeps the large model's KV cache of a token prefix. That state is a
     cache the selector may lose at any time (eviction, restart, re-routing). A request names the prefix
