@@ -141,7 +141,8 @@ def _request(prompt: str, args):
         mode=Mode(args.mode).proto if args.mode else 0,
         max_new_tokens=args.max_new_tokens or 0, block_size=args.block_size or 0,
         trigger=TriggerKind(args.trigger).proto if args.trigger else 0,
-        trigger_rate=args.trigger_rate or 0.0)
+        trigger_rate=args.trigger_rate or 0.0, temperature=args.temperature or 0.0, top_p=args.top_p or 0.0,
+        seed=args.seed or 0)
     return pb.GenerateStreamRequest(prompt=prompt, options=opts)
 
 
@@ -375,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--block-size", type=int)
         p.add_argument("--trigger", choices=["always", "entropy", "margin", "kl"])
         p.add_argument("--trigger-rate", type=float)
+        p.add_argument("--temperature", type=float, help="mode greedy: sample at this temperature (default 0: argmax)")
+        p.add_argument("--top-p", type=float, help="with --temperature: nucleus sampling")
+        p.add_argument("--seed", type=int, help="with --temperature: reproduce a sample (default: the worker picks one)")
 
     p = sub.add_parser("run", help="the main job on the embedded default models")
     p.add_argument("--problem", type=int, default=0, help="GSM8K test problem index")

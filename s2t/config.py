@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .model_store import default_cache_dir
 
-ModeName = Literal["greedy", "s2t", "s2t-local", "llm"]
+ModeName = Literal["greedy", "s2t", "s2t-local", "llm", "takeover"]
 TriggerName = Literal["always", "entropy", "margin", "kl"]
 VerifyPolicyName = Literal["wait", "commit_after_lag"]
 
@@ -127,7 +127,7 @@ class WorkerSettings(_Section):
     selector_auth_token: SecretStr | None = Field(None, description="sent as 'authorization: Bearer <token>' on every selector RPC; one of the selector's selector.auth_tokens")
     selector_tls: ClientTlsSettings = ClientTlsSettings()
     worker_id: str | None = Field(None, description="this worker's name to the selector, sent as 'worker-id' metadata on every selector RPC: the key of the selector's selector.quota.* when it has no auth_tokens (with them, the token is the key); None = <hostname>-<pid>; letters, digits and ._:@/+-, at most 128")
-    default_mode: ModeName = Field("s2t", description="mode of requests that name none: greedy, s2t, s2t-local, llm")
+    default_mode: ModeName = Field("s2t", description="mode of requests that name none: greedy, s2t, s2t-local, llm, takeover")
     num_candidates: int = Field(8, ge=1, le=64, description="K: SLM candidates per position sent to the selector")
     trigger: TriggerName = Field("kl", description="when a disagreement is corrected: kl (selector-side, paper), entropy / margin (LLM-free, worker-side), always")
     trigger_rate: float = Field(0.10, gt=0, le=1, description="target share of steps the trigger fires on (tau); mapped through the calibrated thresholds")
