@@ -186,6 +186,10 @@ class RemoteSelectorSession:
             stats.selector_failures += 1
             return Verdict(VerdictKind.UNAVAILABLE, reason=f"selector call failed: {e!r}")
         if reply.outcome == sel_pb.SELECT_OUTCOME_DIVERGED:
+            problem = _bad_divergence(reply, request, block, seq.engine.vocab_size)
+            if problem:  # a selector of another build or a broken one: degrade this block, never the request
+                stats.selector_failures += 1
+                return Verdict(VerdictKind.UNAVAILABLE, reason=f"selector reply refused: {problem}")
             sel = reply.selections[-1]
             return Verdict(VerdictKind.DIVERGED, VerdictSource.SELECTOR, position=sel.position, index=sel.index,
                            checked=len(block.checked), llm_forwards=1, reply=reply,
@@ -206,6 +210,23 @@ class RemoteSelectorSession:
     async def close(self) -> None:
         if self.next_step:
             await self.client.close_session(self.session_id)
+
+
+def _bad_divergence(reply: sel_pb.SelectResponse, request: sel_pb.SelectRequest, block: Block,
+                    vocab_size: int) -> str:
+    """Why a DIVERGED reply cannot be applied ('' if it can): its last selection must name a position the
+    request asked about, an index among that position's candidates, and (takeover) a token of the vocabulary."""
+    if not reply.selections:
+        return "a divergence without selections"
+    sel = reply.selections[-1]
+    asked = {p.position: len(p.candidate_ids) for p in request.positions}
+    if sel.position not in asked or not block.start <= sel.position < block.end:
+        return f"divergence at position {sel.position}, which the request did not ask about"
+    if not 0 <= sel.index < asked[sel.position]:
+        return f"index {sel.index} outside the {asked[sel.position]} candidates at position {sel.position}"
+    if request.takeover and not 0 <= sel.token_id < vocab_size:
+        return f"token id {sel.token_id} outside the {vocab_size}-token vocabulary"
+    return ""
 
 
 # -- the local re-ranker ------------------------------------------------------------------------------------
