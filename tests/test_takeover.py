@@ -7,13 +7,13 @@ import asyncio
 import pytest
 import torch
 
-from llm_selector.core import SelectorCore
 from s2t.modes import Mode
-from s2t.runtime import Engine, load_model
 from s2t.selection_log import read_records
 from s2t.v1 import generation_pb2 as gen_pb
 from s2t.v1 import selector_pb2 as pb
 from servers import Stack
+from test_selector_core import core, llm_logp  # noqa: F401 - core is a fixture
+from test_worker import kl_fires
 
 PROMPT = "What is 2 + 3?"
 ALWAYS = pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_ALWAYS)
@@ -45,17 +45,6 @@ def prompt_ids(stack):
 
 
 # ---- the selector's rule ---------------------------------------------------------------------------------
-
-@pytest.fixture
-def core(make_settings, tiny_pair):
-    settings = make_settings(**{"selector.log_enabled": False})
-    return SelectorCore(Engine(load_model(str(tiny_pair[1]), tiny_pair[1].parent, "native")), settings.selector)
-
-
-def llm_logp(llm, seq):
-    with torch.no_grad():
-        return torch.log_softmax(llm(torch.tensor([seq])).logits[0, -1], -1)
-
 
 def test_takeover_diverges_on_the_llm_top1_even_when_it_is_no_candidate(core, tiny_models):
     _, llm = tiny_models
@@ -131,13 +120,7 @@ async def test_takeover_with_kl_trigger_equals_the_reference_loop(make_settings,
     slm, llm = tiny_models
     threshold = 0.5
 
-    def fires(step, p_s, logp_l):  # as tests/test_worker.py's KL reference: float32 SLM probabilities, top-64
-        top = p_s.topk(64)
-        q = top.values.float().double()
-        q = q / q.sum()
-        p = logp_l[top.indices].exp()
-        p = p / p.sum()
-        return step >= 3 and float((q * (q / p).log()).sum()) > threshold
+    fires = kl_fires(threshold)
 
     settings = make_settings(**{"worker.trigger": "kl", "selector.kl_thresholds": {0.1: threshold}})
     async with Stack(settings) as stack:

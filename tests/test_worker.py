@@ -119,10 +119,9 @@ async def test_s2t_with_entropy_trigger_equals_reference(make_settings, tiny_mod
     assert 0 < final.stats.triggered_positions < final.stats.drafted_tokens
 
 
-async def test_s2t_with_kl_trigger_equals_reference(make_settings, tiny_models):
-    slm, llm = tiny_models
-    threshold = 0.5
-
+def kl_fires(threshold: float):
+    """The selector's KL trigger for reference loops: KL(SLM || LLM) on the SLM's top-64 above `threshold`, past
+    3 warm-up steps."""
     def fires(step, p_s, logp_l):
         top = p_s.topk(64)
         q = top.values.float().double()  # the worker sends probabilities as float32
@@ -130,7 +129,14 @@ async def test_s2t_with_kl_trigger_equals_reference(make_settings, tiny_models):
         p = logp_l[top.indices].exp()
         p = p / p.sum()
         return step >= 3 and float((q * (q / p).log()).sum()) > threshold
+    return fires
 
+
+async def test_s2t_with_kl_trigger_equals_reference(make_settings, tiny_models):
+    slm, llm = tiny_models
+    threshold = 0.5
+
+    fires = kl_fires(threshold)
     settings = make_settings(**{"worker.trigger": "kl", "selector.kl_thresholds": {0.1: threshold}})
     async with Stack(settings) as stack:
         expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids), fires)
