@@ -788,3 +788,27 @@ async def test_baseline_rows_on_the_tiny_pair_and_their_rerun(make_settings, tmp
         (0, 2, 1)] * 3
     assert [r["accuracy"] for r in second["rows"]] == [r["accuracy"] for r in first["rows"]]
     assert second["rows"][1]["pass_at_8"] == maj8["pass_at_8"]
+
+
+def test_paper_preset_is_the_default_and_pins_its_weight_formats():
+    """Issue #16's table: the baselines, the default s2t, every-step selection and both sweeps, on pinned formats
+    (the cache key includes them: unpinned, a rerun on another start-up would recompute everything)."""
+    paper, full = run_bench.PRESETS["paper"], run_bench.PRESETS["full"]
+    assert (paper["accuracy_n"], full["accuracy_n"]) == (100, 1319)
+    assert paper["rows"] == full["rows"] and all(r in run_bench.ROWS for r in paper["rows"])
+    assert {"greedy", "maj8", "takeover", "llm", "s2t-spec-tau10-b8", "s2t-spec-always-b8"} <= set(paper["rows"])
+    tau = sorted(run_bench.ROWS[r].rate for r in paper["rows"]
+                 if r.startswith("s2t-spec-tau") and not run_bench.ROWS[r].k)
+    assert tau == [0.01, 0.05, 0.10, 0.20]
+    assert sorted(run_bench.ROWS[r].k or 8 for r in paper["rows"] if r.startswith("s2t-spec-tau10-b8")) == [2, 4, 8, 16]
+    pinned = run_bench.PINNED_WEIGHT_FORMATS
+    assert run_bench.preset_settings(paper, []) == [f"worker.runtime.weight_formats={pinned}",
+                                                    f"selector.runtime.weight_formats={pinned}"]
+
+
+def test_command_line_settings_override_the_presets_by_key():
+    preset = {"settings": ["worker.runtime.weight_formats=int8", "selector.runtime.weight_formats=int8"]}
+    merged = run_bench.preset_settings(preset, ["worker.runtime.weight_formats=auto", "worker.block_size=4"])
+    assert merged == ["selector.runtime.weight_formats=int8", "worker.runtime.weight_formats=auto",
+                      "worker.block_size=4"]
+    assert run_bench.preset_settings({}, ["a=1"]) == ["a=1"]
