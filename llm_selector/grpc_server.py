@@ -4,11 +4,17 @@ Same core, protocol and cross-session batching as the Ray Serve app; there is no
 one process. The same credentials too: the bearer tokens of `selector.auth_tokens` (checked by an interceptor
 before any SelectorService method runs; health checks stay open for probes), and optionally TLS or mTLS
 (`selector.tls`), which only this server can serve (Ray Serve's proxy listens in plaintext).
+
+Tracing (`tracing.enabled`): a SERVER span per SelectorService call, the child of the worker's CLIENT span
+whose traceparent the call carries; the tracing interceptor runs before the auth one, so refused calls have
+spans too (status code UNAUTHENTICATED). The span gets the request's s2t.* attributes once it is parsed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,11 +23,16 @@ from s2t.v1 import selector_pb2 as pb
 from s2t.v1 import selector_pb2_grpc as pb_grpc
 from s2t.config import SelectorSettings, Settings
 from s2t.security import BearerTokens, add_port
+from s2t.tracing import (TracedRole, annotate_current_span, build_tracer_provider, request_attributes,
+                         server_interceptors, shutdown_tracer_provider)
 from s2t.wire import WireError, parse, serve_until_signalled, server_options
 
 from .core import SelectorCore, SelectorError
 from .metrics import SelectorMethod, SelectorOutcome
 from .quotas import worker_identity
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("s2t.selector")
 
@@ -68,8 +79,9 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
 
 
 class SelectorServicer(pb_grpc.SelectorServiceServicer):
-    def __init__(self, core: SelectorCore):
+    def __init__(self, core: SelectorCore, traced: bool = False):
         self.core = core
+        self.traced = traced  # the server traces its calls: the handlers add the s2t.* attributes to the span
         # The interceptor has let the call in; these tell which accepted token it carries (the worker's
         # identity for the quotas, quotas.worker_identity).
         self.tokens = selector_tokens(core.settings)
@@ -110,6 +122,8 @@ def strict_handlers(servicer: SelectorServicer) -> grpc.GenericRpcHandler:
             except WireError as e:
                 servicer.core.metrics.request(metrics_method, SelectorOutcome.INVALID_ARGUMENT)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            if servicer.traced:
+                annotate_current_span(request_attributes(request))
             return await method(request, context)
 
         # no request_deserializer: the handler gets the bytes
@@ -125,13 +139,16 @@ def strict_handlers(servicer: SelectorServicer) -> grpc.GenericRpcHandler:
     })
 
 
-async def serve(core: SelectorCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Serve `core` on host:port with the credentials of its settings (auth_tokens, tls); returns the server
-    and the bound port."""
+async def serve(core: SelectorCore, host: str, port: int,
+                tracer_provider: TracerProvider | None = None) -> tuple[grpc.aio.Server, int]:
+    """Serve `core` on host:port with the credentials of its settings (auth_tokens, tls), tracing its calls
+    with `tracer_provider` (None: untraced; the caller shuts it down); returns the server and the bound port."""
     tokens = selector_tokens(core.settings)
-    server = grpc.aio.server(options=server_options(32 << 20),
-                             interceptors=[BearerAuthInterceptor(tokens, SERVICE)] if tokens.enabled else [])
-    server.add_generic_rpc_handlers((strict_handlers(SelectorServicer(core)),))
+    # tracing first (outermost): a call the token check refuses is traced too
+    interceptors = [*server_interceptors(tracer_provider),
+                    *([BearerAuthInterceptor(tokens, SERVICE)] if tokens.enabled else [])]
+    server = grpc.aio.server(options=server_options(32 << 20), interceptors=interceptors)
+    server.add_generic_rpc_handlers((strict_handlers(SelectorServicer(core, traced=tracer_provider is not None)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = add_port(server, f"{host}:{port}", core.settings.tls, "selector.tls")
@@ -148,12 +165,15 @@ async def serve(core: SelectorCore, host: str, port: int) -> tuple[grpc.aio.Serv
 
 async def serve_forever(settings: Settings) -> None:
     core = SelectorCore.from_settings(settings)
-    server, port = await serve(core, settings.selector.host, settings.selector.grpc_port)
-    sel = settings.selector
-    tls = ("mTLS" if sel.tls.client_ca_file else "TLS") if sel.tls.enabled else "plaintext"
-    auth = f"{len(sel.auth_tokens)} bearer token(s)" if sel.auth_tokens else "no authentication"
-    print(f"selector (no Ray) serving gRPC on {sel.host}:{port} ({tls}, {auth})", flush=True)
+    tracer_provider = build_tracer_provider(settings.tracing, TracedRole.SELECTOR)  # None unless tracing.enabled
     try:
+        server, port = await serve(core, settings.selector.host, settings.selector.grpc_port, tracer_provider)
+        sel = settings.selector
+        tls = ("mTLS" if sel.tls.client_ca_file else "TLS") if sel.tls.enabled else "plaintext"
+        auth = f"{len(sel.auth_tokens)} bearer token(s)" if sel.auth_tokens else "no authentication"
+        print(f"selector (no Ray) serving gRPC on {sel.host}:{port} ({tls}, {auth})", flush=True)
         await serve_until_signalled(server, sel.shutdown_grace_s)
     finally:
         core.close()  # closes the selection log's open segment, so readers see it
+        # after the drain: the spans of the last calls are exported before the process ends
+        await asyncio.to_thread(shutdown_tracer_provider, tracer_provider)

@@ -14,6 +14,11 @@ TLS: Ray Serve's gRPC proxy listens in plaintext only (gRPCOptions has no TLS or
 terminated in front of the proxy (a load balancer, an ingress or a sidecar); `selector.tls` set here is an
 error rather than a silently plaintext port. Nor can the proxy's HTTP/2 ping policy be set: it has grpc core's
 defaults, which the clients' keepalive (s2t.wire) is chosen to satisfy.
+
+Tracing (`tracing.enabled`): the proxy ends the worker's HTTP/2 call itself, so no server interceptor of ours
+sees it; each method instead runs inside a SERVER span (s2t.tracing.ServerSpans) whose parent is the
+`traceparent` the proxy passes through with the rest of the metadata — the worker's CLIENT span. The replica
+builds its tracer provider from its settings and flushes it when Serve shuts it down (__del__).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from ray import serve
 from s2t.v1 import selector_pb2 as pb
 from s2t.config import ConfigError, Settings
 from s2t.security import BearerTokens
+from s2t.tracing import ServerSpans, TracedRole, build_tracer_provider, shutdown_tracer_provider
 from s2t.wire import WireError, check_wire_types
 
 from .core import SelectorCore, SelectorError
-from .grpc_server import AUTH_HINT, selector_tokens
+from .grpc_server import AUTH_HINT, SERVICE, selector_tokens
 from .metrics import SelectorMethod, SelectorMetrics, SelectorOutcome
 from .quotas import worker_identity
 
@@ -46,27 +52,38 @@ SECRET_FIELDS = {"worker": {"auth_token", "selector_auth_token"}, "selector": {"
 
 @serve.deployment(name="Selector")
 class SelectorDeployment:
+    # A replica made without __init__ (tests build one around a core of their own) traces nothing.
+    tracer_provider = None
+    spans = ServerSpans(None, SERVICE)
+
     def __init__(self, settings: dict, token_digests: list[str] | None = None):
         self.settings = Settings.model_validate(settings)
         self.tokens = BearerTokens.from_hex(token_digests or (), "selector", AUTH_HINT)
+        # None unless tracing.enabled; spans with service.name <tracing.service_name>-selector
+        self.tracer_provider = build_tracer_provider(self.settings.tracing, TracedRole.SELECTOR)
+        self.spans = ServerSpans(self.tracer_provider, SERVICE)
         # s2t_selector_* through Ray's metrics agent (tagged with this replica), not an HTTP server of our own
         self.core = SelectorCore.from_settings(self.settings, metrics=SelectorMetrics.for_ray_serve())
 
     async def Select(self, request: pb.SelectRequest, grpc_context) -> pb.SelectResponse:
-        return await self._serve(request, grpc_context, "select", pb.SelectResponse)
+        with self.spans.span("Select", grpc_context, request):
+            return await self._serve(request, grpc_context, "select", pb.SelectResponse)
 
     async def Decode(self, request: pb.DecodeRequest, grpc_context) -> pb.DecodeResponse:
-        return await self._serve(request, grpc_context, "decode", pb.DecodeResponse)
+        with self.spans.span("Decode", grpc_context, request):
+            return await self._serve(request, grpc_context, "decode", pb.DecodeResponse)
 
     async def CloseSession(self, request: pb.CloseSessionRequest, grpc_context) -> pb.CloseSessionResponse:
-        if self._refused(grpc_context):
-            return pb.CloseSessionResponse()
-        return self.core.close_session(request.session_id)
+        with self.spans.span("CloseSession", grpc_context, request):
+            if self._refused(grpc_context):
+                return pb.CloseSessionResponse()
+            return self.core.close_session(request.session_id)
 
     async def GetSelectorInfo(self, request: pb.GetSelectorInfoRequest, grpc_context) -> pb.GetSelectorInfoResponse:
-        if self._refused(grpc_context):
-            return pb.GetSelectorInfoResponse()
-        return self.core.info()
+        with self.spans.span("GetSelectorInfo", grpc_context, request):
+            if self._refused(grpc_context):
+                return pb.GetSelectorInfoResponse()
+            return self.core.info()
 
     def _refused(self, grpc_context) -> bool:
         """Check the call's bearer token; a refused call gets UNAUTHENTICATED (the proxy copies code and details
@@ -114,6 +131,10 @@ class SelectorDeployment:
     def __del__(self):
         if getattr(self, "core", None) is not None:
             self.core.close()
+        # Serve calls __del__ on a graceful shutdown: export the spans still queued (bounded; the provider's
+        # atexit hook is the backstop for a replica that exits otherwise)
+        shutdown_tracer_provider(self.tracer_provider)
+        self.tracer_provider = None
 
 
 def _refuse_tls(settings: Settings) -> None:

@@ -6,9 +6,11 @@ Unknown keys are errors everywhere, so a typo never silently falls back to a def
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -247,6 +249,45 @@ class SelectorSettings(_Section):
         return [_bearer_token(t) for t in v]
 
 
+class TracingExporter(enum.Enum):
+    """Where a process sends its spans (s2t/tracing.py)."""
+
+    OTLP = "otlp"  # OTLP over gRPC to tracing.otlp_endpoint (a collector, Jaeger, Tempo, ...)
+    CONSOLE = "console"  # one JSON object per span on stdout
+    FILE = "file"  # one JSON object per line, appended to tracing.file_path: spans without a collector
+
+
+class TracingSettings(_Section):
+    """OpenTelemetry spans across client -> worker -> selector (s2t/tracing.py). Off by default, and off it
+    costs nothing: no provider, no interceptors, not even an import of OpenTelemetry."""
+
+    enabled: bool = Field(False, description="record spans: the worker's Generate calls, its selector calls, and the selector's side of them (the --no-ray server and the Ray Serve replica alike)")
+    exporter: TracingExporter = Field(TracingExporter.OTLP, description="where spans go: otlp (OTLP over gRPC to otlp_endpoint), console (JSON on stdout) or file (JSON lines appended to file_path)")
+    otlp_endpoint: str = Field("http://localhost:4317", description="exporter otlp: the collector's gRPC endpoint; https:// connects over TLS. Headers (e.g. a collector token) come from OTEL_EXPORTER_OTLP_HEADERS")
+    file_path: Path | None = Field(None, description="exporter file: the JSON-lines file (made absolute when the settings load, so a Ray Serve replica writes to the same path); several processes may share it")
+    service_name: str = Field("s2t", min_length=1, description="service.name prefix; the role is appended (s2t-worker and s2t-selector by default)")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of new traces recorded; a call that arrives with a traceparent follows its caller's decision (parent-based)")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        url = urlparse(v)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ValueError("otlp_endpoint must be http://host:port (plaintext) or https://host:port (TLS)")
+        return v
+
+    @field_validator("file_path")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> "TracingSettings":
+        if self.exporter is TracingExporter.FILE and self.file_path is None:
+            raise ValueError("exporter file needs file_path")
+        return self
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "s2t"
@@ -260,6 +301,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir, description="logs and results (XDG_DATA_HOME/s2t)")
     worker: WorkerSettings = WorkerSettings()
     selector: SelectorSettings = SelectorSettings()
+    tracing: TracingSettings = TracingSettings()
 
     # Set by load_settings(); pydantic-settings reads the YAML source from here.
     _yaml_file: ClassVar[Path | None] = None
@@ -351,6 +393,8 @@ def reference_markdown() -> str:
                 shown = "XDG default"
             elif isinstance(default, dict):
                 shown = "calibrated table" if default else "{}"
+            elif isinstance(default, enum.Enum):
+                shown = f"`{default.value!r}`"
             elif isinstance(default, str) and len(default) > 40:
                 shown = "see config.py"
             else:

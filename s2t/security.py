@@ -16,7 +16,7 @@ import hmac
 import os
 import socket
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import grpc
 from pydantic import SecretStr
@@ -162,11 +162,13 @@ def channel_credentials(tls: ClientTlsSettings, key: str) -> grpc.ChannelCredent
 
 
 def open_channel(address: str, options: list[tuple[str, int | str]], tls: ClientTlsSettings,
-                 key: str) -> grpc.aio.Channel:
-    """A grpc.aio channel to `address`, over TLS when `tls` enables it."""
+                 key: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> grpc.aio.Channel:
+    """A grpc.aio channel to `address`, over TLS when `tls` enables it, through `interceptors` (e.g. the
+    tracing ones of s2t.tracing.client_interceptors; none: a plain channel)."""
     credentials = channel_credentials(tls, key)
+    chain = list(interceptors) or None
     if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=chain)
     if tls.server_name:
         options = [*options, ("grpc.ssl_target_name_override", tls.server_name)]
-    return grpc.aio.secure_channel(address, credentials, options=options)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=chain)

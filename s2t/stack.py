@@ -9,6 +9,7 @@ gRPC proxy -> selector replica. With `ray=False` the selector is the plain grpc.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sys
@@ -77,13 +78,18 @@ class LocalStack:
         from llm_selector.core import SelectorCore
         from llm_selector.grpc_server import serve
 
+        from .tracing import TracedRole, build_tracer_provider, shutdown_tracer_provider
+
         core = SelectorCore.from_settings(self.settings)
-        server, port = await serve(core, self.settings.selector.host, self.settings.selector.grpc_port)
+        tracer_provider = build_tracer_provider(self.settings.tracing, TracedRole.SELECTOR)  # None: tracing off
+        server, port = await serve(core, self.settings.selector.host, self.settings.selector.grpc_port,
+                                   tracer_provider)
         self.selector_core = core
 
         async def stop():
             await server.stop(1)
             core.close()
+            await asyncio.to_thread(shutdown_tracer_provider, tracer_provider)
 
         self._stop_selector = stop
         return f"{self.settings.selector.host}:{port}"

@@ -26,6 +26,7 @@ fails, lags past the request's deadline or is over budget never fails a request:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 
@@ -83,8 +84,10 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
-    def spawn(self, coro) -> asyncio.Task:
-        task = asyncio.create_task(coro)
+    def spawn(self, coro, context: contextvars.Context | None = None) -> asyncio.Task:
+        """Run `coro` as a task of the loop's; in a copy of `context` when given (a sequence's trace_context,
+        so its selector calls join its request's trace), else in a copy of the current context."""
+        task = asyncio.create_task(coro, context=context.copy() if context is not None else None)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -115,7 +118,7 @@ class Scheduler:
             if seq.cancelled:
                 seq.finish()
             if seq.verifier is not None:
-                self.spawn(seq.verifier.close())
+                self.spawn(seq.verifier.close(), seq.trace_context)
         # 4. draft: one batched SLM forward over the sequences that may draft further
         ready = [s for s in self.active if s.wants_forward()]
         if not ready:
@@ -138,7 +141,7 @@ class Scheduler:
         if seq.running.selector_verified and self.call_budget is not None and not await self.call_budget.try_take():
             block.verdict = Verdict(VerdictKind.OVER_BUDGET)  # the SLM's drafts stand, counted as local decisions
             return
-        self.spawn(self._record(block, seq.verifier.send(seq, block)))
+        self.spawn(self._record(block, seq.verifier.send(seq, block)), seq.trace_context)
 
     async def _record(self, block: Block, verdict) -> None:
         try:

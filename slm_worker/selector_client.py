@@ -31,6 +31,10 @@ per-worker quotas when it has no bearer tokens (with them, the token is the key)
 Credentials: every RPC carries `authorization: Bearer <worker.selector_auth_token>` when that is set, and the
 channel is TLS (or mTLS) when `worker.selector_tls` enables it. Its keepalive is s2t.wire's client policy, which
 Ray Serve's gRPC proxy accepts (an idle channel is never pinged; see there).
+
+Tracing: with `tracing.enabled` the channel carries s2t.tracing's client interceptors, so every attempt is a
+CLIENT span and sends its `traceparent`; the worker runs each request's calls in the request's context, which
+makes them children of its Generate span.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import logging
 import random
 import re
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import grpc
 from asyncio_throttle import Throttler
@@ -259,13 +263,16 @@ class SelectorClient:
     def __init__(self, address: str, application: str = "", select_timeout_s: float = 120.0,
                  breaker_failures: int = 3, breaker_open_s: float = 10.0, calls_per_s: float = 0.0,
                  rng: random.Random | None = None, auth_token: SecretStr | None = None,
-                 tls: ClientTlsSettings | None = None, worker_id: str | None = None):
+                 tls: ClientTlsSettings | None = None, worker_id: str | None = None,
+                 interceptors: Sequence[grpc.aio.ClientInterceptor] = ()):
         self.address = address
         self.application = application
         self.worker_id = worker_id or default_worker_id()  # who this worker is to the selector's quotas
         # the metadata entry that presents the worker's bearer token (kept as built, never logged)
         self._authorization = bearer_metadata(auth_token) if auth_token is not None else None
         self.tls = tls or ClientTlsSettings()
+        # the channel's interceptors: s2t.tracing's when tracing is on (a CLIENT span per attempt, traceparent sent)
+        self.interceptors = tuple(interceptors)
         self.select_timeout_s = select_timeout_s  # cap on one attempt; the request's deadline usually ends it first
         self.breaker = CircuitBreaker(breaker_failures, breaker_open_s)
         self.budget = CallBudget(calls_per_s)
@@ -279,11 +286,13 @@ class SelectorClient:
         self.on_attempt: Callable[[str, grpc.StatusCode | None, float], None] | None = None
 
     @classmethod
-    def from_settings(cls, ws: WorkerSettings) -> "SelectorClient":
-        """The client the worker's settings describe: address, deadlines, breaker, budget, credentials."""
+    def from_settings(cls, ws: WorkerSettings,
+                      interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> "SelectorClient":
+        """The client the worker's settings describe: address, deadlines, breaker, budget, credentials; its
+        channel goes through `interceptors`."""
         return cls(ws.selector_address, ws.selector_application, ws.select_timeout_ms / 1000, ws.breaker_failures,
                    ws.breaker_open_s, ws.selector_calls_per_s, auth_token=ws.selector_auth_token,
-                   tls=ws.selector_tls, worker_id=ws.worker_id)
+                   tls=ws.selector_tls, worker_id=ws.worker_id, interceptors=interceptors)
 
     def problem(self, error: grpc.aio.AioRpcError) -> str:
         """Why a call the worker needs (e.g. GetSelectorInfo at start-up) failed, in the words a degraded
@@ -303,7 +312,7 @@ class SelectorClient:
             # The client resends itself (same step, idempotent at the selector); grpc's own retries would not
             # tell busy from down.
             self._channel = open_channel(self.address, client_channel_options(32 << 20) + [("grpc.enable_retries", 0)],
-                                         self.tls, "worker.selector_tls")
+                                         self.tls, "worker.selector_tls", self.interceptors)
             self._stub = pb_grpc.SelectorServiceStub(self._channel)
         return self._stub
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 import enum
 import time
@@ -147,6 +148,9 @@ class Sequence:
         self.first_commit: float | None = None
         self.unverified_reasons: collections.Counter[str] = collections.Counter()
         self.fallback_reasons: collections.Counter[str] = collections.Counter()
+        # With tracing on, the context of the request's call (its Generate span current): the scheduler runs
+        # this sequence's verifier calls in a copy of it, so its selector spans join the request's trace.
+        self.trace_context: contextvars.Context | None = None
 
     # -- drafting -----------------------------------------------------------------------------------------
 

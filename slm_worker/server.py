@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import re
 import time
 import uuid
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +24,8 @@ from s2t.prompts import chat_ids
 from s2t.runtime import Engine, LoadedModel, load_model
 from s2t.triggers import LocalTrigger, ThresholdTable
 from s2t.security import BearerTokens, add_port
+from s2t.tracing import (TracedRole, annotate_current_span, build_tracer_provider, client_interceptors,
+                         server_interceptors, shutdown_tracer_provider)
 from s2t.wire import WireError, parse, server_options
 
 from .adapters import AdapterStore
@@ -32,6 +35,9 @@ from .sampling import pick_seed
 from .selector_client import CallBudget, SelectorClient
 from .sequence import DecodeOptions
 from .verifiers import Fallback, LocalReranker, RemoteSelector, ScoringBatcher, Verifier
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("s2t.worker")
 
@@ -59,12 +65,18 @@ class Worker:
     """Owns the SLM engine, the scheduler, the selector connection and the S2T-Local adapters; turns requests
     into sequences, each with the verifier its mode needs."""
 
-    def __init__(self, settings: Settings, lm: LoadedModel | None = None):
+    def __init__(self, settings: Settings, lm: LoadedModel | None = None,
+                 tracer_provider: TracerProvider | None = None):
+        """`tracer_provider`: trace with this one (its owner shuts it down) instead of the one `settings.tracing`
+        describes, which the worker builds and shuts down itself (None: tracing is off)."""
         self.settings = settings
         ws = settings.worker
         self.lm = lm or load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads)
         self.engine = Engine(self.lm)
-        self.selector = SelectorClient.from_settings(ws)
+        self._owns_tracer_provider = tracer_provider is None
+        self.tracer_provider = (tracer_provider if tracer_provider is not None
+                                else build_tracer_provider(settings.tracing, TracedRole.WORKER))
+        self.selector = SelectorClient.from_settings(ws, interceptors=client_interceptors(self.tracer_provider))
         self.scheduler = Scheduler(self.engine, ws.max_batch_size, CallBudget(ws.selector_calls_per_s))
         # The selector verifies only after its vocabulary matched the SLM's (check_selector).
         self.remote: RemoteSelector | None = None
@@ -105,6 +117,8 @@ class Worker:
         await self.adapters.stop()
         await self.selector.close()
         await asyncio.to_thread(self.metrics.close)
+        if self._owns_tracer_provider:  # last: the spans of everything above are exported before the process ends
+            await asyncio.to_thread(shutdown_tracer_provider, self.tracer_provider)
 
     async def check_selector(self) -> bool:
         """Contact the selector and refuse a vocabulary different from the SLM's (candidate ids would lie)."""
@@ -283,6 +297,13 @@ class Worker:
         session_id = f"{request_id[:MAX_ID_LEN - 9]}-{uuid.uuid4().hex[:8]}"  # within the selector's limit too
         seq = Sequence(request_id, session_id, prompt, opts, self.engine,
                        self.lm.stop_ids, self.lm.tokenizer, mode_requested, odds=self.scheduler.odds)
+        if self.tracer_provider is not None:
+            # This runs in the call's context, its Generate span current: the decode loop runs the sequence's
+            # selector calls in it (they run in tasks of their own), so they join the request's trace.
+            seq.trace_context = contextvars.copy_context()
+            annotate_current_span({"s2t.mode": opts.mode.value, "s2t.request_id": request_id,
+                                   "s2t.session_id": session_id, "s2t.num_candidates": opts.num_candidates,
+                                   "s2t.max_new_tokens": opts.max_new_tokens})
         verifier, running, why = self.verifier_for(opts.mode)
         seq.running = running
         seq.stats.mode_used = running.proto
@@ -305,6 +326,11 @@ class Worker:
                 if event.final is not None:  # counted before the client can see it, so a scrape after agrees
                     answered, st = True, event.final.stats
                     self.metrics.request_finished(st)
+                    if self.tracer_provider is not None:  # on the Generate span: how it went
+                        annotate_current_span({"s2t.mode_used": Mode.from_proto(st.mode_used).value,
+                                               "s2t.completion_tokens": st.completion_tokens,
+                                               "s2t.selector_calls": st.selector_calls,
+                                               "s2t.degraded_reason": st.degraded_reason})
                     log.info("request finished: %d tokens in %.2f s, mode %s%s", st.completion_tokens, st.wall_s,
                              Mode.from_proto(st.mode_used).value,
                              f", degraded: {st.degraded_reason}" if st.degraded_reason else "", extra=ids)
@@ -377,8 +403,11 @@ def _handlers(servicer: GenerationServicer) -> grpc.GenericRpcHandler:
 
 
 async def serve(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start the worker's gRPC server (generation, health, reflection); returns it and the bound port."""
-    server = grpc.aio.server(options=server_options(16 << 20))  # keepalive policy: see s2t.wire
+    """Start the worker's gRPC server (generation, health, reflection); returns it and the bound port. With
+    tracing on, a SERVER span per Generate / GenerateStream call (the client's traceparent its parent); the
+    bearer-token check runs inside the call (Worker.admit), so a refused call has its span too."""
+    server = grpc.aio.server(options=server_options(16 << 20),  # keepalive policy: see s2t.wire
+                             interceptors=server_interceptors(worker.tracer_provider))
     server.add_generic_rpc_handlers((_handlers(GenerationServicer(worker)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
