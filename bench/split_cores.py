@@ -1,0 +1,637 @@
+"""The selector on compute of its own (issue #14, item 3): worker and selector as two processes, each pinned to a
+core of its own, beside the same two processes sharing every core, in one run.
+
+    python bench/split_cores.py                                  # 3 GSM8K test problems, 128 tokens, both shapes
+    python bench/split_cores.py --name split-cores --problems 3 --max-new 128 --shapes split,shared \
+        --set selector.runtime.weight_formats=int8,int8,int8,fp32_packed,fp32_packed
+
+Shapes (each with its own pair of processes, started, measured and stopped before the next):
+
+  split   `s2t serve-selector --no-ray` under `taskset -c <second CPU>` with selector.runtime.threads=1, and
+          `s2t serve-worker` under `taskset -c <first CPU>` with worker.runtime.threads=1: on a 2-core machine the
+          closest it gets to the selector on a host of its own (no core is shared; memory bandwidth and caches
+          still are). Rows `split-greedy`, `split-llm`, `split-s2t`.
+  shared  the same two processes unpinned, each with as many torch threads as the machine has cores: both
+          compete for every core, the shape of everything on one host. Rows `greedy`, `llm`, `s2t`. The selector
+          here is the --no-ray server, not run_bench's Ray Serve deployment (which adds its proxy hop).
+
+Every row is batch 1 (one request at a time, the latency a single user sees) over the first --problems GSM8K test
+problems, capped at --max-new tokens: mode greedy (the SLM alone), llm (the selector's model alone), s2t (the
+worker's default configuration: no trigger or block-size overrides). Requests go through the worker's Generation
+gRPC service exactly as run_bench's speed rows send them (run_bench.run_service_row), so the rows' fields mean the
+same; to those each row adds:
+
+  - tokens_per_s_per_problem: the mean of the per-problem tokens/s (tokens / the client's latency) with a 95 %
+    Student t interval (n - 1 degrees of freedom; exact t quantiles for integer df, no scipy). The row's
+    `tokens_per_s` is run_bench's: all tokens / the row's wall time (a ratio of sums, not this mean).
+  - selector busy time, scraped from the selector's Prometheus endpoint (selector.metrics_port) before and after
+    the row: Δ s2t_selector_forward_seconds_sum (every batched compute, Select and Decode) per committed token, and
+    as a share of the row's wall time. The scrape after a row waits until the forward count has stopped moving,
+    so a speculative block the selector was still computing when the last reply came is counted in its row.
+
+`ratios` compares tokens/s within each shape (s2t ÷ greedy, s2t ÷ llm, llm ÷ greedy) and each mode across shapes
+(split ÷ shared). `memory` holds each process's peak RSS (VmHWM of /proc/<pid>/status, read just before it is
+stopped; taskset execs the command, so the pid is the server's own, which `processes` verifies from its
+/proc/<pid>/cmdline) and the size of the selector's weight files as stored. Without `taskset` or with fewer than
+two usable CPUs the split shape is skipped with a note.
+
+Results are written after every row to <results dir>/<name>.json and .md (default bench/results/), so a crash
+leaves the finished rows. --set KEY=VALUE goes to both processes (the shape's threads, ports and metrics port are
+set by this script and win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:  # bench/'s own modules, also when the tests import this file
+    sys.path.insert(0, str(BENCH))
+
+import run_bench  # noqa: E402
+from run_bench import Row, git_commit, machine  # noqa: E402
+
+from s2t.modes import Mode  # noqa: E402
+
+ROOT = BENCH.parent
+# How long a process may take to load its model and serve (the real pair with `auto` weight formats measures
+# them at start-up, on one core in the split shape), and how long it may drain after SIGTERM before SIGKILL
+# (idle servers exit at once; the servers' own default shutdown grace is 25 s).
+START_TIMEOUT_S = 900.0
+STOP_GRACE_S = 30.0
+# The selector's histogram of batched computes (llm_selector/metrics.py): `_sum` is its busy time.
+FORWARD_SECONDS = "s2t_selector_forward_seconds"
+# The scrape after a row: the forward count must stay put for this long (longer than one forward of the real
+# selector on 2 cores), checked at most SETTLE_TRIES times.
+SETTLE_S = 1.0
+SETTLE_TRIES = 10
+GIB = 1 << 30
+SHARED_NOTE = ("the shared shape here is the --no-ray selector (a plain grpc.aio server in its own process); "
+               "the Ray Serve path is run_bench's")
+
+
+class Shape(enum.Enum):
+    """Where the two processes run."""
+
+    SPLIT = "split"  # each pinned to a core of its own, one thread each
+    SHARED = "shared"  # both unpinned, every core's worth of threads each
+
+
+class Role(enum.Enum):
+    """The two server processes of a shape."""
+
+    WORKER = "worker"
+    SELECTOR = "selector"
+
+
+# The rows of every shape, in the order they run: greedy first, so that no selector work of an earlier row can
+# land in the row that must show none.
+ROW_MODES = (Mode.GREEDY, Mode.LLM, Mode.S2T)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapePlan:
+    """One shape as it will run: the CPUs each process is pinned to (None: unpinned) and its torch threads."""
+
+    shape: Shape
+    worker_cpus: tuple[int, ...] | None
+    selector_cpus: tuple[int, ...] | None
+    threads: int
+
+    def row_name(self, mode: Mode) -> str:
+        return f"split-{mode.value}" if self.shape is Shape.SPLIT else mode.value
+
+    def cpus(self, role: Role) -> tuple[int, ...] | None:
+        return self.worker_cpus if role is Role.WORKER else self.selector_cpus
+
+
+def plan_shapes(shapes: list[Shape], cpus: list[int], have_taskset: bool) -> tuple[list[ShapePlan], list[str]]:
+    """The runnable shapes, in the order asked, and a note for each skipped one. The split shape needs `taskset`
+    and two usable CPUs (the worker gets the first, the selector the second); the shared shape gives each process
+    as many threads as there are usable CPUs."""
+    plans, notes = [], []
+    for shape in shapes:
+        if shape is Shape.SHARED:
+            plans.append(ShapePlan(shape, None, None, max(1, len(cpus))))
+        elif not have_taskset:
+            notes.append("split shape skipped: `taskset` (util-linux) is not installed")
+        elif len(cpus) < 2:
+            notes.append(f"split shape skipped: it needs 2 usable CPUs, this process may use {len(cpus)} ({cpus})")
+        else:
+            plans.append(ShapePlan(shape, (cpus[0],), (cpus[1],), 1))
+    return plans, notes
+
+
+# ---- statistics and parsing --------------------------------------------------------------------------------
+
+
+def t_two_sided_coverage(t: float, df: int) -> float:
+    """P(|T| < t) for Student's T with integer df >= 1, exactly: Abramowitz & Stegun 26.7.3 (odd df) and 26.7.4
+    (even df), finite series in θ = atan(t / sqrt(df))."""
+    if df < 1:
+        raise ValueError(f"Student's t needs df >= 1, got {df}")
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2 == 0:  # sin θ · (1 + 1/2 c² + 1·3/(2·4) c⁴ + ... up to c^(df-2))
+        term, total = 1.0, 1.0
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * c2
+            total += term
+        return math.sin(theta) * total
+    if df == 1:
+        return 2 * theta / math.pi
+    # (2/π)·(θ + sin θ · (cos θ + 2/3 cos³θ + 2·4/(3·5) cos⁵θ + ... up to cos^(df-2) θ))
+    term = math.cos(theta)
+    total = term
+    for k in range(1, (df - 1) // 2):
+        term *= (2 * k) / (2 * k + 1) * c2
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * total)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with df degrees of freedom (the half-width factor of a two-sided 95 %
+    interval), by bisection on the exact coverage to 1e-12."""
+    lo, hi = 0.0, 1e6
+    while hi - lo > 1e-12 * max(1.0, hi):
+        mid = (lo + hi) / 2
+        if t_two_sided_coverage(mid, df) < 0.95:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def t_interval(values: list[float]) -> tuple[float, float] | None:
+    """The 95 % Student t interval of the mean of `values`; None for fewer than two (no spread to go on)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return (mean - half, mean + half)
+
+
+def sample_total(exposition: str, sample_name: str) -> float:
+    """The sum over every label set of the samples named `sample_name` (e.g. `s2t_selector_forward_seconds_sum`)
+    in a Prometheus text exposition; 0 when there is none (a histogram without observations has no labelled
+    children yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(exposition)
+               for sample in family.samples if sample.name == sample_name)
+
+
+def samples_by_label(exposition: str, sample_name: str, label: str) -> dict[str, float]:
+    """The samples named `sample_name`, summed per value of `label` (e.g. per `method`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == sample_name and label in sample.labels:
+                out[sample.labels[label]] = out.get(sample.labels[label], 0.0) + sample.value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectorBusy:
+    """The selector's forward histogram at one moment: busy seconds and batched computes, in all and by RPC."""
+
+    seconds: float
+    forwards: float
+    seconds_by_method: dict[str, float]
+
+    @classmethod
+    def parse(cls, exposition: str) -> "SelectorBusy":
+        return cls(sample_total(exposition, f"{FORWARD_SECONDS}_sum"),
+                   sample_total(exposition, f"{FORWARD_SECONDS}_count"),
+                   samples_by_label(exposition, f"{FORWARD_SECONDS}_sum", "method"))
+
+    def since(self, before: "SelectorBusy") -> "SelectorBusy":
+        methods = set(self.seconds_by_method) | set(before.seconds_by_method)
+        return SelectorBusy(self.seconds - before.seconds, self.forwards - before.forwards,
+                            {m: self.seconds_by_method.get(m, 0.0) - before.seconds_by_method.get(m, 0.0)
+                             for m in sorted(methods)})
+
+
+def scrape(metrics_port: int) -> SelectorBusy:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as reply:
+        return SelectorBusy.parse(reply.read().decode("utf-8"))
+
+
+async def settled_scrape(metrics_port: int) -> SelectorBusy:
+    """A scrape once the selector's forward count has not moved for SETTLE_S (at most SETTLE_TRIES checks):
+    work it was still doing for the row's last request belongs to that row."""
+    last = await asyncio.to_thread(scrape, metrics_port)
+    for _ in range(SETTLE_TRIES):
+        await asyncio.sleep(SETTLE_S)
+        now = await asyncio.to_thread(scrape, metrics_port)
+        if now.forwards == last.forwards:
+            return now
+        last = now
+    return last
+
+
+# ---- the processes -----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the selector's ports are fixed before it starts: the worker needs its
+    address, this script its metrics port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def set_flags(settings: dict[str, object]) -> list[str]:
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM (the resident set's high-water mark) of a live process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            value, unit = line.split()[1:3]
+            if unit != "kB":
+                raise ValueError(f"/proc/{pid}/status: VmHWM in {unit!r}, expected kB")
+            return int(value) * 1024
+    raise ValueError(f"/proc/{pid}/status has no VmHWM line")
+
+
+_SERVING = re.compile(r"serving gRPC on \S+:(\d+)")
+
+
+@dataclasses.dataclass
+class ServerProcess:
+    """One `s2t serve-*` process, optionally under `taskset -c CPUS` (which sets the affinity and execs the
+    server, so the pid stays the server's own)."""
+
+    role: Role
+    process: asyncio.subprocess.Process
+    cpus: tuple[int, ...] | None
+    port: int = 0
+    forward_output: asyncio.Task | None = None
+
+    @classmethod
+    async def spawn(cls, role: Role, cli_args: list[str], cpus: tuple[int, ...] | None) -> "ServerProcess":
+        pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
+        process = await asyncio.create_subprocess_exec(
+            *pin, sys.executable, "-c", "from s2t.cli import main; main()", *cli_args,
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+        return cls(role, process, cpus)
+
+    async def serving(self, timeout_s: float = START_TIMEOUT_S) -> int:
+        """Wait for the line that says the server listens; its port. Afterwards its stdout goes on to ours
+        (stderr, where its logs go, is ours from the start), so a full pipe never blocks it."""
+
+        async def port() -> int:
+            while True:
+                line = (await self.process.stdout.readline()).decode()
+                if not line:
+                    code = await self.process.wait()
+                    raise RuntimeError(f"the {self.role.value} exited with code {code} before it served "
+                                       f"(its log is above)")
+                found = _SERVING.search(line)
+                if found:
+                    return int(found.group(1))
+
+        self.port = await asyncio.wait_for(port(), timeout_s)
+        self.forward_output = asyncio.create_task(self._forward_output())
+        return self.port
+
+    async def _forward_output(self) -> None:
+        while line := await self.process.stdout.readline():
+            print(f"[{self.role.value}] {line.decode().rstrip()}", file=sys.stderr, flush=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    def describe(self) -> dict:
+        """What the process is, read from /proc: its command (the server's own, not taskset's: the pid whose
+        VmHWM is read is the server) and the CPUs it may run on."""
+        argv = Path(f"/proc/{self.process.pid}/cmdline").read_bytes().split(b"\0")
+        return {"pid": self.process.pid, "argv0": argv[0].decode(),
+                "execs_the_server": argv[0].decode() == sys.executable and b"from s2t.cli import main; main()" in argv,
+                "pinned_to": list(self.cpus) if self.cpus else None,
+                "affinity": sorted(os.sched_getaffinity(self.process.pid))}
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> str:
+        """SIGTERM (the servers drain and exit), SIGKILL after grace_s; how it ended."""
+        how = "exited before the stop"
+        if self.alive:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), grace_s)
+                how = f"SIGTERM, exit code {self.process.returncode}"
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+                how = f"SIGKILL after {grace_s:.0f} s without exiting on SIGTERM"
+        if self.forward_output is not None:
+            await self.forward_output  # EOF: the process is gone
+        return how
+
+
+def selector_weight_files_bytes(settings) -> int | None:
+    """The selector model's weight files as stored (*.safetensors / *.bin); None if the model cannot be found
+    here. In memory the weight formats decide (int8 halves bf16, fp32 doubles it): this is the stored size."""
+    from s2t.model_store import ModelStoreError, resolve_model
+
+    try:
+        path = resolve_model(settings.selector.model, settings.cache_dir)
+    except ModelStoreError:
+        return None
+    files = [f for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern)]
+    return sum(f.stat().st_size for f in files) or None
+
+
+async def selector_description(port: int) -> dict:
+    """The selector's own account of its model and weight formats (GetSelectorInfo), best effort: with
+    selector.auth_tokens set it refuses this script, which sends none."""
+    import grpc
+
+    from s2t.v1 import selector_pb2 as sel_pb
+    from s2t.v1 import selector_pb2_grpc as sel_grpc
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = await sel_grpc.SelectorServiceStub(channel).GetSelectorInfo(sel_pb.GetSelectorInfoRequest(),
+                                                                               timeout=30)
+    except grpc.RpcError as e:
+        return {"error": f"GetSelectorInfo: {e.code().name}"}
+    return {"model": info.model_name, "weight_formats": info.weight_formats, "cpu_capability": info.cpu_capability}
+
+
+# ---- the rows ----------------------------------------------------------------------------------------------
+
+
+def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, busy: SelectorBusy,
+              max_new: int, worker_defaults: dict) -> dict:
+    """run_bench's speed row (same fields, same meaning), with this benchmark's shape, per-problem interval and
+    selector busy time."""
+    row = Row(plan.row_name(mode), mode.value)
+    out = run_bench.summarize(row, "speed", results, wall, {"max_new_tokens": max_new})
+    tokens = out["tokens"]
+    per_problem = [r["tokens"] / r["latency_s"] for r in results if r["latency_s"] > 0]
+    interval = t_interval(per_problem)
+    out.update(
+        shape=plan.shape.value,
+        tokens_per_s_per_problem={
+            "mean": sum(per_problem) / len(per_problem) if per_problem else 0.0,
+            "ci95": None if interval is None else [round(interval[0], 4), round(interval[1], 4)],
+            "method": "Student t interval (n - 1 df) of the mean of per-problem tokens / client latency"},
+        selector_busy_s=busy.seconds, selector_forwards=int(busy.forwards),
+        selector_busy_s_by_method=busy.seconds_by_method,
+        selector_busy_s_per_token=busy.seconds / tokens if tokens else 0.0,
+        selector_busy_share=busy.seconds / wall if wall else 0.0,
+        worker_threads=plan.threads, selector_threads=plan.threads,
+        worker_cpus=list(plan.worker_cpus) if plan.worker_cpus else "all",
+        selector_cpus=list(plan.selector_cpus) if plan.selector_cpus else "all")
+    if mode is Mode.S2T:  # the request leaves every option to the worker: say what its defaults were
+        out.update(trigger=worker_defaults["trigger"], trigger_rate=worker_defaults["trigger_rate"],
+                   block_size=worker_defaults["block_size"],
+                   max_inflight_blocks=worker_defaults["max_inflight_blocks"],
+                   num_candidates=worker_defaults["num_candidates"], options="the worker's defaults")
+    if plan.shape is Shape.SHARED:
+        out["note"] = SHARED_NOTE
+    return out
+
+
+def ratios(rows: list[dict]) -> dict:
+    """tokens/s ratios: within each shape s2t ÷ greedy, s2t ÷ llm, llm ÷ greedy; across shapes split ÷ shared per
+    mode. A ratio whose rows are missing (or whose denominator is 0) is left out."""
+    speed = {(r["shape"], r["request_mode"]): r["tokens_per_s"] for r in rows if r.get("kind") == "speed"}
+
+    def ratio(a, b) -> float | None:
+        return speed[a] / speed[b] if a in speed and b in speed and speed[b] else None
+
+    out: dict = {}
+    for shape in Shape:
+        within = {f"{a.value}/{b.value}": ratio((shape.value, a.value), (shape.value, b.value))
+                  for a, b in ((Mode.S2T, Mode.GREEDY), (Mode.S2T, Mode.LLM), (Mode.LLM, Mode.GREEDY))}
+        if any(v is not None for v in within.values()):
+            out[shape.value] = {k: v for k, v in within.items() if v is not None}
+    across = {mode.value: ratio((Shape.SPLIT.value, mode.value), (Shape.SHARED.value, mode.value))
+              for mode in ROW_MODES}
+    if any(v is not None for v in across.values()):
+        out["split/shared"] = {k: v for k, v in across.items() if v is not None}
+    return out
+
+
+# ---- a shape -----------------------------------------------------------------------------------------------
+
+
+async def run_shape(plan: ShapePlan, user_settings: list[str], problems: list[dict], max_new: int,
+                    payload: dict, write_results, worker_defaults: dict) -> None:
+    """Start the shape's selector and worker, run its rows, read their peak RSS, stop them (whatever happened).
+    Every finished row is in `payload` and written before the next starts."""
+    import grpc
+
+    from s2t.v1 import generation_pb2 as gen_pb
+    from s2t.v1 import generation_pb2_grpc as gen_grpc
+
+    selector_port, metrics_port = free_port(), free_port()
+    user = [arg for s in user_settings for arg in ("--set", s)]
+    selector_args = user + set_flags({"selector.runtime.threads": plan.threads, "selector.grpc_port": selector_port,
+                                      "selector.metrics_port": metrics_port}) + ["serve-selector", "--no-ray"]
+    worker_args = user + set_flags({"worker.runtime.threads": plan.threads, "worker.port": 0,
+                                    "worker.selector_address": f"127.0.0.1:{selector_port}"}) + [
+        "serve-worker", "--wait-for-selector", str(START_TIMEOUT_S)]
+    servers: dict[Role, ServerProcess] = {}
+    shape_processes = payload["processes"].setdefault(plan.shape.value, {})
+    memory = payload["memory"].setdefault(plan.shape.value, {})
+    try:
+        print(f"[split-cores] {plan.shape.value}: starting the selector (CPUs {plan.selector_cpus or 'all'}) and the "
+              f"worker (CPUs {plan.worker_cpus or 'all'}), {plan.threads} thread(s) each ...", file=sys.stderr,
+              flush=True)
+        t0 = time.monotonic()
+        for role, args in ((Role.SELECTOR, selector_args), (Role.WORKER, worker_args)):
+            servers[role] = await ServerProcess.spawn(role, args, plan.cpus(role))
+            shape_processes[role.value] = {"pid": servers[role].process.pid}
+        # together: the worker retries the selector's GetSelectorInfo until the selector serves
+        waits = [asyncio.ensure_future(server.serving()) for server in servers.values()]
+        try:
+            await asyncio.gather(*waits)
+        finally:  # one failed: the other's wait ends here too (its process is stopped below)
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        payload["startup_s"][plan.shape.value] = round(time.monotonic() - t0, 1)
+        for role, server in servers.items():
+            shape_processes[role.value].update(server.describe())
+        shape_processes["selector_info"] = await selector_description(selector_port)
+        write_results()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{servers[Role.WORKER].port}") as channel:
+            client = types.SimpleNamespace(stub=gen_grpc.GenerationServiceStub(channel))  # what run_bench sends to
+            for mode in ROW_MODES:
+                name = plan.row_name(mode)
+                print(f"[split-cores] {name}: {len(problems)} problems, one at a time ...", file=sys.stderr, flush=True)
+                before = await asyncio.to_thread(scrape, metrics_port)
+                results, wall = await run_bench.run_service_row(client, Row(name, mode.value), problems, max_new,
+                                                                False)
+                busy = (await settled_scrape(metrics_port)).since(before)
+                row = speed_row(plan, mode, results, wall, busy, max_new, worker_defaults)
+                payload["rows"].append(row)
+                payload["details"].append({"mode": name, "shape": plan.shape.value, "kind": "speed",
+                                           "results": results})
+                payload["ratios"] = ratios(payload["rows"])
+                if row["modes_used"] != [gen_pb.Mode.Name(mode.proto)]:
+                    payload["notes"].append(f"{name}: some requests degraded (modes used {row['modes_used']}); "
+                                            f"see details")
+                print(f"[split-cores]   {row['tokens_per_s']:.2f} tok/s, {row['tokens']} tokens in {wall:.1f} s, "
+                      f"selector busy {row['selector_busy_share']:.0%} of it", file=sys.stderr, flush=True)
+                write_results()
+    finally:
+        for role, server in servers.items():
+            if server.alive:  # VmHWM just before the stop: the whole run's peak
+                with contextlib.suppress(OSError):  # it died just now: no peak to report
+                    memory[f"{role.value}_peak_rss_gb"] = round(peak_rss_bytes(server.process.pid) / GIB, 3)
+        # the worker first: it closes its selector sessions while the selector still serves
+        for role, server in reversed(servers.items()):
+            shape_processes.setdefault(role.value, {})["stopped"] = await server.stop()
+        write_results()
+
+
+# ---- the results files -------------------------------------------------------------------------------------
+
+
+def markdown(payload: dict) -> str:
+    m = payload["machine"]
+    md = [f"# {payload['name']}\n\n", f"Command: `{payload['command']}`  \n",
+          f"Date: {payload['date']}; commit {payload['commit']}  \n",
+          f"Machine: {m['cpu']} ({m['cores']} cores, torch CPU capability {m['cpu_capability']})  \n",
+          f"Settings (both processes): {json.dumps(payload['settings'])}  \n",
+          f"Problems: GSM8K test 0..{payload['problems'] - 1}, batch 1, at most {payload['max_new_tokens']} "
+          f"tokens each\n\n",
+          "| row | shape | CPUs worker / selector | n | tokens | wall s | tokens/s | per-problem tok/s (95% t CI) | "
+          "LLM forwards/token | selector busy s/token | selector busy share | rolled back | changed/token |\n",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"]
+    for r in payload["rows"]:
+        pp = r["tokens_per_s_per_problem"]
+        ci = "–" if pp["ci95"] is None else f"{pp['ci95'][0]:.2f}–{pp['ci95'][1]:.2f}"
+        md.append(f"| {r['mode']} | {r['shape']} | {r['worker_cpus']} / {r['selector_cpus']} | {r['n']} | "
+                  f"{r['tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.2f} | {pp['mean']:.2f} ({ci}) | "
+                  f"{r['llm_forwards_per_token']:.3f} | {r['selector_busy_s_per_token']:.4f} | "
+                  f"{r['selector_busy_share']:.1%} | {r['rolled_back_tokens']} | {r['changed_per_token']:.3f} |\n")
+    if payload.get("ratios"):
+        md += ["\n## Ratios (tokens/s)\n\n", "| shape | ratio | value |\n|---|---|---|\n"]
+        md += [f"| {shape} | {name} | {value:.3f} |\n" for shape, values in payload["ratios"].items()
+               for name, value in values.items()]
+    if payload.get("memory"):
+        md += ["\n## Memory (peak RSS, GB = 2^30 bytes)\n\n",
+               "| shape | worker | selector |\n|---|---|---|\n"]
+        md += [f"| {shape} | {v.get('worker_peak_rss_gb', '–')} | {v.get('selector_peak_rss_gb', '–')} |\n"
+               for shape, v in payload["memory"].items() if isinstance(v, dict)]
+        if payload.get("selector_weight_files_gb") is not None:
+            md.append(f"\nSelector weight files as stored: {payload['selector_weight_files_gb']} GB\n")
+    if payload.get("notes"):
+        md.append("\n" + "\n".join(f"- {n}" for n in payload["notes"]) + "\n")
+    return "".join(md)
+
+
+def write(results_dir: Path, payload: dict) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{payload['name']}.json").write_text(json.dumps(payload, indent=1))
+    (results_dir / f"{payload['name']}.md").write_text(markdown(payload))
+
+
+# ---- main --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="split-cores", help="results file name (default: split-cores)")
+    ap.add_argument("--problems", type=int, default=3, help="GSM8K test problems 0..N-1 per row (default 3)")
+    ap.add_argument("--max-new", type=int, default=128, help="token cap of every request (default 128)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="settings override for both processes (repeatable)")
+    ap.add_argument("--shapes", default="split,shared", help="comma-separated, in order: split, shared")
+    ap.add_argument("--results-dir", type=Path, default=run_bench.RESULTS,
+                    help="where <name>.json and .md go (default: bench/results)")
+    args = ap.parse_args(argv)
+    if args.problems < 1 or args.max_new < 1:
+        ap.error("--problems and --max-new must be >= 1")
+    try:
+        args.shapes = [Shape(s.strip()) for s in args.shapes.split(",") if s.strip()]
+    except ValueError as e:
+        ap.error(f"--shapes: {e}; known: {', '.join(s.value for s in Shape)}")
+    for s in args.set:
+        if "=" not in s:
+            ap.error(f"--set expects KEY=VALUE, got {s!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns the payload it wrote."""
+    import yaml
+
+    from s2t import gsm8k
+    from s2t.config import load_settings
+
+    args = parse_args(argv)
+    # the processes read the same --set values (and S2T_* environment); parsed here for what the rows report
+    settings = load_settings(**{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+    ws = settings.worker
+    worker_defaults = {k: getattr(ws, k) for k in ("trigger", "trigger_rate", "block_size", "max_inflight_blocks",
+                                                   "num_candidates")}
+    cpus = sorted(os.sched_getaffinity(0))
+    plans, skipped = plan_shapes(args.shapes, cpus, shutil.which("taskset") is not None)
+    for note in skipped:
+        print(f"[split-cores] {note}", file=sys.stderr, flush=True)
+    weight_bytes = selector_weight_files_bytes(settings)
+    argv_shown = sys.argv[1:] if argv is None else argv
+    payload = {"name": args.name,
+               "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix()] + argv_shown),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine(),
+               "settings": {"overrides": args.set, "worker": {"model": ws.model, **worker_defaults},
+                            "selector": {"model": settings.selector.model}},
+               "problems": args.problems, "max_new_tokens": args.max_new, "usable_cpus": cpus,
+               "shapes": [p.shape.value for p in plans], "rows": [], "ratios": {}, "memory": {},
+               "selector_weight_files_gb": None if weight_bytes is None else round(weight_bytes / GIB, 3),
+               "processes": {}, "startup_s": {}, "details": [],
+               "notes": skipped + ["batch 1: one request at a time; tokens_per_s = all tokens / the row's wall time; "
+                                   "tokens_per_s_per_problem.ci95 is a Student t interval of the per-problem mean",
+                                   "selector busy = Δ s2t_selector_forward_seconds_sum (Select and Decode) over the "
+                                   "row, from the selector's /metrics",
+                                   "peak RSS = VmHWM of /proc/<pid>/status just before the process was stopped "
+                                   "(GB = 2^30 bytes); selector_weight_files_gb is the stored size, not the "
+                                   "in-memory one",
+                                   SHARED_NOTE]}
+    problems = gsm8k.load("test", 0, args.problems)
+    results_dir = args.results_dir
+    t0 = time.monotonic()
+    try:
+        for plan in plans:
+            asyncio.run(run_shape(plan, args.set, problems, args.max_new, payload,
+                                  lambda: write(results_dir, payload), worker_defaults))
+    except BaseException as e:
+        payload["notes"].append(f"stopped early: {e!r}; the rows above finished")
+        raise
+    finally:
+        payload["total_wall_s"] = round(time.monotonic() - t0, 1)
+        write(results_dir, payload)
+    print(markdown(payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
