@@ -427,33 +427,7 @@ async def test_the_serve_deployment_runs_each_method_in_its_span(make_settings):
 
     from llm_selector import serve_app
 
-    class ProxyContext:  # the servicer context of the real call, as the proxy hands it to RayServegRPCContext
-        def __init__(self, metadata):
-            self.metadata = list(metadata)
-
-        def auth_context(self):
-            return {}
-
-        def code(self):
-            return None
-
-        def details(self):
-            return None
-
-        def invocation_metadata(self):
-            return self.metadata
-
-        def peer(self):
-            return "ipv4:127.0.0.1:1"
-
-        def peer_identities(self):
-            return None
-
-        def peer_identity_key(self):
-            return None
-
-        def trailing_metadata(self):
-            return ()
+    from test_selector_auth import ProxyContext  # the servicer context the proxy hands Serve
 
     provider, exporter = collecting(TracedRole.SELECTOR)
     deployment = object.__new__(serve_app.SelectorDeployment.func_or_class)  # no replica: the core is ours
