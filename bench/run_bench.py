@@ -688,7 +688,7 @@ def summary_table(lines: list[dict]) -> str:
         f"| {r['mode']} | " + ("–" if r["accuracy"] is None else
                                f"{r['accuracy']:.1%} (n={r['n']}, {r['accuracy_ci95'][0]:.0%}–"
                                f"{r['accuracy_ci95'][1]:.0%})")
-        + f" | {r['tokens_per_s']:.2f} | {r['speed_config'] or '–'} | {fmt(r.get('llm_forwards_per_token'), '.3f')} | "
+        + f" | {fmt(r['tokens_per_s'] if r['speed_config'] else None, '.2f')} | {r['speed_config'] or '–'} | {fmt(r.get('llm_forwards_per_token'), '.3f')} | "
         f"{fmt(r.get('llm_positions_per_token'), '.3f')} | {fmt(r.get('changed_per_token'), '.3f')} | "
         f"{fmt(r.get('bytes_per_token'), '.0f')} |\n" for r in lines)
 
