@@ -459,14 +459,9 @@ async def test_the_serve_deployment_runs_each_method_in_its_span(make_settings):
 async def test_the_replica_span_is_the_child_of_the_workers_client_span_through_the_serve_proxy(tiny_pair, tmp_path):
     """worker -> Serve's gRPC proxy -> replica, with tracing on: the replica (another process) writes its spans
     with the file exporter; each of its Select spans has one of the worker's Select CLIENT spans as parent."""
-    import socket
+    from test_ray_serve import free_port
 
     from llm_selector import serve_app
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     path = tmp_path / "replica-spans.jsonl"
     settings = load_settings(**{
