@@ -35,6 +35,14 @@ stopped; taskset execs the command, so the pid is the server's own, which `proce
 /proc/<pid>/cmdline) and the size of the selector's weight files as stored. Without `taskset` or with fewer than
 two usable CPUs the split shape is skipped with a note.
 
+Before the shapes, with no server up: a streaming read of memory per shape (torch summing a 1 GiB buffer with the
+shape's threads; the box's practical bandwidth) and, given --llama-cpp DIR, llama.cpp on the same pinned GGUF files
+(bench/native_ref.py): `llama.cpp-0.5b` / `llama.cpp-1.5b` (llama-bench tg<max-new>, batch 1, every core) and
+`split-llama.cpp-0.5b` / `split-llama.cpp-1.5b` (one thread on the worker's / selector's core), and
+`llama.cpp-spec-d<N>` (llama-speculative-simple, 0.5B drafting up to N tokens for the 1.5B, greedy, on problem 0).
+`reference_ratios` sets our greedy and llm rows against them (issue #14's target: at least 1), and every batch-1
+row carries the weight bytes it reads per token and the GB/s that implies.
+
 Results are written after every row to <results dir>/<name>.json and .md (default bench/results/), so a crash
 leaves the finished rows. --set KEY=VALUE goes to both processes (the shape's threads, ports and metrics port are
 set by this script and win).
@@ -64,6 +72,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:  # bench/'s own modules, also when the tests import this file
     sys.path.insert(0, str(BENCH))
 
+import native_ref  # noqa: E402
 import run_bench  # noqa: E402
 from run_bench import Row, git_commit, machine  # noqa: E402
 
@@ -440,7 +449,7 @@ def ratios(rows: list[dict]) -> dict:
 # ---- a shape -----------------------------------------------------------------------------------------------
 
 
-async def run_shape(plan: ShapePlan, user_settings: list[str], problems: list[dict], max_new: int,
+async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problems: list[dict], max_new: int,
                     payload: dict, write_results, worker_defaults: dict) -> None:
     """Start the shape's selector and worker, run its rows, read their peak RSS, stop them (whatever happened).
     Every finished row is in `payload` and written before the next starts."""
@@ -478,7 +487,10 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], problems: list[di
         payload["startup_s"][plan.shape.value] = round(time.monotonic() - t0, 1)
         for role, server in servers.items():
             shape_processes[role.value].update(server.describe())
-        shape_processes["selector_info"] = await selector_description(selector_port)
+        shape_processes["selector_info"] = info = await selector_description(selector_port)
+        # batch-1 weight bytes per token: the worker's 1-row format as configured, the selector's as it reports
+        bytes_per_token = {Mode.GREEDY: engine_bytes(settings, Role.WORKER, settings.worker.runtime.weight_formats),
+                           Mode.LLM: engine_bytes(settings, Role.SELECTOR, info.get("weight_formats", ""))}
         write_results()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{servers[Role.WORKER].port}") as channel:
             client = types.SimpleNamespace(stub=gen_grpc.GenerationServiceStub(channel))  # what run_bench sends to
@@ -490,10 +502,12 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], problems: list[di
                                                                 False)
                 busy = (await settled_scrape(metrics_port)).since(before)
                 row = speed_row(plan, mode, results, wall, busy, max_new, worker_defaults)
+                add_bandwidth(row, bytes_per_token.get(mode))
                 payload["rows"].append(row)
                 payload["details"].append({"mode": name, "shape": plan.shape.value, "kind": "speed",
                                            "results": results})
                 payload["ratios"] = ratios(payload["rows"])
+                payload["reference_ratios"] = reference_ratios(payload)
                 if row["modes_used"] != [gen_pb.Mode.Name(mode.proto)]:
                     payload["notes"].append(f"{name}: some requests degraded (modes used {row['modes_used']}); "
                                             f"see details")
@@ -509,6 +523,99 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], problems: list[di
         for role, server in reversed(servers.items()):
             shape_processes.setdefault(role.value, {})["stopped"] = await server.stop()
         write_results()
+
+
+# ---- what the box could do otherwise ---------------------------------------------------------------------
+
+
+def model_config(settings, role: Role) -> dict | None:
+    """The config.json of a role's model (for its bytes per token); None where it cannot be found here."""
+    from s2t.model_store import ModelStoreError, resolve_model
+
+    model = settings.worker.model if role is Role.WORKER else settings.selector.model
+    try:
+        return json.loads((resolve_model(model, settings.cache_dir) / "config.json").read_text())
+    except (ModelStoreError, OSError):
+        return None
+
+
+def add_bandwidth(row: dict, bytes_per_token: int | None) -> None:
+    """A batch-1 row's weight bytes read per token and the GB/s its tokens/s implies."""
+    if bytes_per_token is None:
+        return
+    row["weight_bytes_per_token"] = bytes_per_token
+    row["weight_gb_per_s"] = round(bytes_per_token * row["tokens_per_s"] / native_ref.GB, 2)
+
+
+def engine_bytes(settings, role: Role, weight_formats: str) -> int | None:
+    """Weight bytes per batch-1 decode step of a role's model in the project's engine; None if its 1-row format
+    is not known (`auto` plans are measured by the process itself) or its config is not here."""
+    fmt = native_ref.one_row_format(weight_formats)
+    config = model_config(settings, role)
+    if (fmt != "native" and fmt not in native_ref.FORMAT_ELEMENT_BYTES) or config is None:
+        return None
+    return native_ref.engine_bytes_per_token(config, fmt)
+
+
+def run_native_rows(plans: list[ShapePlan], llama_dir: Path | None, settings, problems: list[dict], max_new: int,
+                    draft_maxes: list[int], stream_gib: float, payload: dict, write_results) -> None:
+    """The box's streaming-read bandwidth per shape and, given a llama.cpp build, llama.cpp's batch-1 decode of
+    both GGUF files per shape and its own speculative decoding (shared shape): rows named like ours."""
+    for plan in plans:
+        cpus = plan.worker_cpus  # split: one core (each process gets one); shared: every core
+        read = native_ref.stream_read(plan.threads, cpus, stream_gib)
+        payload["stream_read"][plan.shape.value] = read
+        print(f"[split-cores] {plan.shape.value}: streaming read {read['gb_per_s']} GB/s with {plan.threads} "
+              f"thread(s)", file=sys.stderr, flush=True)
+        write_results()
+    if llama_dir is None:
+        return
+    from transformers import AutoTokenizer
+
+    from s2t.model_store import fetch_gguf, resolve_model
+    from s2t.prompts import chat_prompt_ids
+
+    ggufs = {role: fetch_gguf(settings.worker.model if role is Role.WORKER else settings.selector.model,
+                              settings.cache_dir) for role in Role}
+    label = {Role.WORKER: "0.5b", Role.SELECTOR: "1.5b"}  # the embedded pair; the model names are in the row
+    for plan in plans:
+        prefix = "split-" if plan.shape is Shape.SPLIT else ""
+        for role in Role:
+            name = f"{prefix}llama.cpp-{label[role]}"
+            print(f"[split-cores] {name}: llama-bench tg{max_new} ...", file=sys.stderr, flush=True)
+            r = native_ref.llama_bench(llama_dir, ggufs[role], plan.threads, plan.cpus(role), max_new)
+            row = {"mode": name, "kind": "llama.cpp", "shape": plan.shape.value, "gguf": ggufs[role].name,
+                   "cpus": list(plan.cpus(role)) if plan.cpus(role) else "all", **r}
+            add_bandwidth(row, ggufs[role].stat().st_size)
+            payload["native_rows"].append(row)
+            write_results()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.worker.model, settings.cache_dir))
+    prompt = tokenizer.decode(chat_prompt_ids(tokenizer, settings.worker.system_prompt, problems[0]["question"]))
+    shared = next((p for p in plans if p.shape is Shape.SHARED), None)
+    for draft_max in draft_maxes if shared else []:
+        name = f"llama.cpp-spec-d{draft_max}"
+        print(f"[split-cores] {name}: llama-speculative-simple on problem 0 ...", file=sys.stderr, flush=True)
+        r = native_ref.llama_speculative(llama_dir, ggufs[Role.SELECTOR], ggufs[Role.WORKER], prompt,
+                                         shared.threads, max_new, draft_max)
+        payload["native_rows"].append({"mode": name, "kind": "llama.cpp-spec", "shape": shared.shape.value,
+                                       "cpus": "all", **r})
+        write_results()
+
+
+def reference_ratios(payload: dict) -> dict:
+    """Our batch-1 rows against llama.cpp's on the same GGUF files, per shape: greedy ÷ llama.cpp-0.5b and
+    llm ÷ llama.cpp-1.5b (the issue's target: at least 1)."""
+    ours = {(r["shape"], r["request_mode"]): r["tokens_per_s"] for r in payload["rows"]}
+    ref = {(r["shape"], r["mode"].removeprefix("split-")): r["tokens_per_s"] for r in payload["native_rows"]
+           if r["kind"] == "llama.cpp"}
+    out: dict = {}
+    for shape in Shape:
+        pairs = {"greedy/llama.cpp-0.5b": ((shape.value, "greedy"), (shape.value, "llama.cpp-0.5b")),
+                 "llm/llama.cpp-1.5b": ((shape.value, "llm"), (shape.value, "llama.cpp-1.5b"))}
+        got = {k: ours[a] / ref[b] for k, (a, b) in pairs.items() if a in ours and ref.get(b)}
+        if got:
+            out[shape.value] = got
+    return out
 
 
 # ---- the results files -------------------------------------------------------------------------------------
@@ -532,6 +639,30 @@ def markdown(payload: dict) -> str:
                   f"{r['tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.2f} | {pp['mean']:.2f} ({ci}) | "
                   f"{r['llm_forwards_per_token']:.3f} | {r['selector_busy_s_per_token']:.4f} | "
                   f"{r['selector_busy_share']:.1%} | {r['rolled_back_tokens']} | {r['changed_per_token']:.3f} |\n")
+    if payload.get("stream_read") or payload.get("native_rows"):
+        md += ["\n## The same box otherwise: streaming read and llama.cpp on the same GGUF files\n\n",
+               "| row | shape | CPUs | threads | tokens/s | weight bytes/token | weight GB/s | peak RSS GB |\n",
+               "|---|---|---|---|---|---|---|---|\n"]
+        for shape, r in payload.get("stream_read", {}).items():
+            md.append(f"| streaming read ({r['method']}) | {shape} | {r['cpus']} | {r['threads']} | – | – | "
+                      f"{r['gb_per_s']:.2f} | – |\n")
+        for r in payload.get("native_rows", []):
+            tps = f"{r['tokens_per_s']:.2f}" + (f" ± {r['tokens_per_s_sd']:.2f} sd" if "tokens_per_s_sd" in r else "")
+            if r.get("accept_percent") is not None:
+                tps += f" (accept {r['accept_percent']:.1f} %)"
+            md.append(f"| {r['mode']} | {r['shape']} | {r['cpus']} | {r['threads']} | {tps} | "
+                      f"{r.get('weight_bytes_per_token', '–')} | {r.get('weight_gb_per_s', '–')} | "
+                      f"{r.get('peak_rss_gb', '–')} |\n")
+        ours = [r for r in payload["rows"] if "weight_gb_per_s" in r]
+        if ours:
+            md += ["\nOur batch-1 rows, same measure: "] + [
+                f"{r['mode']} {r['weight_bytes_per_token']} bytes/token, {r['weight_gb_per_s']} GB/s; " for r in ours]
+            md.append("\n")
+        md += [f"\n`{r['mode']}`: `{r['command']}`  \n" for r in payload.get("native_rows", [])]
+    if payload.get("reference_ratios"):
+        md += ["\n## Against llama.cpp (tokens/s, same shape, same run)\n\n", "| shape | ratio | value |\n|---|---|---|\n"]
+        md += [f"| {shape} | {name} | {value:.3f} |\n" for shape, values in payload["reference_ratios"].items()
+               for name, value in values.items()]
     if payload.get("ratios"):
         md += ["\n## Ratios (tokens/s)\n\n", "| shape | ratio | value |\n|---|---|---|\n"]
         md += [f"| {shape} | {name} | {value:.3f} |\n" for shape, values in payload["ratios"].items()
@@ -565,6 +696,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="settings override for both processes (repeatable)")
     ap.add_argument("--shapes", default="split,shared", help="comma-separated, in order: split, shared")
+    ap.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
+                    help="a llama.cpp build (the folder with llama-bench and llama-speculative-simple): adds its "
+                         "rows on the same GGUF files, in this run (bench/build_llama_cpp.sh builds one)")
+    ap.add_argument("--llama-spec-draft", default="4,8,16",
+                    help="llama-speculative-simple's --draft-max values, comma-separated (default 4,8,16)")
+    ap.add_argument("--stream-gib", type=float, default=1.0,
+                    help="size of the streaming-read measurement's buffer in GiB (default 1; far above any cache)")
     ap.add_argument("--results-dir", type=Path, default=run_bench.RESULTS,
                     help="where <name>.json and .md go (default: bench/results)")
     args = ap.parse_args(argv)
@@ -574,6 +712,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.shapes = [Shape(s.strip()) for s in args.shapes.split(",") if s.strip()]
     except ValueError as e:
         ap.error(f"--shapes: {e}; known: {', '.join(s.value for s in Shape)}")
+    try:
+        args.llama_spec_draft = [int(d) for d in args.llama_spec_draft.split(",") if d.strip()]
+    except ValueError:
+        ap.error(f"--llama-spec-draft: expected comma-separated integers, got {args.llama_spec_draft!r}")
+    if args.llama_cpp is not None:
+        try:
+            args.llama_cpp = native_ref.find_llama_cpp(args.llama_cpp)
+        except FileNotFoundError as e:
+            ap.error(f"--llama-cpp: {e}")
     for s in args.set:
         if "=" not in s:
             ap.error(f"--set expects KEY=VALUE, got {s!r}")
@@ -607,7 +754,8 @@ def main(argv: list[str] | None = None) -> dict:
                "problems": args.problems, "max_new_tokens": args.max_new, "usable_cpus": cpus,
                "shapes": [p.shape.value for p in plans], "rows": [], "ratios": {}, "memory": {},
                "selector_weight_files_gb": None if weight_bytes is None else round(weight_bytes / GIB, 3),
-               "processes": {}, "startup_s": {}, "details": [],
+               "processes": {}, "startup_s": {}, "details": [], "stream_read": {}, "native_rows": [],
+               "reference_ratios": {},
                "notes": skipped + ["batch 1: one request at a time; tokens_per_s = all tokens / the row's wall time; "
                                    "tokens_per_s_per_problem.ci95 is a Student t interval of the per-problem mean",
                                    "selector busy = Δ s2t_selector_forward_seconds_sum (Select and Decode) over the "
@@ -615,13 +763,20 @@ def main(argv: list[str] | None = None) -> dict:
                                    "peak RSS = VmHWM of /proc/<pid>/status just before the process was stopped "
                                    "(GB = 2^30 bytes); selector_weight_files_gb is the stored size, not the "
                                    "in-memory one",
-                                   SHARED_NOTE]}
+                                   SHARED_NOTE,
+                                   "weight bytes/token: what one batch-1 decode step reads of the weights (llama.cpp: "
+                                   "the GGUF file; ours: every linear layer in its 1-row format, see "
+                                   "bench/native_ref.py); GB/s = that × tokens/s; the KV cache is left out"]}
     problems = gsm8k.load("test", 0, args.problems)
     results_dir = args.results_dir
     t0 = time.monotonic()
     try:
+        # first, with no server up: the box's streaming read and llama.cpp on the same GGUF files
+        run_native_rows(plans, args.llama_cpp, settings, problems, args.max_new, args.llama_spec_draft,
+                        args.stream_gib, payload,
+                        lambda: write(results_dir, payload))
         for plan in plans:
-            asyncio.run(run_shape(plan, args.set, problems, args.max_new, payload,
+            asyncio.run(run_shape(plan, args.set, settings, problems, args.max_new, payload,
                                   lambda: write(results_dir, payload), worker_defaults))
     except BaseException as e:
         payload["notes"].append(f"stopped early: {e!r}; the rows above finished")

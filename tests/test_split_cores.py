@@ -19,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
+import native_ref  # noqa: E402
 import split_cores  # noqa: E402
 from split_cores import SelectorBusy, Shape  # noqa: E402
 
@@ -155,7 +156,7 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
     plans, _ = split_cores.plan_shapes([Shape.SPLIT, Shape.SHARED], cpus, shutil.which("taskset") is not None)
     shapes = [p.shape.value for p in plans]
-    payload = split_cores.main(["--name", "split-test", "--problems", "2", "--max-new", "8",
+    payload = split_cores.main(["--name", "split-test", "--problems", "2", "--max-new", "8", "--stream-gib", "0.02",
                                 "--results-dir", str(tmp_path / "results"), *tiny_settings(tiny_pair, tmp_path)])
 
     expected = [name for p in plans for name in map(p.row_name, split_cores.ROW_MODES)]
@@ -188,6 +189,14 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
         assert payload["ratios"][plan.shape.value] == {"s2t/greedy": tps["s2t"] / tps["greedy"],
                                                        "s2t/llm": tps["s2t"] / tps["llm"],
                                                        "llm/greedy": tps["llm"] / tps["greedy"]}
+        # batch-1 weight bytes: the tiny models' float64 matrices as loaded (native), and the GB/s they imply
+        for row, model in ((greedy, tiny_pair[0]), (llm, tiny_pair[1])):
+            config = json.loads((model / "config.json").read_text())
+            assert row["weight_bytes_per_token"] == native_ref.engine_bytes_per_token(config, "native")
+            assert row["weight_gb_per_s"] == round(row["weight_bytes_per_token"] * row["tokens_per_s"] / 1e9, 2)
+        assert "weight_bytes_per_token" not in s2t
+        read = payload["stream_read"][plan.shape.value]
+        assert read["threads"] == plan.threads and read["gb_per_s"] > 0
         # both processes measured, and what was measured is the server itself, pinned as planned
         memory = payload["memory"][plan.shape.value]
         assert memory["worker_peak_rss_gb"] > 0 and memory["selector_peak_rss_gb"] > 0
@@ -203,6 +212,7 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
             m.value: rows[f"split-{m.value}"]["tokens_per_s"] / rows[m.value]["tokens_per_s"]
             for m in split_cores.ROW_MODES}
     assert payload["selector_weight_files_gb"] > 0
+    assert payload["native_rows"] == [] and payload["reference_ratios"] == {}  # no --llama-cpp given
     # the files: the JSON is the payload, the markdown starts with the command
     written = json.loads((tmp_path / "results" / "split-test.json").read_text())
     assert written["rows"] == payload["rows"] and written["ratios"] == payload["ratios"]
@@ -228,3 +238,17 @@ def test_a_selector_that_cannot_start_stops_both_processes_and_leaves_a_results_
     assert processes["worker"]["stopped"].startswith(("SIGTERM", "SIGKILL"))
     for role in ("worker", "selector"):
         assert_gone(processes[role]["pid"])
+
+
+def test_reference_ratios_set_our_rows_against_llama_cpp_per_shape():
+    rows = [{"shape": "split", "request_mode": "greedy", "tokens_per_s": 10.0},
+            {"shape": "split", "request_mode": "llm", "tokens_per_s": 4.0},
+            {"shape": "shared", "request_mode": "greedy", "tokens_per_s": 15.0}]
+    native = [{"kind": "llama.cpp", "shape": "split", "mode": "split-llama.cpp-0.5b", "tokens_per_s": 20.0},
+              {"kind": "llama.cpp", "shape": "split", "mode": "split-llama.cpp-1.5b", "tokens_per_s": 8.0},
+              {"kind": "llama.cpp", "shape": "shared", "mode": "llama.cpp-0.5b", "tokens_per_s": 30.0},
+              {"kind": "llama.cpp-spec", "shape": "shared", "mode": "llama.cpp-spec-d8", "tokens_per_s": 14.0}]
+    got = split_cores.reference_ratios({"rows": rows, "native_rows": native})
+    # the shared llm row is missing, so its ratio is left out
+    assert got == {"split": {"greedy/llama.cpp-0.5b": 0.5, "llm/llama.cpp-1.5b": 0.5},
+                   "shared": {"greedy/llama.cpp-0.5b": 0.5}}
