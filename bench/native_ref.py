@@ -149,8 +149,8 @@ def llama_speculative(bin_dir: Path, target: Path, draft: Path, prompt: str, thr
     """llama.cpp's speculative decoding (`llama-speculative-simple`): the draft GGUF proposes up to draft_max
     tokens, the target verifies, greedy; tokens/s and acceptance as it reports them."""
     cmd = [str(bin_dir / "llama-speculative-simple"), "-m", str(target), "-md", str(draft), "-p", prompt,
-           "-n", str(n_gen), "-t", str(threads), "-td", str(threads), "--draft-max", str(draft_max),
-           "--temp", "0", "-c", "2048", "--no-warmup"]
+           "-n", str(n_gen), "-t", str(threads), "-td", str(threads), "--spec-type", "draft-simple",
+           "--spec-draft-n-max", str(draft_max), "--temp", "0", "-c", "4096"]
     out, err, peak, wall = _run_measured(cmd, timeout_s)
     text = out + err
     decoded = _SPEC_DECODED.search(text)
