@@ -85,13 +85,17 @@ class FormatPlan:
 class FormattedLinear(nn.Module):
     """A bias-optional linear layer holding its weight in the formats a plan uses."""
 
-    def __init__(self, linear: nn.Linear, plan: FormatPlan):
+    def __init__(self, linear: nn.Linear, plan: FormatPlan, out_dtype: torch.dtype | None = None):
+        """out_dtype: the dtype of the outputs (the model's compute dtype); default the weight's own. A model
+        loaded in its checkpoint's bf16 and computed in fp32 passes fp32: the formats are made from the bf16
+        weight directly (bf16 -> fp32 is exact), so no fp32 copy of the whole model is ever held."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.plan = plan
-        self.out_dtype = linear.weight.dtype
+        self.out_dtype = out_dtype or linear.weight.dtype
         w = linear.weight.detach()
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        # a copy: a bias that is a view into a memory-mapped checkpoint would keep the whole file mapped
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
         self.weights: dict[str, object] = {}
         for fmt in set(plan.formats):
             self.weights[fmt] = _prepare(w, fmt)
@@ -110,8 +114,8 @@ class FormattedLinear(nn.Module):
 def _prepare(w: torch.Tensor, fmt: str):
     if fmt == "native":
         return w
-    if fmt == "bf16":
-        return w.to(torch.bfloat16).contiguous()
+    if fmt == "bf16":  # a copy even from a bf16 checkpoint, so no format is a view into its file mapping
+        return w.to(torch.bfloat16, copy=True).contiguous()
     if fmt == "fp32":
         return w.to(torch.float32).contiguous()
     if fmt == "fp32_packed":
@@ -141,19 +145,94 @@ def _apply(fmt: str, w, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     return y if bias is None else y + bias.to(y.dtype)
 
 
-def apply_plan(model: nn.Module, plan: FormatPlan, skip: Iterable[str] = ()) -> int:
-    """Replace every nn.Linear under `model` (except names in `skip`) by a FormattedLinear; returns the count."""
+def apply_plan(model: nn.Module, plan: FormatPlan, skip: Iterable[str] = (),
+               out_dtype: torch.dtype | None = None) -> int:
+    """Replace every nn.Linear under `model` (except names in `skip`) by a FormattedLinear whose outputs are
+    `out_dtype` (default: each weight's dtype); returns the count.
+
+    Only names are collected up front: holding the modules themselves would keep every replaced weight alive
+    until the end, so a model's peak memory would be its old weights plus all their new formats. One at a time,
+    each old weight is freed as soon as its formats exist (unless something else, e.g. a tied embedding,
+    still holds it).
+    """
     if set(plan.formats) == {"native"}:
         return 0
     skip = set(skip)
-    count = 0
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, nn.Linear) and full not in skip:
-                setattr(parent, child_name, FormattedLinear(child, plan))
-                count += 1
-    return count
+    targets = [(parent_name, child_name)
+               for parent_name, parent in model.named_modules()
+               for child_name, child in parent.named_children()
+               if isinstance(child, nn.Linear)
+               and (f"{parent_name}.{child_name}" if parent_name else child_name) not in skip]
+    for parent_name, child_name in targets:
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child_name)
+        setattr(parent, child_name, FormattedLinear(linear, plan, out_dtype))
+        if "native" not in plan.formats:  # the source weight is no longer read
+            page_out(linear.weight)
+        del linear
+        release_free_memory()  # the quantisation's temporaries, before the next matrix makes its own
+    return len(targets)
+
+
+_PAGE = 4096
+_MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+def _madvise():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
+
+
+_MADVISE = _madvise()
+
+
+def page_out(t: torch.Tensor) -> None:
+    """Ask the kernel to reclaim the pages under `t` (MADV_PAGEOUT), a hint that never changes contents.
+
+    transformers maps the checkpoint file and hands out views into it: every page a format was made from
+    stays in this process's resident set until the last view dies, which is at the end of loading (a bias,
+    a norm or a tied embedding holds the mapping). Paged out, a file page is dropped (re-read from the file if
+    touched again); an anonymous page without swap stays, so this is safe on any tensor. No-op where the
+    call is missing or refused."""
+    if _MADVISE is None or t.device.type != "cpu" or t.numel() == 0:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if last > first:
+        _MADVISE(first, last - first, _MADV_PAGEOUT)
+
+
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Building a matrix's formats allocates temporaries below glibc's mmap threshold (32 MB at most), which come
+    from the heap and stay resident after they are freed: measured on the 0.5B, ~0.7 GB of such free heap
+    was still counted in the process's RSS after loading."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def measure_plan(in_features: int, out_features: int, candidates: Iterable[str] | None = None,

@@ -102,3 +102,75 @@ def test_model_with_non_native_plan_stays_close(tiny_pair):
     ref = full_logits(load_model(str(tiny_pair[0]), tiny_pair[0].parent, "native").model, seq)[-1]
     assert lm.compute_dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_mixed_plan_loads_from_the_checkpoint_dtype_exactly_as_from_fp32(tmp_path):
+    """load_model builds the formats from the bf16 checkpoint (no fp32 copy of the whole model at the peak);
+    the result must be the very model the old path built from an fp32 load: same formats, same logits, and
+    nothing left in bf16 but what the formats themselves hold."""
+    from transformers import AutoModelForCausalLM
+
+    from s2t.weight_formats import apply_plan
+    from tiny import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path / "bf16", seed=3, dtype=torch.bfloat16)
+    spec = ",".join(f for f in ("int8", "int8", "int8", "fp32_packed", "fp32_packed"))
+    if not {"int8", "fp32_packed"} <= set(available_formats()):
+        spec = "fp32,fp32,fp32,fp32,fp32"
+    plan = FormatPlan.parse(spec)
+    lm = load_model(str(path), tmp_path, weight_formats=spec)
+    old = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa").eval()
+    apply_plan(old, plan)
+    assert lm.compute_dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters())
+    for (name, new_buf), (_, old_buf) in zip(lm.model.named_buffers(), old.named_buffers()):
+        assert new_buf.dtype == old_buf.dtype and torch.equal(new_buf, old_buf), name
+    new_linear = {n: m for n, m in lm.model.named_modules() if isinstance(m, FormattedLinear)}
+    old_linear = {n: m for n, m in old.named_modules() if isinstance(m, FormattedLinear)}
+    assert new_linear.keys() == old_linear.keys() and new_linear
+    for name, m in new_linear.items():
+        assert m.out_dtype == torch.float32 and set(m.weights) == set(old_linear[name].weights)
+        if "int8" in m.weights:
+            for a, b in zip(m.weights["int8"], old_linear[name].weights["int8"]):
+                assert torch.equal(a, b), name
+    for rows in (1, 12):  # the int8 bucket and the packed-fp32 one
+        ids = torch.tensor([[(7 * i + 3) % 259 for i in range(rows)]])
+        with torch.no_grad():
+            assert torch.equal(lm.model(ids).logits, old(ids).logits)
+
+
+def test_apply_plan_frees_each_replaced_weight_before_formatting_the_next(monkeypatch):
+    """Peak memory: at any moment at most the matrix being formatted is held twice (old weight and formats)."""
+    import weakref
+
+    from s2t import weight_formats
+    from tiny import make_tiny_model
+
+    model = make_tiny_model(seed=4, dtype=torch.float32, layers=3)
+    replaced: list[weakref.ref] = []
+    alive_when_formatting: list[int] = []
+    real_init = FormattedLinear.__init__
+
+    def init(self, linear, plan, out_dtype=None):
+        alive_when_formatting.append(sum(ref() is not None for ref in replaced))
+        replaced.append(weakref.ref(linear.weight))
+        real_init(self, linear, plan, out_dtype)
+
+    monkeypatch.setattr(FormattedLinear, "__init__", init)
+    count = weight_formats.apply_plan(model, FormatPlan.uniform("fp32"))
+    assert count == len(replaced) == 3 * 7 + 1
+    assert alive_when_formatting == [0] * count  # none of the earlier weights outlived its replacement
+
+
+def test_page_out_never_changes_what_a_tensor_holds(tmp_path):
+    from s2t.weight_formats import page_out
+
+    anon = torch.arange(3 * 4096, dtype=torch.float32)
+    page_out(anon)
+    assert torch.equal(anon, torch.arange(3 * 4096, dtype=torch.float32))
+    path = tmp_path / "weights.bin"
+    torch.arange(5 * 4096, dtype=torch.float32).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=5 * 4096, dtype=torch.float32)  # a private file mapping
+    page_out(mapped[100:])  # unaligned start: only whole pages inside are advised
+    assert torch.equal(mapped, torch.arange(5 * 4096, dtype=torch.float32))
+    page_out(torch.empty(0))
