@@ -73,7 +73,8 @@ def measure(model: str, cache_dir: Path, weight_formats: str, threads: int, sour
     held = m["held"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=source).stdout.strip()
-    return {"model": model, "s2t_from": commit or str(source), "weight_formats": m["plan"], "load_s": round(m["load_s"], 1),
+    return {"model": model, "s2t_from": commit or str(source), "weight_formats": m["plan"],
+            "load_s": round(m["load_s"], 1),
             "formats_bytes": held, "formats_gib": round(held / GIB, 3), "peak_rss_gib": round(st["VmHWM"] / GIB, 3),
             "rss_gib": round(st["VmRSS"] / GIB, 3), "rss_anon_gib": round(st["RssAnon"] / GIB, 3),
             "rss_file_gib": round(st["RssFile"] / GIB, 3),
@@ -86,7 +87,8 @@ def markdown(payload: dict) -> str:
           f"Machine: {payload['machine']['cpu']} ({payload['machine']['cores']} cores)\n\n",
           "| model | s2t from | weight formats | formats GiB | peak RSS GiB | RSS after load GiB (anon / file) | "
           "peak ÷ formats | RSS ÷ formats | load s |\n|---|---|---|---|---|---|---|---|---|\n"]
-    md += [f"| {r['model']} | {r['s2t_from']} | {r['weight_formats']} | {r['formats_gib']} | {r['peak_rss_gib']} | {r['rss_gib']} "
+    md += [f"| {r['model']} | {r['s2t_from']} | {r['weight_formats']} | {r['formats_gib']} | {r['peak_rss_gib']} | "
+           f"{r['rss_gib']} "
            f"({r['rss_anon_gib']} / {r['rss_file_gib']}) | {r['peak_over_formats']} | {r['rss_over_formats']} | "
            f"{r['load_s']} |\n" for r in payload["rows"]]
     return "".join(md)

@@ -660,7 +660,8 @@ def markdown(payload: dict) -> str:
             md.append("\n")
         md += [f"\n`{r['mode']}`: `{r['command']}`  \n" for r in payload.get("native_rows", [])]
     if payload.get("reference_ratios"):
-        md += ["\n## Against llama.cpp (tokens/s, same shape, same run)\n\n", "| shape | ratio | value |\n|---|---|---|\n"]
+        md += ["\n## Against llama.cpp (tokens/s, same shape, same run)\n\n",
+               "| shape | ratio | value |\n|---|---|---|\n"]
         md += [f"| {shape} | {name} | {value:.3f} |\n" for shape, values in payload["reference_ratios"].items()
                for name, value in values.items()]
     if payload.get("ratios"):
@@ -700,7 +701,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="a llama.cpp build (the folder with llama-bench and llama-speculative-simple): adds its "
                          "rows on the same GGUF files, in this run (bench/build_llama_cpp.sh builds one)")
     ap.add_argument("--llama-spec-draft", default="4,8,16",
-                    help="llama-speculative-simple's --draft-max values, comma-separated (default 4,8,16)")
+                    help="llama-speculative-simple's --spec-draft-n-max values, comma-separated (default 4,8,16)")
     ap.add_argument("--stream-gib", type=float, default=1.0,
                     help="size of the streaming-read measurement's buffer in GiB (default 1; far above any cache)")
     ap.add_argument("--results-dir", type=Path, default=run_bench.RESULTS,

@@ -116,7 +116,7 @@ def load_model(spec: str, cache_dir: Path, weight_formats: str = "auto", threads
         dtype = torch.float32
     # Mixed plans load the checkpoint as saved and make each matrix's formats from it, then cast what is left
     # (embeddings, norms, biases) to the compute dtype: loading in fp32 first would hold an fp32 copy of the
-    # whole model beside the formats at the peak (the 1.5B selector peaked at 14.3 GB that way). Upcasting a
+    # whole model beside the formats at the peak (the 1.5B peaked at 14.2 GiB that way, now 8.8). Upcasting a
     # bf16 checkpoint is exact, so the formats, and the tokens, are the same either way.
     load_dtype = None if dtype is torch.float32 else dtype
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=load_dtype, attn_implementation="sdpa")
