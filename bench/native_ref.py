@@ -28,9 +28,10 @@ from pathlib import Path
 GB = 1e9  # bandwidths and bytes per token in decimal GB, as memory bandwidth is usually quoted
 GIB = 1 << 30
 
-# Bytes per stored weight element of each format at decode time; int8 adds a bf16 scale per output row.
-FORMAT_ELEMENT_BYTES = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1}
-FORMAT_ROW_SCALE_BYTES = {"int8": 2}
+# Bytes per stored weight element of each format at decode time; int8 adds a bf16 scale per output row,
+# int8_avx2 an fp32 one.
+FORMAT_ELEMENT_BYTES = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1}
+FORMAT_ROW_SCALE_BYTES = {"int8": 2, "int8_avx2": 4}
 
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}

@@ -28,13 +28,13 @@ class _Section(BaseModel):
 
 
 class RuntimeSettings(_Section):
-    """How a process runs its model: threads and weight formats (see slm_worker/kernels.py)."""
+    """How a process runs its model: threads and weight formats (see s2t/weight_formats.py)."""
 
     threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
     weight_formats: str = Field(
         "auto",
         description="'auto' (measure on this machine at start-up), one format for every row count "
-        "('bf16', 'fp32', 'fp32_packed', 'int8', 'native'), or five comma-separated formats for calls of "
+        "('bf16', 'fp32', 'fp32_packed', 'int8', 'int8_avx2', 'native'), or five comma-separated formats for calls of "
         "1, 2-4, 5-8, 9-16 and more rows",
     )
 
