@@ -112,3 +112,21 @@ def test_a_failed_build_is_reported_once_not_raised(monkeypatch):
     assert kernels.load_int8_linear() is None and kernels.load_int8_linear() is None
     assert len(calls) == 1
     assert "could not be built" in kernels.unavailable_reason() and "g++" in kernels.unavailable_reason()
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A builder killed mid-build leaves torch's lock file behind, and torch waits for it forever."""
+    import os
+    import time
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    kernels._clear_stale_lock("s2t_int8_gemv")
+    assert lock.exists()  # a build may be running in another process right now
+    old = time.time() - kernels._STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    kernels._clear_stale_lock("s2t_int8_gemv")
+    assert not lock.exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -42,10 +43,30 @@ def _ensure_ninja_on_path() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+_STALE_LOCK_S = 600  # a build takes about a minute on 2 cores; a lock this old belongs to a killed builder
+
+
+def _clear_stale_lock(name: str) -> None:
+    """torch's builder serialises processes with a lock file in the build directory and waits for it to go
+    away, forever: a process killed mid-build (a server stopped during its first start) would hang every
+    later start. A lock older than any build can take is removed."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            log.warning("removing %s, left %.0f s ago by a build that did not finish", lock,
+                        time.time() - lock.stat().st_mtime)
+            lock.unlink(missing_ok=True)
+    except (ImportError, OSError):  # a private helper of torch's: without it, torch's own behaviour
+        pass
+
+
 def _build() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     from torch.utils.cpp_extension import load
 
     _ensure_ninja_on_path()
+    _clear_stale_lock("s2t_int8_gemv")
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP in torch's CPU wheel
     module = load(name="s2t_int8_gemv", sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                   verbose=False)
