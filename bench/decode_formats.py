@@ -48,12 +48,11 @@ def _decode_rounds(engines: dict, prompt: list[int], threads: int, steps: int, r
         for fmt, (engine, cache) in engines.items():
             cache.crop(len(prompt))
             token, got = prompt[-1], []
-            fed = reference
             t0 = time.perf_counter()
             for i in range(steps):
                 logits = engine.forward([cache], [[token]], [[0]])[0][0]
                 got.append(int(logits.argmax()))
-                token = fed[i] if fed is not None else got[-1]
+                token = reference[i] if reference is not None else got[-1]
             elapsed = time.perf_counter() - t0
             if reference is None:
                 reference = got
@@ -82,7 +81,7 @@ def measure_model(model: str, cache_dir: Path, formats: list[str], threads: list
             engine.forward([cache], [prompt], [[prompt_tokens - 1]])
         engines[fmt] = (engine, cache)
         config = lm.model.config.to_dict()
-        loaded[fmt] = {"plan": lm.plan.describe(), "load_s": round(lm.load_s, 1), "name": lm.name}
+        loaded[fmt] = {"plan": lm.plan.describe(), "load_s": round(lm.load_s, 1)}
     rows = []
     for t in threads:
         with torch.inference_mode():
