@@ -117,6 +117,7 @@ ROWS = {
     # S2T-Local: the worker's adapter re-ranks at entropy-triggered positions (needs worker.adapter_dir);
     # one block in flight, since scoring and drafting share the worker's compute thread
     "s2t-local": Row("s2t-local", "s2t-local", "entropy", 0.10, 8, 1),
+    "s2t-local-tau1": Row("s2t-local-tau1", "s2t-local", "entropy", 0.01, 8, 1),  # the paper's inference tau
     "s2t-local-tau5": Row("s2t-local-tau5", "s2t-local", "entropy", 0.05, 8, 1),
     "s2t-local-tau20": Row("s2t-local-tau20", "s2t-local", "entropy", 0.20, 8, 1),
     # issue #16's baselines. maj8: self-consistency of the SLM alone, 8 samples at temperature 0.7, top-p 0.8,

@@ -18,7 +18,9 @@ probabilities are another model's). Schema versions other than 2 are refused by 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -102,6 +104,38 @@ def read_groups(log_dir: Path, vocab_sha256: str | None = None, slm_weights_sha2
                     llm_top1_in_candidates=pos.llm_top1 in pos.candidate_ids, diverged=pos.diverged,
                     after_divergence=pos.after_divergence, trigger_value=pos.trigger_value,
                     in_session_sequence=len(sequence) >= pos.position and sequence[:pos.position] == context)
+
+
+class LabelBy(enum.Enum):
+    """Which logged positions become training groups (the top tau of them by this statistic)."""
+
+    KL = "kl"  # the paper's: where the SLM and the LLM disagree most (the selector's KL trigger value)
+    # where the worker's LLM-free entropy trigger would fire, i.e. the positions S2T-Local re-ranks at serving
+    # time: a re-ranker trained there learns how often to keep the SLM's top-1 at exactly those positions
+    ENTROPY = "entropy"
+
+
+def candidate_entropy(group: Group) -> float:
+    """Entropy (nats) of the SLM's probabilities over the group's candidates, renormalised: the log keeps K
+    probabilities, not the top-64 the worker's trigger reads, so this ranks positions like the trigger does
+    without reproducing its values."""
+    total = sum(group.slm_probs)
+    if total <= 0:
+        return 0.0
+    return -sum(p / total * math.log(p / total) for p in group.slm_probs if p > 0)
+
+
+def top_positions(groups: list[Group], tau: float, by: LabelBy = LabelBy.KL) -> list[Group]:
+    """The groups at the top `tau` share of positions by `by` (all of them for tau >= 1), in their order.
+    Ties at the cut are kept, so slightly more than tau may pass."""
+    if tau >= 1 or not groups:
+        return list(groups)
+    if not 0 < tau:
+        raise ValueError(f"tau must lie in (0, 1]; got {tau}")
+    value = (lambda g: g.trigger_value) if by is LabelBy.KL else candidate_entropy
+    values = sorted(value(g) for g in groups)
+    cut = values[min(len(values) - 1, int(len(values) * (1 - tau)))]
+    return [g for g in groups if value(g) >= cut]
 
 
 def sessions(log_dir: Path, vocab_sha256: str | None = None, slm_weights_sha256: str | None = None

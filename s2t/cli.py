@@ -268,11 +268,11 @@ def cmd_distill_groups(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    """Selection logs -> training groups (the top-tau positions by KL) -> S2T-Local adapter, evaluated, exported."""
+    """Selection logs -> training groups (the top-tau positions by KL or entropy) -> S2T-Local adapter, evaluated, exported."""
     import dataclasses
     import zlib
 
-    from distill.groups import read_groups, sessions
+    from distill.groups import LabelBy, read_groups, sessions, top_positions
     from distill.train import TrainConfig, train
 
     from .calibration import read_calibration
@@ -285,10 +285,8 @@ def cmd_distill(args) -> None:
     if not groups:
         raise SystemExit(f"no training groups in the closed segments under {log_dir}")
     logged = len(groups)
-    if args.tau < 1:  # the paper labels the positions where the SLM and the LLM disagree most (KL, top tau)
-        values = sorted(g.trigger_value for g in groups)
-        cut = values[min(len(values) - 1, int(len(values) * (1 - args.tau)))]
-        groups = [g for g in groups if g.trigger_value >= cut]
+    label_by = LabelBy(args.label_by)
+    groups = top_positions(groups, args.tau, label_by)
     # Held out by session (never a position of a training rollout), stably across runs.
     held = {g.session_id for g in groups if zlib.crc32(g.session_id.encode()) % 1000 < args.eval_share * 1000}
     train_groups = [g for g in groups if g.session_id not in held]
@@ -302,7 +300,7 @@ def cmd_distill(args) -> None:
                          prior_weight_trainable=not args.paper_score)
     out = Path(args.out) if args.out else settings.data_dir / "distill"
     print(f"[distill] {len(train_groups)} training and {len(eval_groups)} held-out groups "
-          f"(top {args.tau:.0%} by KL of {logged} logged positions) "
+          f"(top {args.tau:.0%} by {label_by.value} of {logged} logged positions) "
           f"from {log_dir}; base {base_dir.name}", file=sys.stderr, flush=True)
     summary = train(train_groups, eval_groups, base_dir, out, config, sessions(log_dir, vocab, weights))
     metrics = summary.get("metrics") or {}
@@ -312,7 +310,7 @@ def cmd_distill(args) -> None:
            "agreement_at_1_before": (summary.get("metrics_before") or {}).get("agreement_at_1"),
            "slm_top1_agreement": metrics.get("slm_top1_agreement"), "prior_weight": summary.get("prior_weight"),
            "steps": summary.get("steps"), "total_steps": summary.get("total_steps"), "stopped": summary.get("stopped"),
-           "adapter": str(summary.get("adapter")), "tau": args.tau, "config": dataclasses.asdict(config)}
+           "adapter": str(summary.get("adapter")), "tau": args.tau, "label_by": label_by.value, "config": dataclasses.asdict(config)}
     (out / "row.json").write_text(json.dumps(row, indent=1, default=str))
     print(json.dumps(row, default=str))
 
@@ -432,7 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("distill", help="selection logs -> an S2T-Local adapter (train, evaluate, export)")
     p.add_argument("--log-dir", help="default: the selector's selection-log directory")
     p.add_argument("--out", help="checkpoints, summary and the exported adapter (default: <data dir>/distill)")
-    p.add_argument("--tau", type=float, default=0.10, help="train on the top tau of logged positions by KL (1 = all)")
+    p.add_argument("--tau", type=float, default=0.10, help="train on the top tau of logged positions (1 = all)")
+    p.add_argument("--label-by", choices=["kl", "entropy"], default="kl",
+                   help="rank positions by the selector's KL (the paper's) or by the SLM's entropy (the positions "
+                        "the worker's LLM-free trigger re-ranks at in s2t-local)")
     p.add_argument("--eval-share", type=float, default=0.10, help="share of sessions held out for evaluation")
     p.add_argument("--epochs", type=int, default=3)
     # The paper's 5e-5 is for 4 groups per optimizer step; one step here is a session's row (~15 groups at

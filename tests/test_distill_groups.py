@@ -2,10 +2,12 @@
 and logs of another schema version, are refused."""
 
 import json
+import math
 
 import pytest
 
-from distill.groups import DistillError, read_groups, sessions, write_groups
+from distill.groups import (DistillError, Group, LabelBy, candidate_entropy, read_groups, sessions, top_positions,
+                            write_groups)
 from s2t.selection_log import ScoredPosition, SelectionLog, SelectorIdentity, SelectRecord, closed_segments
 
 SLM = "a" * 64
@@ -81,3 +83,27 @@ def test_logs_of_another_schema_version_are_refused(tmp_path):
         json.dumps({"kind": "header", "schema": 1, "selector_vocab_sha256": "v1"}) + "\n")
     with pytest.raises(DistillError, match="schema version 1; this reader supports version 2"):
         list(read_groups(tmp_path, vocab_sha256="v1"))
+
+
+def _group(trigger_value: float, slm_probs: list[float]) -> Group:
+    return Group(session_id="s", step=0, position=1, context=[0], candidate_ids=list(range(len(slm_probs))),
+                 slm_probs=slm_probs, teacher_probs=[1.0 / max(1, len(slm_probs))] * len(slm_probs), target=0, llm_top1=0,
+                 llm_top1_prob=0.5, llm_top1_in_candidates=True, diverged=False, after_divergence=False,
+                 trigger_value=trigger_value, in_session_sequence=True)
+
+
+def test_candidate_entropy_renormalises_the_logged_probabilities():
+    assert candidate_entropy(_group(0.0, [0.25, 0.25])) == pytest.approx(math.log(2))
+    assert candidate_entropy(_group(0.0, [0.9, 0.0])) == 0.0
+    assert candidate_entropy(_group(0.0, [])) == 0.0
+
+
+def test_top_positions_ranks_by_kl_or_by_entropy():
+    # high KL but a confident SLM; low KL and an unsure SLM; neither
+    confident, unsure, plain = _group(5.0, [0.98, 0.01, 0.01]), _group(0.1, [0.4, 0.3, 0.3]), _group(0.0, [0.9, 0.05, 0.05])
+    groups = [confident, unsure, plain]
+    assert top_positions(groups, 1 / 3, LabelBy.KL) == [confident]
+    assert top_positions(groups, 1 / 3, LabelBy.ENTROPY) == [unsure]
+    assert top_positions(groups, 1.0, LabelBy.ENTROPY) == groups  # tau 1: every position, in order
+    with pytest.raises(ValueError, match="tau"):
+        top_positions(groups, 0.0)
