@@ -1,0 +1,100 @@
+"""What the selection logs say about where S2T-Local can help (issue #13: "if accuracy does not move, report
+what the logs show").
+
+    python bench/label_stats.py LOG_DIR [--name selection-logs]
+
+Reads every closed segment under LOG_DIR (a label-only collection labels every position, so the logs hold
+the LLM's verdict at all of them) and, for the two ways of choosing positions, ranks them and reports at
+each share tau:
+  - `kl`: the selector's KL statistic, which the paper labels training groups by (needs the LLM);
+  - `entropy`: the entropy of the SLM's logged candidate probabilities, which ranks positions as the
+    worker's LLM-free trigger does, i.e. where `s2t-local` re-ranks at serving time;
+how often the LLM's choice among the candidates differs from the SLM's top-1 there (the share a perfect
+re-ranker would flip), what share of all such disagreements the set captures, and how much the two sets
+overlap. Writes bench/results/<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+from distill.groups import LabelBy, candidate_entropy, read_groups, top_positions  # noqa: E402
+
+TAUS = (0.01, 0.05, 0.10, 0.20)
+
+
+def label_stats(groups: list, taus=TAUS) -> dict:
+    """The statistics of the module docstring for `groups` (distill.groups.Group, every logged position)."""
+    n = len(groups)
+    if not n:
+        raise ValueError("no logged positions")
+    disagree = [g.target != 0 for g in groups]
+    total_disagreements = sum(disagree)
+    rows = []
+    for tau in taus:
+        chosen = {}
+        for by in LabelBy:
+            picked = top_positions(groups, tau, by)
+            ids = {id(g) for g in picked}
+            chosen[by] = ids
+            hits = sum(g.target != 0 for g in picked)
+            rows.append({"by": by.value, "tau": tau, "positions": len(picked),
+                         "llm_disagrees": hits / len(picked) if picked else 0.0,
+                         "captures": hits / total_disagreements if total_disagreements else 0.0})
+        overlap = len(chosen[LabelBy.KL] & chosen[LabelBy.ENTROPY]) / max(1, len(chosen[LabelBy.KL]))
+        for r in rows[-2:]:
+            r["overlap_with_other"] = overlap
+    targets = collections.Counter(g.target for g in groups)
+    return {
+        "positions": n,
+        "sessions": len({g.session_id for g in groups}),
+        "llm_disagrees_all": total_disagreements / n,
+        "llm_top1_in_candidates": sum(g.llm_top1_in_candidates for g in groups) / n,
+        "target_index": {str(k): targets[k] / n for k in sorted(targets)[:8]},
+        "mean_candidate_entropy": sum(candidate_entropy(g) for g in groups) / n,
+        "by_tau": rows,
+    }
+
+
+def markdown(stats: dict, command: str) -> str:
+    lines = [f"# selection-log label statistics\n\nCommand: `{command}`  \n",
+             f"{stats['positions']:,} logged positions of {stats['sessions']} sessions; the LLM's choice among the "
+             f"candidates differs from the SLM's top-1 at {stats['llm_disagrees_all']:.1%} of them; the LLM's own "
+             f"top-1 is among the candidates at {stats['llm_top1_in_candidates']:.2%}.\n\n",
+             "| positions ranked by | top tau | positions | LLM disagrees with the SLM's top-1 | share of all "
+             "disagreements | overlap of the kl and entropy sets |\n|---|---|---|---|---|---|\n"]
+    for r in stats["by_tau"]:
+        lines.append(f"| {r['by']} | {r['tau']:.0%} | {r['positions']:,} | {r['llm_disagrees']:.1%} | "
+                     f"{r['captures']:.1%} | {r['overlap_with_other']:.1%} |\n")
+    lines.append("\nThe LLM's choice by candidate index (share of all positions): "
+                 + ", ".join(f"{k}: {v:.2%}" for k, v in stats["target_index"].items()) + ".\n")
+    return "".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("log_dir", type=Path)
+    ap.add_argument("--name", default="selection-logs")
+    args = ap.parse_args()
+    groups = list(read_groups(args.log_dir, context_tail=0))
+    stats = label_stats(groups)
+    command = "python bench/label_stats.py " + " ".join(sys.argv[1:])
+    payload = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+               "log_dir": str(args.log_dir), **stats}
+    out = BENCH / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{args.name}.md").write_text(markdown(stats, command))
+    print(markdown(stats, command))
+
+
+if __name__ == "__main__":
+    main()

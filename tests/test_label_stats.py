@@ -1,0 +1,45 @@
+"""bench/label_stats.py: disagreement rates and coverage of the KL- and entropy-ranked position sets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import label_stats  # noqa: E402
+from distill.groups import Group  # noqa: E402
+
+
+def _group(session: str, kl: float, slm_probs: list[float], target: int) -> Group:
+    k = len(slm_probs)
+    return Group(session_id=session, step=0, position=1, context=[], candidate_ids=list(range(k)), slm_probs=slm_probs,
+                 teacher_probs=[1.0 / k] * k, target=target, llm_top1=target, llm_top1_prob=0.5,
+                 llm_top1_in_candidates=True, diverged=False, after_divergence=False, trigger_value=kl,
+                 in_session_sequence=True)
+
+
+def test_rates_coverage_and_overlap():
+    groups = [_group("a", 5.0, [0.98, 0.01, 0.01], 1),  # high KL, confident SLM, LLM disagrees
+              _group("a", 0.1, [0.4, 0.3, 0.3], 0),  # unsure SLM, LLM agrees
+              _group("b", 0.2, [0.5, 0.4, 0.1], 2),  # somewhat unsure, LLM disagrees
+              _group("b", 0.0, [0.9, 0.05, 0.05], 0)]
+    stats = label_stats.label_stats(groups, taus=(0.25, 0.5))
+    assert stats["positions"] == 4 and stats["sessions"] == 2
+    assert stats["llm_disagrees_all"] == pytest.approx(0.5)
+    rows = {(r["by"], r["tau"]): r for r in stats["by_tau"]}
+    assert rows["kl", 0.25]["positions"] == 1 and rows["kl", 0.25]["llm_disagrees"] == 1.0
+    assert rows["kl", 0.25]["captures"] == pytest.approx(0.5)
+    assert rows["entropy", 0.25]["llm_disagrees"] == 0.0  # the unsure position is one the LLM agrees with
+    assert rows["kl", 0.25]["overlap_with_other"] == 0.0
+    # top half: kl picks the first and third, entropy the second and third
+    assert rows["kl", 0.5]["captures"] == 1.0 and rows["entropy", 0.5]["captures"] == pytest.approx(0.5)
+    assert rows["entropy", 0.5]["overlap_with_other"] == pytest.approx(0.5)
+    assert "| kl | 25% | 1 | 100.0% |" in label_stats.markdown(stats, "cmd")
+
+
+def test_no_positions_is_an_error():
+    with pytest.raises(ValueError, match="no logged positions"):
+        label_stats.label_stats([])
