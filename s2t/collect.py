@@ -122,6 +122,7 @@ async def collect(engine: Engine, selector_address: str, application: str, out_d
     loop = asyncio.get_running_loop()
     finished: list[tuple] = []
     exhausted = False
+    rolled_out = 0
     while not exhausted or finished:
         if not exhausted:
             item = await loop.run_in_executor(engine.executor, next, rollouts, None)
@@ -130,7 +131,11 @@ async def collect(engine: Engine, selector_address: str, application: str, out_d
             else:
                 i, generated, proposals = item
                 finished.append((todo[i], prompts[i], (generated, proposals)))
+                rolled_out += 1
+                # The bar counts labelled problems, which move a chunk at a time: say what runs in between.
+                bar.set_postfix_str(f"rolled out {problems - len(todo) + rolled_out}/{problems}")
         if finished and (exhausted or len(finished) >= batch):
+            bar.set_postfix_str(f"labelling {len(finished)}")
             rows = await label_chunk(finished)
             with open(progress, "a") as f:
                 for row in rows:
