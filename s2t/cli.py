@@ -295,6 +295,7 @@ def cmd_distill(args) -> None:
     entropy = calibration.get("entropy") or {f"{r:g}": v for r, v in settings.worker.thresholds.entropy.items()}
     config = TrainConfig(epochs=args.epochs, lr=args.lr, rank=args.rank, alpha=2.0 * args.rank,
                          lora_layers=args.lora_layers, max_minutes=args.max_minutes, max_steps=args.max_steps,
+                         eval_every=args.eval_every,
                          base_weights_sha256=weights, trigger_calibration={"entropy": entropy},
                          prior_weight_init=0.0 if args.paper_score else args.prior_weight,
                          prior_weight_trainable=not args.paper_score)
@@ -447,6 +448,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the paper's score exactly: expected bin value only (no SLM prior)")
     p.add_argument("--max-minutes", type=float, help="stop, checkpoint and export after this long")
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--eval-every", type=int,
+                   help="optimizer steps between held-out evaluations (default: before and after training only); "
+                        "the curve lands in <out>/summary.json")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("config", help="print the effective configuration")

@@ -37,9 +37,13 @@ async def test_collect_distill_serve(tmp_path, one_thread):
 
     out = tmp_path / "distill"
     argv = [f"--set={k}={v}" for k, v in flags.items()]
-    s2t_main(argv + ["distill", "--tau", "1", "--epochs", "1", "--max-steps", "4", "--rank", "4", "--out", str(out)])
+    s2t_main(argv + ["distill", "--tau", "1", "--epochs", "1", "--max-steps", "4", "--rank", "4",
+                       "--eval-share", "0.5", "--eval-every", "2", "--out", str(out)])
     row = json.loads((out / "row.json").read_text())
-    assert row["mode"] == "distill" and row["kind"] == "training" and row["groups"] > 0
+    assert row["mode"] == "distill" and row["kind"] == "training" and row["groups"] > 0 and row["eval_groups"] > 0
+    # --eval-every 2: held-out points before training, after step 2, and at the end (3 training sessions: 3 steps)
+    curve = json.loads((out / "summary.json").read_text())["eval_curve"]
+    assert [point["step"] for point in curve] == [0, 2, 3] and curve[-1]["agreement_at_1"] == row["agreement_at_1"]
     manifest = json.loads((out / "adapter" / "s2t-adapter.json").read_text())
     assert manifest["base_weights_sha256"] == engine.lm.weights_sha256 and manifest["bin_ids"] == list(range(272, 288))
 

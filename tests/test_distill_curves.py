@@ -1,0 +1,44 @@
+"""bench/distill_curves.py: the training-curve report of an `s2t distill` summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import distill_curves  # noqa: E402
+
+
+def _summary() -> dict:
+    steps = list(range(1, 7))
+    return {"adapter": "/x/adapter", "steps": 6, "total_steps": 6, "stopped": "done", "wall_s": 12.0,
+            "peak_rss_mb": 2048.0, "prior_weight": 0.9, "config": {"epochs": 2, "lr": 1e-4, "rank": 16},
+            "curves": {"step": steps, "hit1": [0.0, 0.5, 0.5, 1.0, 1.0, 1.0],
+                       "selection": [3.0, 2.0, 2.0, 1.0, 1.0, 1.0], "teacher_kl": [1.0] * 6},
+            "metrics_before": {"agreement_at_1": 0.5, "spearman": 0.1},
+            "eval_curve": [{"step": 3, "agreement_at_1": 0.6, "spearman": None},
+                           {"step": 6, "agreement_at_1": 0.7, "spearman": 0.3}],
+            "metrics": {"groups": 10, "agreement_at_1": 0.7, "spearman": 0.3, "slm_top1_agreement": 0.55}}
+
+
+def test_moving_average_is_trailing_and_starts_at_the_first_step():
+    assert distill_curves.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert distill_curves.moving_average([], 3) == []
+
+
+def test_epoch_means_and_held_out_points():
+    summary = _summary()
+    assert distill_curves.epoch_means(summary) == [
+        {"epoch": 1, "steps": 3, "train_hit1": 1 / 3, "train_selection_loss": 7 / 3},
+        {"epoch": 2, "steps": 3, "train_hit1": 1.0, "train_selection_loss": 1.0}]
+    assert [p["step"] for p in distill_curves.held_out_points(summary)] == [0, 3, 6]  # metrics_before as step 0
+    summary["eval_curve"].insert(0, {"step": 0, "agreement_at_1": 0.5, "spearman": 0.1})  # s2t distill's own step 0
+    assert [p["step"] for p in distill_curves.held_out_points(summary)] == [0, 3, 6]
+    md = distill_curves.markdown(summary, "s2t distill --eval-every 3")
+    assert "| 3 | 0.600 | - |" in md and "0.550" in md and "`s2t distill --eval-every 3`" in md
+
+
+def test_plot_writes_a_png(tmp_path):
+    out = distill_curves.plot(_summary(), tmp_path / "c.png", window=2)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
