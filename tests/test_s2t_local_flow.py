@@ -37,8 +37,9 @@ async def test_collect_distill_serve(tmp_path, one_thread):
 
     out = tmp_path / "distill"
     argv = [f"--set={k}={v}" for k, v in flags.items()]
+    # --eval-share 0.5 holds out collect-train-3 (session ids are fixed, the split hashes them), trains on 0-2
     s2t_main(argv + ["distill", "--tau", "1", "--epochs", "1", "--max-steps", "4", "--rank", "4",
-                       "--eval-share", "0.5", "--eval-every", "2", "--out", str(out)])
+                     "--eval-share", "0.5", "--eval-every", "2", "--out", str(out)])
     row = json.loads((out / "row.json").read_text())
     assert row["mode"] == "distill" and row["kind"] == "training" and row["groups"] > 0 and row["eval_groups"] > 0
     # --eval-every 2: held-out points before training, after step 2, and at the end (3 training sessions: 3 steps)
