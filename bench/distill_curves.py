@@ -6,7 +6,7 @@ Issue #13 asks, when accuracy does not move, what the training curves show. Two 
 does the adapter fit its own training groups (train hit@1 rising above where it started: capacity and learning
 rate are enough), and does what it fits hold out (held-out agreement@1 rising above the SLM's own top-1). Train
 hit@1 per step is noisy (one session's row of ~15 groups), so it is drawn as a moving average over `--window`
-steps. Held-out points exist at the start, at the end, and every `s2t distill --eval-every` steps.
+steps. Held-out points exist before training, at the end, and every `s2t distill --eval-every` steps.
 """
 
 from __future__ import annotations
@@ -31,13 +31,10 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 
 def held_out_points(summary: Mapping) -> list[dict]:
-    """(step, agreement@1, Spearman ρ) at every held-out evaluation; s2t distill's curve starts with step 0
-    (before training), and metrics_before stands in for it in a summary whose curve does not."""
-    curve = [p for p in summary.get("eval_curve") or [] if p.get("agreement_at_1") is not None]
-    before = summary.get("metrics_before") or {}
-    if (not curve or curve[0]["step"] != 0) and before.get("agreement_at_1") is not None:
-        curve.insert(0, {"step": 0, **before})
-    return [{"step": p["step"], "agreement_at_1": p["agreement_at_1"], "spearman": p.get("spearman")} for p in curve]
+    """(step, agreement@1, Spearman ρ) at every held-out evaluation; s2t distill writes step 0 (before
+    training) into its eval curve, so the curve is the whole story."""
+    return [{"step": p["step"], "agreement_at_1": p["agreement_at_1"], "spearman": p.get("spearman")}
+            for p in summary.get("eval_curve") or [] if p.get("agreement_at_1") is not None]
 
 
 def epoch_means(summary: Mapping) -> list[dict]:

@@ -16,8 +16,8 @@ def _summary() -> dict:
             "peak_rss_mb": 2048.0, "prior_weight": 0.9, "config": {"epochs": 2, "lr": 1e-4, "rank": 16},
             "curves": {"step": steps, "hit1": [0.0, 0.5, 0.5, 1.0, 1.0, 1.0],
                        "selection": [3.0, 2.0, 2.0, 1.0, 1.0, 1.0], "teacher_kl": [1.0] * 6},
-            "metrics_before": {"agreement_at_1": 0.5, "spearman": 0.1},
-            "eval_curve": [{"step": 3, "agreement_at_1": 0.6, "spearman": None},
+            "eval_curve": [{"step": 0, "agreement_at_1": 0.5, "spearman": 0.1},
+                           {"step": 3, "agreement_at_1": 0.6, "spearman": None},
                            {"step": 6, "agreement_at_1": 0.7, "spearman": 0.3}],
             "metrics": {"groups": 10, "agreement_at_1": 0.7, "spearman": 0.3, "slm_top1_agreement": 0.55}}
 
@@ -32,8 +32,6 @@ def test_epoch_means_and_held_out_points():
     assert distill_curves.epoch_means(summary) == [
         {"epoch": 1, "steps": 3, "train_hit1": 1 / 3, "train_selection_loss": 7 / 3},
         {"epoch": 2, "steps": 3, "train_hit1": 1.0, "train_selection_loss": 1.0}]
-    assert [p["step"] for p in distill_curves.held_out_points(summary)] == [0, 3, 6]  # metrics_before as step 0
-    summary["eval_curve"].insert(0, {"step": 0, "agreement_at_1": 0.5, "spearman": 0.1})  # s2t distill's own step 0
     assert [p["step"] for p in distill_curves.held_out_points(summary)] == [0, 3, 6]
     md = distill_curves.markdown(summary, "s2t distill --eval-every 3")
     assert "| 3 | 0.600 | - |" in md and "0.550" in md and "`s2t distill --eval-every 3`" in md
