@@ -66,6 +66,10 @@ class TrainConfig:
     dropout: float = 0.05
     targets: tuple[str, ...] = TARGETS
     lora_layers: int | None = None  # LoRA on the top N decoder layers only; None = all
+    # False: the LoRA stays at its initial state (B = 0, the base model exactly) and only the score-bin rows
+    # and the prior weight train. The control that says what the LoRA itself adds; nothing backpropagates
+    # through the decoder then, so a step costs about one forward.
+    lora_trainable: bool = True
     num_bins: int = NUM_BINS
     # Listwise softmax temperature over the K scores. Scores lie in [0, 1], so at T = 1 the softmax can only
     # move from uniform (CE log K) to e/(e + K - 1) on the best candidate: the CE gradient p - y never vanishes
@@ -524,7 +528,11 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
     if not train_rows:
         raise ValueError(f"no trainable groups: {train_stats}")
 
-    params = lora_parameters(model, ADAPTER_NAME) + [bin_weight]
+    lora = lora_parameters(model, ADAPTER_NAME)
+    if not cfg.lora_trainable:
+        for p in lora:
+            p.requires_grad_(False)
+    params = (lora if cfg.lora_trainable else []) + [bin_weight]
     param_groups = [{"params": params}]
     if cfg.prior_weight_trainable:
         param_groups.append({"params": [prior_weight], "lr": cfg.prior_lr, "weight_decay": 0.0})

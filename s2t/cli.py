@@ -294,7 +294,7 @@ def cmd_distill(args) -> None:
     calibration = read_calibration(settings.calibration_file()) or {}
     entropy = calibration.get("entropy") or {f"{r:g}": v for r, v in settings.worker.thresholds.entropy.items()}
     config = TrainConfig(epochs=args.epochs, lr=args.lr, rank=args.rank, alpha=2.0 * args.rank,
-                         lora_layers=args.lora_layers, max_minutes=args.max_minutes, max_steps=args.max_steps,
+                         lora_layers=args.lora_layers, lora_trainable=not args.freeze_lora, max_minutes=args.max_minutes, max_steps=args.max_steps,
                          eval_every=args.eval_every,
                          base_weights_sha256=weights, trigger_calibration={"entropy": entropy},
                          prior_weight_init=0.0 if args.paper_score else args.prior_weight,
@@ -442,6 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--lora-layers", type=int, help="LoRA on the top N layers only (default: all)")
+    p.add_argument("--freeze-lora", action="store_true",
+                   help="train only the score-bin rows and the prior weight, the LoRA left at zero (the control "
+                        "that measures what the LoRA adds)")
     p.add_argument("--prior-weight", type=float, default=1.0,
                    help="initial weight of the SLM prior: score = expected bin + w log p_SLM (w is learned)")
     p.add_argument("--paper-score", action="store_true",

@@ -309,3 +309,28 @@ def test_max_minutes_stops_early_and_still_exports(slm_dir, tmp_path):
     assert summary["stopped"] == "max_minutes" and summary["steps"] == 0
     assert (Path(summary["adapter"]) / "adapter_model.safetensors").is_file()
     assert summary["peak_rss_mb"] > 0 and summary["wall_s"] > 0
+
+
+def test_frozen_lora_trains_only_the_bins_and_the_prior(slm_dir, tmp_path):
+    """--freeze-lora, the control that measures what the LoRA adds: the exported LoRA is still the base model
+    (B = 0, A its seeded init) while the bin rows and the prior weight moved."""
+    from safetensors.torch import load_file
+
+    train_groups, eval_groups = informative_slm_groups(4, 4, per_session=4), informative_slm_groups(5, 2, per_session=4)
+    frozen = train(train_groups, eval_groups, slm_dir, tmp_path / "frozen", small_config(lora_trainable=False))
+    trained = train(train_groups, eval_groups, slm_dir, tmp_path / "trained", small_config())
+    lora = {k: load_file(str(Path(s["adapter"]) / "adapter_model.safetensors")) for k, s in
+            (("frozen", frozen), ("trained", trained))}
+    b_keys = [k for k in lora["frozen"] if k.endswith("lora_B.weight")]
+    a_keys = [k for k in lora["frozen"] if k.endswith("lora_A.weight")]
+    assert b_keys and all(torch.count_nonzero(lora["frozen"][k]) == 0 for k in b_keys)
+    assert any(torch.count_nonzero(lora["trained"][k]) > 0 for k in b_keys)
+    # the same seed initialises A in both runs; only the trained run moved it
+    assert all(not torch.equal(lora["frozen"][k], lora["trained"][k]) for k in a_keys)
+    base, tokenizer = load_base(slm_dir, "float64")
+    initial_bins = base.get_output_embeddings().weight[BINS]
+    for summary in (frozen, trained):
+        bins = load_adapter(Path(summary["adapter"]), "sha-tiny", BINS).bin_weight
+        assert not torch.allclose(bins.to(initial_bins.dtype), initial_bins)
+        assert summary["prior_weight"] != pytest.approx(1.0)
+    assert frozen["config"]["lora_trainable"] is False
