@@ -12,6 +12,11 @@ each share tau:
 how often the LLM's choice among the candidates differs from the SLM's top-1 there (the share a perfect
 re-ranker would flip), what share of all such disagreements the set captures, and how much the two sets
 overlap. Writes bench/results/<name>.{json,md}.
+
+And, per set, the ceiling of S2T-Local's score family there: with score = expected bin value (in [0, 1]) +
+w · log p_SLM (s2t.rerank.with_prior), the LLM's choice c can be ranked first only where
+w · (max log p_SLM - log p_SLM(c)) < 1, so the share of positions where that holds (or where the SLM's top-1
+already is the LLM's choice) bounds agreement@1 for a given learned w, whatever the bins learn.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +35,15 @@ sys.path.insert(0, str(BENCH.parent))
 from distill.groups import LabelBy, candidate_entropy, read_groups, top_positions  # noqa: E402
 
 TAUS = (0.01, 0.05, 0.10, 0.20)
+PRIOR_WEIGHTS = (1.0, 0.65, 0.4, 0.2)
+
+
+def reachable(group, prior_weight: float) -> bool:
+    """Whether some bin scores in [0, 1] rank the LLM's choice first under score = bins + w log p_SLM."""
+    if not group.slm_probs:
+        return True  # no prior: the bins alone decide
+    logp = [math.log(max(p, 1e-12)) for p in group.slm_probs]  # clamped as s2t.rerank.with_prior clamps
+    return prior_weight * (max(logp) - logp[group.target]) < 1.0
 
 
 def label_stats(groups: list, taus=TAUS) -> dict:
@@ -48,7 +63,9 @@ def label_stats(groups: list, taus=TAUS) -> dict:
             hits = sum(g.target != 0 for g in picked)
             rows.append({"by": by.value, "tau": tau, "positions": len(picked),
                          "llm_disagrees": hits / len(picked) if picked else 0.0,
-                         "captures": hits / total_disagreements if total_disagreements else 0.0})
+                         "captures": hits / total_disagreements if total_disagreements else 0.0,
+                         "ceiling_at_prior_weight": {f"{w:g}": sum(reachable(g, w) for g in picked) / len(picked)
+                                                     if picked else 0.0 for w in PRIOR_WEIGHTS}})
         overlap = len(chosen[LabelBy.KL] & chosen[LabelBy.ENTROPY]) / max(1, len(chosen[LabelBy.KL]))
         for r in rows[-2:]:
             r["overlap_with_other"] = overlap
@@ -70,10 +87,15 @@ def markdown(stats: dict, command: str) -> str:
              f"candidates differs from the SLM's top-1 at {stats['llm_disagrees_all']:.1%} of them; the LLM's own "
              f"top-1 is among the candidates at {stats['llm_top1_in_candidates']:.2%}.\n\n",
              "| positions ranked by | top tau | positions | LLM disagrees with the SLM's top-1 | share of all "
-             "disagreements | overlap of the kl and entropy sets |\n|---|---|---|---|---|---|\n"]
+             "disagreements | overlap of the kl and entropy sets | "
+             + " | ".join(f"agreement@1 ceiling, w = {w:g}" for w in PRIOR_WEIGHTS) + " |\n"
+             + "|---" * (6 + len(PRIOR_WEIGHTS)) + "|\n"]
     for r in stats["by_tau"]:
         lines.append(f"| {r['by']} | {r['tau']:.0%} | {r['positions']:,} | {r['llm_disagrees']:.1%} | "
-                     f"{r['captures']:.1%} | {r['overlap_with_other']:.1%} |\n")
+                     f"{r['captures']:.1%} | {r['overlap_with_other']:.1%} | "
+                     + " | ".join(f"{r['ceiling_at_prior_weight'][f'{w:g}']:.1%}" for w in PRIOR_WEIGHTS) + " |\n")
+    lines.append("\nCeiling: the share of the set's positions where bin scores in [0, 1] can rank the LLM's choice "
+                 "first under score = bins + w · log p_SLM (S2T-Local's score with the learned SLM-prior weight w).\n")
     lines.append("\nThe LLM's choice by candidate index (share of all positions): "
                  + ", ".join(f"{k}: {v:.2%}" for k, v in stats["target_index"].items()) + ".\n")
     return "".join(lines)

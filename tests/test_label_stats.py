@@ -38,6 +38,13 @@ def test_rates_coverage_and_overlap():
     assert rows["kl", 0.5]["captures"] == 1.0 and rows["entropy", 0.5]["captures"] == pytest.approx(0.5)
     assert rows["entropy", 0.5]["overlap_with_other"] == pytest.approx(0.5)
     assert "| kl | 25% | 1 | 100.0% |" in label_stats.markdown(stats, "cmd")
+    # the ceiling: at the first position the LLM's choice is log(0.98 / 0.01) = 4.6 nats below the SLM's top-1,
+    # so bins in [0, 1] can lift it only when w < 1 / 4.6; at the third it is log(0.5 / 0.1) = 1.6 nats below
+    assert rows["kl", 0.25]["ceiling_at_prior_weight"] == {"1": 0.0, "0.65": 0.0, "0.4": 0.0, "0.2": 1.0}
+    assert rows["kl", 0.5]["ceiling_at_prior_weight"]["0.4"] == pytest.approx(0.5)
+    # entropy's top half: the second position (the SLM's top-1 is the LLM's choice) and the third
+    assert rows["entropy", 0.5]["ceiling_at_prior_weight"]["0.65"] == pytest.approx(0.5)  # 0.65 x 1.61 > 1
+    assert rows["entropy", 0.5]["ceiling_at_prior_weight"]["0.4"] == 1.0
 
 
 def test_no_positions_is_an_error():
