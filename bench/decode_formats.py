@@ -8,7 +8,7 @@ lengths. Every format is fed the same tokens (the first format's greedy picks of
 steps where a format's argmax differs from the first format's is reported. Then, when `--llama-cpp DIR` is
 given, llama.cpp's llama-bench on the same pinned GGUF files at the same thread counts (bench/native_ref.py).
 
-    python bench/decode_formats.py --llama-cpp ~/.cache/s2t/llama.cpp/bin
+    python bench/decode_formats.py --llama-cpp ~/.cache/s2t/llama.cpp
     python bench/decode_formats.py --models qwen2.5-coder-0.5b-instruct --formats int8,int8_avx2 --threads 1
 
 Writes <results dir>/<name>.json and .md: ms per step (median and min of the rounds), tokens/s from the
