@@ -36,6 +36,13 @@ from s2t import kernels
 FORMATS = ("native", "bf16", "fp32", "fp32_packed", "int8", "int8_avx2")
 # Row-count buckets a plan assigns a format to: a call with m rows uses the first bucket with m <= bound.
 BUCKETS = (1, 4, 8, 16, 1 << 30)
+# Bytes each format holds per weight: every distinct format in a plan is a full copy of every matrix.
+BYTES_PER_WEIGHT = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1}
+# How much slower a bucket may run to share a format the plan holds anyway instead of adding a copy.
+# Measured: on a 2-core AVX-512 Xeon the fastest-per-bucket plan of the 1.5B kept fp32 for 17+ rows beside
+# fp32_packed for 9-16, two fp32 copies of every matrix, and the selector peaked at 14.6 GiB
+# (bench/results/split-cores-anchor.json) against 8.9 GiB with one fp32 copy.
+SHARE_TOLERANCE = 0.15
 
 
 def cpu_capability() -> str:
@@ -279,5 +286,29 @@ def measure_plan(in_features: int, out_features: int, candidates: Iterable[str] 
                     _apply(fmt, w, x, None)
             timings[fmt][rows] = (time.perf_counter() - t0) / (repeats * copies) * 1e3
         del ws
-    plan = FormatPlan(tuple(min(candidates, key=lambda f: timings[f][rows]) for rows in rows_per_bucket))
-    return plan, timings
+    fastest = [min(candidates, key=lambda f: timings[f][rows]) for rows in rows_per_bucket]
+    return FormatPlan(share_formats(fastest, timings, rows_per_bucket)), timings
+
+
+def share_formats(formats: Iterable[str], timings: dict[str, dict[int, float]], rows_per_bucket: Iterable[int],
+                  tolerance: float = SHARE_TOLERANCE) -> tuple[str, ...]:
+    """Drop formats from a per-bucket plan where another format it holds anyway is nearly as fast.
+
+    Each distinct format is a whole copy of the weights, so a format that wins a bucket by a few percent
+    costs its full size in memory. Repeatedly, starting from the format with the most bytes per weight, its
+    buckets move to another format already in the plan when that one is at most `tolerance` slower in every
+    one of them (the fastest such one). A format that is much faster somewhere (int8 at one row) stays.
+    """
+    formats, rows = list(formats), list(rows_per_bucket)
+    while True:
+        held = sorted(set(formats), key=lambda f: (-BYTES_PER_WEIGHT.get(f, 0), f))
+        for fmt in held:
+            buckets = [i for i, f in enumerate(formats) if f == fmt]
+            fits = [g for g in held if g != fmt
+                    and all(timings[g][rows[i]] <= timings[fmt][rows[i]] * (1 + tolerance) for i in buckets)]
+            if fits:
+                best = min(fits, key=lambda g: sum(timings[g][rows[i]] for i in buckets))
+                formats = [best if f == fmt else f for f in formats]
+                break
+        else:
+            return tuple(formats)
