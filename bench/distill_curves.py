@@ -57,7 +57,7 @@ def markdown(summary: Mapping, command: str) -> str:
     lines = [f"# Training curves: `{summary.get('adapter')}`", "", f"Command: `{command}`", "",
              f"{summary['steps']} of {summary['total_steps']} steps ({summary['stopped']}), "
              f"{summary['wall_s']:.0f} s, peak RSS {summary['peak_rss_mb'] / 1024:.2f} GB, "
-             f"learned prior weight {summary['prior_weight']:.3f}.", "",
+             f"learned prior weight {summary['prior_weight']:.3f}; {adapter_label(summary['config'])}.", "",
              "| epoch | steps | train hit@1 | train selection loss |", "|---|---|---|---|"]
     lines += [f"| {r['epoch']} | {r['steps']} | {r['train_hit1']:.3f} | {r['train_selection_loss']:.4f} |"
               for r in epoch_means(summary)]
@@ -67,6 +67,15 @@ def markdown(summary: Mapping, command: str) -> str:
     lines += [f"| {p['step']} | {p['agreement_at_1']:.3f} | "
               f"{'-' if p['spearman'] is None else format(p['spearman'], '.3f')} |" for p in held_out_points(summary)]
     return "\n".join(lines) + "\n"
+
+
+def adapter_label(config: Mapping) -> str:
+    """What was trained: the LoRA's rank and layers, or that it was held at zero (s2t distill --freeze-lora)."""
+    layers = config.get("lora_layers")
+    where = "all layers" if layers is None else f"top {layers} layers"
+    if config.get("lora_trainable", True) is False:
+        return f"LoRA frozen at zero ({where}): score bins and prior weight only"
+    return f"LoRA rank {config['rank']} on {where}"
 
 
 def plot(summary: Mapping, out: Path, window: int) -> Path:
@@ -94,8 +103,8 @@ def plot(summary: Mapping, out: Path, window: int) -> Path:
     right.set_ylabel(f"train loss per group ({window}-step mean)")
     right.grid(alpha=0.3)
     right.legend(fontsize=7)
-    fig.suptitle(f"s2t distill: {summary['steps']} steps, lr {summary['config']['lr']:g}, "
-                 f"rank {summary['config']['rank']}", fontsize=10)
+    fig.suptitle(f"s2t distill: {summary['steps']} steps, lr {summary['config']['lr']:g}, {adapter_label(summary['config'])}",
+                 fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")

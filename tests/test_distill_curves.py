@@ -35,6 +35,13 @@ def test_epoch_means_and_held_out_points():
     assert [p["step"] for p in distill_curves.held_out_points(summary)] == [0, 3, 6]
     md = distill_curves.markdown(summary, "s2t distill --eval-every 3")
     assert "| 3 | 0.600 | - |" in md and "0.550" in md and "`s2t distill --eval-every 3`" in md
+    assert "LoRA rank 16 on all layers" in md
+
+
+def test_the_label_says_what_was_trained():
+    assert distill_curves.adapter_label({"rank": 64, "lora_layers": 6}) == "LoRA rank 64 on top 6 layers"
+    assert distill_curves.adapter_label({"rank": 16, "lora_layers": 6, "lora_trainable": False}).startswith(
+        "LoRA frozen at zero (top 6 layers)")
 
 
 def test_plot_writes_a_png(tmp_path):
