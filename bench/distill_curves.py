@@ -103,8 +103,8 @@ def plot(summary: Mapping, out: Path, window: int) -> Path:
     right.set_ylabel(f"train loss per group ({window}-step mean)")
     right.grid(alpha=0.3)
     right.legend(fontsize=7)
-    fig.suptitle(f"s2t distill: {summary['steps']} steps, lr {summary['config']['lr']:g}, {adapter_label(summary['config'])}",
-                 fontsize=10)
+    fig.suptitle(f"s2t distill: {summary['steps']} steps, lr {summary['config']['lr']:g}, "
+                 f"{adapter_label(summary['config'])}", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")

@@ -67,8 +67,9 @@ class TrainConfig:
     targets: tuple[str, ...] = TARGETS
     lora_layers: int | None = None  # LoRA on the top N decoder layers only; None = all
     # False: the LoRA stays at its initial state (B = 0, the base model exactly) and only the score-bin rows
-    # and the prior weight train. The control that says what the LoRA itself adds; nothing backpropagates
-    # through the decoder then, so a step costs about one forward.
+    # and the prior weight train. The control that says what the LoRA itself adds. Nothing backpropagates
+    # through the decoder then, but the forward dominates a step: on the 240-problem set its epoch took
+    # 1,805 s against 1,944 s with the LoRA trained.
     lora_trainable: bool = True
     num_bins: int = NUM_BINS
     # Listwise softmax temperature over the K scores. Scores lie in [0, 1], so at T = 1 the softmax can only

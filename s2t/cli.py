@@ -294,7 +294,8 @@ def cmd_distill(args) -> None:
     calibration = read_calibration(settings.calibration_file()) or {}
     entropy = calibration.get("entropy") or {f"{r:g}": v for r, v in settings.worker.thresholds.entropy.items()}
     config = TrainConfig(epochs=args.epochs, lr=args.lr, rank=args.rank, alpha=2.0 * args.rank,
-                         lora_layers=args.lora_layers, lora_trainable=not args.freeze_lora, max_minutes=args.max_minutes, max_steps=args.max_steps,
+                         lora_layers=args.lora_layers, lora_trainable=not args.freeze_lora,
+                         max_minutes=args.max_minutes, max_steps=args.max_steps,
                          eval_every=args.eval_every,
                          base_weights_sha256=weights, trigger_calibration={"entropy": entropy},
                          prior_weight_init=0.0 if args.paper_score else args.prior_weight,

@@ -105,7 +105,8 @@ def test_share_formats_drops_a_copy_that_buys_little():
     # fp32 wins the open bucket by 5 %: not worth a second fp32 copy of every matrix
     assert share_formats(fastest, timings, rows) == ("int8_avx2", "int8_avx2", "int8_avx2", "fp32_packed",
                                                       "fp32_packed")
-    # int8 is 4x faster at one row than any other format the plan holds: it stays
+    # (int8_avx2 stayed: it is 4x faster at one row than any other format the plan holds)
+    # with no tolerance every bucket keeps its fastest format
     assert share_formats(fastest, timings, rows, tolerance=0.0) == tuple(fastest)
     # fp32 now twice as fast in the open bucket: it stays there, and the 9-16 bucket moves to it instead
     timings["fp32"][128] = 10.0
