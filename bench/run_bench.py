@@ -120,6 +120,8 @@ ROWS = {
     "s2t-local-tau1": Row("s2t-local-tau1", "s2t-local", "entropy", 0.01, 8, 1),  # the paper's inference tau
     "s2t-local-tau5": Row("s2t-local-tau5", "s2t-local", "entropy", 0.05, 8, 1),
     "s2t-local-tau20": Row("s2t-local-tau20", "s2t-local", "entropy", 0.20, 8, 1),
+    # K, the paper's other knob: re-rank among 16 candidates (the collection's K) instead of the worker's 8
+    "s2t-local-k16": Row("s2t-local-k16", "s2t-local", "entropy", 0.10, 8, 1, 16),
     # issue #16's baselines. maj8: self-consistency of the SLM alone, 8 samples at temperature 0.7, top-p 0.8,
     # majority vote (and pass@8). takeover: the upper reference for selection, the LLM's own top-1 where the
     # trigger fires, configured like the default speculative s2t (s2t-spec-tau10-b8).
