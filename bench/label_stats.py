@@ -15,8 +15,9 @@ overlap. Writes bench/results/<name>.{json,md}.
 
 And, per set, the ceiling of S2T-Local's score family there: with score = expected bin value (in [0, 1]) +
 w · log p_SLM (s2t.rerank.with_prior), the LLM's choice c can be ranked first only where
-w · (max log p_SLM - log p_SLM(c)) < 1, so the share of positions where that holds (or where the SLM's top-1
-already is the LLM's choice) bounds agreement@1 for a given learned w, whatever the bins learn.
+w · (log p_SLM(the SLM's top-1) - log p_SLM(c)) < 1 (s2t.rerank.contenders, the worker's pruning rule), so
+the share of positions where that holds (or where the SLM's top-1 already is the LLM's choice) bounds
+agreement@1 for a given learned w, whatever the bins learn.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,17 +33,16 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
 from distill.groups import LabelBy, candidate_entropy, read_groups, top_positions  # noqa: E402
+from s2t.rerank import contenders  # noqa: E402
 
 TAUS = (0.01, 0.05, 0.10, 0.20)
 PRIOR_WEIGHTS = (1.0, 0.65, 0.4, 0.2)
 
 
 def reachable(group, prior_weight: float) -> bool:
-    """Whether some bin scores in [0, 1] rank the LLM's choice first under score = bins + w log p_SLM."""
-    if not group.slm_probs:
-        return True  # no prior: the bins alone decide
-    logp = [math.log(max(p, 1e-12)) for p in group.slm_probs]  # clamped as s2t.rerank.with_prior clamps
-    return prior_weight * (max(logp) - logp[group.target]) < 1.0
+    """Whether some bin scores in [0, 1] rank the LLM's choice first under score = bins + w log p_SLM: it is
+    one of the candidates the serving scorer would score (no probabilities: no prior, the bins alone decide)."""
+    return not group.slm_probs or group.target in contenders(group.slm_probs, prior_weight)
 
 
 def label_stats(groups: list, taus=TAUS) -> dict:

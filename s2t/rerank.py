@@ -130,6 +130,19 @@ def with_prior(scores: torch.Tensor, slm_probs: torch.Tensor | None, prior_weigh
     return scores + prior_weight * logp
 
 
+
+def contenders(slm_probs: Sequence[float], prior_weight: float) -> list[int]:
+    """Indices of the candidates (in the SLM's order, the first being its top-1) that can still outrank the
+    first under score = bins + w · log p_SLM, whatever the bins say: bin scores lie in [0, 1], so candidate i
+    can win only if w · (log p_0 - log p_i) < 1. The rest need no scoring forward; a position whose list is
+    [0] needs none at all. Exact: the winner among the contenders is the winner among all candidates. Every
+    candidate contends when w <= 0 (the paper's score)."""
+    if prior_weight <= 0.0 or not slm_probs:
+        return list(range(len(slm_probs)))
+    logp = [math.log(max(float(p), 1e-12)) for p in slm_probs]  # clamped as with_prior clamps
+    # the margin keeps a candidate whose bound is within rounding of 1 (the scores are float32)
+    return [i for i, lp in enumerate(logp) if i == 0 or prior_weight * (logp[0] - lp) < 1.0 + 1e-4]
+
 # ---------------------------------------------------------------------------------------------- LoRA layers
 
 
@@ -383,16 +396,8 @@ class Reranker:
         return self.bin_weight.shape[0]
 
     def contenders(self, slm_probs: Sequence[float]) -> list[int]:
-        """Indices of the candidates (in the SLM's order, the first being its top-1) that can still outrank the
-        first, whatever the bins say: bin scores lie in [0, 1], so candidate i can win only if
-        w · (log p_0 - log p_i) < 1. The rest need no scoring forward; a position whose list is [0] needs
-        none at all. Exact: the winner among the contenders is the winner among all candidates. Every
-        candidate contends when w <= 0 (the paper's score)."""
-        if self.prior_weight <= 0.0 or not slm_probs:
-            return list(range(len(slm_probs)))
-        logp = [math.log(max(float(p), 1e-12)) for p in slm_probs]  # clamped as with_prior clamps
-        # the margin keeps a candidate whose bound is within rounding of 1 (the scores are float32)
-        return [i for i, lp in enumerate(logp) if i == 0 or self.prior_weight * (logp[0] - lp) < 1.0 + 1e-4]
+        """contenders(slm_probs, this adapter's prior weight): the candidates worth a scoring forward."""
+        return contenders(slm_probs, self.prior_weight)
 
     @property
     def first_layer(self) -> int:
