@@ -353,7 +353,8 @@ class RowRunner:
     def row_loss(self, key: Any, row: Row, group_norm: int, kl_norm: int) -> tuple[torch.Tensor, dict]:
         """The row's share of the batch loss (already divided by the batch's group and KL-position counts)."""
         cfg = self.config
-        scores, kl_pair, _ = self.forward(key, row, with_reference=cfg.lm_kl_weight > 0)
+        # A frozen LoRA is the base model: the lm-KL is 0 and its reference pass would be wasted.
+        scores, kl_pair, _ = self.forward(key, row, with_reference=cfg.lm_kl_weight > 0 and cfg.lora_trainable)
         groups = self.group_batch(key, row, scores.dtype)
         ranked = with_prior(groups.scores(scores), groups.slm, self.prior_weight)
         sel, teacher_kl, hinge, hits = selection_losses(ranked, groups, cfg.temperature, cfg.hinge_margin)
@@ -640,8 +641,10 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
         checkpoint()  # the state to resume from (or the final state)
 
     model.eval()
-    metrics = runner.evaluate(eval_rows) if eval_rows else {}
-    if not eval_curve or eval_curve[-1]["step"] != step:
+    if eval_curve and eval_curve[-1]["step"] == step:  # evaluated at this step already (--eval-every, or no step)
+        metrics = {k: v for k, v in eval_curve[-1].items() if k != "step"}
+    else:
+        metrics = runner.evaluate(eval_rows) if eval_rows else {}
         eval_curve.append({"step": step, **metrics})
     k = max(train_stats["max_candidates"], eval_stats["max_candidates"])
     summary_config = {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in dataclasses.asdict(cfg).items()}

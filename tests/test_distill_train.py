@@ -334,3 +334,4 @@ def test_frozen_lora_trains_only_the_bins_and_the_prior(slm_dir, tmp_path):
         assert not torch.allclose(bins.to(initial_bins.dtype), initial_bins)
         assert summary["prior_weight"] != pytest.approx(1.0)
     assert frozen["config"]["lora_trainable"] is False
+    assert set(frozen["curves"]["lm_kl"]) == {0.0} and max(trained["curves"]["lm_kl"]) > 0  # no drift to measure
