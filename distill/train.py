@@ -69,7 +69,7 @@ class TrainConfig:
     # False: the LoRA stays at its initial state (B = 0, the base model exactly) and only the score-bin rows
     # and the prior weight train. The control that says what the LoRA itself adds. Nothing backpropagates
     # through the decoder then, but the forward dominates a step: on the 240-problem set its epoch took
-    # 1,805 s against 1,944 s with the LoRA trained.
+    # 1,805 s against 1,944 s with the LoRA trained (before a frozen run skipped the lm-KL, which is 0).
     lora_trainable: bool = True
     num_bins: int = NUM_BINS
     # Listwise softmax temperature over the K scores. Scores lie in [0, 1], so at T = 1 the softmax can only
