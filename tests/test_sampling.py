@@ -33,6 +33,36 @@ def test_nucleus_keeps_the_shortest_prefix_reaching_top_p_with_ties_to_the_lower
         assert nucleus(probs, off).tolist() == probs.tolist()
 
 
+def full_sort_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The definition, by a stable sort of the whole vocabulary (what `nucleus` did before it probed the top)."""
+    sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+    keep = torch.cumsum(sorted_probs, 0) - sorted_probs < top_p
+    keep[0] = True
+    kept = torch.zeros_like(probs)
+    kept[order[keep]] = probs[order[keep]]
+    return kept / kept.sum()
+
+
+def test_nucleus_probing_the_top_equals_sorting_the_whole_vocabulary(monkeypatch):
+    """The probe of the most probable tokens gives bit-for-bit the full sort's nucleus: a small nucleus, one
+    larger than the probe, and ties straddling the probe's edge (where only the full sort knows the lower ids)."""
+    from slm_worker import sampling
+
+    monkeypatch.setattr(sampling, "NUCLEUS_PROBE", 8)
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for scale in (0.5, 3.0, 12.0):  # flat (nucleus >> probe) to peaked (a few tokens)
+        cases.append(torch.softmax(torch.randn(500, generator=g, dtype=torch.float64) * scale, 0))
+    tied = torch.full((40,), 0.01, dtype=torch.float64)
+    tied[[30, 35]] = 0.2  # two clear leaders, then 38 equal tokens across the probe's edge: lower ids must win
+    cases.append(tied / tied.sum())
+    dyadic = torch.tensor([0.125, 0.5, 0.125, 0.25] + [0.0] * 12, dtype=torch.float64)
+    cases.append(dyadic)
+    for probs in cases:
+        for top_p in (1e-9, 0.3, 0.5, 0.75, 0.8, 0.95, 0.999999):
+            assert torch.equal(nucleus(probs, top_p), full_sort_nucleus(probs, top_p)), (top_p, probs[:6])
+
+
 def test_distribution_is_the_temperature_softmax_and_survives_extreme_temperatures():
     logits = torch.tensor([1.0, 3.0, -2.0, 2.5])
     for t in (0.3, 1.0, 7.0):
