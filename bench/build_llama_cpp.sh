@@ -23,6 +23,6 @@ GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
 cmake -S "$SRC" -B "$DIR/build" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
-cmake --build "$DIR/build" -j "$(nproc)" --target llama-bench llama-speculative-simple
+cmake --build "$DIR/build" -j "$(nproc)" --target llama-bench llama-speculative-simple llama-batched-bench
 BIN=$(dirname "$(find "$DIR/build" -type f -name llama-bench -perm -u+x | head -n 1)")
-echo "built: $BIN/llama-bench $BIN/llama-speculative-simple (pass --llama-cpp $DIR to the benchmarks)"
+echo "built: $BIN/llama-bench $BIN/llama-speculative-simple $BIN/llama-batched-bench (pass --llama-cpp $DIR to the benchmarks)"
