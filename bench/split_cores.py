@@ -126,6 +126,9 @@ class ShapePlan:
     def row_name(self, mode: Mode) -> str:
         return f"split-{mode.value}" if self.shape is Shape.SPLIT else mode.value
 
+    def variant_name(self, row: str) -> str:
+        return f"split-{row}" if self.shape is Shape.SPLIT else row
+
     def cpus(self, role: Role) -> tuple[int, ...] | None:
         return self.worker_cpus if role is Role.WORKER else self.selector_cpus
 
@@ -394,10 +397,11 @@ async def selector_description(port: int) -> dict:
 
 
 def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, busy: SelectorBusy,
-              max_new: int, worker_defaults: dict) -> dict:
+              max_new: int, worker_defaults: dict, variant: Row | None = None) -> dict:
     """run_bench's speed row (same fields, same meaning), with this benchmark's shape, per-problem interval and
-    selector busy time."""
-    row = Row(plan.row_name(mode), mode.value)
+    selector busy time. `variant`: an s2t row of run_bench.ROWS sent with its own options (--s2t-variants)
+    instead of the worker's defaults."""
+    row = variant or Row(plan.row_name(mode), mode.value)
     out = run_bench.summarize(row, "speed", results, wall, {"max_new_tokens": max_new})
     tokens = out["tokens"]
     per_problem = [r["tokens"] / r["latency_s"] for r in results if r["latency_s"] > 0]
@@ -415,7 +419,10 @@ def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, bus
         worker_threads=plan.threads, selector_threads=plan.threads,
         worker_cpus=list(plan.worker_cpus) if plan.worker_cpus else "all",
         selector_cpus=list(plan.selector_cpus) if plan.selector_cpus else "all")
-    if mode is Mode.S2T:  # the request leaves every option to the worker: say what its defaults were
+    if variant is not None:
+        out.update(variant=variant.name.removeprefix("split-"), options="the row's own (run_bench.ROWS)",
+                   num_candidates=variant.k or worker_defaults["num_candidates"])
+    elif mode is Mode.S2T:  # the request leaves every option to the worker: say what its defaults were
         out.update(trigger=worker_defaults["trigger"], trigger_rate=worker_defaults["trigger_rate"],
                    block_size=worker_defaults["block_size"],
                    max_inflight_blocks=worker_defaults["max_inflight_blocks"],
@@ -428,7 +435,8 @@ def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, bus
 def ratios(rows: list[dict]) -> dict:
     """tokens/s ratios: within each shape s2t ÷ greedy, s2t ÷ llm, llm ÷ greedy; across shapes split ÷ shared per
     mode. A ratio whose rows are missing (or whose denominator is 0) is left out."""
-    speed = {(r["shape"], r["request_mode"]): r["tokens_per_s"] for r in rows if r.get("kind") == "speed"}
+    speed = {(r["shape"], r["request_mode"]): r["tokens_per_s"] for r in rows
+             if r.get("kind") == "speed" and not r.get("variant")}
 
     def ratio(a, b) -> float | None:
         return speed[a] / speed[b] if a in speed and b in speed and speed[b] else None
@@ -450,7 +458,7 @@ def ratios(rows: list[dict]) -> dict:
 
 
 async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problems: list[dict], max_new: int,
-                    payload: dict, write_results, worker_defaults: dict) -> None:
+                    payload: dict, write_results, worker_defaults: dict, variants: tuple[str, ...] = ()) -> None:
     """Start the shape's selector and worker, run its rows, read their peak RSS, stop them (whatever happened).
     Every finished row is in `payload` and written before the next starts."""
     import grpc
@@ -494,14 +502,20 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
         write_results()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{servers[Role.WORKER].port}") as channel:
             client = types.SimpleNamespace(stub=gen_grpc.GenerationServiceStub(channel))  # what run_bench sends to
-            for mode in ROW_MODES:
-                name = plan.row_name(mode)
+            runs = [(mode, None) for mode in ROW_MODES] + [(Mode.S2T, run_bench.ROWS[v]) for v in variants]
+            for mode, variant in runs:
+                name = plan.row_name(mode) if variant is None else plan.variant_name(variant.name)
+                request = Row(name, mode.value) if variant is None else dataclasses.replace(variant, name=name)
                 print(f"[split-cores] {name}: {len(problems)} problems, one at a time ...", file=sys.stderr, flush=True)
                 before = await asyncio.to_thread(scrape, metrics_port)
-                results, wall = await run_bench.run_service_row(client, Row(name, mode.value), problems, max_new,
-                                                                False)
+                results, wall = await run_bench.run_service_row(client, request, problems, max_new, False)
                 busy = (await settled_scrape(metrics_port)).since(before)
-                row = speed_row(plan, mode, results, wall, busy, max_new, worker_defaults)
+                row = speed_row(plan, mode, results, wall, busy, max_new, worker_defaults,
+                                None if variant is None else request)
+                greedy = next((r["tokens_per_s"] for r in payload["rows"] if r["shape"] == plan.shape.value
+                               and r["request_mode"] == Mode.GREEDY.value and not r.get("variant")), None)
+                if variant is not None and greedy:
+                    row["vs_greedy"] = row["tokens_per_s"] / greedy
                 add_bandwidth(row, bytes_per_token.get(mode))
                 payload["rows"].append(row)
                 payload["details"].append({"mode": name, "shape": plan.shape.value, "kind": "speed",
@@ -605,7 +619,7 @@ def run_native_rows(plans: list[ShapePlan], llama_dir: Path | None, settings, pr
 def reference_ratios(payload: dict) -> dict:
     """Our batch-1 rows against llama.cpp's on the same GGUF files, per shape: greedy ÷ llama.cpp-0.5b and
     llm ÷ llama.cpp-1.5b (the issue's target: at least 1)."""
-    ours = {(r["shape"], r["request_mode"]): r["tokens_per_s"] for r in payload["rows"]}
+    ours = {(r["shape"], r["request_mode"]): r["tokens_per_s"] for r in payload["rows"] if not r.get("variant")}
     ref = {(r["shape"], r["mode"].removeprefix("split-")): r["tokens_per_s"] for r in payload["native_rows"]
            if r["kind"] == "llama.cpp"}
     out: dict = {}
@@ -668,6 +682,8 @@ def markdown(payload: dict) -> str:
         md += ["\n## Ratios (tokens/s)\n\n", "| shape | ratio | value |\n|---|---|---|\n"]
         md += [f"| {shape} | {name} | {value:.3f} |\n" for shape, values in payload["ratios"].items()
                for name, value in values.items()]
+        md += [f"| {r['shape']} | {r['variant']}/greedy | {r['vs_greedy']:.3f} |\n" for r in payload["rows"]
+               if r.get("variant") and r.get("vs_greedy") is not None]
     if payload.get("memory"):
         md += ["\n## Memory (peak RSS, GB = 2^30 bytes)\n\n",
                "| shape | worker | selector |\n|---|---|---|\n"]
@@ -706,7 +722,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="size of the streaming-read measurement's buffer in GiB (default 1; far above any cache)")
     ap.add_argument("--results-dir", type=Path, default=run_bench.RESULTS,
                     help="where <name>.json and .md go (default: bench/results)")
+    ap.add_argument("--s2t-variants", default="", metavar="ROWS",
+                    help="comma-separated s2t rows of run_bench (e.g. s2t-spec-tau10-b16-i3,s2t-entropy10-spec) "
+                         "run in every shape after the default rows, each with its own trigger, block size and "
+                         "blocks in flight; each reports its tokens/s against the shape's greedy (vs_greedy)")
     args = ap.parse_args(argv)
+    args.s2t_variants = tuple(v.strip() for v in args.s2t_variants.split(",") if v.strip())
+    for v in args.s2t_variants:
+        if v not in run_bench.ROWS or run_bench.ROWS[v].mode != Mode.S2T.value:
+            ap.error(f"--s2t-variants: {v!r} is not an s2t row of bench/run_bench.py; known: "
+                     + ", ".join(n for n, r in run_bench.ROWS.items() if r.mode == Mode.S2T.value))
     if args.problems < 1 or args.max_new < 1:
         ap.error("--problems and --max-new must be >= 1")
     try:
@@ -778,7 +803,7 @@ def main(argv: list[str] | None = None) -> dict:
                         lambda: write(results_dir, payload))
         for plan in plans:
             asyncio.run(run_shape(plan, args.set, settings, problems, args.max_new, payload,
-                                  lambda: write(results_dir, payload), worker_defaults))
+                                  lambda: write(results_dir, payload), worker_defaults, args.s2t_variants))
     except BaseException as e:
         payload["notes"].append(f"stopped early: {e!r}; the rows above finished")
         raise

@@ -157,13 +157,23 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     plans, _ = split_cores.plan_shapes([Shape.SPLIT, Shape.SHARED], cpus, shutil.which("taskset") is not None)
     shapes = [p.shape.value for p in plans]
     payload = split_cores.main(["--name", "split-test", "--problems", "2", "--max-new", "8", "--stream-gib", "0.02",
+                                "--s2t-variants", "s2t-spec-tau1-b4-i3",
                                 "--results-dir", str(tmp_path / "results"), *tiny_settings(tiny_pair, tmp_path)])
 
-    expected = [name for p in plans for name in map(p.row_name, split_cores.ROW_MODES)]
+    expected = [name for p in plans for name in [*map(p.row_name, split_cores.ROW_MODES),
+                                                 p.variant_name("s2t-spec-tau1-b4-i3")]]
     rows = {r["mode"]: r for r in payload["rows"]}
     assert [r["mode"] for r in payload["rows"]] == expected
     if "split" in shapes:
-        assert expected == ["split-greedy", "split-llm", "split-s2t", "greedy", "llm", "s2t"]
+        assert expected == ["split-greedy", "split-llm", "split-s2t", "split-s2t-spec-tau1-b4-i3",
+                            "greedy", "llm", "s2t", "s2t-spec-tau1-b4-i3"]
+    for plan in plans:  # a variant runs with its own options and is set against its shape's greedy
+        variant, greedy = rows[plan.variant_name("s2t-spec-tau1-b4-i3")], rows[plan.row_name(Mode.GREEDY)]
+        assert variant["variant"] == "s2t-spec-tau1-b4-i3" and variant["modes_used"] == ["MODE_S2T"]
+        assert (variant["trigger"], variant["trigger_rate"], variant["block_size"],
+                variant["max_inflight_blocks"]) == ("kl", 0.01, 4, 3)
+        assert variant["vs_greedy"] == variant["tokens_per_s"] / greedy["tokens_per_s"]
+        assert variant["selector_busy_s"] > 0
     for plan in plans:
         greedy, llm, s2t = (rows[plan.row_name(m)] for m in split_cores.ROW_MODES)
         for row, mode in ((greedy, "greedy"), (llm, "llm"), (s2t, "s2t")):
@@ -219,6 +229,7 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     md = (tmp_path / "results" / "split-test.md").read_text()
     assert md.startswith("# split-test\n\nCommand: `python bench/split_cores.py --name split-test")
     assert all(f"| {name} |" in md for name in expected)
+    assert "| s2t-spec-tau1-b4-i3/greedy |" in md
 
 
 @pytest.mark.processes
