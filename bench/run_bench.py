@@ -273,14 +273,20 @@ async def generate_one(stack, row: Row, p: dict, max_new: int, concurrent: bool,
 
 
 async def solve_one(stack, row: Row, p: dict, max_new: int, concurrent: bool,
-                    gate: asyncio.Semaphore | None = None) -> dict:
+                    gate: asyncio.Semaphore | None = None, on_request=None) -> dict:
     """One problem's result record: one request, or for a majority-vote row `row.samples` sampled requests
-    (sent together, seeds from majority.sample_seed) combined by majority.combine_samples."""
+    (sent together, seeds from majority.sample_seed) combined by majority.combine_samples. `on_request()` is
+    called as each request completes (a progress bar that moves before all of a problem's samples are in)."""
+    async def one(seed: int = 0) -> dict:
+        result = await generate_one(stack, row, p, max_new, concurrent, seed, gate)
+        if on_request is not None:
+            on_request()
+        return result
+
     if not row.samples:
-        return await generate_one(stack, row, p, max_new, concurrent, gate=gate)
+        return await one()
     sent = time.monotonic()
-    samples = await asyncio.gather(*[generate_one(stack, row, p, max_new, concurrent, sample_seed(p["idx"], k), gate)
-                                     for k in range(row.samples)])
+    samples = await asyncio.gather(*[one(sample_seed(p["idx"], k)) for k in range(row.samples)])
     return combine_samples(p, samples, time.monotonic() - sent)
 
 
@@ -497,13 +503,17 @@ async def run_accuracy_row(stack, row: Row, problems: list[dict], max_new: int, 
 
     gate = request_gate(stack)
 
+    # the bar counts requests: a majority row's problem is `samples` of them, and all of them are in flight
+    # together, so counting problems would leave the bar (and its ETA) at 0 until the first wave of samples ends
+    per_problem = row.samples or 1
+    bar = tqdm(total=len(jobs) * per_problem, desc=f"[bench] {row.name}", unit="request", file=sys.stderr,
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not progress or not jobs)
+
     async def job(p: dict, is_canary: bool) -> tuple[dict, bool, dict]:
-        return p, is_canary, await solve_one(stack, row, p, max_new, True, gate)
+        return p, is_canary, await solve_one(stack, row, p, max_new, True, gate, lambda: bar.update(1))
 
     fresh: dict[int, dict] = {}
     canary_fresh: dict[int, dict] = {}
-    bar = tqdm(total=len(jobs), desc=f"[bench] {row.name}", unit="problem", file=sys.stderr, dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not progress or not jobs)
     bar.set_postfix(cached=len(cached), canaries=len(canary_idx), refresh=False)
     t0 = time.monotonic()
     tasks = [asyncio.ensure_future(job(p, is_canary)) for p, is_canary in jobs]
@@ -516,7 +526,8 @@ async def run_accuracy_row(stack, row: Row, problems: list[dict], max_new: int, 
                 fresh[p["idx"]] = result
                 if cache is not None and reusable(result, row):
                     cache.put(p["idx"], result, digests[p["idx"]])
-            bar.update(1)
+            bar.set_postfix(cached=len(cached), canaries=len(canary_idx), problems_done=len(fresh) + len(canary_fresh),
+                            refresh=False)
     finally:
         # on an error (or a cancel) the finished results are already in the cache; stop the others
         for task in tasks:
