@@ -9,6 +9,7 @@ before each round so each configuration decodes at the same context lengths.
 
     python bench/batched_decode.py --llama-cpp ~/.cache/s2t/llama.cpp
     python bench/batched_decode.py --models qwen2.5-coder-0.5b-instruct --formats int8,fp32_packed --batches 1,64
+    python bench/batched_decode.py --formats fp32_packed --batches 64 --prompt-tokens 63,400   # context's cost
 
 With `--llama-cpp DIR`, llama.cpp's `llama-batched-bench` on the same pinned GGUF files at the same batch sizes
 and threads is the anchor in the same run (its text-generation tokens/s at each batch size).
@@ -132,20 +133,21 @@ def markdown(payload: dict) -> str:
     lines = [f"# {payload['name']}", "", f"`{payload['command']}`", "",
              f"{payload['date']} · commit {payload['commit']} · {payload['machine'].get('cpu', '')} "
              f"({payload['machine'].get('cores')} cores, {payload['machine'].get('cpu_capability')})", "",
-             "| model | engine | weight format | threads | sessions | new tokens per session per step | "
+             "| model | engine | weight format | threads | context | sessions | new tokens per session per step | "
              "ms/step (median, min) | new tokens/s | × first batch size |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         if r["engine"] == "s2t":
-            lines.append(f"| {r['model']} | s2t | {r['weight_formats']} | {r['threads']} | {r['batch']} | "
+            lines.append(f"| {r['model']} | s2t | {r['weight_formats']} | {r['threads']} | {r['prompt_tokens']} | "
+                         f"{r['batch']} | "
                          f"{r['tokens_per_session']} | {r['ms_per_step_median']}, {r['ms_per_step_min']} | "
                          f"{r['tokens_per_s']} | {r['vs_first_batch']} |")
         else:
-            lines.append(f"| {r['model']} | {r['engine']} | GGUF | {r['threads']} | {r['batch']} | 1 | – | "
+            lines.append(f"| {r['model']} | {r['engine']} | GGUF | {r['threads']} | {r['prompt_tokens']} | "
+                         f"{r['batch']} | 1 | – | "
                          f"{r['tokens_per_s']} | – |")
     lines += ["", "- new tokens/s: sessions × new tokens per session / the median seconds per step; every session "
-              f"decodes after the same {payload['prompt_tokens']}-token prompt; one process per model, no server "
-              "around it", "- the block rows (several new tokens per session) are the selector's verification "
+              "decodes after the same prompt of `context` tokens; one process per model, no server around it", "- the block rows (several new tokens per session) are the selector's verification "
               "forwards; the others are decoding", ""]
     return "\n".join(lines)
 
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--prompt-tokens", type=int, default=63)
+    ap.add_argument("--prompt-tokens", default="63",
+                    help="context each session decodes after (comma-separated: one set of rows per length)")
     ap.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR")
     ap.add_argument("--n-gen", type=int, default=32, help="llama-batched-bench tokens per sequence")
     ap.add_argument("--cache-dir", type=Path, default=None)
@@ -168,22 +171,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     blocks = [int(b) for b in args.block.split(",")]
+    contexts = [int(c) for c in args.prompt_tokens.split(",")]
     formats = args.formats.split(",")
     payload = {"name": args.name, "command": "python " + " ".join(["bench/batched_decode.py", *(argv or sys.argv[1:])]),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine(),
-               "prompt_tokens": args.prompt_tokens, "rows": []}
+               "prompt_tokens": contexts, "rows": []}
     from s2t.model_store import default_cache_dir, fetch_gguf
 
     cache_dir = args.cache_dir or default_cache_dir()
     for model in args.models.split(","):
-        for block in blocks:
-            payload["rows"] += measure_model(model, cache_dir, formats, batches, block, args.threads,
-                                             args.steps, args.rounds, args.prompt_tokens)
-        if args.llama_cpp:
-            gguf = fetch_gguf(model, cache_dir)
-            for r in llama_batched_bench(args.llama_cpp.expanduser(), gguf, batches, args.threads,
-                                         args.prompt_tokens, args.n_gen):
-                payload["rows"].append({"model": model, **r})
+        for context in contexts:
+            for block in blocks:
+                payload["rows"] += measure_model(model, cache_dir, formats, batches, block, args.threads,
+                                                 args.steps, args.rounds, context)
+            if args.llama_cpp:
+                gguf = fetch_gguf(model, cache_dir)
+                for r in llama_batched_bench(args.llama_cpp.expanduser(), gguf, batches, args.threads, context,
+                                             args.n_gen):
+                    payload["rows"].append({"model": model, **r})
         print(markdown(payload), flush=True)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"{args.name}.json").write_text(json.dumps(payload, indent=1))

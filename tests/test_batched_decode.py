@@ -34,11 +34,11 @@ def test_times_every_format_and_batch_size_and_writes_the_table(tmp_path):
     model = make_tiny_model_dir(tmp_path / "tiny", seed=1)
     out = tmp_path / "results"
     payload = batched_decode.main(["--models", str(model), "--formats", "fp32,int8", "--batches", "1,3",
-                                   "--block", "1,4", "--steps", "2", "--rounds", "1", "--prompt-tokens", "5",
+                                   "--block", "1,4", "--steps", "2", "--rounds", "1", "--prompt-tokens", "5,9",
                                    "--threads", "1", "--results-dir", str(out), "--name", "t"])
     rows = payload["rows"]
-    assert {(r["weight_formats"], r["batch"], r["tokens_per_session"]) for r in rows} == {
-        (f, b, k) for f in ("fp32", "int8") for b in (1, 3) for k in (1, 4)}
+    assert sorted((r["prompt_tokens"], r["weight_formats"], r["batch"], r["tokens_per_session"]) for r in rows) == sorted(
+        (c, f, b, k) for c in (5, 9) for f in ("fp32", "int8") for b in (1, 3) for k in (1, 4))
     for r in rows:  # new tokens per second counts every session's every new token
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["tokens_per_session"] / (r["ms_per_step_median"] / 1e3),
                                                   rel=0.02)
