@@ -15,6 +15,10 @@ Shapes (each with its own pair of processes, started, measured and stopped befor
           compete for every core, the shape of everything on one host. Rows `greedy`, `llm`, `s2t`. The selector
           here is the --no-ray server, not run_bench's Ray Serve deployment (which adds its proxy hop).
 
+With --s2t-variants ROWS (run_bench rows, e.g. s2t-spec-tau10-b16-i3,s2t-entropy10-spec) each shape also runs
+those s2t configurations, each request carrying the row's own trigger, rate, block size and blocks in flight;
+each such row reports `vs_greedy` (its tokens/s ÷ the shape's greedy) and stays out of `ratios`.
+
 Every row is batch 1 (one request at a time, the latency a single user sees) over the first --problems GSM8K test
 problems, capped at --max-new tokens: mode greedy (the SLM alone), llm (the selector's model alone), s2t (the
 worker's default configuration: no trigger or block-size overrides). Requests go through the worker's Generation
