@@ -414,7 +414,10 @@ def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, bus
         shape=plan.shape.value,
         tokens_per_s_per_problem={
             "mean": sum(per_problem) / len(per_problem) if per_problem else 0.0,
-            "ci95": None if interval is None else [round(interval[0], 4), round(interval[1], 4)],
+            # rounded outward: an interval of equal per-problem speeds is [mean, mean], and rounding it to
+            # nearest could leave the mean just outside
+            "ci95": None if interval is None else [math.floor(interval[0] * 1e4) / 1e4,
+                                                   math.ceil(interval[1] * 1e4) / 1e4],
             "method": "Student t interval (n - 1 df) of the mean of per-problem tokens / client latency"},
         selector_busy_s=busy.seconds, selector_forwards=int(busy.forwards),
         selector_busy_s_by_method=busy.seconds_by_method,

@@ -263,3 +263,15 @@ def test_reference_ratios_set_our_rows_against_llama_cpp_per_shape():
     # the shared llm row is missing, so its ratio is left out
     assert got == {"split": {"greedy/llama.cpp-0.5b": 0.5, "llm/llama.cpp-1.5b": 0.5},
                    "shared": {"greedy/llama.cpp-0.5b": 0.5}}
+
+
+def test_the_per_problem_interval_holds_the_mean_when_every_problem_ran_at_the_same_speed():
+    """Two problems of 8 tokens in 0.039 s each: the t interval is [mean, mean]; rounded to 4 decimals it must
+    still hold the mean (to nearest, 205.1282 < 205.12820512...)."""
+    plan = split_cores.ShapePlan(Shape.SHARED, None, None, 2)
+    results = [{"idx": i, "tokens": 8, "correct": False, "latency_s": 0.039, "mode_used": "MODE_GREEDY",
+                "degraded": ""} for i in range(2)]
+    row = split_cores.speed_row(plan, Mode.GREEDY, results, 0.078, SelectorBusy(0.0, 0.0, {}), 8, {})
+    per_problem = row["tokens_per_s_per_problem"]
+    lo, hi = per_problem["ci95"]
+    assert lo <= per_problem["mean"] <= hi
