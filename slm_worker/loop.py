@@ -30,8 +30,6 @@ import contextvars
 import logging
 import time
 
-import torch
-
 from s2t.modes import Mode
 from s2t.runtime import Engine
 from s2t.triggers import propose
@@ -133,12 +131,10 @@ class Scheduler:
         feeds = [s.feed() for s in ready]
         logits = await asyncio.get_running_loop().run_in_executor(
             self.engine.executor, self.engine.forward, [s.cache for s in ready], feeds, [[len(f) - 1] for f in feeds])
-        # one softmax and top-64 over the batch's rows, not one call per sequence (row-wise: batching is exact)
-        proposals = propose(torch.cat([lg[:1] for lg in logits]))
-        for seq, lg, proposal in zip(ready, logits, proposals):
+        for seq, lg in zip(ready, logits):
             if not seq.cancelled:
                 # a sampling request draws from its own generator and its own logits row: batching cannot change it
-                seq.add_proposal(proposal, seq.sampler.sample(lg[0]) if seq.sampler is not None else None)
+                seq.add_proposal(propose(lg)[0], seq.sampler.sample(lg[0]) if seq.sampler is not None else None)
 
     async def _send(self, seq: Sequence, block: Block) -> None:
         """Hand a block to the sequence's verifier; the verdict lands on the block when it comes."""
