@@ -139,13 +139,11 @@ def markdown(payload: dict) -> str:
     for r in payload["rows"]:
         if r["engine"] == "s2t":
             lines.append(f"| {r['model']} | s2t | {r['weight_formats']} | {r['threads']} | {r['prompt_tokens']} | "
-                         f"{r['batch']} | "
-                         f"{r['tokens_per_session']} | {r['ms_per_step_median']}, {r['ms_per_step_min']} | "
-                         f"{r['tokens_per_s']} | {r['vs_first_batch']} |")
+                         f"{r['batch']} | {r['tokens_per_session']} | {r['ms_per_step_median']}, "
+                         f"{r['ms_per_step_min']} | {r['tokens_per_s']} | {r['vs_first_batch']} |")
         else:
             lines.append(f"| {r['model']} | {r['engine']} | GGUF | {r['threads']} | {r['prompt_tokens']} | "
-                         f"{r['batch']} | 1 | – | "
-                         f"{r['tokens_per_s']} | – |")
+                         f"{r['batch']} | 1 | – | {r['tokens_per_s']} | – |")
     lines += ["", "- new tokens/s: sessions × new tokens per session / the median seconds per step; every session "
               "decodes after the same prompt of `context` tokens; one process per model, no server around it", "- the block rows (several new tokens per session) are the selector's verification "
               "forwards; the others are decoding", ""]

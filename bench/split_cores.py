@@ -519,10 +519,11 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
                 busy = (await settled_scrape(metrics_port)).since(before)
                 row = speed_row(plan, mode, results, wall, busy, max_new, worker_defaults,
                                 None if variant is None else request)
-                greedy = next((r["tokens_per_s"] for r in payload["rows"] if r["shape"] == plan.shape.value
-                               and r["request_mode"] == Mode.GREEDY.value and not r.get("variant")), None)
-                if variant is not None and greedy:
-                    row["vs_greedy"] = row["tokens_per_s"] / greedy
+                if variant is not None:
+                    greedy = next((r["tokens_per_s"] for r in payload["rows"] if r["shape"] == plan.shape.value
+                                   and r["request_mode"] == Mode.GREEDY.value and not r.get("variant")), None)
+                    if greedy:
+                        row["vs_greedy"] = row["tokens_per_s"] / greedy
                 add_bandwidth(row, bytes_per_token.get(mode))
                 payload["rows"].append(row)
                 payload["details"].append({"mode": name, "shape": plan.shape.value, "kind": "speed",

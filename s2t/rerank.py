@@ -130,7 +130,6 @@ def with_prior(scores: torch.Tensor, slm_probs: torch.Tensor | None, prior_weigh
     return scores + prior_weight * logp
 
 
-
 def contenders(slm_probs: Sequence[float], prior_weight: float) -> list[int]:
     """Indices of the candidates (in the SLM's order, the first being its top-1) that can still outrank the
     first under score = bins + w · log p_SLM, whatever the bins say: bin scores lie in [0, 1], so candidate i
@@ -142,6 +141,7 @@ def contenders(slm_probs: Sequence[float], prior_weight: float) -> list[int]:
     logp = [math.log(max(float(p), 1e-12)) for p in slm_probs]  # clamped as with_prior clamps
     # the margin keeps a candidate whose bound is within rounding of 1 (the scores are float32)
     return [i for i, lp in enumerate(logp) if i == 0 or prior_weight * (logp[0] - lp) < 1.0 + 1e-4]
+
 
 # ---------------------------------------------------------------------------------------------- LoRA layers
 
