@@ -30,8 +30,8 @@ GIB = 1 << 30
 
 # Bytes per stored weight element of each format at decode time; int8 adds a bf16 scale per output row,
 # int8_avx2 an fp32 one.
-FORMAT_ELEMENT_BYTES = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1}
-FORMAT_ROW_SCALE_BYTES = {"int8": 2, "int8_avx2": 4}
+FORMAT_ELEMENT_BYTES = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1, "int8_vnni": 1}
+FORMAT_ROW_SCALE_BYTES = {"int8": 2, "int8_avx2": 4, "int8_vnni": 4}
 
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}

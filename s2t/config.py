@@ -34,7 +34,7 @@ class RuntimeSettings(_Section):
     weight_formats: str = Field(
         "auto",
         description="'auto' (measure on this machine at start-up), one format for every row count "
-        "('bf16', 'fp32', 'fp32_packed', 'int8', 'int8_avx2', 'native'), or five comma-separated formats for calls of "
+        "('bf16', 'fp32', 'fp32_packed', 'int8', 'int8_avx2', 'int8_vnni', 'native'), or five comma-separated formats for calls of "
         "1, 2-4, 5-8, 9-16 and more rows",
     )
 

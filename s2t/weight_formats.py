@@ -16,9 +16,16 @@ Formats:
               (s2t/kernels): measured on the 0.5B's shapes at one row and one thread, about twice as fast as
               _weight_int8pack_mm on an AVX2 machine, which streams short rows at 3-4 GB/s per core; only
               where the kernel builds (x86 with AVX2, a C++ compiler)
+  int8_vnni   the same int8 weights (stored + 128 as uint8) times activations quantised to int8 on the fly,
+              one scale per row and block of 128 inputs, through the project's AVX-512 VNNI kernel: integer
+              dot products, 64 pairs per instruction, so many rows cost little more than one; every output
+              depends on its own row only (batch-invariant); only where the kernel builds (x86 with
+              AVX-512 VNNI, a C++ compiler)
 
-Activation quantisation (fbgemm dynamic int8) is not offered: measured per token on the 0.5B it moved
-the top-1 token at ~5 % of positions (KL 0.055 nats/token against fp32; bf16: 0.7 %, 0.0002).
+Activation quantisation with one scale per token (fbgemm dynamic int8) is not offered: measured per token
+on the 0.5B it moved the top-1 token at ~5 % of positions (KL 0.055 nats/token against fp32; bf16: 0.7 %,
+0.0002). One scale per block of 128 inputs (int8_vnni) moves it far less; see that format's measurement in
+the README (issue #14).
 """
 
 from __future__ import annotations
@@ -33,11 +40,11 @@ from torch import nn
 
 from s2t import kernels
 
-FORMATS = ("native", "bf16", "fp32", "fp32_packed", "int8", "int8_avx2")
+FORMATS = ("native", "bf16", "fp32", "fp32_packed", "int8", "int8_avx2", "int8_vnni")
 # Row-count buckets a plan assigns a format to: a call with m rows uses the first bucket with m <= bound.
 BUCKETS = (1, 4, 8, 16, 1 << 30)
 # Bytes each format holds per weight: every distinct format in a plan is a full copy of every matrix.
-BYTES_PER_WEIGHT = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1}
+BYTES_PER_WEIGHT = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1, "int8_vnni": 1}
 # How much slower a bucket may run to share a format the plan holds anyway instead of adding a copy.
 # Measured: on a 2-core AVX-512 Xeon the fastest-per-bucket plan of the 1.5B kept fp32 for 17+ rows beside
 # fp32_packed for 9-16, two fp32 copies of every matrix, and the selector peaked at 14.6 GiB
@@ -57,6 +64,8 @@ def available_formats() -> tuple[str, ...]:
         out.append("int8")
     if kernels.load_int8_linear() is not None:
         out.append("int8_avx2")
+    if kernels.load_int8_vnni_linear() is not None:
+        out.append("int8_vnni")
     return tuple(out)
 
 
@@ -135,7 +144,7 @@ def _prepare(w: torch.Tensor, fmt: str):
         return w.to(torch.float32).contiguous()
     if fmt == "fp32_packed":
         return torch.ops.mkldnn._reorder_linear_weight(w.to(torch.float32).contiguous(), None)
-    if fmt in ("int8", "int8_avx2"):
+    if fmt in ("int8", "int8_avx2", "int8_vnni"):
         w32 = w.to(torch.float32)
         scale = w32.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         q = torch.round(w32 / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
@@ -143,8 +152,26 @@ def _prepare(w: torch.Tensor, fmt: str):
             if kernels.load_int8_linear() is None:
                 raise ValueError(f"weight format int8_avx2 is not available here: {kernels.unavailable_reason()}")
             return q, scale
+        if fmt == "int8_vnni":
+            if kernels.load_int8_vnni_linear() is None:
+                raise ValueError(f"weight format int8_vnni is not available here: "
+                                 f"{kernels.unavailable_reason('int8_vnni')}")
+            return vnni_weight(q), scale, w.shape[1]
         return q, scale.to(torch.bfloat16)
     raise ValueError(fmt)
+
+
+VNNI_BLOCK = 128  # inputs per activation scale in int8_vnni (int8_vnni.cpp's kBlock)
+
+
+def vnni_weight(q: torch.Tensor) -> torch.Tensor:
+    """int8 weights [N, K] -> the int8_vnni kernel's layout: uint8 q + 128, each row zero-padded (q = 0) to a
+    multiple of VNNI_BLOCK inputs."""
+    n, k = q.shape
+    padded = -(-k // VNNI_BLOCK) * VNNI_BLOCK
+    u = torch.full((n, padded), 128, dtype=torch.uint8)
+    u[:, :k] = (q.to(torch.int16) + 128).to(torch.uint8)
+    return u
 
 
 def _apply(fmt: str, w, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -162,6 +189,9 @@ def _apply(fmt: str, w, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     elif fmt == "int8_avx2":
         q, scale = w
         y = kernels.load_int8_linear()(x.to(torch.float32).contiguous(), q, scale)
+    elif fmt == "int8_vnni":
+        u, scale, in_features = w
+        y = kernels.load_int8_vnni_linear()(x.to(torch.float32).contiguous(), u, scale, in_features)
     else:
         raise ValueError(fmt)
     return y if bias is None else y + bias.to(y.dtype)
@@ -264,7 +294,7 @@ def measure_plan(in_features: int, out_features: int, candidates: Iterable[str] 
     Uses several distinct weights so they stream from memory as in a real forward rather than sitting in
     cache. Returns the plan and the timings (ms per call) it was based on.
     """
-    candidates = [c for c in (candidates or ("bf16", "fp32", "fp32_packed", "int8", "int8_avx2"))
+    candidates = [c for c in (candidates or ("bf16", "fp32", "fp32_packed", "int8", "int8_avx2", "int8_vnni"))
                   if c in available_formats() and c != "native"]
     copies = 6
     base = [torch.randn(out_features, in_features) * 0.02 for _ in range(copies)]

@@ -102,7 +102,7 @@ def test_without_the_kernel_the_format_is_absent_and_named(monkeypatch):
 def test_a_failed_build_is_reported_once_not_raised(monkeypatch):
     calls = []
 
-    def broken_build():
+    def broken_build(kernel):
         calls.append(1)
         raise RuntimeError("Error building extension 's2t_int8_gemv': g++: command not found")
 

@@ -2,14 +2,19 @@
 compiler) and cached under torch's extensions directory (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions), so later processes load them in a fraction of a second.
 
-One kernel today, `int8_linear` (int8_gemv.cpp): weight-only int8 matrix-vector products for decode steps on
-x86 CPUs with AVX2 and FMA, the weight format `int8_avx2` (s2t/weight_formats.py). A machine without AVX2, a
-compiler or ninja simply lacks that format: `load_int8_linear()` returns None and `unavailable_reason()` says
-why, and the other formats work as before.
+Two kernels, each the engine of one weight format (s2t/weight_formats.py):
+- `int8_linear` (int8_gemv.cpp): weight-only int8 matrix-vector products for decode steps on x86 CPUs with
+  AVX2 and FMA, the format `int8_avx2`;
+- `int8_vnni_linear` (int8_vnni.cpp): int8 weights times activations quantised to int8 per block of 128
+  inputs, with AVX-512 VNNI's integer dot products, the format `int8_vnni`.
+A machine without the instructions, a compiler or ninja simply lacks that format: `load_int8_linear()` /
+`load_int8_vnni_linear()` return None and `unavailable_reason(name)` says why, and the other formats work
+as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -21,14 +26,36 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("int8_gemv.cpp")
+_HERE = Path(__file__).parent
 _lock = threading.Lock()
-_loaded: dict[str, object] = {}  # "fn" -> the kernel, or "error" -> why it is unavailable
+# per kernel: "fn" -> the compiled function, or "error" -> why it is unavailable
+_loaded: dict[str, dict[str, object]] = {}
 
 
 def cpu_has_avx2() -> bool:
     """torch's own dispatch level: AVX2 or AVX512 means the AVX2 + FMA instructions the kernel uses exist."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+_VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere: those kernels are then not offered)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_avx512_vnni() -> bool:
+    """AVX-512 F/BW/VL and VNNI (Intel since Cascade Lake, AMD since Zen 4): the int8_vnni kernel's instructions.
+    torch's dispatch level does not say (AVX512 without VNNI exists), so the kernel asks the OS."""
+    return all(f in cpu_flags() for f in _VNNI_FLAGS)
 
 
 def _ensure_ninja_on_path() -> None:
@@ -62,41 +89,77 @@ def _clear_stale_lock(name: str) -> None:
         pass
 
 
-def _build() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+    format: str  # the weight format it serves
+    module: str  # torch extension name (its build directory)
+    source: str
+    function: str
+    flags: tuple[str, ...]
+    requires: str  # said when the CPU lacks the instructions
+
+
+# -fopenmp: at::parallel_for is OpenMP in torch's CPU wheel
+_KERNELS = {
+    "int8_avx2": _Kernel("int8_avx2", "s2t_int8_gemv", "int8_gemv.cpp", "int8_linear",
+                         ("-O3", "-mavx2", "-mfma", "-fopenmp"), "AVX2 and FMA"),
+    "int8_vnni": _Kernel("int8_vnni", "s2t_int8_vnni", "int8_vnni.cpp", "int8_vnni_linear",
+                         ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"),
+                         "AVX-512 (F, BW, VL) with VNNI"),
+}
+
+
+def _cpu_supports(fmt: str) -> bool:
+    return cpu_has_avx2() if fmt == "int8_avx2" else cpu_has_avx512_vnni()
+
+
+def _build(kernel: _Kernel) -> Callable:
     from torch.utils.cpp_extension import load
 
     _ensure_ninja_on_path()
-    _clear_stale_lock("s2t_int8_gemv")
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP in torch's CPU wheel
-    module = load(name="s2t_int8_gemv", sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                  verbose=False)
-    return module.int8_linear
+    _clear_stale_lock(kernel.module)
+    module = load(name=kernel.module, sources=[str(_HERE / kernel.source)], extra_cflags=list(kernel.flags),
+                  extra_ldflags=["-fopenmp"], verbose=False)
+    return getattr(module, kernel.function)
+
+
+def _load(fmt: str) -> Callable | None:
+    """The compiled kernel of weight format `fmt`, or None where it cannot exist here. Builds at most once per
+    process (a minute the first time on a 2-core machine, then a cached load); thread-safe, and torch's
+    builder locks its directory across processes."""
+    state = _loaded.get(fmt)
+    if state is not None and "fn" in state:  # every decode-step call after the first: no lock
+        return state["fn"]  # type: ignore[return-value]
+    with _lock:
+        state = _loaded.setdefault(fmt, {})
+        if "fn" in state or "error" in state:
+            return state.get("fn")  # type: ignore[return-value]
+        kernel = _KERNELS[fmt]
+        if not _cpu_supports(fmt):
+            state["error"] = (f"the {fmt} kernel needs {kernel.requires}; torch reports this CPU as "
+                              f"{torch.backends.cpu.get_cpu_capability()}")
+            return None
+        try:
+            state["fn"] = _build(kernel)
+        except Exception as e:  # no compiler, no ninja, a read-only cache: the format is just not offered
+            detail = str(e).strip()[-600:]  # a compiler's output can run to pages; its end says what failed
+            state["error"] = f"the {fmt} kernel could not be built: {type(e).__name__}: {detail}"
+            log.warning("%s; weight format %s unavailable", state["error"], fmt)
+            return None
+        return state["fn"]  # type: ignore[return-value]
 
 
 def load_int8_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The compiled `int8_linear(x fp32 [M, K], q int8 [N, K], scale fp32 [N]) -> fp32 [M, N]`, or None where it
-    cannot exist here. Builds at most once per process (a minute the first time on a 2-core machine, then a
-    cached load); thread-safe, and torch's builder locks its directory across processes."""
-    fn = _loaded.get("fn")
-    if fn is not None:  # every decode-step call after the first: no lock
-        return fn  # type: ignore[return-value]
-    with _lock:
-        if "fn" in _loaded or "error" in _loaded:
-            return _loaded.get("fn")  # type: ignore[return-value]
-        if not cpu_has_avx2():
-            _loaded["error"] = (f"the int8_avx2 kernel needs AVX2 and FMA; torch reports this CPU as "
-                                f"{torch.backends.cpu.get_cpu_capability()}")
-            return None
-        try:
-            _loaded["fn"] = _build()
-        except Exception as e:  # no compiler, no ninja, a read-only cache: the format is just not offered
-            detail = str(e).strip()[-600:]  # a compiler's output can run to pages; its end says what failed
-            _loaded["error"] = f"the int8_avx2 kernel could not be built: {type(e).__name__}: {detail}"
-            log.warning("%s; weight format int8_avx2 unavailable", _loaded["error"])
-            return None
-        return _loaded["fn"]  # type: ignore[return-value]
+    """`int8_linear(x fp32 [M, K], q int8 [N, K], scale fp32 [N]) -> fp32 [M, N]`, or None where it cannot exist."""
+    return _load("int8_avx2")
 
 
-def unavailable_reason() -> str | None:
-    """Why load_int8_linear() returned None (None if it has not been tried or succeeded)."""
-    return _loaded.get("error")  # type: ignore[return-value]
+def load_int8_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """`int8_vnni_linear(x fp32 [M, K], u uint8 [N, Kp], scale fp32 [N], K) -> fp32 [M, N]` (u = q + 128, rows
+    zero-padded to Kp, a multiple of 128), or None where it cannot exist."""
+    return _load("int8_vnni")
+
+
+def unavailable_reason(fmt: str = "int8_avx2") -> str | None:
+    """Why the kernel of `fmt` is None (None if it has not been tried or succeeded)."""
+    return _loaded.get(fmt, {}).get("error")  # type: ignore[return-value]

@@ -1,0 +1,141 @@
+"""The int8_vnni kernel (s2t/kernels/int8_vnni.cpp): exact integer arithmetic on per-block quantised
+activations, against a float64 reference that quantises the same way; batch invariance; its absence."""
+
+import pytest
+import torch
+from torch import nn
+
+from s2t import kernels
+from s2t.weight_formats import VNNI_BLOCK, FormatPlan, FormattedLinear, _prepare, available_formats, vnni_weight
+
+needs_vnni = pytest.mark.skipif(not kernels.cpu_has_avx512_vnni(),
+                                reason="the kernel is for x86 CPUs with AVX-512 VNNI")
+
+
+@pytest.fixture(scope="module")
+def vnni_linear():
+    fn = kernels.load_int8_vnni_linear()
+    # on a machine with the instructions a missing kernel is a failure, not a skip (no compiler or ninja)
+    assert fn is not None, kernels.unavailable_reason("int8_vnni")
+    return fn
+
+
+def _quantised(n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    return q, scale
+
+
+def _quantise_rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's activation rounding, in float64: per row and block of 128 inputs (the last block holds
+    what is left), scale = max |x| / 127, round half to even, clamp to +-127; returns the dequantised rows."""
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=torch.float64)
+    for k0 in range(0, k, VNNI_BLOCK):
+        blk = x[:, k0:k0 + VNNI_BLOCK].float()
+        amax = blk.abs().amax(1, keepdim=True)
+        s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # float32, as the kernel computes it
+        q = torch.round(blk * (1 / s)).clamp(-127, 127)
+        out[:, k0:k0 + VNNI_BLOCK] = q.double() * s.double()
+    return out
+
+
+def _reference(x, q, scale):
+    return (_quantise_rows(x) @ q.double().t()) * scale.double()
+
+
+@needs_vnni
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,k", [(4, 128), (130, 70), (3, 896), (257, 300), (5, 1), (1, 129)])
+def test_kernel_matches_float64_reference(vnni_linear, threads, n, k):
+    """Row counts across the 3-, 2- and 1-row tiles, K off the 128-input blocks (zero-padded), N off the
+    4-row blocks."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, scale = _quantised(n, k)
+        u = vnni_weight(q)
+        assert u.shape == (n, -(-k // VNNI_BLOCK) * VNNI_BLOCK) and u.dtype == torch.uint8
+        for m in list(range(1, 8)) + [17, 64]:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+            got = vnni_linear(x, u, scale, k)
+            ref = _reference(x, q, scale)
+            assert got.shape == (m, n) and got.dtype == torch.float32
+            # integer dot products are exact; what is left is float32 rounding of the block sums
+            assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (m, n, k)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_vnni
+def test_each_output_depends_on_its_own_row_only(vnni_linear):
+    """Batch invariance: a row's outputs are bit-identical alone or among 40 others, at any thread count."""
+    q, scale = _quantised(70, 896)
+    u = vnni_weight(q)
+    x = torch.randn(41, 896)
+    x[5] *= 1000  # one loud row must not change the others' activation scales
+    together = vnni_linear(x, u, scale, 896)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            alone = torch.cat([vnni_linear(x[i:i + 1], u, scale, 896) for i in range(41)])
+            assert torch.equal(alone, together)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_vnni
+def test_zero_rows_and_an_all_zero_block(vnni_linear):
+    q, scale = _quantised(9, 256)
+    u = vnni_weight(q)
+    assert vnni_linear(torch.zeros(0, 256), u, scale, 256).shape == (0, 9)
+    x = torch.randn(2, 256)
+    x[:, :128] = 0  # a block whose scale would be 0/127
+    got = vnni_linear(x, u, scale, 256)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.double(), _reference(x, q, scale), rtol=1e-5, atol=1e-6)
+
+
+@needs_vnni
+def test_kernel_rejects_wrong_dtypes_and_shapes(vnni_linear):
+    q, scale = _quantised(8, 128)
+    u = vnni_weight(q)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        vnni_linear(torch.randn(1, 128, dtype=torch.bfloat16), u, scale, 128)
+    with pytest.raises(RuntimeError, match="u must be uint8"):
+        vnni_linear(torch.randn(1, 128), q, scale, 128)
+    with pytest.raises(RuntimeError, match="do not match"):
+        vnni_linear(torch.randn(1, 127), u, scale, 128)
+
+
+@needs_vnni
+def test_int8_vnni_format_holds_the_int8_formats_weights(vnni_linear):
+    """The same quantised weights as `int8` and `int8_avx2`, offset by 128; a layer in this format is close to
+    the float layer, and the plan offers the format on this machine."""
+    assert "int8_vnni" in available_formats()
+    torch.manual_seed(0)
+    lin = nn.Linear(300, 40, bias=True)
+    qa, sa = _prepare(lin.weight.detach(), "int8_avx2")
+    u, sv, k = _prepare(lin.weight.detach(), "int8_vnni")
+    assert k == 300 and torch.equal(sa, sv) and torch.equal(u[:, :300].to(torch.int16) - 128, qa.to(torch.int16))
+    assert (u[:, 300:] == 128).all()
+    layer = FormattedLinear(lin, FormatPlan.uniform("int8_vnni"))
+    x = torch.randn(2, 3, 300)
+    ref = lin(x)
+    got = layer(x)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_without_the_instructions_the_format_is_absent_and_named(monkeypatch):
+    """A CPU without AVX-512 VNNI (or a failed build): no kernel, a reason, no int8_vnni among the formats,
+    a plan that asks for it refused with that reason; int8_avx2 is unaffected."""
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert kernels.load_int8_vnni_linear() is None
+    assert "VNNI" in kernels.unavailable_reason("int8_vnni")
+    assert "int8_vnni" not in available_formats()
+    with pytest.raises(ValueError, match="int8_vnni is not available here: .*VNNI"):
+        FormattedLinear(nn.Linear(8, 8), FormatPlan.uniform("int8_vnni"))
