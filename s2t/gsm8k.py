@@ -23,7 +23,8 @@ def data_dir() -> Path:
 
 
 def load(split: str, start: int = 0, n: int | None = None) -> list[dict]:
-    """Problems [start, start+n) of a split as {"idx", "question", "gold"} dicts."""
+    """Problems [start, start+n) of a split as {"idx", "question", "gold", "solution"} dicts (solution: the
+    dataset's worked answer, ending in '#### gold')."""
     if split not in ("train", "test"):
         raise ValueError(f"unknown GSM8K split {split!r}")
     path = data_dir() / f"{split}.jsonl"
@@ -40,7 +41,8 @@ def load(split: str, start: int = 0, n: int | None = None) -> list[dict]:
             if n is not None and len(out) >= n:
                 break
             d = json.loads(line)
-            out.append({"idx": i, "question": d["question"], "gold": d["answer"].split("####")[-1].strip()})
+            out.append({"idx": i, "question": d["question"], "gold": d["answer"].split("####")[-1].strip(),
+                        "solution": d["answer"]})
     return out
 
 
