@@ -1,6 +1,10 @@
 """Compare benchmark results files problem by problem: is each (row, kind, problem) text identical to the first file's?
 
     python bench/compare_runs.py bench/results/A.json bench/results/B.json [C.json ...]
+    python bench/compare_runs.py --paired bench/results/A.json bench/results/B.json
+
+--paired: for every accuracy row both files hold (by mode), on the problems both solved, the exact McNemar test
+and the difference's 95% interval, B against A (e.g. the same rows under another weight format).
 
 Prints a markdown table: for every result of the first file, per other file "identical" or where the text first
 differs (and whether each answer was correct). Used for issue #12's token checks: greedy and batch-1 runs must be
@@ -12,6 +16,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
 
 
 def results(path: Path) -> dict[tuple, tuple[str, bool]]:
@@ -41,7 +49,39 @@ def table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def outcomes(path: Path) -> dict[str, dict[int, bool]]:
+    payload = json.loads(Path(path).read_text())
+    return {d["mode"]: {int(r["idx"]): bool(r["correct"]) for r in d["results"]}
+            for d in payload["details"] if d.get("kind") == "accuracy"}
+
+
+def paired(first: Path, second: Path, margin: float = 0.01) -> list[dict]:
+    """Each accuracy row of `second` against the same mode's row in `first`, on their common problems."""
+    import stats
+
+    a_runs, b_runs = outcomes(first), outcomes(second)
+    out = []
+    for mode in [m for m in b_runs if m in a_runs]:
+        idxs = sorted(set(a_runs[mode]) & set(b_runs[mode]))
+        if not idxs:
+            continue
+        a_name, b_name = f"{mode} ({second.stem})", f"{mode} ({first.stem})"
+        answer = stats.within_margin([b_runs[mode][i] for i in idxs], [a_runs[mode][i] for i in idxs], margin,
+                                     (a_name, b_name))
+        out.append({"a": a_name, "b": b_name, "problem_range": [idxs[0], idxs[-1]], **answer.as_dict(),
+                    "highlight": False})
+    return out
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
+    args = sys.argv[1:]
+    if args[:1] == ["--paired"]:
+        if len(args) != 3:
+            sys.exit(__doc__)
+        from run_bench import paired_table
+
+        print(paired_table(paired(Path(args[1]), Path(args[2]))) or "no accuracy row in common")
+    elif len(args) < 2:
         sys.exit(__doc__)
-    print(table([Path(p) for p in sys.argv[1:]]))
+    else:
+        print(table([Path(p) for p in args]))

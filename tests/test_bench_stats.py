@@ -812,3 +812,25 @@ def test_command_line_settings_override_the_presets_by_key():
     assert merged == ["selector.runtime.weight_formats=int8", "worker.runtime.weight_formats=auto",
                       "worker.block_size=4"]
     assert run_bench.preset_settings({}, ["a=1"]) == ["a=1"]
+
+
+def test_compare_runs_pairs_the_same_row_across_two_files(tmp_path):
+    """compare_runs --paired: each accuracy row of the second file against the same mode in the first, on the
+    problems both hold (a row only one file has, and speed rows, are left out)."""
+    import json
+
+    import compare_runs
+
+    def run(name, correct_by_mode):
+        details = [{"mode": m, "kind": "accuracy", "results": [{"idx": i, "correct": c} for i, c in enumerate(cs)]}
+                   for m, cs in correct_by_mode.items()]
+        details.append({"mode": "greedy", "kind": "speed", "results": [{"idx": 0, "correct": True}]})
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"details": details}))
+        return path
+
+    a = run("before", {"greedy": [True, False, False, True], "llm": [True, True]})
+    b = run("after", {"greedy": [True, True, False, True, True], "maj8": [True]})
+    (row,) = compare_runs.paired(a, b)
+    assert (row["a"], row["b"], row["n"]) == ("greedy (after)", "greedy (before)", 4)
+    assert (row["only_a"], row["only_b"]) == (1, 0) and row["difference"] == 0.25
