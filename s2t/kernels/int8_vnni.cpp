@@ -95,7 +95,8 @@ inline void tile(const int8_t* xq, const float* sx, const float* corr, const uin
     __m512i iacc[R][MT];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MT; ++m) iacc[r][m] = _mm512_setzero_si512();
-    for (int64_t k = b * kBlock; k < (b + 1) * kBlock; k += 64) {
+    for (int c = 0; c < kBlock / 64; ++c) {  // a constant trip count: unrolled
+      const int64_t k = b * kBlock + c * 64;
       __m512i w[R];
       for (int r = 0; r < R; ++r) {
         const uint8_t* row = u + (n0 + r) * Kp + k;
@@ -123,10 +124,8 @@ template <int R>
 inline void rows_for(const int8_t* xq, const float* sx, const float* corr, const uint8_t* u, const float* scale,
                      float* y, int64_t M, int64_t Kp, int64_t N, int64_t n0) {
   int64_t m0 = 0;
-  // 2 * R * MT accumulators + R weight vectors + 1 activation vector within the 32 zmm registers
-  if constexpr (R == 4) {
-    for (; m0 + 3 <= M; m0 += 3) tile<R, 3>(xq, sx, corr, u, scale, y, Kp, N, n0, m0, m0 == 0);
-  }
+  // 2 * R * MT accumulators + R weight vectors + 1 activation vector within the 32 zmm registers, with room
+  // to spare: at R = 4, MT = 3 (29 of 32) gcc spilled accumulators to the stack and reloaded weight vectors
   for (; m0 + 2 <= M; m0 += 2) tile<R, 2>(xq, sx, corr, u, scale, y, Kp, N, n0, m0, m0 == 0);
   for (; m0 < M; ++m0) tile<R, 1>(xq, sx, corr, u, scale, y, Kp, N, n0, m0, m0 == 0);
 }
