@@ -54,9 +54,9 @@ inline float block_amax(const float* x, int64_t n) {
 
 // Quantise x [M, K] to int8 [M, Kp] (zero-padded), one scale per (row, block); corr[m] is the offset term
 // 128 * sum_b sx[m, b] * sum_{k in b} xq[m, k] that the uint8 weights add.
-void quantise(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, float* sx, float* corr) {
+void quantise_row(const float* x, int64_t m, int64_t K, int64_t Kp, int8_t* xq, float* sx, float* corr) {
   const int64_t nb = Kp / kBlock;
-  for (int64_t m = 0; m < M; ++m) {
+  {
     double c = 0;
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t k0 = b * kBlock, n = std::min(K, k0 + kBlock) - k0;
@@ -81,6 +81,13 @@ void quantise(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, floa
     }
     corr[m] = static_cast<float>(c);
   }
+}
+
+void quantise(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, float* sx, float* corr) {
+  // rows are independent; a row of the 1.5B's down projection (8,960 inputs) is ~6 us of work
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantise_row(x, m, K, Kp, xq, sx, corr);
+  });
 }
 
 // R output rows [n0, n0 + R) against MT activation rows [m0, m0 + MT).
