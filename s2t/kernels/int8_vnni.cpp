@@ -52,35 +52,33 @@ inline float block_amax(const float* x, int64_t n) {
   return amax;
 }
 
-// Quantise x [M, K] to int8 [M, Kp] (zero-padded), one scale per (row, block); corr[m] is the offset term
+// Quantise row m of x [M, K] to int8 [M, Kp] (zero-padded), one scale per block; corr[m] is the offset term
 // 128 * sum_b sx[m, b] * sum_{k in b} xq[m, k] that the uint8 weights add.
 void quantise_row(const float* x, int64_t m, int64_t K, int64_t Kp, int8_t* xq, float* sx, float* corr) {
   const int64_t nb = Kp / kBlock;
-  {
-    double c = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t k0 = b * kBlock, n = std::min(K, k0 + kBlock) - k0;
-      const float* xb = x + m * K + k0;
-      const float amax = block_amax(xb, n);
-      const float s = amax > 0 ? amax / 127.f : 1.f;
-      const float inv = 1.f / s;
-      int8_t* out = xq + m * Kp + k0;
-      int32_t sum = 0;
-      if (n == kBlock) {
-        sum = quantise_block(xb, inv, out);
-      } else {  // the last, partial block of a row whose length is not a multiple of 128
-        for (int64_t k = 0; k < n; ++k) {
-          const int32_t v = std::max(-127, std::min(127, static_cast<int32_t>(std::nearbyint(xb[k] * inv))));
-          out[k] = static_cast<int8_t>(v);
-          sum += v;
-        }
-        for (int64_t k = n; k < kBlock; ++k) out[k] = 0;
+  double c = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k0 = b * kBlock, n = std::min(K, k0 + kBlock) - k0;
+    const float* xb = x + m * K + k0;
+    const float amax = block_amax(xb, n);
+    const float s = amax > 0 ? amax / 127.f : 1.f;
+    const float inv = 1.f / s;
+    int8_t* out = xq + m * Kp + k0;
+    int32_t sum = 0;
+    if (n == kBlock) {
+      sum = quantise_block(xb, inv, out);
+    } else {  // the last, partial block of a row whose length is not a multiple of 128
+      for (int64_t k = 0; k < n; ++k) {
+        const int32_t v = std::max(-127, std::min(127, static_cast<int32_t>(std::nearbyint(xb[k] * inv))));
+        out[k] = static_cast<int8_t>(v);
+        sum += v;
       }
-      sx[m * nb + b] = s;
-      c += 128.0 * s * sum;
+      for (int64_t k = n; k < kBlock; ++k) out[k] = 0;
     }
-    corr[m] = static_cast<float>(c);
+    sx[m * nb + b] = s;
+    c += 128.0 * s * sum;
   }
+  corr[m] = static_cast<float>(c);
 }
 
 void quantise(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, float* sx, float* corr) {
