@@ -136,8 +136,9 @@ def _load(fmt: str) -> Callable | None:
             return state.get("fn")  # type: ignore[return-value]
         kernel = _KERNELS[fmt]
         if not _cpu_supports(fmt):
-            state["error"] = (f"the {fmt} kernel needs {kernel.requires}; torch reports this CPU as "
-                              f"{torch.backends.cpu.get_cpu_capability()}")
+            seen = (f"torch reports this CPU as {torch.backends.cpu.get_cpu_capability()}" if fmt == "int8_avx2"
+                    else f"this CPU's flags lack {', '.join(f for f in _VNNI_FLAGS if f not in cpu_flags())}")
+            state["error"] = f"the {fmt} kernel needs {kernel.requires}; {seen}"
             return None
         try:
             state["fn"] = _build(kernel)
