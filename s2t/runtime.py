@@ -218,7 +218,13 @@ class TreeJob:
 
 class _BatchCache:
     """Handed to the model as `past_key_values` for one forward: writes new keys/values into each
-    sequence's KVCache and returns, per layer, the keys/values the batch attends to (right-padded)."""
+    sequence's KVCache and returns, per layer, the keys/values the batch attends to (right-padded).
+
+    The padded batch tensors are allocated (zeroed) once per forward and refilled layer after layer: every
+    layer writes the same [b, :, :totals[b]] regions, so the padding stays zero, and a layer's attention is
+    done with them before the next layer's update. (Allocating them per layer cost a zeroing of tens of MB,
+    fresh pages from the kernel, in every layer of every step: at 32 sessions of ~600 tokens on the 1.5B,
+    py-spy put 15 % of the selector's decode time in this update.)"""
 
     is_compileable = False
 
@@ -226,6 +232,7 @@ class _BatchCache:
         self.caches, self.starts, self.counts = caches, starts, counts
         self.totals = [s + n for s, n in zip(starts, counts)]
         self.kv_len = max(self.totals)
+        self._padded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         for b, cache in enumerate(self.caches):
@@ -237,8 +244,10 @@ class _BatchCache:
             i = layer_idx - cache.first_layer
             return cache.keys[i][None, :, :t], cache.values[i][None, :, :t]
         bsz, heads, _, dim = key_states.shape
-        keys = key_states.new_zeros(bsz, heads, self.kv_len, dim)
-        values = value_states.new_zeros(bsz, heads, self.kv_len, dim)
+        shape = (bsz, heads, self.kv_len, dim)
+        if self._padded is None or self._padded[0].shape != shape or self._padded[0].dtype != key_states.dtype:
+            self._padded = (key_states.new_zeros(shape), value_states.new_zeros(shape))
+        keys, values = self._padded
         for b, cache in enumerate(self.caches):
             t, i = self.totals[b], layer_idx - cache.first_layer
             keys[b, :, :t] = cache.keys[i][:, :t]
