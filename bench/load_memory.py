@@ -56,7 +56,8 @@ for m in lm.model.modules():
             if fmt == "fp32_packed":
                 held += m.in_features * m.out_features * 4
             else:
-                held += sum(t.numel() * t.element_size() for t in (w if isinstance(w, tuple) else (w,)))
+                held += sum(t.numel() * t.element_size() for t in (w if isinstance(w, tuple) else (w,))
+                            if hasattr(t, "numel"))  # int8_vnni's tuple also holds its input width
 print(json.dumps({"held": held, "status": status(), "plan": lm.plan.describe(), "load_s": lm.load_s}))
 """
 
