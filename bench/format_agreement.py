@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,10 +27,9 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from run_bench import RESULTS, git_commit, machine  # noqa: E402
+from stats import wilson  # noqa: E402
 
 DEFAULT_MODELS = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
-SYSTEM_PROMPT = ("You are a helpful assistant. Please answer the math problem step by step, and put the final "
-                 "answer in the format \\boxed{answer}.")
 
 
 def answers(problems: int, cache_file: Path | None) -> list[tuple[dict, str]]:
@@ -47,23 +45,15 @@ def answers(problems: int, cache_file: Path | None) -> list[tuple[dict, str]]:
     return [(p, texts.get(int(p["idx"]), p["solution"])) for p in probs]
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
-
-
 def compare(model: str, formats: list[str], items, max_answer_tokens: int, cache_dir: Path, threads: int) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
+    from s2t.config import WorkerSettings
     from s2t.prompts import chat_prompt_ids
     from s2t.runtime import Engine, load_model
 
+    system_prompt = WorkerSettings().system_prompt  # the worker's own default, as the benchmark rows use
     logits: dict[str, list] = {}
     timing: dict[str, float] = {}
     for fmt in formats:
@@ -71,7 +61,7 @@ def compare(model: str, formats: list[str], items, max_answer_tokens: int, cache
         engine = Engine(lm)
         rows, t0 = [], time.perf_counter()
         for problem, text in items:
-            prompt = chat_prompt_ids(lm.tokenizer, SYSTEM_PROMPT, problem["question"])
+            prompt = chat_prompt_ids(lm.tokenizer, system_prompt, problem["question"])
             ids = prompt + lm.tokenizer(text)["input_ids"][:max_answer_tokens]
             want = list(range(len(prompt) - 1, len(ids) - 1))
             rows.append(engine.forward([engine.new_cache()], [ids], [want])[0].float())
