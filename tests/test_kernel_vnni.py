@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from kernel_helpers import quantised, threads
+
 from s2t import kernels
 from s2t.weight_formats import VNNI_BLOCK, FormatPlan, FormattedLinear, _prepare, available_formats, vnni_weight
 
@@ -19,12 +21,6 @@ def vnni_linear():
     assert fn is not None, kernels.unavailable_reason("int8_vnni")
     return fn
 
-
-def _quantised(n: int, k: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
-    return q, scale
 
 
 def _quantise_rows(x: torch.Tensor) -> torch.Tensor:
@@ -46,15 +42,13 @@ def _reference(x, q, scale):
 
 
 @needs_vnni
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("thread_count", [1, 2])
 @pytest.mark.parametrize("n,k", [(4, 128), (130, 70), (3, 896), (257, 300), (5, 1), (1, 129)])
-def test_kernel_matches_float64_reference(vnni_linear, threads, n, k):
+def test_kernel_matches_float64_reference(vnni_linear, thread_count, n, k):
     """Row counts across the 3-, 2- and 1-row tiles, K off the 128-input blocks (zero-padded), N off the
     4-row blocks."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        q, scale = _quantised(n, k)
+    with threads(thread_count):
+        q, scale = quantised(n, k)
         u = vnni_weight(q)
         assert u.shape == (n, -(-k // VNNI_BLOCK) * VNNI_BLOCK) and u.dtype == torch.uint8
         for m in list(range(1, 8)) + [17, 64]:
@@ -64,31 +58,25 @@ def test_kernel_matches_float64_reference(vnni_linear, threads, n, k):
             assert got.shape == (m, n) and got.dtype == torch.float32
             # integer dot products are exact; what is left is float32 rounding of the block sums
             assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (m, n, k)
-    finally:
-        torch.set_num_threads(old)
 
 
 @needs_vnni
 def test_each_output_depends_on_its_own_row_only(vnni_linear):
     """Batch invariance: a row's outputs are bit-identical alone or among 40 others, at any thread count."""
-    q, scale = _quantised(70, 896)
+    q, scale = quantised(70, 896)
     u = vnni_weight(q)
     x = torch.randn(41, 896)
     x[5] *= 1000  # one loud row must not change the others' activation scales
     together = vnni_linear(x, u, scale, 896)
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for count in (1, 2):
+        with threads(count):
             alone = torch.cat([vnni_linear(x[i:i + 1], u, scale, 896) for i in range(41)])
-            assert torch.equal(alone, together)
-    finally:
-        torch.set_num_threads(old)
+        assert torch.equal(alone, together)
 
 
 @needs_vnni
 def test_zero_rows_and_an_all_zero_block(vnni_linear):
-    q, scale = _quantised(9, 256)
+    q, scale = quantised(9, 256)
     u = vnni_weight(q)
     assert vnni_linear(torch.zeros(0, 256), u, scale, 256).shape == (0, 9)
     x = torch.randn(2, 256)
@@ -100,7 +88,7 @@ def test_zero_rows_and_an_all_zero_block(vnni_linear):
 
 @needs_vnni
 def test_kernel_rejects_wrong_dtypes_and_shapes(vnni_linear):
-    q, scale = _quantised(8, 128)
+    q, scale = quantised(8, 128)
     u = vnni_weight(q)
     with pytest.raises(RuntimeError, match="x must be float32"):
         vnni_linear(torch.randn(1, 128, dtype=torch.bfloat16), u, scale, 128)
@@ -145,7 +133,7 @@ def test_without_the_instructions_the_format_is_absent_and_named(monkeypatch):
 def test_all_positive_activations_lose_little_to_the_offset_correction(vnni_linear):
     """All-positive rows make the +128 offset's correction as large as it gets (sum_k 128 * xq ~ 2e6 per
     block) beside a small true dot product: float32 cancellation must stay far below the int8 rounding."""
-    q, scale = _quantised(64, 1536)
+    q, scale = quantised(64, 1536)
     u = vnni_weight(q)
     x = torch.rand(5, 1536) + 1.0
     got = vnni_linear(x, u, scale, 1536).double()

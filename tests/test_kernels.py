@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from kernel_helpers import quantised, threads
+
 from s2t import kernels
 from s2t.weight_formats import FormatPlan, FormattedLinear, _prepare, available_formats
 
@@ -18,46 +20,36 @@ def int8_linear():
     return fn
 
 
-def _quantised(n: int, k: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
-    return q, scale
-
 
 def _reference(x, q, scale):
     return (x.double() @ q.double().t()) * scale.double()
 
 
 @needs_avx2
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("thread_count", [1, 2])
 @pytest.mark.parametrize("n,k", [(4, 32), (130, 70), (3, 896), (257, 96), (96, 31), (1, 1)])
-def test_kernel_matches_float64_reference(int8_linear, threads, n, k):
+def test_kernel_matches_float64_reference(int8_linear, thread_count, n, k):
     """Every row count up to and past the 8-row tile, K off the 32-wide vectors, N off the 4-row blocks."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        q, scale = _quantised(n, k)
+    with threads(thread_count):
+        q, scale = quantised(n, k)
         for m in list(range(1, 10)) + [17]:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
             got = int8_linear(x, q, scale)
             ref = _reference(x, q, scale)
             assert got.shape == (m, n) and got.dtype == torch.float32
             assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (m, n, k)
-    finally:
-        torch.set_num_threads(old)
 
 
 @needs_avx2
 def test_kernel_reads_non_contiguous_inputs(int8_linear):
-    q, scale = _quantised(40, 64)
+    q, scale = quantised(40, 64)
     x = torch.randn(64, 3).t()  # a transposed view
     assert torch.allclose(int8_linear(x, q, scale).double(), _reference(x, q, scale), rtol=1e-5, atol=1e-6)
 
 
 @needs_avx2
 def test_kernel_rejects_wrong_dtypes_and_shapes(int8_linear):
-    q, scale = _quantised(8, 32)
+    q, scale = quantised(8, 32)
     with pytest.raises(RuntimeError, match="x must be float32"):
         int8_linear(torch.randn(1, 32, dtype=torch.bfloat16), q, scale)
     with pytest.raises(RuntimeError, match="q must be int8"):
