@@ -236,6 +236,7 @@ def summarize(row: Row, kind: str, results: list[dict], wall: float, extra: dict
            "bytes_per_token": (stat("bytes_sent") + stat("bytes_received")) / tokens if tokens else 0.0,
            "unverified_tokens": stat("unverified_tokens"), "rolled_back_tokens": stat("rolled_back_tokens"),
            "drafted_tokens": stat("drafted_tokens"), "resyncs": stat("resyncs"),
+           "branch_drafted_tokens": stat("branch_drafted_tokens"), "branches_adopted": stat("branches_adopted"),
            "trigger": row.trigger, "trigger_rate": row.rate, "block_size": row.block_size,
            "max_inflight_blocks": row.inflight,
            "modes_used": sorted({r["mode_used"] for r in results})}
@@ -267,6 +268,7 @@ async def generate_one(stack, row: Row, p: dict, max_new: int, concurrent: bool,
             "bytes_received": st.selector_bytes_received, "unverified_tokens": st.unverified_tokens,
             "rolled_back_tokens": st.rolled_back_tokens, "drafted_tokens": st.drafted_tokens,
             "resyncs": st.resyncs, "triggered_positions": st.triggered_positions,
+            "branch_drafted_tokens": st.branch_drafted_tokens, "branches_adopted": st.branches_adopted,
             "mode_used": pb.Mode.Name(st.mode_used), "text": r.text,
             "degraded": st.degraded_reason, "latency_s": round(time.monotonic() - sent, 3),
             "token_ids": list(r.token_ids), **({"seed": st.seed} if row.samples else {})}

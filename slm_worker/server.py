@@ -244,7 +244,7 @@ class Worker:
                              local_trigger=local, warmup_steps=ws.warmup_steps, block_size=block,
                              max_inflight_blocks=inflight, selector_deadline_s=deadline_ms / 1000,
                              decode_chunk=ws.decode_chunk, draft_confidence=confidence,
-                             temperature=temperature, top_p=top_p, seed=seed)
+                             temperature=temperature, top_p=top_p, seed=seed, branch_drafts=ws.branch_drafts)
         return opts, mode_requested
 
     @staticmethod
