@@ -332,6 +332,7 @@ BAD_REQUESTS = [
     ("options.max_inflight_blocks", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(
         max_inflight_blocks=10 ** 6))),
     ("options.draft_confidence", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(draft_confidence=1.5))),
+    ("options.branch_drafts", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(branch_drafts=9))),
     ("request_id", pb.GenerateRequest(prompt="x", request_id="r" * 200)),
     ("prompt", pb.GenerateRequest(prompt="word " * 5000)),
 ]
