@@ -153,8 +153,19 @@ for _rate in (0.05, 0.20):
 
 # Accuracy rows pin the weight formats (row-count buckets 1, 2-4, 5-8, 9-16, 17+): with `auto` the formats are
 # measured at start-up, can differ between starts, and are part of the per-problem cache key, so a rerun would
-# miss the cache. These are the formats the committed n = 100 rows ran with.
-PINNED_WEIGHT_FORMATS = "int8,int8,int8,fp32_packed,fp32_packed"
+# miss the cache. The pin depends on the CPU: with AVX-512 VNNI, int8_vnni at every row count (the fastest format
+# there at every batch size, bench/results/batched-decode-vnni.md, and batch-invariant per linear layer); else
+# the portable plan, int8 weights up to 8 rows and packed fp32 above (what the AVX2 machine's rows ran with).
+PORTABLE_WEIGHT_FORMATS = "int8,int8,int8,fp32_packed,fp32_packed"
+
+
+def pinned_weight_formats() -> str:
+    from s2t.kernels import cpu_has_avx512_vnni
+
+    return "int8_vnni" if cpu_has_avx512_vnni() else PORTABLE_WEIGHT_FORMATS
+
+
+PINNED_WEIGHT_FORMATS = pinned_weight_formats()
 _PINNED = [f"worker.runtime.weight_formats={PINNED_WEIGHT_FORMATS}",
            f"selector.runtime.weight_formats={PINNED_WEIGHT_FORMATS}"]
 # issue #16's table: the paper's baselines, the default s2t (tau 10 %, blocks of 8, K = 8), every-step

@@ -847,3 +847,12 @@ def test_drafting_rows_send_their_options_and_key_what_they_change():
                                   "s2t-spec-tau10-b8-dc0-br2")}) == 4
     assert _key("s2t-spec-tau10-b8") == _key("s2t-spec-tau10-b8", _changed(("worker", "branch_drafts"), 0))
     assert _key("s2t-spec-tau10-b8") != _key("s2t-spec-tau10-b8", _changed(("worker", "branch_drafts"), 2))
+
+
+def test_the_pin_follows_the_cpu(monkeypatch):
+    import s2t.kernels as kernels
+
+    monkeypatch.setattr(kernels, "cpu_has_avx512_vnni", lambda: True)
+    assert run_bench.pinned_weight_formats() == "int8_vnni"
+    monkeypatch.setattr(kernels, "cpu_has_avx512_vnni", lambda: False)
+    assert run_bench.pinned_weight_formats() == run_bench.PORTABLE_WEIGHT_FORMATS == "int8,int8,int8,fp32_packed,fp32_packed"
