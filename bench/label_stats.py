@@ -18,6 +18,10 @@ w · log p_SLM (s2t.rerank.with_prior), the LLM's choice c can be ranked first o
 w · (log p_SLM(the SLM's top-1) - log p_SLM(c)) < 1 (s2t.rerank.contenders, the worker's pruning rule), so
 the share of positions where that holds (or where the SLM's top-1 already is the LLM's choice) bounds
 agreement@1 for a given learned w, whatever the bins learn.
+
+And, per set, where the LLM's choice falls when it is not the SLM's top-1: the share of those disagreements
+that pick one of the SLM's next 1, 2 or 3 candidates, i.e. that worker.branch_drafts = 1, 2, 3 contingency
+branches at that position would have drafted ahead (slm_worker/sequence.py, Branch).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from s2t.rerank import contenders  # noqa: E402
 
 TAUS = (0.01, 0.05, 0.10, 0.20)
 PRIOR_WEIGHTS = (1.0, 0.65, 0.4, 0.2)
+BRANCHES = (1, 2, 3)
 
 
 def reachable(group, prior_weight: float) -> bool:
@@ -60,11 +65,13 @@ def label_stats(groups: list, taus=TAUS) -> dict:
             ids = {id(g) for g in picked}
             chosen[by] = ids
             hits = sum(g.target != 0 for g in picked)
+            covered = {f"{b}": sum(0 < g.target <= b for g in picked) / hits if hits else 0.0 for b in BRANCHES}
             rows.append({"by": by.value, "tau": tau, "positions": len(picked),
                          "llm_disagrees": hits / len(picked) if picked else 0.0,
                          "captures": hits / total_disagreements if total_disagreements else 0.0,
                          "ceiling_at_prior_weight": {f"{w:g}": sum(reachable(g, w) for g in picked) / len(picked)
-                                                     if picked else 0.0 for w in PRIOR_WEIGHTS}})
+                                                     if picked else 0.0 for w in PRIOR_WEIGHTS},
+                         "disagreements_within_next": covered})
         overlap = len(chosen[LabelBy.KL] & chosen[LabelBy.ENTROPY]) / max(1, len(chosen[LabelBy.KL]))
         for r in rows[-2:]:
             r["overlap_with_other"] = overlap
@@ -87,14 +94,19 @@ def markdown(stats: dict, command: str) -> str:
              f"top-1 is among the candidates at {stats['llm_top1_in_candidates']:.2%}.\n\n",
              "| positions ranked by | top tau | positions | LLM disagrees with the SLM's top-1 | share of all "
              "disagreements | overlap of the kl and entropy sets | "
-             + " | ".join(f"agreement@1 ceiling, w = {w:g}" for w in PRIOR_WEIGHTS) + " |\n"
-             + "|---" * (6 + len(PRIOR_WEIGHTS)) + "|\n"]
+             + " | ".join(f"agreement@1 ceiling, w = {w:g}" for w in PRIOR_WEIGHTS) + " | "
+             + "LLM's pick among the next 1 / 2 / 3 candidates |\n"
+             + "|---" * (7 + len(PRIOR_WEIGHTS)) + "|\n"]
     for r in stats["by_tau"]:
         lines.append(f"| {r['by']} | {r['tau']:.0%} | {r['positions']:,} | {r['llm_disagrees']:.1%} | "
                      f"{r['captures']:.1%} | {r['overlap_with_other']:.1%} | "
-                     + " | ".join(f"{r['ceiling_at_prior_weight'][f'{w:g}']:.1%}" for w in PRIOR_WEIGHTS) + " |\n")
+                     + " | ".join(f"{r['ceiling_at_prior_weight'][f'{w:g}']:.1%}" for w in PRIOR_WEIGHTS) + " | "
+                     + " / ".join(f"{r['disagreements_within_next'][f'{b}']:.1%}" for b in BRANCHES) + " |\n")
     lines.append("\nCeiling: the share of the set's positions where bin scores in [0, 1] can rank the LLM's choice "
                  "first under score = bins + w · log p_SLM (S2T-Local's score with the learned SLM-prior weight w).\n")
+    lines.append("\nNext candidates: of the set's positions where the LLM's choice is not the SLM's top-1, the share "
+                 "where it is the SLM's 2nd (1), 2nd or 3rd (2), 2nd to 4th (3) candidate: what worker.branch_drafts "
+                 "= 1 / 2 / 3 contingency branches at that position would have drafted ahead.\n")
     lines.append("\nThe LLM's choice by candidate index (share of all positions): "
                  + ", ".join(f"{k}: {v:.2%}" for k, v in stats["target_index"].items()) + ".\n")
     return "".join(lines)

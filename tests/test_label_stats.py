@@ -45,6 +45,9 @@ def test_rates_coverage_and_overlap():
     # entropy's top half: the second position (the SLM's top-1 is the LLM's choice) and the third
     assert rows["entropy", 0.5]["ceiling_at_prior_weight"]["0.65"] == pytest.approx(0.5)  # 0.65 x 1.61 > 1
     assert rows["entropy", 0.5]["ceiling_at_prior_weight"]["0.4"] == 1.0
+    # where the disagreements go: kl's top half holds picks of the 2nd candidate (index 1) and the 3rd (index 2)
+    assert rows["kl", 0.5]["disagreements_within_next"] == {"1": 0.5, "2": 1.0, "3": 1.0}
+    assert rows["entropy", 0.25]["disagreements_within_next"] == {"1": 0.0, "2": 0.0, "3": 0.0}  # none there
 
 
 def test_no_positions_is_an_error():
