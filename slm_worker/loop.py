@@ -12,9 +12,10 @@ Every active request is a `Sequence`; one `Scheduler` iteration, for all of them
   4. draft     one batched SLM forward over every sequence that may draft further: up to
                `max_inflight_blocks` blocks ahead, and only while the unverified drafts are likely to be
                accepted (`draft_confidence`; see proposer.py). Its top-1 is the next draft, its top-K the
-               candidates a verifier may pick from. With `branch_drafts`, the rows left over draft
-               contingency branches for sequences that can only wait: alternative continuations at their
-               likeliest divergence, adopted in step 1 when the verdict picks one (sequence.Branch).
+               candidates a verifier may pick from. When no sequence may draft, and with `branch_drafts`, the
+               forward drafts contingency branches of the sequences waiting for a verdict instead: alternative
+               continuations at their likeliest divergence, adopted in step 1 when the verdict picks one
+               (sequence.Branch).
 
 Mode greedy has no verifier: each draft commits at once (with temperature > 0 the draft is sampled, see
 sampling.py). Mode takeover runs like s2t, except that the selector's verdict may carry a token of its own (the
@@ -121,15 +122,14 @@ class Scheduler:
                 seq.finish()
             if seq.verifier is not None:
                 self.spawn(seq.verifier.close(), seq.trace_context)
-        # 4. draft: one batched SLM forward over the sequences that may draft further, and in the rows left over,
-        #    the contingency branches of sequences that can only wait for their selector (worker.branch_drafts)
-        wants = [s.wants_forward() for s in self.active]
-        ready = [s for s, w in zip(self.active, wants) if w]
+        # 4. draft: one batched SLM forward over the sequences that may draft further; when none may, the
+        #    contingency branches of those waiting for their selector (worker.branch_drafts) use the idle compute
+        #    (only then: branch rows beside real ones would make every drafting sequence's forward slower)
+        ready = [s for s in self.active if s.wants_forward()]
         if len(ready) > self.max_batch_size:
             self._rr = (self._rr + self.max_batch_size) % len(ready)
             ready = (ready[self._rr:] + ready[:self._rr])[:self.max_batch_size]
-        branches = [(s, b) for s, w in zip(self.active, wants) if not w
-                    for b in s.branch_rows()][:self.max_batch_size - len(ready)]
+        branches = [] if ready else [(s, b) for s in self.active for b in s.branch_rows()][:self.max_batch_size]
         if not ready and not branches:
             self._wake.clear()
             await self._wake.wait()
