@@ -20,8 +20,8 @@ the share of positions where that holds (or where the SLM's top-1 already is the
 agreement@1 for a given learned w, whatever the bins learn.
 
 And, per set, where the LLM's choice falls when it is not the SLM's top-1: the share of those disagreements
-that pick one of the SLM's next 1, 2 or 3 candidates, i.e. that worker.branch_drafts = 1, 2, 3 contingency
-branches at that position would have drafted ahead (slm_worker/sequence.py, Branch).
+that pick one of the SLM's next 1, 2 or 3 candidates: how much a worker that drafted ahead on the SLM's next
+candidates at that position would have prepared (issue #14's split shape; see the README).
 """
 
 from __future__ import annotations
@@ -105,8 +105,7 @@ def markdown(stats: dict, command: str) -> str:
     lines.append("\nCeiling: the share of the set's positions where bin scores in [0, 1] can rank the LLM's choice "
                  "first under score = bins + w · log p_SLM (S2T-Local's score with the learned SLM-prior weight w).\n")
     lines.append("\nNext candidates: of the set's positions where the LLM's choice is not the SLM's top-1, the share "
-                 "where it is the SLM's 2nd (1), 2nd or 3rd (2), 2nd to 4th (3) candidate: what worker.branch_drafts "
-                 "= 1 / 2 / 3 contingency branches at that position would have drafted ahead.\n")
+                 "where it is the SLM's 2nd (1), 2nd or 3rd (2), 2nd to 4th (3) candidate.\n")
     lines.append("\nThe LLM's choice by candidate index (share of all positions): "
                  + ", ".join(f"{k}: {v:.2%}" for k, v in stats["target_index"].items()) + ".\n")
     return "".join(lines)

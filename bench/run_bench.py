@@ -81,7 +81,6 @@ class Row:
     temperature: float = 0.0  # of every sampled request
     top_p: float = 0.0
     confidence: float | None = None  # draft_confidence; None = the worker's default
-    branches: int | None = None  # branch_drafts (contingency branches); None = the worker's default
 
     def __post_init__(self):
         if self.samples and not self.temperature > 0:
@@ -98,8 +97,7 @@ class Row:
         from s2t.modes import TriggerKind
 
         sampling = dict(temperature=self.temperature, top_p=self.top_p) if self.samples else {}
-        drafting = {k: v for k, v in (("draft_confidence", self.confidence), ("branch_drafts", self.branches))
-                    if v is not None}
+        drafting = {} if self.confidence is None else {"draft_confidence": self.confidence}
         return dict(mode=self.request_mode.proto, trigger=TriggerKind(self.trigger).proto if self.trigger else 0,
                     trigger_rate=self.rate, block_size=self.block_size, num_candidates=self.k, **sampling,
                     **drafting)
@@ -141,11 +139,9 @@ for _block in (2, 4, 8, 16):
 # issue #16's K sweep: the default speculative s2t at other K (K=8 is the worker default, i.e. s2t-spec-tau10-b8)
 for _k in (2, 4, 16):
     ROWS[f"s2t-spec-tau10-b8-k{_k}"] = Row(f"s2t-spec-tau10-b8-k{_k}", "s2t", "kl", 0.10, 8, 2, _k)
-# the default speculative s2t drafting differently while it waits (issue #14's split shape): draft to the lookahead
-# regardless of the odds (dc0), and contingency branches for the next-best 2 candidates (br2)
-for _tag, _conf, _br in (("dc0", 0.0, None), ("br2", None, 2), ("dc0-br2", 0.0, 2), ("dc0-br3", 0.0, 3)):
-    ROWS[f"s2t-spec-tau10-b8-{_tag}"] = Row(f"s2t-spec-tau10-b8-{_tag}", "s2t", "kl", 0.10, 8, 2,
-                                            confidence=_conf, branches=_br)
+# the default speculative s2t drafting to the lookahead whatever the odds (issue #14's split shape, where the
+# worker's core would otherwise idle while it waits)
+ROWS["s2t-spec-tau10-b8-dc0"] = Row("s2t-spec-tau10-b8-dc0", "s2t", "kl", 0.10, 8, 2, confidence=0.0)
 # and its tau sweep, tau in {1, 5, 10, 20} %, at the default block size (tau 1 % and 10 % are in the grid above)
 for _rate in (0.05, 0.20):
     _name = f"s2t-spec-tau{round(_rate * 100)}-b8"
@@ -257,7 +253,6 @@ def summarize(row: Row, kind: str, results: list[dict], wall: float, extra: dict
            "bytes_per_token": (stat("bytes_sent") + stat("bytes_received")) / tokens if tokens else 0.0,
            "unverified_tokens": stat("unverified_tokens"), "rolled_back_tokens": stat("rolled_back_tokens"),
            "drafted_tokens": stat("drafted_tokens"), "resyncs": stat("resyncs"),
-           "branch_drafted_tokens": stat("branch_drafted_tokens"), "branches_adopted": stat("branches_adopted"),
            "trigger": row.trigger, "trigger_rate": row.rate, "block_size": row.block_size,
            "max_inflight_blocks": row.inflight,
            "modes_used": sorted({r["mode_used"] for r in results})}
@@ -289,7 +284,6 @@ async def generate_one(stack, row: Row, p: dict, max_new: int, concurrent: bool,
             "bytes_received": st.selector_bytes_received, "unverified_tokens": st.unverified_tokens,
             "rolled_back_tokens": st.rolled_back_tokens, "drafted_tokens": st.drafted_tokens,
             "resyncs": st.resyncs, "triggered_positions": st.triggered_positions,
-            "branch_drafted_tokens": st.branch_drafted_tokens, "branches_adopted": st.branches_adopted,
             "mode_used": pb.Mode.Name(st.mode_used), "text": r.text,
             "degraded": st.degraded_reason, "latency_s": round(time.monotonic() - sent, 3),
             "token_ids": list(r.token_ids), **({"seed": st.seed} if row.samples else {})}
@@ -369,7 +363,6 @@ def stack_identity(stack) -> dict:
         "worker": {"num_candidates": ws.num_candidates, "trigger": ws.trigger, "trigger_rate": ws.trigger_rate,
                    "warmup_steps": ws.warmup_steps, "block_size": ws.block_size,
                    "max_inflight_blocks": ws.max_inflight_blocks, "draft_confidence": ws.draft_confidence,
-                   "branch_drafts": ws.branch_drafts,
                    "decode_chunk": ws.decode_chunk},
         "thresholds": {"entropy": worker.thresholds["entropy"].as_dict(),
                        "margin": worker.thresholds["margin"].as_dict(),
@@ -410,10 +403,6 @@ def row_cache_key(identity: dict, row: Row, max_new: int, split: str = "test") -
                          "max_inflight_blocks": row.inflight or defaults["max_inflight_blocks"],
                          "warmup_steps": defaults["warmup_steps"],
                          "draft_confidence": defaults["draft_confidence"] if row.confidence is None else row.confidence}
-    # contingency branches change no token by design; keyed anyway (only when on, so older keys stay valid)
-    branches = defaults.get("branch_drafts", 0) if row.branches is None else row.branches
-    if branches:
-        key["generation"]["branch_drafts"] = branches
     if trigger is not TriggerKind.ALWAYS:
         key["thresholds"] = identity["thresholds"][trigger.value]
     if mode.selector_verified:  # s2t, takeover

@@ -652,17 +652,15 @@ def markdown(payload: dict) -> str:
           f"Problems: GSM8K test 0..{payload['problems'] - 1}, batch 1, at most {payload['max_new_tokens']} "
           f"tokens each\n\n",
           "| row | shape | CPUs worker / selector | n | tokens | wall s | tokens/s | per-problem tok/s (95% t CI) | "
-          "LLM forwards/token | selector busy s/token | selector busy share | rolled back | changed/token | "
-          "branches adopted / branch tokens |\n",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"]
+          "LLM forwards/token | selector busy s/token | selector busy share | rolled back | changed/token |\n",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"]
     for r in payload["rows"]:
         pp = r["tokens_per_s_per_problem"]
         ci = "–" if pp["ci95"] is None else f"{pp['ci95'][0]:.2f}–{pp['ci95'][1]:.2f}"
         md.append(f"| {r['mode']} | {r['shape']} | {r['worker_cpus']} / {r['selector_cpus']} | {r['n']} | "
                   f"{r['tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.2f} | {pp['mean']:.2f} ({ci}) | "
                   f"{r['llm_forwards_per_token']:.3f} | {r['selector_busy_s_per_token']:.4f} | "
-                  f"{r['selector_busy_share']:.1%} | {r['rolled_back_tokens']} | {r['changed_per_token']:.3f} | "
-                  f"{r.get('branches_adopted', 0)} / {r.get('branch_drafted_tokens', 0)} |\n")
+                  f"{r['selector_busy_share']:.1%} | {r['rolled_back_tokens']} | {r['changed_per_token']:.3f} |\n")
     if payload.get("stream_read") or payload.get("native_rows"):
         md += ["\n## The same box otherwise: streaming read and llama.cpp on the same GGUF files\n\n",
                "| row | shape | CPUs | threads | tokens/s | weight bytes/token | weight GB/s | peak RSS GB |\n",

@@ -138,7 +138,6 @@ class WorkerSettings(_Section):
     max_block_size: int = Field(32, ge=1, description="largest block_size a request may ask for")
     max_inflight_blocks: int = Field(2, ge=1, description="1 = wait for each block; more = keep drafting")
     draft_confidence: float = Field(0.7, ge=0, lt=1, description="draft past unverified positions only while the odds that the selector accepts them all (learned from its replies) are at least this; 0 = always draft to the lookahead")
-    branch_drafts: int = Field(0, ge=0, le=8, description="s2t/takeover: while a sequence can only wait for the selector, draft this many alternative continuations (the next SLM candidates) at its likeliest divergence, so that a verdict picking one of them continues from drafts already made; runs only when no request can draft (worker compute that would otherwise idle): for a selector on compute of its own (on shared cores it slows the selector); 0 = off")
     verify_policy: VerifyPolicyName = Field("wait", description="when the selector is slow: wait (up to verify_deadline_ms) or commit_after_lag")
     verify_deadline_ms: int = Field(30_000, ge=1, description="wait policy: how long a block may stay unverified")
     commit_lag_ms: int = Field(2_000, ge=1, description="commit_after_lag policy: age at which drafts commit")

@@ -12,10 +12,7 @@ Every active request is a `Sequence`; one `Scheduler` iteration, for all of them
   4. draft     one batched SLM forward over every sequence that may draft further: up to
                `max_inflight_blocks` blocks ahead, and only while the unverified drafts are likely to be
                accepted (`draft_confidence`; see proposer.py). Its top-1 is the next draft, its top-K the
-               candidates a verifier may pick from. When no sequence may draft, and with `branch_drafts`, the
-               forward drafts contingency branches of the sequences waiting for a verdict instead: alternative
-               continuations at their likeliest divergence, adopted in step 1 when the verdict picks one
-               (sequence.Branch).
+               candidates a verifier may pick from.
 
 Mode greedy has no verifier: each draft commits at once (with temperature > 0 the draft is sampled, see
 sampling.py). Mode takeover runs like s2t, except that the selector's verdict may carry a token of its own (the
@@ -122,29 +119,22 @@ class Scheduler:
                 seq.finish()
             if seq.verifier is not None:
                 self.spawn(seq.verifier.close(), seq.trace_context)
-        # 4. draft: one batched SLM forward over the sequences that may draft further; when none may, the
-        #    contingency branches of those waiting for their selector (worker.branch_drafts) use the idle compute
-        #    (only then: branch rows beside real ones would make every drafting sequence's forward slower)
+        # 4. draft: one batched SLM forward over the sequences that may draft further
         ready = [s for s in self.active if s.wants_forward()]
-        if len(ready) > self.max_batch_size:
-            self._rr = (self._rr + self.max_batch_size) % len(ready)
-            ready = (ready[self._rr:] + ready[:self._rr])[:self.max_batch_size]
-        branches = [] if ready else [(s, b) for s in self.active for b in s.branch_rows()][:self.max_batch_size]
-        if not ready and not branches:
+        if not ready:
             self._wake.clear()
             await self._wake.wait()
             return
-        feeds = [s.feed() for s in ready] + [b.feed() for _, b in branches]
-        caches = [s.cache for s in ready] + [b.cache for _, b in branches]
+        if len(ready) > self.max_batch_size:
+            self._rr = (self._rr + self.max_batch_size) % len(ready)
+            ready = (ready[self._rr:] + ready[:self._rr])[:self.max_batch_size]
+        feeds = [s.feed() for s in ready]
         logits = await asyncio.get_running_loop().run_in_executor(
-            self.engine.executor, self.engine.forward, caches, feeds, [[len(f) - 1] for f in feeds])
+            self.engine.executor, self.engine.forward, [s.cache for s in ready], feeds, [[len(f) - 1] for f in feeds])
         for seq, lg in zip(ready, logits):
             if not seq.cancelled:
                 # a sampling request draws from its own generator and its own logits row: batching cannot change it
                 seq.add_proposal(propose(lg)[0], seq.sampler.sample(lg[0]) if seq.sampler is not None else None)
-        for (seq, branch), lg in zip(branches, logits[len(ready):]):
-            if branch in seq.branches:  # not dropped by a verdict meanwhile (none is applied during the forward)
-                seq.add_branch_proposal(branch, propose(lg)[0])
 
     async def _send(self, seq: Sequence, block: Block) -> None:
         """Hand a block to the sequence's verifier; the verdict lands on the block when it comes."""

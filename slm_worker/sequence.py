@@ -11,7 +11,6 @@ import enum
 import time
 
 from s2t.modes import Mode, TriggerKind
-from s2t.runtime import KVCache
 from s2t.triggers import LocalTrigger, Proposal
 from s2t.v1 import generation_pb2 as gen_pb
 
@@ -20,9 +19,6 @@ from .sampling import Sampler
 from .verifiers import Block, Verdict, VerdictKind, VerdictSource, VerifierSession
 
 MAX_RESYNCS = 2  # per block start; after that the block is committed unverified
-# A contingency branch drafts up to the sequence's lookahead past its position, and at least this far: with short
-# lookaheads (blocks of 1, one in flight) the wait for a verdict still lasts several SLM steps.
-MIN_BRANCH_REACH = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +42,6 @@ class DecodeOptions:
     temperature: float = 0.0
     top_p: float = 0.0
     seed: int = 0
-    # Contingency branches (worker.branch_drafts): alternative continuations drafted while the sequence can only
-    # wait for its selector, at its likeliest divergence, one per next-best candidate; 0 = none.
-    branch_drafts: int = 0
 
     @property
     def sampling(self) -> bool:
@@ -115,24 +108,6 @@ class TextStream:
         return text, ids
 
 
-@dataclasses.dataclass(eq=False)
-class Branch:
-    """A contingency: how the sequence goes on if its verifier picks `tokens[0]` at `position` instead of the draft.
-
-    Invariants: tokens[i] sits at position + i; proposals[i] is the SLM's proposal at position + 1 + i, so
-    tokens[i + 1] == proposals[i].token and len(proposals) == len(tokens) - 1. `cache` holds the sequence's
-    tokens[:position] followed by tokens[:cache.length - position]; the next forward feeds the rest.
-    """
-
-    position: int
-    tokens: list[int]
-    cache: KVCache  # forked from the sequence's cache at `position`
-    proposals: list[Proposal] = dataclasses.field(default_factory=list)
-
-    def feed(self) -> list[int]:
-        return self.tokens[self.cache.length - self.position:]
-
-
 class Sequence:
     """One request: what the SLM drafted, what the verifier has settled, what the client has received.
 
@@ -142,8 +117,6 @@ class Sequence:
         exist; tokens[unsent:] are drafts not yet in a block. A verdict is applied only at the head block.
       `proposals` holds what the SLM proposed at every drafted (uncommitted) position.
       The SLM cache holds tokens[:len(tokens) - 1] or all of them: the newest token is fed at the next forward.
-      `branches` (contingencies, see Branch) all sit at one drafted position >= committed, with distinct tokens
-        none of which is the draft there; they are dropped when a verdict passes their position or is adopted.
     """
 
     def __init__(self, request_id: str, session_id: str, prompt_ids: list[int], opts: DecodeOptions, engine,
@@ -161,7 +134,6 @@ class Sequence:
         self.unsent = self.prompt_len
         self.proposals: dict[int, Proposal] = {}
         self.blocks: collections.deque[Block] = collections.deque()
-        self.branches: list[Branch] = []
         self.resyncs_at: collections.Counter[int] = collections.Counter()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.text = TextStream(tokenizer)
@@ -217,69 +189,17 @@ class Sequence:
     def add_proposal(self, proposal: Proposal, token: int | None = None) -> None:
         """Draft the next position: the proposal's top-1, or `token` when the request samples (mode greedy)."""
         pos = len(self.tokens)
-        self._record_draft(pos, proposal)
+        trig = self.opts.local_trigger
+        proposal.triggered = trig is not None and trig.fires(proposal, pos - self.prompt_len)
+        self.stats.triggered_positions += proposal.triggered
+        self.proposals[pos] = proposal
         self.tokens.append(proposal.token if token is None else token)
+        self.stats.drafted_tokens += 1
         if not self.running.verified:  # no verifier: the draft is final (unverified unless greedy was asked for)
             if self.opts.mode is Mode.GREEDY:
                 self.commit(pos + 1, Commit.VERIFIED)
             else:
                 self.commit(pos + 1, Commit.UNVERIFIED, reason="no verifier available; the SLM continued alone")
-
-    def _record_draft(self, pos: int, proposal: Proposal) -> None:
-        trig = self.opts.local_trigger
-        proposal.triggered = trig is not None and trig.fires(proposal, pos - self.prompt_len)
-        self.stats.triggered_positions += proposal.triggered
-        self.proposals[pos] = proposal
-        self.stats.drafted_tokens += 1
-
-    # -- contingency branches ---------------------------------------------------------------------------
-
-    def branch_rows(self) -> list[Branch]:
-        """Branches that want a forward now, made when the sequence has started to wait for its selector.
-
-        Called only while the sequence wants no forward of its own: its worker compute would idle. The branch
-        point is the drafted position where the first divergence is likeliest (P(accepted before) x P(diverge
-        there), from the odds the loop learns); one branch per next-best candidate there.
-        """
-        if (self.opts.branch_drafts <= 0 or not self.running.selector_verified or self.done or self.cancelled
-                or not self.blocks):
-            return []
-        if not self.branches:
-            self._make_branches()
-        reach, limit = self.branch_reach(), self.prompt_len + self.opts.max_new_tokens
-        return [b for b in self.branches
-                if len(b.tokens) < reach and b.position + len(b.tokens) < limit
-                and b.tokens[-1] not in self.stop_ids]
-
-    def _make_branches(self) -> None:
-        key, accepted, best, best_p = self.odds_key(), 1.0, None, 0.0
-        for pos in range(self.committed, len(self.tokens)):
-            if not self.needs_check(pos):
-                continue
-            d = self.odds.p_diverge(key, self.proposals[pos].probs[0])
-            if accepted * d > best_p:
-                best, best_p = pos, accepted * d
-            accepted *= 1.0 - d
-        if best is None:
-            return
-        draft, ids = self.tokens[best], self.proposals[best].ids[:self.opts.num_candidates]
-        room = self.branch_reach()
-        self.branches = [Branch(best, [t], self.cache.fork(best, room))
-                         for t in [t for t in ids if t != draft][:self.opts.branch_drafts]]
-
-    def branch_reach(self) -> int:
-        return max(self.opts.block_size * self.opts.max_inflight_blocks, MIN_BRANCH_REACH)
-
-    def add_branch_proposal(self, branch: Branch, proposal: Proposal) -> None:
-        branch.proposals.append(proposal)
-        branch.tokens.append(proposal.token)
-        self.stats.branch_drafted_tokens += 1
-
-    def take_branch(self, position: int, token: int) -> Branch | None:
-        """The branch for `token` at `position`, if one was drafted; every branch is dropped either way."""
-        found = next((b for b in self.branches if b.position == position and b.tokens[0] == token), None)
-        self.branches = []
-        return found
 
     # -- blocks -------------------------------------------------------------------------------------------
 
@@ -345,20 +265,12 @@ class Sequence:
             return
         # takeover: the LLM's own top-1, which need not be among the candidates
         chosen = verdict.token if verdict.token is not None else self.proposals[q].ids[verdict.index]
-        branch = self.take_branch(q, chosen)
         self.commit(q, Commit.VERIFIED)
         self.rollback(q)
         self.tokens.append(chosen)
         self.unsent = q + 1
         st.picks_changed += 1
         self.commit(q + 1, Commit.VERIFIED)
-        if branch is not None and not self.done:
-            # drafted while waiting for this verdict: its drafts and cache become the sequence's own
-            self.cache = branch.cache
-            for pos, proposal in enumerate(branch.proposals, start=q + 1):
-                self._record_draft(pos, proposal)
-                self.tokens.append(proposal.token)
-            st.branches_adopted += 1
 
     def rollback(self, pos: int) -> None:
         """Forget every draft at or after `pos`: tokens, proposals, queued blocks and the SLM cache."""
@@ -419,8 +331,6 @@ class Sequence:
         self.committed = upto
         for p in [p for p in self.proposals if p < upto]:
             del self.proposals[p]
-        if self.branches and self.branches[0].position < upto:  # a verdict passed their position
-            self.branches = []
         if self.first_commit is None:
             self.first_commit = time.monotonic()
         piece = self.text.push(new)
@@ -433,7 +343,6 @@ class Sequence:
         if self.done:
             return
         self.done = True
-        self.branches = []
         if reason is not None:
             self.finish_reason = reason
         del self.tokens[self.committed:]

@@ -44,7 +44,6 @@ log = logging.getLogger("s2t.worker")
 SERVICE = gen_pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 ROLES = {"system", "user", "assistant"}
 MAX_INFLIGHT_BLOCKS = 16
-MAX_BRANCH_DRAFTS = 8  # contingency branches per request (the worker.branch_drafts setting has the same bound)
 # request_id: at most this long; the selector allows as much for the session id made from it (<request_id>-<8 hex>)
 MAX_ID_LEN = 128
 # The request id travels to the selector as gRPC metadata (request_id, session_id): printable ASCII only, or
@@ -231,9 +230,6 @@ class Worker:
         confidence = o.draft_confidence if o.HasField("draft_confidence") else ws.draft_confidence
         if math.isnan(confidence) or not 0 <= confidence < 1:
             raise _invalid(f"options.draft_confidence: {confidence} must be in [0, 1)")
-        branches = o.branch_drafts if o.HasField("branch_drafts") else ws.branch_drafts
-        if branches > MAX_BRANCH_DRAFTS:
-            raise _invalid(f"options.branch_drafts: {branches} exceeds the limit {MAX_BRANCH_DRAFTS}")
         policy = o.verify_policy or (gen_pb.VERIFY_POLICY_WAIT if ws.verify_policy == "wait"
                                      else gen_pb.VERIFY_POLICY_COMMIT_AFTER_LAG)
         if policy not in (gen_pb.VERIFY_POLICY_WAIT, gen_pb.VERIFY_POLICY_COMMIT_AFTER_LAG):
@@ -248,7 +244,7 @@ class Worker:
                              local_trigger=local, warmup_steps=ws.warmup_steps, block_size=block,
                              max_inflight_blocks=inflight, selector_deadline_s=deadline_ms / 1000,
                              decode_chunk=ws.decode_chunk, draft_confidence=confidence,
-                             temperature=temperature, top_p=top_p, seed=seed, branch_drafts=branches)
+                             temperature=temperature, top_p=top_p, seed=seed)
         return opts, mode_requested
 
     @staticmethod

@@ -836,17 +836,13 @@ def test_compare_runs_pairs_the_same_row_across_two_files(tmp_path):
     assert (row["only_a"], row["only_b"]) == (1, 0) and row["difference"] == 0.25
 
 
-def test_drafting_rows_send_their_options_and_key_what_they_change():
-    """The split-shape drafting rows: draft_confidence and branch_drafts go out as request options; a row that
-    keeps the defaults keeps the key it always had (the per-problem cache of the default row stays valid)."""
-    dc0, br2, default = (run_bench.ROWS[f"s2t-spec-tau10-b8{t}"] for t in ("-dc0", "-br2", ""))
-    assert dc0.options()["draft_confidence"] == 0.0 and "branch_drafts" not in dc0.options()
-    assert br2.options()["branch_drafts"] == 2 and "draft_confidence" not in br2.options()
-    assert "draft_confidence" not in default.options() and "branch_drafts" not in default.options()
-    assert len({_key(r) for r in ("s2t-spec-tau10-b8", "s2t-spec-tau10-b8-dc0", "s2t-spec-tau10-b8-br2",
-                                  "s2t-spec-tau10-b8-dc0-br2")}) == 4
-    assert _key("s2t-spec-tau10-b8") == _key("s2t-spec-tau10-b8", _changed(("worker", "branch_drafts"), 0))
-    assert _key("s2t-spec-tau10-b8") != _key("s2t-spec-tau10-b8", _changed(("worker", "branch_drafts"), 2))
+def test_a_drafting_row_sends_its_confidence_and_keys_it():
+    """The split shape's dc0 row: draft_confidence goes out as a request option and into the key; a row that
+    keeps the worker's default sends none and keeps the key it always had."""
+    dc0, default = run_bench.ROWS["s2t-spec-tau10-b8-dc0"], run_bench.ROWS["s2t-spec-tau10-b8"]
+    assert dc0.options()["draft_confidence"] == 0.0 and "draft_confidence" not in default.options()
+    assert _key("s2t-spec-tau10-b8-dc0") != _key("s2t-spec-tau10-b8")
+    assert _key("s2t-spec-tau10-b8-dc0") == _key("s2t-spec-tau10-b8", _changed(("worker", "draft_confidence"), 0.0))
 
 
 def test_the_pin_follows_the_cpu(monkeypatch):

@@ -438,8 +438,6 @@ class WorkerFace:
         confidence = o.draft_confidence if o.HasField("draft_confidence") else ws.draft_confidence
         if not 0 <= confidence < 1:
             out.append("options.draft_confidence")
-        if (o.branch_drafts if o.HasField("branch_drafts") else ws.branch_drafts) > 8:
-            out.append("options.branch_drafts")
         if o.verify_policy not in (0, gen_pb.VERIFY_POLICY_WAIT, gen_pb.VERIFY_POLICY_COMMIT_AFTER_LAG):
             out.append("options.verify_policy")
         # sampling: a finite temperature >= 0, top_p in [0, 1], and a temperature > 0 in mode greedy only
@@ -549,7 +547,6 @@ class WorkerFace:
             ("commit_lag_ms", lambda: rng.choice([1, 10, 1000, 2 ** 32 - 1]), [2 ** 32 - 1]),
             ("max_inflight_blocks", lambda: rng.randint(1, 16), [17, 2 ** 32 - 1]),
             ("draft_confidence", lambda: rng.choice([0.0, 0.5, 0.99]), [1.0, 1.5, -0.1, math.nan, math.inf]),
-            ("branch_drafts", lambda: rng.randint(0, 8), [9, 2 ** 32 - 1]),
         ]:
             value = pick(valid, extreme)
             if value is not None:

@@ -78,47 +78,6 @@ async def test_worker_does_not_draft_past_an_unsure_draft(make_settings, tiny_mo
     assert sum(c[0] for c in cells) == st.picks_changed
 
 
-@pytest.mark.parametrize("branches", [1, 7])
-async def test_contingency_branches_are_adopted_and_change_no_token(make_settings, tiny_models, branches):
-    """Blocks of one position, one in flight: the branch point is the position awaiting its verdict, so with a
-    branch for every other candidate (7 of K = 8) every divergence continues from a branch; with one branch,
-    only those that picked the SLM's second choice. Either way the tokens are the every-step loop's."""
-    slm, llm = tiny_models
-    settings = make_settings(**{"worker.max_inflight_blocks": 1, "worker.block_size": 1,
-                                "worker.branch_drafts": branches})
-    async with Stack(settings) as stack:
-        ids = prompt_ids(stack)
-        expected = reference_s2t(slm, llm, ids, 40, 8, set(stack.worker.lm.stop_ids))
-        deltas, final = await stack.stream(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40)
-        assert not any(s.branches for s in stack.worker.scheduler.active)
-    assert list(final.token_ids) == expected
-    assert_stream_is_committed_text(deltas, final)
-    st = final.stats
-    assert st.picks_changed > 0 and st.unverified_tokens == 0
-    if branches == 7:  # all but possibly the last divergence (adoption stops at the end of the completion)
-        assert st.picks_changed - 1 <= st.branches_adopted <= st.picks_changed
-    else:
-        assert st.branches_adopted <= st.picks_changed
-    # branches draft past a one-position lookahead (MIN_BRANCH_REACH) while they wait
-    assert st.branch_drafted_tokens > 0
-
-
-@pytest.mark.parametrize("mode", [pb.MODE_S2T, pb.MODE_TAKEOVER])
-async def test_speculative_blocks_with_branches_give_the_same_tokens(make_settings, tiny_models, mode):
-    """Blocks of 8, two in flight: the branches sit wherever the first divergence looks likeliest; adopted or
-    not, they change no token (takeover's LLM token may be none of the candidates: then no branch matches)."""
-    outs = []
-    for branches in (0, 3):
-        settings = make_settings(**{"worker.max_inflight_blocks": 2, "worker.branch_drafts": branches})
-        async with Stack(settings) as stack:
-            final = await stack.generate(PROMPT, mode=mode, max_new_tokens=48, block_size=8)
-        outs.append(final)
-    assert list(outs[0].token_ids) == list(outs[1].token_ids)
-    assert outs[0].stats.branch_drafted_tokens == outs[0].stats.branches_adopted == 0
-    assert outs[1].stats.picks_changed > 0
-    assert outs[1].stats.branches_adopted <= outs[1].stats.picks_changed
-
-
 def test_divergence_odds_start_from_the_slm_doubt_and_learn():
     odds, key = DivergenceOdds(), ("selector", "always", 0.0)
     assert odds.p_diverge(key, 0.95) < odds.p_diverge(key, 0.55) < odds.p_diverge(key, 0.15)
@@ -332,7 +291,6 @@ BAD_REQUESTS = [
     ("options.max_inflight_blocks", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(
         max_inflight_blocks=10 ** 6))),
     ("options.draft_confidence", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(draft_confidence=1.5))),
-    ("options.branch_drafts", pb.GenerateRequest(prompt="x", options=pb.GenerationOptions(branch_drafts=9))),
     ("request_id", pb.GenerateRequest(prompt="x", request_id="r" * 200)),
     ("prompt", pb.GenerateRequest(prompt="word " * 5000)),
 ]
