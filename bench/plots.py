@@ -1,8 +1,10 @@
 """Pictures of a benchmark results file, written next to it as PNGs (issue #16).
 
-- `<name>.tau.png`: accuracy against the share of positions the verifier scored, one line per S2T
-  configuration swept over the trigger rate tau. The verifier is the LLM for `s2t` rows (LLM positions per
-  token) and the worker's local re-ranker for `s2t-local` rows (triggered positions per token: no LLM).
+- `<name>.tau.png`: accuracy against the share of positions where the verifier decides, one line per S2T
+  configuration swept over the trigger rate tau: for `s2t` rows with the selector-side KL trigger the rate
+  it is calibrated to fire at (tau; the LLM scores every position to compute KL, so its scored share says
+  nothing about the sweep), 1 for `always`, and the measured triggered positions per token for the worker's
+  LLM-free triggers and for `s2t-local` rows (the worker's local re-ranker: no LLM).
 - `<name>.k.png`: accuracy against K (candidates per position), one line per configuration with at least two
   values of K.
 
@@ -83,13 +85,18 @@ def tau_sweep_series(payload: Mapping) -> dict[str, list[Point]]:
         if mode == "s2t-local":
             x, scorer = r.get("triggered_per_token"), "re-ranker"
         elif mode == "s2t":
-            x, scorer = r.get("llm_positions_per_token"), "LLM"
+            trigger, scorer = r.get("trigger"), "LLM"
+            x = {"always": 1.0, "kl": r.get("trigger_rate")}.get(trigger, r.get("triggered_per_token"))
+            if not trigger:  # files from before rows recorded their trigger
+                x = r.get("llm_positions_per_token")
         else:
             continue
         if x is None:
             continue
         k = _k_of(r, payload)
-        label = f"{mode} ({scorer}), {_config(r)}" + (f", K={k}" if k else "")
+        # every-step selection is the KL sweep's tau = 100 %: one line
+        config = _config({**r, "trigger": "kl/always"} if r.get("trigger") in ("kl", "always") else r)
+        label = f"{mode} ({scorer}), {config}" + (f", K={k}" if k else "")
         series.setdefault(label, []).append(_point(r, x))
     return {label: sorted(points, key=lambda p: p.x) for label, points in series.items()}
 
@@ -129,8 +136,11 @@ def _draw(series: dict[str, list[Point]], refs: dict[str, Point], xlabel: str, t
         color, style = _BASELINE_STYLE.get(mode, ("black", "--"))
         ax.axhline(ref.accuracy, color=color, linestyle=style, label=f"{mode} {ref.accuracy:.1%} (n={ref.n})")
         ax.axhspan(ref.ci95[0], ref.ci95[1], color=color, alpha=0.08)
+    xs = [p.x for points in series.values() for p in points]
     if integer_x:
-        ax.set_xticks(sorted({p.x for points in series.values() for p in points}))
+        ax.set_xticks(sorted(set(xs)))
+    elif xs and min(xs) > 0 and max(xs) / min(xs) >= 20:  # tau from 1 % to every position: log scale
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("GSM8K accuracy (Wilson 95% CI)")
     ax.set_title(title, fontsize=10)
@@ -148,8 +158,9 @@ def plot_tau_sweep(payload: Mapping, out: Path) -> Path | None:
     if not series:
         return None
     n = sorted({p.n for points in series.values() for p in points})
-    return _draw(series, baselines(payload), "positions scored per generated token (LLM for s2t, re-ranker for "
-                 "s2t-local)", f"Accuracy against verifier share (tau sweep), n={'/'.join(map(str, n))}", Path(out))
+    return _draw(series, baselines(payload), "share of positions where the verifier decides (kl: calibrated tau; "
+                 "always: 1; worker-side triggers: measured)",
+                 f"Accuracy against verifier share (tau sweep), n={'/'.join(map(str, n))}", Path(out))
 
 
 def plot_k_sweep(payload: Mapping, out: Path) -> Path | None:

@@ -437,8 +437,12 @@ def test_plot_series_from_a_results_file():
     assert [(p.row, p.x) for p in local] == [("s2t-local-tau5", 0.05), ("s2t-local-tau10", 0.11),
                                             ("s2t-local-tau20", 0.19)]
     # the K sweep's rows at other K than the default stay out of the tau picture
-    assert [[p.row for p in points] for label, points in tau.items() if label.startswith("s2t (LLM)")] == [
-        ["s2t-spec-tau10-b8"]]
+    assert [[(p.row, p.x) for p in points] for label, points in tau.items() if label.startswith("s2t (LLM)")] == [
+        [("s2t-spec-tau10-b8", 0.1)]]  # the KL trigger's calibrated rate, not the 1.1 positions the LLM scored
+    always = {**payload["rows"][-2], "mode": "s2t-spec-always-b8", "trigger": "always", "trigger_rate": 0.0}
+    swept = plots.tau_sweep_series({"rows": payload["rows"] + [always], "settings": payload["settings"]})
+    assert [[(p.row, p.x) for p in points] for label, points in swept.items() if label.startswith("s2t (LLM)")] == [
+        [("s2t-spec-tau10-b8", 0.1), ("s2t-spec-always-b8", 1.0)]]  # every-step selection: the sweep's tau = 1
     ks = plots.k_sweep_series(payload)
     assert list(ks) == ["s2t, tau=0.1, kl trigger, block 8 x2 in flight"]
     assert [(p.row, p.x) for p in ks["s2t, tau=0.1, kl trigger, block 8 x2 in flight"]] == [
