@@ -158,7 +158,8 @@ def plot_tau_sweep(payload: Mapping, out: Path) -> Path | None:
     if not series:
         return None
     n = sorted({p.n for points in series.values() for p in points})
-    return _draw(series, baselines(payload), "share of positions where the verifier decides\n(kl: calibrated tau; always: 1; "
+    return _draw(series, baselines(payload),
+                 "share of positions where the verifier decides\n(kl: calibrated tau; always: 1; "
                  "worker-side triggers: measured)",
                  f"Accuracy against verifier share (tau sweep), n={'/'.join(map(str, n))}", Path(out))
 

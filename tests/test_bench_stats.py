@@ -855,4 +855,5 @@ def test_the_pin_follows_the_cpu(monkeypatch):
     monkeypatch.setattr(kernels, "cpu_has_avx512_vnni", lambda: True)
     assert run_bench.pinned_weight_formats() == "int8_vnni"
     monkeypatch.setattr(kernels, "cpu_has_avx512_vnni", lambda: False)
-    assert run_bench.pinned_weight_formats() == run_bench.PORTABLE_WEIGHT_FORMATS == "int8,int8,int8,fp32_packed,fp32_packed"
+    assert run_bench.pinned_weight_formats() == run_bench.PORTABLE_WEIGHT_FORMATS
+    assert run_bench.PORTABLE_WEIGHT_FORMATS == "int8,int8,int8,fp32_packed,fp32_packed"
