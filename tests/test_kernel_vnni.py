@@ -22,7 +22,6 @@ def vnni_linear():
     return fn
 
 
-
 def _quantise_rows(x: torch.Tensor) -> torch.Tensor:
     """The kernel's activation rounding, in float64: per row and block of 128 inputs (the last block holds
     what is left), scale = max |x| / 127, round half to even, clamp to +-127; returns the dequantised rows."""

@@ -20,7 +20,6 @@ def int8_linear():
     return fn
 
 
-
 def _reference(x, q, scale):
     return (x.double() @ q.double().t()) * scale.double()
 
