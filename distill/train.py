@@ -85,6 +85,17 @@ class TrainConfig:
     prior_weight_init: float = 1.0
     prior_weight_trainable: bool = True
     prior_lr: float = 1e-2
+    # Learning rate of the score-bin rows W_R (None = lr). The final hidden states the bins read have norms of
+    # ~170 on Qwen2.5-0.5B, so an Adam step of lr per element moves a bin logit by up to lr * ||h||_1 (~0.5
+    # at lr 1e-4): the bin softmax saturates within tens of steps, every score sits at 1/15 or 1, and the
+    # gradient through it vanishes (measured: after 240 steps the bin logits' spread was ~10.5 and 331 training
+    # groups were fitted no better than the SLM's own top-1).
+    bin_lr: float | None = None
+    # Std of the Gaussian noise added to the initial bin rows. Qwen2.5's reserved rows are one and the same
+    # vector, so every bin logit is equal and the selection loss's gradient with respect to the hidden state,
+    # sum_b p_b (v_b - s) W_R[b], is exactly 0: nothing reaches the LoRA until the rows differ. Noise of std
+    # sigma gives bin logits a spread of about sigma * ||h|| (0.003 * 170 ~ 0.5) from the first step.
+    bin_init_std: float = 0.0
     hinge_margin: float = 0.0  # > 0 adds relu(m - (s_best - max_other)) per group; the paper's code uses 1.0
     teacher_kl_weight: float = 0.1
     lm_kl_weight: float = 0.1
@@ -430,6 +441,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def initial_bin_weight(head_weight: torch.Tensor, bin_ids: list[int], cfg: TrainConfig) -> torch.Tensor:
+    """W_R at step 0: the model's own reserved rows (the paper trains its lm_head copy from there), plus
+    seeded Gaussian noise of std cfg.bin_init_std (see TrainConfig.bin_init_std for why)."""
+    rows = head_weight[bin_ids].detach().clone()
+    if cfg.bin_init_std > 0:
+        noise = torch.Generator().manual_seed(cfg.seed)
+        rows += cfg.bin_init_std * torch.randn(rows.shape, generator=noise, dtype=torch.float64).to(rows.dtype)
+    return rows
+
+
 def _lower_layers(model: nn.Module, lora_layers: int | None) -> int:
     total = model.config.num_hidden_layers
     if lora_layers is None:
@@ -520,8 +541,7 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
     attach_lora(model, cfg.rank, cfg.alpha, cfg.targets, layers=range(lower, model.config.num_hidden_layers),
                 name=ADAPTER_NAME, dropout=cfg.dropout)
     set_active_adapter(model, ADAPTER_NAME)
-    # W_R starts as the model's own reserved rows (the paper trains its lm_head copy from there).
-    bin_weight = nn.Parameter(head.weight[bin_ids].detach().clone())
+    bin_weight = nn.Parameter(initial_bin_weight(head.weight, bin_ids, cfg))
     prior_weight = nn.Parameter(torch.tensor(cfg.prior_weight_init, dtype=bin_weight.dtype),
                                 requires_grad=cfg.prior_weight_trainable)
 
@@ -535,7 +555,9 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
         for p in lora:
             p.requires_grad_(False)
     params = (lora if cfg.lora_trainable else []) + [bin_weight]
-    param_groups = [{"params": params}]
+    param_groups = [{"params": [bin_weight], "lr": cfg.lr if cfg.bin_lr is None else cfg.bin_lr}]
+    if cfg.lora_trainable:
+        param_groups.append({"params": lora})
     if cfg.prior_weight_trainable:
         param_groups.append({"params": [prior_weight], "lr": cfg.prior_lr, "weight_decay": 0.0})
         params = params + [prior_weight]

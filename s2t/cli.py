@@ -293,7 +293,8 @@ def cmd_distill(args) -> None:
     eval_groups = [g for g in groups if g.session_id in held]
     calibration = read_calibration(settings.calibration_file()) or {}
     entropy = calibration.get("entropy") or {f"{r:g}": v for r, v in settings.worker.thresholds.entropy.items()}
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, rank=args.rank, alpha=2.0 * args.rank,
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, bin_lr=args.bin_lr, bin_init_std=args.bin_init_std,
+                         rank=args.rank, alpha=2.0 * args.rank,
                          lora_layers=args.lora_layers, lora_trainable=not args.freeze_lora,
                          max_minutes=args.max_minutes, max_steps=args.max_steps,
                          eval_every=args.eval_every,
@@ -441,6 +442,10 @@ def main(argv: list[str] | None = None) -> None:
     # The paper's 5e-5 is for 4 groups per optimizer step; one step here is a session's row (~15 groups at
     # tau 10 %), so about 4x fewer steps per epoch: 1e-4 (square-root batch scaling).
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--bin-lr", type=float, help="learning rate of the score-bin rows (default: --lr)")
+    p.add_argument("--bin-init-std", type=float, default=0.0,
+                   help="noise added to the initial score-bin rows (Qwen2.5's reserved rows are identical, which "
+                        "leaves the LoRA without gradient until they differ)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--lora-layers", type=int, help="LoRA on the top N layers only (default: all)")
     p.add_argument("--freeze-lora", action="store_true",

@@ -3,7 +3,9 @@ the exported adapter serves the trained scores; checkpoints resume exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -14,8 +16,8 @@ import torch
 from tiny import make_tiny_model_dir
 
 from distill.packing import pack_groups
-from distill.train import (ADAPTER_NAME, GroupBatch, RowRunner, TrainConfig, _TextKL, evaluate, load_base, selection_losses,
-                           spearman, train)
+from distill.train import (ADAPTER_NAME, GroupBatch, RowRunner, TrainConfig, _TextKL, evaluate, initial_bin_weight, load_base,
+                           selection_losses, spearman, train)
 from s2t.rerank import (attach_lora, bin_scores, install, load_adapter, lora_wrappers, reserved_bin_ids,
                         set_active_adapter)
 from s2t.runtime import Engine, load_model
@@ -335,3 +337,38 @@ def test_frozen_lora_trains_only_the_bins_and_the_prior(slm_dir, tmp_path):
         assert summary["prior_weight"] != pytest.approx(1.0)
     assert frozen["config"]["lora_trainable"] is False
     assert set(frozen["curves"]["lm_kl"]) == {0.0} and max(trained["curves"]["lm_kl"]) > 0  # no drift to measure
+
+
+def test_identical_bin_rows_leave_the_lora_without_gradient_until_noised(slm_dir):
+    """Qwen2.5's reserved rows are one vector: every bin logit is equal, so the selection loss has no gradient
+    with respect to the hidden states and the LoRA learns nothing from it. bin_init_std gives the rows a
+    seeded spread, and the LoRA its gradient from the first step."""
+    model, _ = load_base(slm_dir, "float64")
+    total = model.config.num_hidden_layers
+    attach_lora(model, rank=4, alpha=8, layers=range(total - 1, total), name=ADAPTER_NAME)
+    set_active_adapter(model, ADAPTER_NAME)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B != 0, so that A's gradient would show too
+        for p in [p for w in lora_wrappers(model).values() for p in w.weights(ADAPTER_NAME)]:
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+    head = model.get_output_embeddings().weight.detach().clone()
+    head[BINS] = head[BINS[0]].clone()  # as in Qwen2.5: the padding rows are identical
+    rows, _ = pack_groups(synthetic_groups(seed=3, sessions=1, per_session=5), row_tokens=64, min_context=16)
+    lora = [p for w in lora_wrappers(model).values() for p in w.weights(ADAPTER_NAME)]
+
+    def lora_grad_norm(cfg: TrainConfig) -> float:
+        bins = initial_bin_weight(head, BINS, cfg)
+        runner = RowRunner(model, bins, BINS, ADAPTER_NAME, total - 1, cfg)
+        for p in lora:
+            p.grad = None
+            p.requires_grad_(True)
+        loss, _ = runner.row_loss("row", rows[0], group_norm=1, kl_norm=1)
+        loss.backward()
+        return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in lora))
+
+    plain = TrainConfig(kl_positions=0, lm_kl_weight=0.0, teacher_kl_weight=0.1, prior_weight_init=0.0)
+    noised = TrainConfig(**dict(dataclasses.asdict(plain), bin_init_std=0.05))
+    assert torch.equal(initial_bin_weight(head, BINS, plain), head[BINS])
+    assert torch.equal(initial_bin_weight(head, BINS, noised), initial_bin_weight(head, BINS, noised))  # seeded
+    assert lora_grad_norm(plain) < 1e-12
+    assert lora_grad_norm(noised) > 1e-4
