@@ -45,9 +45,12 @@ def epoch_means(summary: Mapping) -> list[dict]:
     for e in range(epochs):
         hits = curves["hit1"][e * per_epoch:(e + 1) * per_epoch]
         sel = curves["selection"][e * per_epoch:(e + 1) * per_epoch]
+        # summaries from before the bin-peak curve existed have none
+        peak = (curves.get("bin_peak") or [])[e * per_epoch:(e + 1) * per_epoch]
         if hits:
             rows.append({"epoch": e + 1, "steps": len(hits), "train_hit1": sum(hits) / len(hits),
-                         "train_selection_loss": sum(sel) / len(sel)})
+                         "train_selection_loss": sum(sel) / len(sel),
+                         "bin_peak": sum(peak) / len(peak) if peak else None})
     return rows
 
 
@@ -58,9 +61,10 @@ def markdown(summary: Mapping, command: str) -> str:
              f"{summary['steps']} of {summary['total_steps']} steps ({summary['stopped']}), "
              f"{summary['wall_s']:.0f} s, peak RSS {summary['peak_rss_mb'] / 1024:.2f} GB, "
              f"learned prior weight {summary['prior_weight']:.3f}; {adapter_label(summary['config'])}.", "",
-             "| epoch | steps | train hit@1 | train selection loss |", "|---|---|---|---|"]
-    lines += [f"| {r['epoch']} | {r['steps']} | {r['train_hit1']:.3f} | {r['train_selection_loss']:.4f} |"
-              for r in epoch_means(summary)]
+             "| epoch | steps | train hit@1 | train selection loss | top bin probability (1/16 undifferentiated, 1 saturated) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['epoch']} | {r['steps']} | {r['train_hit1']:.3f} | {r['train_selection_loss']:.4f} | "
+              f"{'-' if r['bin_peak'] is None else format(r['bin_peak'], '.3f')} |" for r in epoch_means(summary)]
     lines += ["", f"Held-out ({metrics.get('groups')} groups; the SLM's own top-1 agrees with the LLM on "
               f"{slm:.3f} of them):" if slm is not None else "Held-out:", "",
               "| step | agreement@1 | Spearman ρ |", "|---|---|---|"]
@@ -75,7 +79,10 @@ def adapter_label(config: Mapping) -> str:
     where = "all layers" if layers is None else f"top {layers} layers"
     if config.get("lora_trainable", True) is False:
         return f"LoRA frozen at zero ({where}): score bins and prior weight only"
-    return f"LoRA rank {config['rank']} on {where}"
+    bins = ""
+    if config.get("bin_lr") is not None or config.get("bin_init_std"):
+        bins = f", bins lr {config.get('bin_lr') or config['lr']:g} init noise {config.get('bin_init_std') or 0:g}"
+    return f"LoRA rank {config['rank']} on {where}{bins}"
 
 
 def plot(summary: Mapping, out: Path, window: int) -> Path:

@@ -277,6 +277,7 @@ class RowRunner:
         self.ref_cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         self.ref_cache_bytes = 0
         self.group_cache: dict[Any, GroupBatch] = {}
+        self.last_bin_peak = 0.0
 
     def layers(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, lo: int, hi: int,
                final_norm: bool) -> torch.Tensor:
@@ -350,6 +351,11 @@ class RowRunner:
             hidden = self.layers(lower, positions, mask, self.lower, self.num_layers, True)[0]
         n = len(row.tokens)
         scores = bin_scores(hidden[n:], self.bin_weight)
+        with torch.no_grad():
+            # Mean top bin probability over the row's candidates: ~1/16 with undifferentiated bins, ~1 when the
+            # bin softmax has saturated (then no gradient passes through it; see TrainConfig.bin_lr).
+            logits = hidden[n:].detach().to(scores.dtype) @ self.bin_weight.detach().to(scores.dtype).T
+            self.last_bin_peak = float(torch.softmax(logits, dim=-1).amax(dim=-1).mean()) if len(logits) else 0.0
         kl_pair = None if ref is None else (hidden[:n][ref[0]], ref[1])
         return scores, kl_pair, ref
 
@@ -376,7 +382,8 @@ class RowRunner:
                                   cfg.kl_chunk)
             loss = loss + cfg.lm_kl_weight * lm_kl / kl_norm
         return loss, {"selection": float(sel.detach()), "teacher_kl": float(teacher_kl.detach()), "hinge": float(hinge.detach()),
-                      "lm_kl": float(lm_kl.detach()), "hits": hits, "groups": len(row.branches)}
+                      "lm_kl": float(lm_kl.detach()), "hits": hits, "groups": len(row.branches),
+                      "bin_peak": self.last_bin_peak * len(row.branches)}
 
     @torch.no_grad()
     def evaluate(self, rows: Sequence[Row], key_prefix: str = "eval") -> dict:
@@ -575,7 +582,7 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
     fingerprint = dict(cfg.fingerprint(), train_rows=len(train_rows), train_data_sha256=data_sha,
                        base_weights_sha256=base_sha, bin_ids=bin_ids)
     step, epoch, batch_in_epoch, prior_s = 0, 0, 0, 0.0
-    curves: dict[str, list] = {k: [] for k in ("step", "loss", "selection", "teacher_kl", "lm_kl", "hit1", "lr",
+    curves: dict[str, list] = {k: [] for k in ("step", "loss", "selection", "teacher_kl", "lm_kl", "hit1", "bin_peak", "lr",
                                                "prior_weight")}
     eval_curve: list[dict] = []
     metrics_before = None
@@ -624,12 +631,13 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
                 group_norm = sum(len(train_rows[i].branches) for i in batch)
                 kl_norm = sum(len(runner.kl_index(("train", i), len(train_rows[i].tokens))) for i in batch) or 1
                 optimizer.zero_grad(set_to_none=True)
-                totals = {"loss": 0.0, "selection": 0.0, "teacher_kl": 0.0, "lm_kl": 0.0, "hits": 0, "groups": 0}
+                totals = {"loss": 0.0, "selection": 0.0, "teacher_kl": 0.0, "lm_kl": 0.0, "hits": 0, "groups": 0,
+                          "bin_peak": 0.0}
                 for i in batch:
                     loss, parts = runner.row_loss(("train", i), train_rows[i], group_norm, kl_norm)
                     loss.backward()
                     totals["loss"] += float(loss.detach())
-                    for k in ("selection", "teacher_kl", "lm_kl", "hits", "groups"):
+                    for k in ("selection", "teacher_kl", "lm_kl", "hits", "groups", "bin_peak"):
                         totals[k] += parts[k]
                     tokens_seen += train_rows[i].query_tokens
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -644,6 +652,7 @@ def train(groups_train: Sequence[Any], groups_eval: Sequence[Any], base_model_di
                 curves["teacher_kl"].append(totals["teacher_kl"] / group_norm)
                 curves["lm_kl"].append(totals["lm_kl"] / kl_norm)
                 curves["hit1"].append(totals["hits"] / group_norm)
+                curves.setdefault("bin_peak", []).append(totals["bin_peak"] / group_norm)  # group-weighted
                 curves["lr"].append(lr)
                 curves["prior_weight"].append(float(prior_weight.detach()))
                 bar.update(1)

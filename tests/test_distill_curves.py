@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import distill_curves  # noqa: E402
@@ -30,18 +32,24 @@ def test_moving_average_is_trailing_and_starts_at_the_first_step():
 def test_epoch_means_and_held_out_points():
     summary = _summary()
     assert distill_curves.epoch_means(summary) == [
-        {"epoch": 1, "steps": 3, "train_hit1": 1 / 3, "train_selection_loss": 7 / 3},
-        {"epoch": 2, "steps": 3, "train_hit1": 1.0, "train_selection_loss": 1.0}]
+        {"epoch": 1, "steps": 3, "train_hit1": 1 / 3, "train_selection_loss": 7 / 3, "bin_peak": None},
+        {"epoch": 2, "steps": 3, "train_hit1": 1.0, "train_selection_loss": 1.0, "bin_peak": None}]
     assert [p["step"] for p in distill_curves.held_out_points(summary)] == [0, 3, 6]
     md = distill_curves.markdown(summary, "s2t distill --eval-every 3")
     assert "| 3 | 0.600 | - |" in md and "0.550" in md and "`s2t distill --eval-every 3`" in md
     assert "LoRA rank 16 on all layers" in md
+    # a newer summary has the bin-peak curve: per epoch, where a saturated bin softmax would show
+    summary["curves"]["bin_peak"] = [0.0625, 0.1, 0.1, 0.9, 1.0, 0.98]
+    assert [r["bin_peak"] for r in distill_curves.epoch_means(summary)] == pytest.approx([0.0875, 0.96])
+    assert "| 2 | 3 | 1.000 | 1.0000 | 0.960 |" in distill_curves.markdown(summary, "x")
 
 
 def test_the_label_says_what_was_trained():
     assert distill_curves.adapter_label({"rank": 64, "lora_layers": 6}) == "LoRA rank 64 on top 6 layers"
     assert distill_curves.adapter_label({"rank": 16, "lora_layers": 6, "lora_trainable": False}).startswith(
         "LoRA frozen at zero (top 6 layers)")
+    assert distill_curves.adapter_label({"rank": 16, "lora_layers": 6, "lr": 3e-4, "bin_lr": 1e-5, "bin_init_std": 0.003}
+                                        ) == "LoRA rank 16 on top 6 layers, bins lr 1e-05 init noise 0.003"
 
 
 def test_plot_writes_a_png(tmp_path):

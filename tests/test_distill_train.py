@@ -214,6 +214,7 @@ def test_training_learns_a_candidate_property(tmp_path):
     assert summary["metrics"]["agreement_at_1"] > 0.9, summary["eval_curve"]
     assert summary["metrics"]["spearman"] > summary["metrics_before"]["spearman"]
     assert summary["stopped"] == "done" and summary["steps"] == 4 * 40
+    assert len(summary["curves"]["bin_peak"]) == 160 and all(1 / 16 <= x <= 1 for x in summary["curves"]["bin_peak"])
     assert time.perf_counter() - t0 < 60
     manifest = json.loads((Path(summary["adapter"]) / "s2t-adapter.json").read_text())
     assert manifest["metrics"]["agreement_at_1"] == summary["metrics"]["agreement_at_1"]
@@ -362,9 +363,12 @@ def test_identical_bin_rows_leave_the_lora_without_gradient_until_noised(slm_dir
         for p in lora:
             p.grad = None
             p.requires_grad_(True)
-        loss, _ = runner.row_loss("row", rows[0], group_norm=1, kl_norm=1)
+        loss, parts = runner.row_loss("row", rows[0], group_norm=1, kl_norm=1)
         loss.backward()
+        peaks.append(parts["bin_peak"] / parts["groups"])
         return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in lora))
+
+    peaks: list[float] = []
 
     plain = TrainConfig(kl_positions=0, lm_kl_weight=0.0, teacher_kl_weight=0.1, prior_weight_init=0.0)
     noised = TrainConfig(**dict(dataclasses.asdict(plain), bin_init_std=0.05))
@@ -372,3 +376,4 @@ def test_identical_bin_rows_leave_the_lora_without_gradient_until_noised(slm_dir
     assert torch.equal(initial_bin_weight(head, BINS, noised), initial_bin_weight(head, BINS, noised))  # seeded
     assert lora_grad_norm(plain) < 1e-12
     assert lora_grad_norm(noised) > 1e-4
+    assert peaks[0] == pytest.approx(1 / 16) and peaks[1] > 1 / 16 + 1e-3  # what the bin-peak curve shows
