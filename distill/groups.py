@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -136,6 +137,14 @@ def top_positions(groups: list[Group], tau: float, by: LabelBy = LabelBy.KL) -> 
     values = sorted(value(g) for g in groups)
     cut = values[min(len(values) - 1, int(len(values) * (1 - tau)))]
     return [g for g in groups if value(g) >= cut]
+
+
+def split_held_out(groups: list[Group], share: float) -> tuple[list[Group], list[Group]]:
+    """(training, held-out) groups, held out by session (never a position of a training rollout) and stably
+    across runs and machines: a session is held out when crc32(session id) falls in the first `share` of
+    its range."""
+    held = {g.session_id for g in groups if zlib.crc32(g.session_id.encode()) % 1000 < share * 1000}
+    return [g for g in groups if g.session_id not in held], [g for g in groups if g.session_id in held]
 
 
 def sessions(log_dir: Path, vocab_sha256: str | None = None, slm_weights_sha256: str | None = None

@@ -270,9 +270,8 @@ def cmd_distill_groups(args) -> None:
 def cmd_distill(args) -> None:
     """Selection logs -> training groups (the top-tau positions by KL or entropy) -> S2T-Local adapter, evaluated, exported."""
     import dataclasses
-    import zlib
 
-    from distill.groups import LabelBy, read_groups, sessions, top_positions
+    from distill.groups import LabelBy, read_groups, sessions, split_held_out, top_positions
     from distill.train import TrainConfig, train
 
     from .calibration import read_calibration
@@ -287,10 +286,7 @@ def cmd_distill(args) -> None:
     logged = len(groups)
     label_by = LabelBy(args.label_by)
     groups = top_positions(groups, args.tau, label_by)
-    # Held out by session (never a position of a training rollout), stably across runs.
-    held = {g.session_id for g in groups if zlib.crc32(g.session_id.encode()) % 1000 < args.eval_share * 1000}
-    train_groups = [g for g in groups if g.session_id not in held]
-    eval_groups = [g for g in groups if g.session_id in held]
+    train_groups, eval_groups = split_held_out(groups, args.eval_share)
     calibration = read_calibration(settings.calibration_file()) or {}
     entropy = calibration.get("entropy") or {f"{r:g}": v for r, v in settings.worker.thresholds.entropy.items()}
     config = TrainConfig(epochs=args.epochs, lr=args.lr, bin_lr=args.bin_lr, bin_init_std=args.bin_init_std,

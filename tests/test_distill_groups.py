@@ -1,13 +1,14 @@
 """distill.groups: selection logs (schema 2) become training groups; logs of another vocabulary or another SLM,
 and logs of another schema version, are refused."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 
-from distill.groups import (DistillError, Group, LabelBy, candidate_entropy, read_groups, sessions, top_positions,
-                            write_groups)
+from distill.groups import (DistillError, Group, LabelBy, candidate_entropy, read_groups, sessions, split_held_out,
+                            top_positions, write_groups)
 from s2t.selection_log import ScoredPosition, SelectionLog, SelectorIdentity, SelectRecord, closed_segments
 
 SLM = "a" * 64
@@ -107,3 +108,13 @@ def test_top_positions_ranks_by_kl_or_by_entropy():
     assert top_positions(groups, 1.0, LabelBy.ENTROPY) == groups  # tau 1: every position, in order
     with pytest.raises(ValueError, match="tau"):
         top_positions(groups, 0.0)
+
+
+def test_held_out_split_is_by_session_and_stable():
+    groups = [dataclasses.replace(_group(0.0, [0.5, 0.5]), session_id=f"session-{i % 200}", step=i) for i in range(1000)]
+    train, held = split_held_out(groups, 0.10)
+    assert len(train) + len(held) == 1000
+    assert not {g.session_id for g in train} & {g.session_id for g in held}  # no rollout on both sides
+    assert 5 <= len({g.session_id for g in held}) <= 40  # ~10 % of 200 sessions
+    assert split_held_out(list(reversed(groups)), 0.10)[1] == list(reversed(held))  # depends on the ids only
+    assert split_held_out(groups, 0.0) == (groups, [])
