@@ -73,7 +73,10 @@ def rows_table(payload: Mapping) -> str:
             continue
         cache = r.get("cache") or {}
         computed = cache.get("computed", r["n"]) if cache else r["n"]
+        last = r.get("last_computed")  # carried by run_bench from the results file this run replaced
         run = (f"{computed} problems, {r['wall_s']:,.0f} s, {r['tokens_per_s']:.1f} tokens/s" if computed
+               else f"none (all cached; computed {last['date'][:10]} at {last['commit']}: {last['computed']} problems, "
+                    f"{last['wall_s']:,.0f} s, {last['tokens_per_s']:.1f} tokens/s)" if last
                else "none (all cached)")
         pass8 = (f"{r['pass_at_8_correct']}/{r['n']} ({_ci(r['pass_at_8_ci95'])})" if "pass_at_8" in r else "–")
         lines.append(f"| `{r['mode']}` | {describe(r, default_k)} | {r['correct']}/{r['n']} = {_pct(r['accuracy'])} "

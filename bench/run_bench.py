@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
 BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:  # bench/'s own modules, also when the tests import this file
@@ -581,6 +582,26 @@ class CacheOptions:
     root: Path = CACHE_ROOT
     canaries: int = 2
     allow_drift: bool = False
+    # (row name, cache file) -> when and at what cost the row's problems were last computed, from the results
+    # file this run replaces (last_computations): a row that is all cached now keeps that record
+    previous: Mapping = dataclasses.field(default_factory=dict)
+
+
+def last_computations(payload: Mapping) -> dict:
+    """(row name, cache file) -> {computed, wall_s, tokens_per_s, date, commit} of the run that last computed
+    each accuracy row's problems: the row itself if it computed any, else the record it carried."""
+    out = {}
+    for r in payload.get("rows", []):
+        cache = r.get("cache") or {}
+        if r.get("kind") != "accuracy" or not cache.get("file"):
+            continue
+        if cache.get("computed"):
+            out[(r["mode"], cache["file"])] = {"computed": cache["computed"], "wall_s": r["wall_s"],
+                                               "tokens_per_s": r["tokens_per_s"], "date": payload.get("date"),
+                                               "commit": payload.get("commit")}
+        elif r.get("last_computed"):
+            out[(r["mode"], cache["file"])] = r["last_computed"]
+    return out
 
 
 # ---- paired comparisons ----------------------------------------------------------------------------------
@@ -842,6 +863,9 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
                     summary.update(pass_at_k(row, results))
                 if run is not None:  # time covers only what this run computed: tokens/s over those tokens
                     summary["tokens_per_s"] = run.fresh_tokens / wall if wall else 0.0
+                    last = cache_options.previous.get((row.name, str(run.cache_path)))
+                    if run.computed == 0 and last:
+                        summary["last_computed"] = last
                 payload["rows"].append(summary)
                 payload["details"].append({"mode": row.name, "kind": kind, "results": results})
                 cached_note = (f", {run.reused} cached + {run.computed} computed, canaries "
@@ -882,6 +906,10 @@ def main() -> None:
                     help="cached problems recomputed per accuracy row and compared with the cache (default 2)")
     ap.add_argument("--allow-canary-drift", action="store_true",
                     help="on a canary mismatch, record it and go on instead of stopping")
+    ap.add_argument("--previous-results", nargs="+", type=Path, default=[], metavar="FILE",
+                    help="results files (e.g. an earlier run under another --name) whose records of when and at what "
+                         "cost a row's cached problems were computed carry over to rows this run finds all cached; "
+                         "the results file this run replaces always counts (and wins)")
     ap.add_argument("--margin", type=float, default=1.0, metavar="POINTS",
                     help="paired comparisons answer 'is A within this many accuracy points of B' (default 1)")
     ap.add_argument("--hf-assisted-worker", help=argparse.SUPPRESS)  # internal: run hf-assisted in a subprocess
@@ -928,8 +956,12 @@ def main() -> None:
                             "selector": {k: getattr(settings.selector, k) for k in ("model", "max_batch_size")},
                             "accuracy_max_new_tokens": args.max_new, "speed_max_new_tokens": speed_max_new},
                "paired_margin": args.margin / 100, "rows": [], "details": [], "notes": []}
+    previous = {}
+    for path in [*args.previous_results, RESULTS / f"{name}.json"]:
+        if path.is_file():
+            previous.update(last_computations(json.loads(path.read_text())))
     cache_options = CacheOptions(enabled=not args.no_cache, root=args.cache_dir, canaries=args.canaries,
-                                 allow_drift=args.allow_canary_drift)
+                                 allow_drift=args.allow_canary_drift, previous=previous)
     t0 = time.monotonic()
     if any(r.mode == "hf-assisted" for r in rows) and speed_problems:
         print(f"[bench] hf-assisted speed: {len(speed_problems)} problems ...", file=sys.stderr, flush=True)

@@ -539,7 +539,16 @@ async def test_bench_rows_reuse_the_cache_on_a_rerun(make_settings, tmp_path, mo
     assert identity["adapter"] is None
 
     second = _payload()
+    # what the first run computed, and when, stays with the rows that are all cached now
+    first_written = json.loads((tmp_path / "results" / "first.json").read_text())
+    options = dataclasses.replace(options, previous=run_bench.last_computations(first_written))
     await run_bench.run_stack_rows(settings, rows, problems, [], 16, 6, second, "second", cache_options=options)
+    assert [r["last_computed"]["computed"] for r in second["rows"]] == [3, 3, 3]
+    assert [r["last_computed"]["wall_s"] for r in second["rows"]] == [r["wall_s"] for r in first["rows"]]
+    assert {r["last_computed"]["date"] for r in second["rows"]} == {first_written["date"]}
+    # and through any number of all-cached reruns
+    assert run_bench.last_computations(json.loads((tmp_path / "results" / "second.json").read_text())) == \
+        run_bench.last_computations(first_written)
     caches = [r["cache"] for r in second["rows"]]
     assert [(c["computed"], c["reused"], c["canaries_matched"], len(c["canaries"])) for c in caches] == [
         (0, 3, 2, 2)] * 3

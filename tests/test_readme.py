@@ -70,6 +70,10 @@ def test_paper_section_reports_the_ordering_link_by_link_and_what_was_not_run():
     assert "Not run yet: `takeover`, `s2t-spec-tau10-b8`." in text
     assert "| 60/100 (50–70 %) |" in text  # pass@8 beside the majority vote
     assert "none (all cached)" in text
+    payload["rows"][2]["last_computed"] = {"computed": 100, "wall_s": 1578.2, "tokens_per_s": 19.04,
+                                           "date": "2026-12-01 20:44:20 UTC", "commit": "556b438"}
+    assert "| none (all cached; computed 2026-12-01 at 556b438: 100 problems, 1,578 s, 19.0 tokens/s) |" in \
+        rs.section(payload)
     payload["paired"][0] = _paired("greedy", "maj8", 0.25, 0.31, 0.2)
     assert "→ not shown: no significant difference" in rs.section(payload)
     payload["paired"][0] = _paired("greedy", "maj8", 0.25, 0.40, 0.001)
