@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from distill.packing import Row, pack_groups
-from s2t.rerank import (NUM_BINS, TARGETS, adapter_scope, attach_lora, bin_scores, install, load_adapter,
+from s2t.rerank import (NUM_BINS, TARGETS, adapter_scope, attach_lora, bin_probs, expected_bin, install, load_adapter,
                         lora_parameters, lora_wrappers, reserved_bin_ids, save_adapter, set_active_adapter,
                         tree_inputs, with_prior)
 
@@ -350,12 +350,11 @@ class RowRunner:
         with adapter_scope(self.model, self.adapter):
             hidden = self.layers(lower, positions, mask, self.lower, self.num_layers, True)[0]
         n = len(row.tokens)
-        scores = bin_scores(hidden[n:], self.bin_weight)
-        with torch.no_grad():
-            # Mean top bin probability over the row's candidates: ~1/16 with undifferentiated bins, ~1 when the
-            # bin softmax has saturated (then no gradient passes through it; see TrainConfig.bin_lr).
-            logits = hidden[n:].detach().to(scores.dtype) @ self.bin_weight.detach().to(scores.dtype).T
-            self.last_bin_peak = float(torch.softmax(logits, dim=-1).amax(dim=-1).mean()) if len(logits) else 0.0
+        probs = bin_probs(hidden[n:], self.bin_weight)
+        scores = expected_bin(probs)
+        # Mean top bin probability over the row's candidates: ~1/16 with undifferentiated bins, ~1 when the
+        # bin softmax has saturated (then no gradient passes through it; see TrainConfig.bin_lr).
+        self.last_bin_peak = float(probs.detach().amax(dim=-1).mean()) if len(probs) else 0.0
         kl_pair = None if ref is None else (hidden[:n][ref[0]], ref[1])
         return scores, kl_pair, ref
 

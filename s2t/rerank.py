@@ -114,9 +114,18 @@ def bin_scores(hidden: torch.Tensor, bin_weight: torch.Tensor) -> torch.Tensor:
     Computed in at least float32 (a bf16 model's hidden states are promoted), differentiably: the trainer
     and the serving Reranker share this function, so their scores agree to rounding.
     """
+    return expected_bin(bin_probs(hidden, bin_weight))
+
+
+def bin_probs(hidden: torch.Tensor, bin_weight: torch.Tensor) -> torch.Tensor:
+    """softmax(W_R h) over the bins for each row of hidden [..., H] -> [..., bins], in at least float32."""
     dtype = torch.promote_types(torch.promote_types(hidden.dtype, bin_weight.dtype), torch.float32)
-    probs = torch.softmax(hidden.to(dtype) @ bin_weight.to(dtype).T, dim=-1)
-    return probs @ bin_values(bin_weight.shape[0], dtype).to(probs.device)
+    return torch.softmax(hidden.to(dtype) @ bin_weight.to(dtype).T, dim=-1)
+
+
+def expected_bin(probs: torch.Tensor) -> torch.Tensor:
+    """v · p for bin probabilities [..., bins] -> [...]."""
+    return probs @ bin_values(probs.shape[-1], probs.dtype).to(probs.device)
 
 
 def with_prior(scores: torch.Tensor, slm_probs: torch.Tensor | None, prior_weight: torch.Tensor | float
