@@ -17,10 +17,10 @@ Formats:
               _weight_int8pack_mm on an AVX2 machine, which streams short rows at 3-4 GB/s per core; only
               where the kernel builds (x86 with AVX2, a C++ compiler)
   int8_vnni   the same int8 weights (stored + 128 as uint8) times activations quantised to int8 on the fly,
-              one scale per row and block of 128 inputs, through the project's AVX-512 VNNI kernel: integer
-              dot products, 64 pairs per instruction, so many rows cost little more than one; every output
-              depends on its own row only (batch-invariant); only where the kernel builds (x86 with
-              AVX-512 VNNI, a C++ compiler)
+              one scale per row and block of 128 inputs, through the project's kernel: integer dot products
+              (AVX-512 VNNI: 64 pairs per instruction; on CPUs without it, a bit-identical AVX2 build), so
+              many rows cost little more than one; every output depends on its own row only
+              (batch-invariant); only where a build exists (x86 with AVX2, a C++ compiler)
 
 Activation quantisation with one scale per token (fbgemm dynamic int8) is not offered: measured per token
 on the 0.5B it moved the top-1 token at ~5 % of positions (KL 0.055 nats/token against fp32; bf16: 0.7 %,
@@ -153,10 +153,13 @@ def _prepare(w: torch.Tensor, fmt: str):
                 raise ValueError(f"weight format int8_avx2 is not available here: {kernels.unavailable_reason()}")
             return q, scale
         if fmt == "int8_vnni":
-            if kernels.load_int8_vnni_linear() is None:
+            # the build (AVX-512 VNNI or AVX2) is chosen once, here: the layer keeps it, so decode steps do not
+            # look it up, and layers made under different S2T_INT8_VNNI_KERNEL settings can be compared
+            fn = kernels.load_int8_vnni_linear()
+            if fn is None:
                 raise ValueError(f"weight format int8_vnni is not available here: "
                                  f"{kernels.unavailable_reason('int8_vnni')}")
-            return vnni_weight(q), scale, w.shape[1]
+            return vnni_weight(q), scale, w.shape[1], fn
         return q, scale.to(torch.bfloat16)
     raise ValueError(fmt)
 
@@ -190,8 +193,8 @@ def _apply(fmt: str, w, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
         q, scale = w
         y = kernels.load_int8_linear()(x.to(torch.float32).contiguous(), q, scale)
     elif fmt == "int8_vnni":
-        u, scale, in_features = w
-        y = kernels.load_int8_vnni_linear()(x.to(torch.float32).contiguous(), u, scale, in_features)
+        u, scale, in_features, kernel = w
+        y = kernel(x.to(torch.float32).contiguous(), u, scale, in_features)
     else:
         raise ValueError(fmt)
     return y if bias is None else y + bias.to(y.dtype)

@@ -65,3 +65,35 @@ def test_llama_cpp_rows_and_ratios(tmp_path, monkeypatch):
     for r in payload["rows"]:
         if r["engine"] == "s2t":
             assert r["vs_llama_cpp"] == round(r["tokens_per_s"] / (1e6 * r["threads"]), 3)
+
+
+def test_both_int8_vnni_builds_in_one_run(tmp_path, monkeypatch):
+    """'int8_vnni@avx2' beside 'int8_vnni@avx512_vnni': each layer keeps the build it was made with, so both are
+    timed in one process, and (bit-identical builds) neither ever picks another token than the other."""
+    from s2t import kernels
+
+    if not (kernels.cpu_has_avx512_vnni() and kernels.cpu_has_avx2()):
+        import pytest
+
+        pytest.skip("needs both builds (an AVX-512 VNNI CPU)")
+    monkeypatch.delenv("S2T_INT8_VNNI_KERNEL", raising=False)
+    model = _tiny_dir(tmp_path)
+    payload = decode_formats.main(["--models", str(model), "--formats", "int8_vnni@avx512_vnni,int8_vnni@avx2",
+                                   "--threads", "1", "--steps", "5", "--rounds", "1", "--prompt-tokens", "7",
+                                   "--results-dir", str(tmp_path / "out"), "--name", "builds"])
+    rows = {r["weight_formats"]: r for r in payload["rows"]}
+    assert set(rows) == {"int8_vnni@avx512_vnni", "int8_vnni@avx2"}
+    assert all(r["plan"].startswith("1-1 rows: int8_vnni") for r in rows.values())
+    assert rows["int8_vnni@avx2"]["argmax_differs_from_first_format"] == 0
+    assert "S2T_INT8_VNNI_KERNEL" not in __import__("os").environ
+
+
+def test_vnni_build_sets_the_kernel_choice_only_while_loading(monkeypatch):
+    import os
+
+    monkeypatch.setenv("S2T_INT8_VNNI_KERNEL", "auto")
+    with decode_formats.vnni_build("int8_vnni@avx2") as plan:
+        assert plan == "int8_vnni" and os.environ["S2T_INT8_VNNI_KERNEL"] == "avx2"
+    assert os.environ["S2T_INT8_VNNI_KERNEL"] == "auto"
+    with decode_formats.vnni_build("int8,int8,int8,fp32_packed,fp32_packed") as plan:
+        assert plan == "int8,int8,int8,fp32_packed,fp32_packed" and os.environ["S2T_INT8_VNNI_KERNEL"] == "auto"

@@ -1,5 +1,6 @@
-"""The int8_vnni kernel (s2t/kernels/int8_vnni.cpp): exact integer arithmetic on per-block quantised
-activations, against a float64 reference that quantises the same way; batch invariance; its absence."""
+"""The int8_vnni kernel (s2t/kernels/int8_vnni.cpp), both builds (AVX-512 VNNI and AVX2): exact integer
+arithmetic on per-block quantised activations, against a float64 reference that quantises the same way;
+batch invariance; the two builds bit-identical; which build serves the format; its absence."""
 
 import pytest
 import torch
@@ -11,14 +12,16 @@ from s2t import kernels
 from s2t.weight_formats import VNNI_BLOCK, FormatPlan, FormattedLinear, _prepare, available_formats, vnni_weight
 
 needs_vnni = pytest.mark.skipif(not kernels.cpu_has_avx512_vnni(),
-                                reason="the kernel is for x86 CPUs with AVX-512 VNNI")
+                                reason="the AVX-512 build is for x86 CPUs with AVX-512 VNNI")
+needs_avx2 = pytest.mark.skipif(not kernels.cpu_has_avx2(), reason="the AVX2 build is for x86 CPUs with AVX2")
+BUILDS = [pytest.param("int8_vnni", marks=needs_vnni), pytest.param("int8_vnni_avx2", marks=needs_avx2)]
 
 
-@pytest.fixture(scope="module")
-def vnni_linear():
-    fn = kernels.load_int8_vnni_linear()
+@pytest.fixture(scope="module", params=BUILDS)
+def vnni_linear(request):
+    fn = kernels.load_kernel(request.param)
     # on a machine with the instructions a missing kernel is a failure, not a skip (no compiler or ninja)
-    assert fn is not None, kernels.unavailable_reason("int8_vnni")
+    assert fn is not None, kernels._loaded[request.param]["error"]
     return fn
 
 
@@ -40,7 +43,6 @@ def _reference(x, q, scale):
     return (_quantise_rows(x) @ q.double().t()) * scale.double()
 
 
-@needs_vnni
 @pytest.mark.parametrize("thread_count", [1, 2])
 @pytest.mark.parametrize("n,k", [(4, 128), (130, 70), (3, 896), (257, 300), (5, 1), (1, 129)])
 def test_kernel_matches_float64_reference(vnni_linear, thread_count, n, k):
@@ -59,7 +61,6 @@ def test_kernel_matches_float64_reference(vnni_linear, thread_count, n, k):
             assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (m, n, k)
 
 
-@needs_vnni
 def test_each_output_depends_on_its_own_row_only(vnni_linear):
     """Batch invariance: a row's outputs are bit-identical alone or among 40 others, at any thread count."""
     q, scale = quantised(70, 896)
@@ -73,7 +74,6 @@ def test_each_output_depends_on_its_own_row_only(vnni_linear):
         assert torch.equal(alone, together)
 
 
-@needs_vnni
 def test_zero_rows_and_an_all_zero_block(vnni_linear):
     q, scale = quantised(9, 256)
     u = vnni_weight(q)
@@ -85,7 +85,6 @@ def test_zero_rows_and_an_all_zero_block(vnni_linear):
     assert torch.allclose(got.double(), _reference(x, q, scale), rtol=1e-5, atol=1e-6)
 
 
-@needs_vnni
 def test_kernel_rejects_wrong_dtypes_and_shapes(vnni_linear):
     q, scale = quantised(8, 128)
     u = vnni_weight(q)
@@ -97,15 +96,16 @@ def test_kernel_rejects_wrong_dtypes_and_shapes(vnni_linear):
         vnni_linear(torch.randn(1, 127), u, scale, 128)
 
 
-@needs_vnni
-def test_int8_vnni_format_holds_the_int8_formats_weights(vnni_linear):
+def test_int8_vnni_format_holds_the_int8_formats_weights():
     """The same quantised weights as `int8` and `int8_avx2`, offset by 128; a layer in this format is close to
     the float layer, and the plan offers the format on this machine."""
+    if kernels.int8_vnni_kernel() is None:
+        pytest.skip("neither build of int8_vnni exists on this CPU")
     assert "int8_vnni" in available_formats()
     torch.manual_seed(0)
     lin = nn.Linear(300, 40, bias=True)
     qa, sa = _prepare(lin.weight.detach(), "int8_avx2")
-    u, sv, k = _prepare(lin.weight.detach(), "int8_vnni")
+    u, sv, k, kernel = _prepare(lin.weight.detach(), "int8_vnni")
     assert k == 300 and torch.equal(sa, sv) and torch.equal(u[:, :300].to(torch.int16) - 128, qa.to(torch.int16))
     assert (u[:, 300:] == 128).all()
     layer = FormattedLinear(lin, FormatPlan.uniform("int8_vnni"))
@@ -116,19 +116,55 @@ def test_int8_vnni_format_holds_the_int8_formats_weights(vnni_linear):
     assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
-def test_without_the_instructions_the_format_is_absent_and_named(monkeypatch):
-    """A CPU without AVX-512 VNNI (or a failed build): no kernel, a reason, no int8_vnni among the formats,
-    a plan that asks for it refused with that reason; int8_avx2 is unaffected."""
+@needs_vnni
+@needs_avx2
+def test_the_two_builds_are_bit_identical():
+    """The AVX2 build starts each int32 lane at its share of the +128 offset and reduces the same 16 float lanes
+    in the same order as the AVX-512 one: the same numbers, so results do not depend on which CPU ran them."""
+    vnni, avx2 = kernels.load_kernel("int8_vnni"), kernels.load_kernel("int8_vnni_avx2")
+    for n, k in [(4, 128), (130, 70), (257, 300), (1, 129), (33, 8960)]:
+        q, scale = quantised(n, k)
+        u = vnni_weight(q)
+        for m in (1, 2, 3, 17):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * 3
+            x[0, :7] = 0  # zero activations: sign(x, q) and the offset lanes at their edge
+            assert torch.equal(vnni(x, u, scale, k), avx2(x, u, scale, k)), (n, k, m)
+
+
+def test_without_vnni_the_avx2_build_serves_the_format(monkeypatch):
+    """A CPU with AVX2 but not AVX-512 VNNI (most AVX2-only x86 machines) still has int8_vnni, through the AVX2
+    build; S2T_INT8_VNNI_KERNEL picks a build or refuses the fallback."""
+    if not kernels.cpu_has_avx2():
+        pytest.skip("needs AVX2")
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert kernels.int8_vnni_kernel() == "int8_vnni_avx2"
+    assert kernels.load_int8_vnni_linear() is kernels.load_kernel("int8_vnni_avx2")
+    assert "int8_vnni" in available_formats() and kernels.unavailable_reason("int8_vnni") is None
+    monkeypatch.setenv("S2T_INT8_VNNI_KERNEL", "avx512_vnni")
     assert kernels.load_int8_vnni_linear() is None
-    assert "VNNI" in kernels.unavailable_reason("int8_vnni") and "lack avx512bw" in kernels.unavailable_reason("int8_vnni")
+    assert "lack avx512bw" in kernels.unavailable_reason("int8_vnni")
+    monkeypatch.setenv("S2T_INT8_VNNI_KERNEL", "avx2")
+    assert kernels.int8_vnni_kernel() == "int8_vnni_avx2"
+    monkeypatch.setenv("S2T_INT8_VNNI_KERNEL", "sse")
+    with pytest.raises(ValueError, match="S2T_INT8_VNNI_KERNEL='sse'.*avx2"):
+        kernels.int8_vnni_kernel()
+
+
+def test_without_the_instructions_the_format_is_absent_and_named(monkeypatch):
+    """A CPU with neither AVX-512 VNNI nor AVX2 (or failed builds): no kernel, a reason naming both builds' lack,
+    no int8_vnni among the formats, a plan that asks for it refused with that reason."""
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2", "avx512f"})
+    monkeypatch.setattr(kernels, "cpu_has_avx2", lambda: False)
+    assert kernels.load_int8_vnni_linear() is None
+    reason = kernels.unavailable_reason("int8_vnni")
+    assert "VNNI" in reason and "lack avx512bw" in reason and "AVX2" in reason
     assert "int8_vnni" not in available_formats()
     with pytest.raises(ValueError, match="int8_vnni is not available here: .*VNNI"):
         FormattedLinear(nn.Linear(8, 8), FormatPlan.uniform("int8_vnni"))
 
 
-@needs_vnni
 def test_all_positive_activations_lose_little_to_the_offset_correction(vnni_linear):
     """All-positive rows make the +128 offset's correction as large as it gets (sum_k 128 * xq ~ 2e6 per
     block) beside a small true dot product: float32 cancellation must stay far below the int8 rounding."""

@@ -2,11 +2,14 @@
 compiler) and cached under torch's extensions directory (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions), so later processes load them in a fraction of a second.
 
-Two kernels, each the engine of one weight format (s2t/weight_formats.py):
+Three kernels, serving two weight formats (s2t/weight_formats.py):
 - `int8_linear` (int8_gemv.cpp): weight-only int8 matrix-vector products for decode steps on x86 CPUs with
   AVX2 and FMA, the format `int8_avx2`;
 - `int8_vnni_linear` (int8_vnni.cpp): int8 weights times activations quantised to int8 per block of 128
-  inputs, with AVX-512 VNNI's integer dot products, the format `int8_vnni`.
+  inputs, the format `int8_vnni`, built twice from one source: with AVX-512 VNNI's integer dot products where
+  the CPU has them, else with AVX2's (`vpmaddubsw`). The two give bit-identical outputs, so the format means
+  the same numbers on either kind of machine; `S2T_INT8_VNNI_KERNEL=avx2` makes a VNNI machine use the AVX2
+  build (to measure it), `avx512_vnni` refuses the fallback.
 A machine without the instructions, a compiler or ninja simply lacks that format: `load_int8_linear()` /
 `load_int8_vnni_linear()` return None and `unavailable_reason(name)` says why, and the other formats work
 as before.
@@ -100,17 +103,29 @@ class _Kernel:
 
 
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU wheel
+_AVX2 = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+# by kernel name; a format's kernels in order of preference
 _KERNELS = {
-    "int8_avx2": _Kernel("int8_avx2", "s2t_int8_gemv", "int8_gemv.cpp", "int8_linear",
-                         ("-O3", "-mavx2", "-mfma", "-fopenmp"), "AVX2 and FMA"),
+    "int8_avx2": _Kernel("int8_avx2", "s2t_int8_gemv", "int8_gemv.cpp", "int8_linear", _AVX2, "AVX2 and FMA"),
     "int8_vnni": _Kernel("int8_vnni", "s2t_int8_vnni", "int8_vnni.cpp", "int8_vnni_linear",
                          ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"),
                          "AVX-512 (F, BW, VL) with VNNI"),
+    "int8_vnni_avx2": _Kernel("int8_vnni", "s2t_int8_vnni_avx2", "int8_vnni.cpp", "int8_vnni_linear", _AVX2,
+                              "AVX2 and FMA"),
 }
+# what S2T_INT8_VNNI_KERNEL may say -> the kernels it allows, best first
+_VNNI_CHOICES = {"auto": ("int8_vnni", "int8_vnni_avx2"), "avx512_vnni": ("int8_vnni",),
+                 "avx2": ("int8_vnni_avx2",)}
 
 
-def _cpu_supports(fmt: str) -> bool:
-    return cpu_has_avx2() if fmt == "int8_avx2" else cpu_has_avx512_vnni()
+def _cpu_supports(kernel: str) -> bool:
+    return cpu_has_avx512_vnni() if kernel == "int8_vnni" else cpu_has_avx2()
+
+
+def _missing_instructions(kernel: str) -> str:
+    if kernel == "int8_vnni":
+        return f"this CPU's flags lack {', '.join(f for f in _VNNI_FLAGS if f not in cpu_flags())}"
+    return f"torch reports this CPU as {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _build(kernel: _Kernel) -> Callable:
@@ -123,44 +138,64 @@ def _build(kernel: _Kernel) -> Callable:
     return getattr(module, kernel.function)
 
 
-def _load(fmt: str) -> Callable | None:
-    """The compiled kernel of weight format `fmt`, or None where it cannot exist here. Builds at most once per
-    process (a minute the first time on a 2-core machine, then a cached load); thread-safe, and torch's
+def load_kernel(name: str) -> Callable | None:
+    """The compiled kernel `name` (a key of _KERNELS), or None where it cannot exist here. Builds at most once
+    per process (a minute the first time on a 2-core machine, then a cached load); thread-safe, and torch's
     builder locks its directory across processes."""
-    state = _loaded.get(fmt)
+    state = _loaded.get(name)
     if state is not None and "fn" in state:  # every decode-step call after the first: no lock
         return state["fn"]  # type: ignore[return-value]
     with _lock:
-        state = _loaded.setdefault(fmt, {})
+        state = _loaded.setdefault(name, {})
         if "fn" in state or "error" in state:
             return state.get("fn")  # type: ignore[return-value]
-        kernel = _KERNELS[fmt]
-        if not _cpu_supports(fmt):
-            seen = (f"torch reports this CPU as {torch.backends.cpu.get_cpu_capability()}" if fmt == "int8_avx2"
-                    else f"this CPU's flags lack {', '.join(f for f in _VNNI_FLAGS if f not in cpu_flags())}")
-            state["error"] = f"the {fmt} kernel needs {kernel.requires}; {seen}"
+        kernel = _KERNELS[name]
+        if not _cpu_supports(name):
+            state["error"] = f"the {name} kernel needs {kernel.requires}; {_missing_instructions(name)}"
             return None
         try:
             state["fn"] = _build(kernel)
         except Exception as e:  # no compiler, no ninja, a read-only cache: the format is just not offered
             detail = str(e).strip()[-600:]  # a compiler's output can run to pages; its end says what failed
-            state["error"] = f"the {fmt} kernel could not be built: {type(e).__name__}: {detail}"
-            log.warning("%s; weight format %s unavailable", state["error"], fmt)
+            state["error"] = f"the {name} kernel could not be built: {type(e).__name__}: {detail}"
+            log.warning("%s; weight format %s unavailable", state["error"], kernel.format)
             return None
         return state["fn"]  # type: ignore[return-value]
 
 
+def _vnni_choices() -> tuple[str, ...]:
+    choice = os.environ.get("S2T_INT8_VNNI_KERNEL", "auto").strip() or "auto"
+    if choice not in _VNNI_CHOICES:
+        raise ValueError(f"S2T_INT8_VNNI_KERNEL={choice!r}: expected one of {', '.join(_VNNI_CHOICES)}")
+    return _VNNI_CHOICES[choice]
+
+
+def int8_vnni_kernel() -> str | None:
+    """Which kernel serves the int8_vnni format here: "int8_vnni" (AVX-512 VNNI), "int8_vnni_avx2", or None."""
+    for name in _vnni_choices():
+        if load_kernel(name) is not None:
+            return name
+    return None
+
+
 def load_int8_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """`int8_linear(x fp32 [M, K], q int8 [N, K], scale fp32 [N]) -> fp32 [M, N]`, or None where it cannot exist."""
-    return _load("int8_avx2")
+    return load_kernel("int8_avx2")
 
 
 def load_int8_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
     """`int8_vnni_linear(x fp32 [M, K], u uint8 [N, Kp], scale fp32 [N], K) -> fp32 [M, N]` (u = q + 128, rows
-    zero-padded to Kp, a multiple of 128), or None where it cannot exist."""
-    return _load("int8_vnni")
+    zero-padded to Kp, a multiple of 128), or None where it cannot exist: the AVX-512 VNNI build where the CPU
+    has it, else the AVX2 build (S2T_INT8_VNNI_KERNEL narrows the choice)."""
+    name = int8_vnni_kernel()
+    return None if name is None else load_kernel(name)
 
 
 def unavailable_reason(fmt: str = "int8_avx2") -> str | None:
-    """Why the kernel of `fmt` is None (None if it has not been tried or succeeded)."""
-    return _loaded.get(fmt, {}).get("error")  # type: ignore[return-value]
+    """Why the kernel of format `fmt` is None (None if it has not been tried or succeeded); for int8_vnni, the
+    reasons of every build it was allowed to use."""
+    names = _vnni_choices() if fmt == "int8_vnni" else (fmt,)
+    reasons = [_loaded.get(n, {}).get("error") for n in names]
+    if any(r is None for r in reasons):
+        return None
+    return "; ".join(reasons)  # type: ignore[arg-type]

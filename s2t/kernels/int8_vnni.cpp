@@ -16,6 +16,16 @@
 //
 // Every output depends only on its own activation row, in a fixed order: results do not change with the
 // number of rows in the call (batch-invariant), unlike oneDNN's packed fp32.
+//
+// Two builds of this one source (s2t/kernels/__init__.py): with -mavx512vnni the AVX-512 VNNI kernel above;
+// without, an AVX2 kernel for the machines that lack VNNI (most AVX2-only x86 CPUs). AVX2 has no
+// uint8 x int8 dot product into int32 without saturation (vpmaddubsw saturates its int16 pair sums at
+// 255 * 127 * 2), so it multiplies the signed weights q = u - 128 by the activations with the sign trick
+// llama.cpp uses (|q| x sign(x, q): pairs of at most 2 * 127 * 127 fit in int16), and starts each lane's
+// integer sum at the offset term 128 * sum xq of that lane's activations: its int32 lanes are then exactly
+// dpbusd's (lane i of a 64-byte chunk covers its bytes 4i..4i+3; the AVX2 kernel keeps lanes 0-7 and 8-15 in
+// two registers), the float steps that follow are the same operations in the same order, and the two
+// kernels' outputs are bit-identical (tests/test_kernel_vnni.py checks it where both run).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -26,9 +36,21 @@
 namespace {
 
 constexpr int64_t kBlock = 128;  // inputs per activation scale; two 64-byte chunks
+constexpr int64_t kLanes = 16;   // int32 lanes of one 64-byte chunk's dot products (dpbusd's, zmm)
 
-// One full block of 128 inputs, vectorised: the same arithmetic as the scalar tail below (float32 x * (1 / s),
-// rounded half to even by the default MXCSR mode, clamped to +-127). Returns the block's sum of xq.
+// The sum of 16 float lanes in one fixed order (pairs 8 apart, then 4 apart, then 2, then 1: gcc's
+// _mm512_reduce_add_ps), written out so that both kernels and any compiler round the same way.
+inline float reduce16(__m256 lo, __m256 hi) {
+  const __m256 t = _mm256_add_ps(hi, lo);
+  const __m128 u = _mm_add_ps(_mm256_extractf128_ps(t, 1), _mm256_castps256_ps128(t));
+  const __m128 v = _mm_add_ps(u, _mm_shuffle_ps(u, u, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(v) + _mm_cvtss_f32(_mm_shuffle_ps(v, v, _MM_SHUFFLE(1, 1, 1, 1)));
+}
+
+#if defined(__AVX512VNNI__)
+
+// One full block of 128 inputs, vectorised: the same arithmetic as the scalar tail in quantise_row (float32
+// x * (1 / s), rounded half to even by the default MXCSR mode, clamped to +-127). Returns the block's sum of xq.
 inline int32_t quantise_block(const float* x, float s_inv, int8_t* out) {
   const __m512 inv = _mm512_set1_ps(s_inv);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
@@ -42,20 +64,63 @@ inline int32_t quantise_block(const float* x, float s_inv, int8_t* out) {
   return _mm512_reduce_add_epi32(sum);
 }
 
-inline float block_amax(const float* x, int64_t n) {
-  if (n == kBlock) {
-    __m512 m = _mm512_setzero_ps();
-    for (int j = 0; j < kBlock; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
-    return _mm512_reduce_max_ps(m);
+inline float full_block_amax(const float* x) {
+  __m512 m = _mm512_setzero_ps();
+  for (int j = 0; j < kBlock; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+  return _mm512_reduce_max_ps(m);
+}
+
+#else  // AVX2
+
+inline int32_t quantise_block(const float* x, float s_inv, int8_t* out) {
+  const __m256 inv = _mm256_set1_ps(s_inv);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  // vpackssdw / vpacksswb interleave the two 128-bit halves: this puts the 32 bytes back in order
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i sum = _mm256_setzero_si256();
+  for (int j = 0; j < kBlock; j += 32) {
+    __m256i v[4];
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8 * i), inv));
+      v[i] = _mm256_min_epi32(_mm256_max_epi32(v[i], lo), hi);
+      sum = _mm256_add_epi32(sum, v[i]);
+    }
+    // the values are within +-127 already, so the saturating packs only narrow
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_permutevar8x32_epi32(bytes, order));
   }
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sum);
+  int32_t total = 0;
+  for (int i = 0; i < 8; ++i) total += lanes[i];
+  return total;
+}
+
+inline float full_block_amax(const float* x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  for (int j = 0; j < kBlock; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float amax = 0;
+  for (int i = 0; i < 8; ++i) amax = std::max(amax, lanes[i]);
+  return amax;
+}
+
+#endif
+
+inline float block_amax(const float* x, int64_t n) {
+  if (n == kBlock) return full_block_amax(x);
   float amax = 0;
   for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
   return amax;
 }
 
 // Quantise row m of x [M, K] to int8 [M, Kp] (zero-padded), one scale per block; corr[m] is the offset term
-// 128 * sum_b sx[m, b] * sum_{k in b} xq[m, k] that the uint8 weights add.
-void quantise_row(const float* x, int64_t m, int64_t K, int64_t Kp, int8_t* xq, float* sx, float* corr) {
+// 128 * sum_b sx[m, b] * sum_{k in b} xq[m, k] that the uint8 weights add. xoff (AVX2 kernel only, else
+// null): per block, the offset term of each of the 16 int32 lanes, 128 * the sum of the xq that lane covers.
+void quantise_row(const float* x, int64_t m, int64_t K, int64_t Kp, int8_t* xq, float* sx, float* corr,
+                  int32_t* xoff) {
   const int64_t nb = Kp / kBlock;
   double c = 0;
   for (int64_t b = 0; b < nb; ++b) {
@@ -76,23 +141,34 @@ void quantise_row(const float* x, int64_t m, int64_t K, int64_t Kp, int8_t* xq, 
       }
       for (int64_t k = n; k < kBlock; ++k) out[k] = 0;
     }
+    if (xoff != nullptr) {
+      int32_t* lanes = xoff + (m * nb + b) * kLanes;
+      for (int i = 0; i < kLanes; ++i) lanes[i] = 0;
+      for (int64_t k = 0; k < kBlock; ++k) lanes[(k % 64) / 4] += 128 * out[k];
+    }
     sx[m * nb + b] = s;
     c += 128.0 * s * sum;
   }
   corr[m] = static_cast<float>(c);
 }
 
-void quantise(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, float* sx, float* corr) {
+void quantise(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, float* sx, float* corr,
+              int32_t* xoff) {
   // rows are independent; a row of the 1.5B's down projection (8,960 inputs) is ~6 us of work
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) quantise_row(x, m, K, Kp, xq, sx, corr);
+    for (int64_t m = m0; m < m1; ++m) quantise_row(x, m, K, Kp, xq, sx, corr, xoff);
   });
 }
 
+#if defined(__AVX512VNNI__)
+
+constexpr bool kNeedsLaneOffsets = false;
+constexpr int kRowsPerBlock = 4;  // output rows per tile
+
 // R output rows [n0, n0 + R) against MT activation rows [m0, m0 + MT).
 template <int R, int MT>
-inline void tile(const int8_t* xq, const float* sx, const float* corr, const uint8_t* u, const float* scale,
-                 float* y, int64_t Kp, int64_t N, int64_t n0, int64_t m0, bool prefetch) {
+inline void tile(const int8_t* xq, const float* sx, const float* corr, const int32_t* /*xoff*/, const uint8_t* u,
+                 const float* scale, float* y, int64_t Kp, int64_t N, int64_t n0, int64_t m0, bool prefetch) {
   const int64_t nb = Kp / kBlock;
   __m512 facc[R][MT];
   for (int r = 0; r < R; ++r)
@@ -121,20 +197,93 @@ inline void tile(const int8_t* xq, const float* sx, const float* corr, const uin
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m)
-      y[(m0 + m) * N + n0 + r] = (_mm512_reduce_add_ps(facc[r][m]) - corr[m0 + m]) * scale[n0 + r];
+    for (int m = 0; m < MT; ++m) {
+      // the upper half through the pd extract: AVX-512 F has it, the ps one needs DQ
+      const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(facc[r][m]), 1));
+      const float dot = reduce16(_mm512_castps512_ps256(facc[r][m]), hi);
+      y[(m0 + m) * N + n0 + r] = (dot - corr[m0 + m]) * scale[n0 + r];
+    }
 }
 
 // All M rows for output rows [n0, n0 + R): the R weight rows stay in L1 while every row tile passes.
 template <int R>
-inline void rows_for(const int8_t* xq, const float* sx, const float* corr, const uint8_t* u, const float* scale,
-                     float* y, int64_t M, int64_t Kp, int64_t N, int64_t n0) {
+inline void rows_for(const int8_t* xq, const float* sx, const float* corr, const int32_t* xoff, const uint8_t* u,
+                     const float* scale, float* y, int64_t M, int64_t Kp, int64_t N, int64_t n0) {
   int64_t m0 = 0;
   // 2 * R * MT accumulators + R weight vectors + 1 activation vector within the 32 zmm registers, with room
   // to spare: at R = 4, MT = 3 (29 of 32) gcc spilled accumulators to the stack and reloaded weight vectors
-  for (; m0 + 2 <= M; m0 += 2) tile<R, 2>(xq, sx, corr, u, scale, y, Kp, N, n0, m0, m0 == 0);
-  for (; m0 < M; ++m0) tile<R, 1>(xq, sx, corr, u, scale, y, Kp, N, n0, m0, m0 == 0);
+  for (; m0 + 2 <= M; m0 += 2) tile<R, 2>(xq, sx, corr, xoff, u, scale, y, Kp, N, n0, m0, m0 == 0);
+  for (; m0 < M; ++m0) tile<R, 1>(xq, sx, corr, xoff, u, scale, y, Kp, N, n0, m0, m0 == 0);
 }
+
+#else  // AVX2
+
+constexpr bool kNeedsLaneOffsets = true;
+constexpr int kRowsPerBlock = 2;
+
+// The same tile with 256-bit registers: lanes 0-7 of dpbusd's 16 in `lo`, 8-15 in `hi`. Per (row, activation
+// row) two int32 and two float accumulators; at R = 2, MT = 1 they fit the 16 ymm registers with the weights.
+template <int R, int MT>
+inline void tile(const int8_t* xq, const float* sx, const float* corr, const int32_t* xoff, const uint8_t* u,
+                 const float* scale, float* y, int64_t Kp, int64_t N, int64_t n0, int64_t m0, bool prefetch) {
+  const int64_t nb = Kp / kBlock;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));  // u ^ 0x80 = u - 128 = q, as int8
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 flo[R][MT], fhi[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) flo[r][m] = fhi[r][m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i ilo[R][MT], ihi[R][MT];
+    for (int m = 0; m < MT; ++m) {
+      const int32_t* off = xoff + ((m0 + m) * nb + b) * kLanes;
+      const __m256i olo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off));
+      const __m256i ohi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + 8));
+      for (int r = 0; r < R; ++r) {
+        ilo[r][m] = olo;
+        ihi[r][m] = ohi;
+      }
+    }
+    for (int c = 0; c < kBlock / 32; ++c) {  // 32-byte halves of the two 64-byte chunks: even ones lo, odd hi
+      const int64_t k = b * kBlock + c * 32;
+      __m256i q[R], aq[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* row = u + (n0 + r) * Kp + k;
+        if (prefetch && c % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + R * Kp), _MM_HINT_T0);
+        q[r] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)), flip);
+        aq[r] = _mm256_abs_epi8(q[r]);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (m0 + m) * Kp + k));
+        for (int r = 0; r < R; ++r) {
+          // |q| * sign(x, q) = q * x per byte; pairs summed in int16 (at most 2 * 127 * 127), then quads in int32
+          const __m256i quads = _mm256_madd_epi16(_mm256_maddubs_epi16(aq[r], _mm256_sign_epi8(xv, q[r])), ones);
+          if (c % 2 == 0) ilo[r][m] = _mm256_add_epi32(ilo[r][m], quads);
+          else ihi[r][m] = _mm256_add_epi32(ihi[r][m], quads);
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      const __m256 s = _mm256_set1_ps(sx[(m0 + m) * nb + b]);
+      for (int r = 0; r < R; ++r) {
+        flo[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ilo[r][m]), s, flo[r][m]);
+        fhi[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ihi[r][m]), s, fhi[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m)
+      y[(m0 + m) * N + n0 + r] = (reduce16(flo[r][m], fhi[r][m]) - corr[m0 + m]) * scale[n0 + r];
+}
+
+template <int R>
+inline void rows_for(const int8_t* xq, const float* sx, const float* corr, const int32_t* xoff, const uint8_t* u,
+                     const float* scale, float* y, int64_t M, int64_t Kp, int64_t N, int64_t n0) {
+  int64_t m0 = 0;
+  for (; m0 + 2 <= M; m0 += 2) tile<R, 2>(xq, sx, corr, xoff, u, scale, y, Kp, N, n0, m0, m0 == 0);
+  for (; m0 < M; ++m0) tile<R, 1>(xq, sx, corr, xoff, u, scale, y, Kp, N, n0, m0, m0 == 0);
+}
+
+#endif
 
 }  // namespace
 
@@ -154,16 +303,18 @@ torch::Tensor int8_vnni_linear(torch::Tensor x, torch::Tensor u, torch::Tensor s
   if (M == 0) return y;
   std::vector<int8_t> xq(M * Kp);
   std::vector<float> sx(M * (Kp / kBlock)), corr(M);
-  quantise(x.data_ptr<float>(), M, K, Kp, xq.data(), sx.data(), corr.data());
+  std::vector<int32_t> xoff(kNeedsLaneOffsets ? M * (Kp / kBlock) * kLanes : 0);
+  int32_t* xo = kNeedsLaneOffsets ? xoff.data() : nullptr;
+  quantise(x.data_ptr<float>(), M, K, Kp, xq.data(), sx.data(), corr.data(), xo);
   const uint8_t* up = u.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  constexpr int R = 4;
+  constexpr int R = kRowsPerBlock;
   const int64_t blocks = N / R;
   at::parallel_for(0, blocks, std::max<int64_t>(1, 64 / R), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) rows_for<R>(xq.data(), sx.data(), corr.data(), up, sp, yp, M, Kp, N, b * R);
+    for (int64_t b = b0; b < b1; ++b) rows_for<R>(xq.data(), sx.data(), corr.data(), xo, up, sp, yp, M, Kp, N, b * R);
   });
-  for (int64_t n = blocks * R; n < N; ++n) rows_for<1>(xq.data(), sx.data(), corr.data(), up, sp, yp, M, Kp, N, n);
+  for (int64_t n = blocks * R; n < N; ++n) rows_for<1>(xq.data(), sx.data(), corr.data(), xo, up, sp, yp, M, Kp, N, n);
   return y;
 }
 
