@@ -31,7 +31,8 @@ GIB = 1 << 30
 # Bytes per stored weight element of each format at decode time; int8 adds a bf16 scale per output row,
 # int8_avx2 and int8_vnni an fp32 one (int8_vnni's rows are padded to a multiple of 128 inputs, which the
 # embedded models' widths already are).
-FORMAT_ELEMENT_BYTES = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1, "int8_vnni": 1}
+FORMAT_ELEMENT_BYTES = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1, "int8_vnni": 1,
+                        "int4_vnni": 0.5 + 2 / 32}  # int4_vnni: a nibble, and a float16 scale per 32 inputs
 FORMAT_ROW_SCALE_BYTES = {"int8": 2, "int8_avx2": 4, "int8_vnni": 4}
 
 
@@ -56,7 +57,7 @@ def engine_bytes_per_token(config: dict, fmt: str) -> int:
     per_elem = stored if fmt == "native" else FORMAT_ELEMENT_BYTES[fmt]
     per_row = FORMAT_ROW_SCALE_BYTES.get(fmt, 0)
     shapes = linear_shapes(config)
-    matrices = sum(out * inp * per_elem + out * per_row for out, inp in shapes)
+    matrices = round(sum(out * inp * per_elem + out * per_row for out, inp in shapes))
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     q_out, kv_out = shapes[0][0], shapes[1][0]
     small = ((q_out + 2 * kv_out) + 2 * h) * layers + h + h  # qkv biases, 2 norms a layer, final norm, a row

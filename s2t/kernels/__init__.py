@@ -2,14 +2,17 @@
 compiler) and cached under torch's extensions directory (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions), so later processes load them in a fraction of a second.
 
-Three kernels, serving two weight formats (s2t/weight_formats.py):
+Four kernels, serving three weight formats (s2t/weight_formats.py):
 - `int8_linear` (int8_gemv.cpp): weight-only int8 matrix-vector products for decode steps on x86 CPUs with
   AVX2 and FMA, the format `int8_avx2`;
 - `int8_vnni_linear` (int8_vnni.cpp): int8 weights times activations quantised to int8 per block of 128
   inputs, the format `int8_vnni`, built twice from one source: with AVX-512 VNNI's integer dot products where
   the CPU has them, else with AVX2's (`vpmaddubsw`). The two give bit-identical outputs, so the format means
   the same numbers on either kind of machine; `S2T_INT8_VNNI_KERNEL=avx2` makes a VNNI machine use the AVX2
-  build (to measure it), `avx512_vnni` refuses the fallback.
+  build (to measure it), `avx512_vnni` refuses the fallback;
+- `int4_vnni_linear` (int4_vnni.cpp): 4-bit weights with a scale per 32 inputs times the same int8
+  activations, AVX-512 VNNI only, the format `int4_vnni`.
+Activation quantisation is shared (act_quant.h).
 A machine without the instructions, a compiler or ninja simply lacks that format: `load_int8_linear()` /
 `load_int8_vnni_linear()` return None and `unavailable_reason(name)` says why, and the other formats work
 as before.
@@ -18,6 +21,7 @@ as before.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
@@ -100,30 +104,37 @@ class _Kernel:
     function: str
     flags: tuple[str, ...]
     requires: str  # said when the CPU lacks the instructions
+    headers: tuple[str, ...] = ()  # included files: their hash goes into the flags, so an edit rebuilds
 
 
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU wheel
 _AVX2 = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+_AVX512_VNNI = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-fopenmp")
 # by kernel name; a format's kernels in order of preference
 _KERNELS = {
     "int8_avx2": _Kernel("int8_avx2", "s2t_int8_gemv", "int8_gemv.cpp", "int8_linear", _AVX2, "AVX2 and FMA"),
-    "int8_vnni": _Kernel("int8_vnni", "s2t_int8_vnni", "int8_vnni.cpp", "int8_vnni_linear",
-                         ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"),
-                         "AVX-512 (F, BW, VL) with VNNI"),
+    "int8_vnni": _Kernel("int8_vnni", "s2t_int8_vnni", "int8_vnni.cpp", "int8_vnni_linear", _AVX512_VNNI,
+                         "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h",)),
     "int8_vnni_avx2": _Kernel("int8_vnni", "s2t_int8_vnni_avx2", "int8_vnni.cpp", "int8_vnni_linear", _AVX2,
-                              "AVX2 and FMA"),
+                              "AVX2 and FMA", ("act_quant.h",)),
+    "int4_vnni": _Kernel("int4_vnni", "s2t_int4_vnni", "int4_vnni.cpp", "int4_vnni_linear", _AVX512_VNNI,
+                         "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h",)),
 }
 # what S2T_INT8_VNNI_KERNEL may say -> the kernels it allows, best first
 _VNNI_CHOICES = {"auto": ("int8_vnni", "int8_vnni_avx2"), "avx512_vnni": ("int8_vnni",),
                  "avx2": ("int8_vnni_avx2",)}
 
 
+def _needs_vnni(kernel: str) -> bool:
+    return _KERNELS[kernel].flags == _AVX512_VNNI
+
+
 def _cpu_supports(kernel: str) -> bool:
-    return cpu_has_avx512_vnni() if kernel == "int8_vnni" else cpu_has_avx2()
+    return cpu_has_avx512_vnni() if _needs_vnni(kernel) else cpu_has_avx2()
 
 
 def _missing_instructions(kernel: str) -> str:
-    if kernel == "int8_vnni":
+    if _needs_vnni(kernel):
         return f"this CPU's flags lack {', '.join(f for f in _VNNI_FLAGS if f not in cpu_flags())}"
     return f"torch reports this CPU as {torch.backends.cpu.get_cpu_capability()}"
 
@@ -133,8 +144,11 @@ def _build(kernel: _Kernel) -> Callable:
 
     _ensure_ninja_on_path()
     _clear_stale_lock(kernel.module)
-    module = load(name=kernel.module, sources=[str(_HERE / kernel.source)], extra_cflags=list(kernel.flags),
-                  extra_ldflags=["-fopenmp"], verbose=False)
+    # torch's builder decides whether to rebuild from the sources and flags, not from what they include
+    digest = hashlib.sha256(b"".join((_HERE / h).read_bytes() for h in kernel.headers)).hexdigest()[:16]
+    headers = [f"-DS2T_HEADERS_SHA256={digest}"] if kernel.headers else []
+    module = load(name=kernel.module, sources=[str(_HERE / kernel.source)],
+                  extra_cflags=[*kernel.flags, *headers], extra_ldflags=["-fopenmp"], verbose=False)
     return getattr(module, kernel.function)
 
 
@@ -189,6 +203,13 @@ def load_int8_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     has it, else the AVX2 build (S2T_INT8_VNNI_KERNEL narrows the choice)."""
     name = int8_vnni_kernel()
     return None if name is None else load_kernel(name)
+
+
+def load_int4_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """`int4_vnni_linear(x fp32 [M, K], w uint8 [N, Kp / 2], d fp16 [N, Kp / 32], K) -> fp32 [M, N]` (4-bit
+    weights q + 8 as nibbles, one scale per 32 inputs; s2t.weight_formats.int4_weight), or None where it cannot
+    exist (AVX-512 VNNI only)."""
+    return load_kernel("int4_vnni")
 
 
 def unavailable_reason(fmt: str = "int8_avx2") -> str | None:

@@ -1,0 +1,130 @@
+"""The int4_vnni format (s2t/kernels/int4_vnni.cpp, s2t.weight_formats.int4_weight): the 4-bit layout and its
+rounding rule, the kernel's exact integer arithmetic against a float64 reference on the same quantised
+weights and activations, batch invariance, its absence, and `auto` never choosing it."""
+
+import pytest
+import torch
+from torch import nn
+
+from kernel_helpers import threads
+
+from s2t import kernels
+from s2t.weight_formats import (AUTO_CANDIDATES, INT4_GROUP, VNNI_BLOCK, FormatPlan, FormattedLinear, _prepare,
+                                available_formats, int4_dequantised, int4_weight, measure_plan)
+
+needs_vnni = pytest.mark.skipif(not kernels.cpu_has_avx512_vnni(),
+                                reason="the kernel is for x86 CPUs with AVX-512 VNNI")
+
+
+@pytest.fixture(scope="module")
+def int4_linear():
+    fn = kernels.load_int4_vnni_linear()
+    assert fn is not None, kernels.unavailable_reason("int4_vnni")
+    return fn
+
+
+def _quantise_rows(x: torch.Tensor) -> torch.Tensor:
+    """The activations as the kernel rounds them (int8 per row and block of 128, as int8_vnni), in float64."""
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=torch.float64)
+    for k0 in range(0, k, VNNI_BLOCK):
+        blk = x[:, k0:k0 + VNNI_BLOCK].float()
+        amax = blk.abs().amax(1, keepdim=True)
+        s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        out[:, k0:k0 + VNNI_BLOCK] = torch.round(blk * (1 / s)).clamp(-127, 127).double() * s.double()
+    return out
+
+
+def test_layout_and_rounding():
+    """Q4_0's rule per group of 32: the largest-magnitude entry is exactly -8 steps, every entry within half a
+    step (or clipped at +7 steps), padding inputs zero; nibble j of a 64-input chunk's low half is input j."""
+    torch.manual_seed(0)
+    w = torch.randn(7, 300) * 0.05
+    packed, d = int4_weight(w, rows_per_pass=3)  # several passes
+    kp = 384
+    assert packed.shape == (7, kp // 2) and packed.dtype == torch.uint8
+    assert d.shape == (7, kp // INT4_GROUP) and d.dtype == torch.float16
+    back = int4_dequantised(packed, d, 300)
+    signed_step = d.float().repeat_interleave(INT4_GROUP, dim=1)[:, :300]
+    step = signed_step.abs()
+    peak = w[:, :288].reshape(7, 9, 32)
+    clipped = w / signed_step >= 7.5  # the side opposite the peak ends at +7 steps
+    assert ((back - w).abs() <= step / 2 + 1e-6)[~clipped].all()
+    assert torch.allclose(back[clipped], 7 * signed_step[clipped])
+    biggest = peak.abs().argmax(-1, keepdim=True)
+    assert torch.equal(peak.gather(-1, biggest).sign(), -d.float()[:, :9].sign().unsqueeze(-1))
+    # input 0 in the low nibble of byte 0, input 32 in its high nibble
+    q = torch.round(w[0, [0, 32]] / d[0, [0, 1]].float()).clamp(-8, 7) + 8
+    assert packed[0, 0].item() == int(q[0]) | (int(q[1]) << 4)
+    # the padding (inputs 300..383) is q = 0, i.e. nibble 8, with a zero scale for its whole groups
+    assert torch.equal(d[:, 10:], torch.zeros(7, 2, dtype=torch.float16))
+
+
+@needs_vnni
+@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("n,k", [(4, 128), (130, 70), (3, 896), (257, 300), (5, 1), (9, 8960)])
+def test_kernel_matches_float64_reference(int4_linear, thread_count, n, k):
+    with threads(thread_count):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
+        packed, d = int4_weight(w)
+        ref_w = int4_dequantised(packed, d, k).double()
+        for m in (1, 2, 3, 5, 17):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+            got = int4_linear(x, packed, d, k)
+            ref = _quantise_rows(x) @ ref_w.t()
+            assert got.shape == (m, n) and got.dtype == torch.float32
+            assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (m, n, k)
+
+
+@needs_vnni
+def test_each_output_depends_on_its_own_row_only(int4_linear):
+    packed, d = int4_weight(torch.randn(70, 896) * 0.05)
+    x = torch.randn(41, 896)
+    x[5] *= 1000
+    together = int4_linear(x, packed, d, 896)
+    alone = torch.cat([int4_linear(x[i:i + 1], packed, d, 896) for i in range(41)])
+    assert torch.equal(alone, together)
+
+
+@needs_vnni
+def test_kernel_rejects_wrong_dtypes_and_shapes(int4_linear):
+    packed, d = int4_weight(torch.randn(8, 128))
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        int4_linear(torch.randn(1, 128, dtype=torch.bfloat16), packed, d, 128)
+    with pytest.raises(RuntimeError, match="d must be float16"):
+        int4_linear(torch.randn(1, 128), packed, d.float(), 128)
+    with pytest.raises(RuntimeError, match="do not match"):
+        int4_linear(torch.randn(1, 127), packed, d, 128)
+
+
+@needs_vnni
+def test_the_format_in_a_layer(int4_linear):
+    """A layer in int4_vnni is the kernel on int4_weight's layout plus the bias, and near the float layer."""
+    assert "int4_vnni" in available_formats()
+    torch.manual_seed(0)
+    lin = nn.Linear(300, 40, bias=True)
+    packed, d, k, kernel = _prepare(lin.weight.detach(), "int4_vnni")
+    assert k == 300 and kernel is int4_linear
+    layer = FormattedLinear(lin, FormatPlan.uniform("int4_vnni"))
+    x = torch.randn(2, 3, 300)
+    got = layer(x)
+    assert torch.equal(got.reshape(6, 40), int4_linear(x.reshape(6, 300), packed, d, 300) + lin.bias)
+    ref = lin(x)
+    assert (got - ref).norm() <= 0.15 * ref.norm()
+
+
+def test_auto_never_picks_it(monkeypatch):
+    """4 bits change the model's numbers more than 8 do: a quality decision for the user, not a speed one."""
+    assert "int4_vnni" not in AUTO_CANDIDATES
+    plan, timings = measure_plan(128, 64, repeats=1)
+    assert "int4_vnni" not in timings and "int4_vnni" not in plan.formats
+
+
+def test_without_the_instructions_the_format_is_absent_and_named(monkeypatch):
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert kernels.load_int4_vnni_linear() is None
+    assert "lack avx512bw" in kernels.unavailable_reason("int4_vnni")
+    assert "int4_vnni" not in available_formats()
+    with pytest.raises(ValueError, match="int4_vnni is not available here: .*VNNI"):
+        FormattedLinear(nn.Linear(8, 8), FormatPlan.uniform("int4_vnni"))
