@@ -32,7 +32,7 @@ GIB = 1 << 30
 # int8_avx2 and int8_vnni an fp32 one (int8_vnni's rows are padded to a multiple of 128 inputs, which the
 # embedded models' widths already are).
 FORMAT_ELEMENT_BYTES = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1, "int8_vnni": 1,
-                        "int4_vnni": 0.5 + 2 / 32}  # int4_vnni: a nibble, and a float16 scale per 32 inputs
+                        "int4_vnni": 0.5 + 4 / 32}  # int4_vnni: a nibble, and a float16 step and offset per 32 inputs
 FORMAT_ROW_SCALE_BYTES = {"int8": 2, "int8_avx2": 4, "int8_vnni": 4}
 
 

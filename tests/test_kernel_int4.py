@@ -10,7 +10,8 @@ from kernel_helpers import threads
 
 from s2t import kernels
 from s2t.weight_formats import (AUTO_CANDIDATES, INT4_GROUP, VNNI_BLOCK, FormatPlan, FormattedLinear, _prepare,
-                                available_formats, int4_dequantised, int4_weight, measure_plan)
+                                available_formats, int4_dequantised, int4_weight, measure_plan,
+                                plan_for_layer)
 
 needs_vnni = pytest.mark.skipif(not kernels.cpu_has_avx512_vnni(),
                                 reason="the kernel is for x86 CPUs with AVX-512 VNNI")
@@ -36,28 +37,27 @@ def _quantise_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_layout_and_rounding():
-    """Q4_0's rule per group of 32: the largest-magnitude entry is exactly -8 steps, every entry within half a
-    step (or clipped at +7 steps), padding inputs zero; nibble j of a 64-input chunk's low half is input j."""
+    """Per group of 32 the grid runs from its min to its max in 15 steps; every entry within half a step of it,
+    padding inputs zero; nibble j of a 64-input chunk's low half is input j."""
     torch.manual_seed(0)
     w = torch.randn(7, 300) * 0.05
-    packed, d = int4_weight(w, rows_per_pass=3)  # several passes
+    w[0, :32] += 1.0  # a group far from zero: the offset carries it
+    packed, d, mn = int4_weight(w, rows_per_pass=3)  # several passes
     kp = 384
     assert packed.shape == (7, kp // 2) and packed.dtype == torch.uint8
-    assert d.shape == (7, kp // INT4_GROUP) and d.dtype == torch.float16
-    back = int4_dequantised(packed, d, 300)
-    signed_step = d.float().repeat_interleave(INT4_GROUP, dim=1)[:, :300]
-    step = signed_step.abs()
-    peak = w[:, :288].reshape(7, 9, 32)
-    clipped = w / signed_step >= 7.5  # the side opposite the peak ends at +7 steps
-    assert ((back - w).abs() <= step / 2 + 1e-6)[~clipped].all()
-    assert torch.allclose(back[clipped], 7 * signed_step[clipped])
-    biggest = peak.abs().argmax(-1, keepdim=True)
-    assert torch.equal(peak.gather(-1, biggest).sign(), -d.float()[:, :9].sign().unsqueeze(-1))
+    assert d.shape == mn.shape == (7, kp // INT4_GROUP) and d.dtype == mn.dtype == torch.float16
+    back = int4_dequantised(packed, d, mn, 300)
+    step = d.float().repeat_interleave(INT4_GROUP, dim=1)[:, :300]
+    bottom = mn.float().repeat_interleave(INT4_GROUP, dim=1)[:, :300]
+    assert ((back - w).abs() <= step / 2 + 1e-4 * w.abs()).all()  # float16 rounding of d and mn aside
+    g = w[:, :288].reshape(7, 9, 32)
+    assert torch.allclose(mn[:, :9].float(), g.amin(-1), rtol=1e-3)
+    assert torch.allclose(d[:, :9].float(), (g.amax(-1) - g.amin(-1)) / 15, rtol=1e-3)
     # input 0 in the low nibble of byte 0, input 32 in its high nibble
-    q = torch.round(w[0, [0, 32]] / d[0, [0, 1]].float()).clamp(-8, 7) + 8
-    assert packed[0, 0].item() == int(q[0]) | (int(q[1]) << 4)
-    # the padding (inputs 300..383) is q = 0, i.e. nibble 8, with a zero scale for its whole groups
-    assert torch.equal(d[:, 10:], torch.zeros(7, 2, dtype=torch.float16))
+    u = torch.round((w[0, [0, 32]] - mn[0, [0, 1]].float()) / d[0, [0, 1]].float()).clamp(0, 15)
+    assert packed[0, 0].item() == int(u[0]) | (int(u[1]) << 4)
+    # the padding (inputs 300..383) is u = 0 with a zero step and offset for its whole groups
+    assert torch.equal(d[:, 10:], torch.zeros(7, 2, dtype=torch.float16)) and not mn[:, 10:].any()
 
 
 @needs_vnni
@@ -66,11 +66,12 @@ def test_layout_and_rounding():
 def test_kernel_matches_float64_reference(int4_linear, thread_count, n, k):
     with threads(thread_count):
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
-        packed, d = int4_weight(w)
-        ref_w = int4_dequantised(packed, d, k).double()
+        w[:, :min(k, 40)] += 0.3  # groups off zero: the offsets' term matters
+        packed, d, mn = int4_weight(w)
+        ref_w = int4_dequantised(packed, d, mn, k).double()
         for m in (1, 2, 3, 5, 17):
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
-            got = int4_linear(x, packed, d, k)
+            got = int4_linear(x, packed, d, mn, k)
             ref = _quantise_rows(x) @ ref_w.t()
             assert got.shape == (m, n) and got.dtype == torch.float32
             assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (m, n, k)
@@ -78,39 +79,44 @@ def test_kernel_matches_float64_reference(int4_linear, thread_count, n, k):
 
 @needs_vnni
 def test_each_output_depends_on_its_own_row_only(int4_linear):
-    packed, d = int4_weight(torch.randn(70, 896) * 0.05)
+    packed, d, mn = int4_weight(torch.randn(70, 896) * 0.05)
     x = torch.randn(41, 896)
     x[5] *= 1000
-    together = int4_linear(x, packed, d, 896)
-    alone = torch.cat([int4_linear(x[i:i + 1], packed, d, 896) for i in range(41)])
+    together = int4_linear(x, packed, d, mn, 896)
+    alone = torch.cat([int4_linear(x[i:i + 1], packed, d, mn, 896) for i in range(41)])
     assert torch.equal(alone, together)
 
 
 @needs_vnni
 def test_kernel_rejects_wrong_dtypes_and_shapes(int4_linear):
-    packed, d = int4_weight(torch.randn(8, 128))
+    packed, d, mn = int4_weight(torch.randn(8, 128))
     with pytest.raises(RuntimeError, match="x must be float32"):
-        int4_linear(torch.randn(1, 128, dtype=torch.bfloat16), packed, d, 128)
-    with pytest.raises(RuntimeError, match="d must be float16"):
-        int4_linear(torch.randn(1, 128), packed, d.float(), 128)
+        int4_linear(torch.randn(1, 128, dtype=torch.bfloat16), packed, d, mn, 128)
+    with pytest.raises(RuntimeError, match="d and mn must be float16"):
+        int4_linear(torch.randn(1, 128), packed, d, mn.float(), 128)
     with pytest.raises(RuntimeError, match="do not match"):
-        int4_linear(torch.randn(1, 127), packed, d, 128)
+        int4_linear(torch.randn(1, 127), packed, d, mn, 128)
 
 
 @needs_vnni
 def test_the_format_in_a_layer(int4_linear):
-    """A layer in int4_vnni is the kernel on int4_weight's layout plus the bias, and near the float layer."""
+    """A layer in int4_vnni is the kernel on int4_weight's layout plus the bias, and near the float layer; a
+    model's lm_head stays at 8 bits."""
     assert "int4_vnni" in available_formats()
     torch.manual_seed(0)
     lin = nn.Linear(300, 40, bias=True)
-    packed, d, k, kernel = _prepare(lin.weight.detach(), "int4_vnni")
+    packed, d, mn, k, kernel = _prepare(lin.weight.detach(), "int4_vnni")
     assert k == 300 and kernel is int4_linear
     layer = FormattedLinear(lin, FormatPlan.uniform("int4_vnni"))
     x = torch.randn(2, 3, 300)
     got = layer(x)
-    assert torch.equal(got.reshape(6, 40), int4_linear(x.reshape(6, 300), packed, d, 300) + lin.bias)
+    assert torch.equal(got.reshape(6, 40), int4_linear(x.reshape(6, 300), packed, d, mn, 300) + lin.bias)
     ref = lin(x)
-    assert (got - ref).norm() <= 0.15 * ref.norm()
+    assert (got - ref).norm() <= 0.1 * ref.norm()
+    plan = FormatPlan(("int4_vnni",) * 4 + ("fp32",))
+    assert plan_for_layer(plan, "lm_head").formats == ("int8_vnni",) * 4 + ("fp32",)
+    assert plan_for_layer(plan, "model.layers.0.mlp.down_proj") == plan
+    assert plan_for_layer(FormatPlan.uniform("int8"), "lm_head") == FormatPlan.uniform("int8")
 
 
 def test_auto_never_picks_it(monkeypatch):

@@ -10,7 +10,7 @@ Four kernels, serving three weight formats (s2t/weight_formats.py):
   the CPU has them, else with AVX2's (`vpmaddubsw`). The two give bit-identical outputs, so the format means
   the same numbers on either kind of machine; `S2T_INT8_VNNI_KERNEL=avx2` makes a VNNI machine use the AVX2
   build (to measure it), `avx512_vnni` refuses the fallback;
-- `int4_vnni_linear` (int4_vnni.cpp): 4-bit weights with a scale per 32 inputs times the same int8
+- `int4_vnni_linear` (int4_vnni.cpp): 4-bit weights on an affine grid per 32 inputs times the same int8
   activations, AVX-512 VNNI only, the format `int4_vnni`.
 Activation quantisation is shared (act_quant.h).
 A machine without the instructions, a compiler or ninja simply lacks that format: `load_int8_linear()` /
@@ -205,10 +205,11 @@ def load_int8_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     return None if name is None else load_kernel(name)
 
 
-def load_int4_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
-    """`int4_vnni_linear(x fp32 [M, K], w uint8 [N, Kp / 2], d fp16 [N, Kp / 32], K) -> fp32 [M, N]` (4-bit
-    weights q + 8 as nibbles, one scale per 32 inputs; s2t.weight_formats.int4_weight), or None where it cannot
-    exist (AVX-512 VNNI only)."""
+def load_int4_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+                                        torch.Tensor] | None:
+    """`int4_vnni_linear(x fp32 [M, K], w uint8 [N, Kp / 2], d fp16 [N, Kp / 32], mn fp16 [N, Kp / 32], K) -> fp32
+    [M, N]` (4-bit weights as nibbles on an affine grid d * u + mn per 32 inputs; s2t.weight_formats.int4_weight),
+    or None where it cannot exist (AVX-512 VNNI only)."""
     return load_kernel("int4_vnni")
 
 
