@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .weight_formats import (FormatPlan, apply_plan, available_formats, cpu_capability, measure_plan,
+from .weight_formats import (FormatPlan, apply_plan, cpu_capability, format_available, measure_plan,
                              release_free_memory)
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash, weights_sha256
@@ -61,7 +61,7 @@ def resolve_plan(spec: str, model_dir: Path | None = None) -> FormatPlan:
     """'auto' measures the formats on this machine at the shape of the model's MLP; anything else is parsed."""
     if spec != "auto":
         plan = FormatPlan.parse(spec)
-        missing = set(plan.formats) - set(available_formats())
+        missing = {f for f in plan.formats if not format_available(f)}
         if missing:
             raise ValueError(f"weight formats {sorted(missing)} are not available in this torch build")
         return plan

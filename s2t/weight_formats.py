@@ -65,19 +65,26 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def format_available(fmt: str) -> bool:
+    """Whether `fmt` works here. Builds (or loads) only that format's kernel: a process that asks for one format
+    does not compile the others (a minute each on 2 cores the first time)."""
+    if fmt in ("native", "bf16", "fp32"):
+        return True
+    if fmt == "fp32_packed":
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if fmt == "int8":
+        return hasattr(torch, "_weight_int8pack_mm")
+    if fmt == "int8_avx2":
+        return kernels.load_int8_linear() is not None
+    if fmt == "int8_vnni":
+        return kernels.load_int8_vnni_linear() is not None
+    if fmt == "int4_vnni":
+        return kernels.load_int4_vnni_linear() is not None
+    return False
+
+
 def available_formats() -> tuple[str, ...]:
-    out = ["native", "bf16", "fp32"]
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        out.append("fp32_packed")
-    if hasattr(torch, "_weight_int8pack_mm"):
-        out.append("int8")
-    if kernels.load_int8_linear() is not None:
-        out.append("int8_avx2")
-    if kernels.load_int8_vnni_linear() is not None:
-        out.append("int8_vnni")
-    if kernels.load_int4_vnni_linear() is not None:
-        out.append("int4_vnni")
-    return tuple(out)
+    return tuple(f for f in FORMATS if format_available(f))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,7 +378,7 @@ def measure_plan(in_features: int, out_features: int, candidates: Iterable[str] 
     Uses several distinct weights so they stream from memory as in a real forward rather than sitting in
     cache. Returns the plan and the timings (ms per call) it was based on.
     """
-    candidates = [c for c in (candidates or AUTO_CANDIDATES) if c in available_formats() and c != "native"]
+    candidates = [c for c in (candidates or AUTO_CANDIDATES) if c != "native" and format_available(c)]
     copies = 6
     base = [torch.randn(out_features, in_features) * 0.02 for _ in range(copies)]
     timings: dict[str, dict[int, float]] = {}

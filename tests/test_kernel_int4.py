@@ -134,3 +134,17 @@ def test_without_the_instructions_the_format_is_absent_and_named(monkeypatch):
     assert "int4_vnni" not in available_formats()
     with pytest.raises(ValueError, match="int4_vnni is not available here: .*VNNI"):
         FormattedLinear(nn.Linear(8, 8), FormatPlan.uniform("int4_vnni"))
+
+
+def test_asking_for_one_format_builds_only_its_kernel(monkeypatch):
+    """A worker started with `int8_vnni` must not compile the int4 or int8_avx2 kernels (a minute each)."""
+    from s2t.runtime import resolve_plan
+
+    asked = []
+    monkeypatch.setattr(kernels, "load_kernel", lambda name: asked.append(name))  # returns None: "unavailable"
+    with pytest.raises(ValueError, match="int8_vnni"):
+        resolve_plan("int8_vnni")
+    assert set(asked) <= {"int8_vnni", "int8_vnni_avx2"} and asked
+    asked.clear()
+    assert resolve_plan("bf16,bf16,fp32,fp32,fp32").formats == ("bf16", "bf16", "fp32", "fp32", "fp32")
+    assert asked == []
