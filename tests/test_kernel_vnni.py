@@ -106,7 +106,8 @@ def test_int8_vnni_format_holds_the_int8_formats_weights():
     lin = nn.Linear(300, 40, bias=True)
     qa, sa = _prepare(lin.weight.detach(), "int8_avx2")
     u, sv, k, kernel = _prepare(lin.weight.detach(), "int8_vnni")
-    assert k == 300 and torch.equal(sa, sv) and torch.equal(u[:, :300].to(torch.int16) - 128, qa.to(torch.int16))
+    assert k == 300 and kernel is kernels.load_int8_vnni_linear()
+    assert torch.equal(sa, sv) and torch.equal(u[:, :300].to(torch.int16) - 128, qa.to(torch.int16))
     assert (u[:, 300:] == 128).all()
     layer = FormattedLinear(lin, FormatPlan.uniform("int8_vnni"))
     x = torch.randn(2, 3, 300)
@@ -120,7 +121,8 @@ def test_int8_vnni_format_holds_the_int8_formats_weights():
 @needs_avx2
 def test_the_two_builds_are_bit_identical():
     """The AVX2 build starts each int32 lane at its share of the +128 offset and reduces the same 16 float lanes
-    in the same order as the AVX-512 one: the same numbers, so results do not depend on which CPU ran them."""
+    in the same order as the AVX-512 one: the same numbers, so a linear layer's results do not depend on which
+    of the two CPUs ran them."""
     vnni, avx2 = kernels.load_kernel("int8_vnni"), kernels.load_kernel("int8_vnni_avx2")
     for n, k in [(4, 128), (130, 70), (257, 300), (1, 129), (33, 8960)]:
         q, scale = quantised(n, k)

@@ -110,7 +110,7 @@ class _Kernel:
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU wheel
 _AVX2 = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 _AVX512_VNNI = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-fopenmp")
-# by kernel name; a format's kernels in order of preference
+# by kernel name: two builds serve int8_vnni (_VNNI_CHOICES orders them)
 _KERNELS = {
     "int8_avx2": _Kernel("int8_avx2", "s2t_int8_gemv", "int8_gemv.cpp", "int8_linear", _AVX2, "AVX2 and FMA"),
     "int8_vnni": _Kernel("int8_vnni", "s2t_int8_vnni", "int8_vnni.cpp", "int8_vnni_linear", _AVX512_VNNI,
