@@ -54,10 +54,15 @@ def engine_bytes_per_token(config: dict, fmt: str) -> int:
     """Weight bytes the project's engine reads per decode step at batch 1: every linear layer in format `fmt`
     (`native`: the checkpoint's dtype), plus the q/k/v biases, the norms and one embedding row in that dtype."""
     stored = DTYPE_BYTES[config.get("torch_dtype") or config.get("dtype") or "bfloat16"]
-    per_elem = stored if fmt == "native" else FORMAT_ELEMENT_BYTES[fmt]
-    per_row = FORMAT_ROW_SCALE_BYTES.get(fmt, 0)
     shapes = linear_shapes(config)
-    matrices = round(sum(out * inp * per_elem + out * per_row for out, inp in shapes))
+
+    def matrix_bytes(out: int, inp: int, f: str) -> float:
+        per_elem = stored if f == "native" else FORMAT_ELEMENT_BYTES[f]
+        return out * inp * per_elem + out * FORMAT_ROW_SCALE_BYTES.get(f, 0)
+
+    # a 4-bit plan keeps the lm_head (the last shape) at 8 bits (s2t.weight_formats.INT4_KEEP_8BIT)
+    head = "int8_vnni" if fmt == "int4_vnni" else fmt
+    matrices = round(sum(matrix_bytes(out, inp, fmt) for out, inp in shapes[:-1]) + matrix_bytes(*shapes[-1], head))
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     q_out, kv_out = shapes[0][0], shapes[1][0]
     small = ((q_out + 2 * kv_out) + 2 * h) * layers + h + h  # qkv biases, 2 norms a layer, final norm, a row

@@ -121,3 +121,22 @@ def test_a_failing_or_missing_llama_cpp_says_so(tmp_path):
     fake_tool(tmp_path / "llama-bench", "import time; time.sleep(30)")
     with pytest.raises(RuntimeError, match="ran past 1 s"):
         native_ref.llama_bench(tmp_path, tmp_path / "m.gguf", threads=1, cpus=None, n_gen=8, timeout_s=1)
+
+
+@pytest.mark.parametrize("fmt", ["int8_vnni", "int4_vnni"])
+def test_engine_bytes_per_token_of_the_integer_formats(fmt):
+    """int4_vnni's nibbles, steps and offsets, with the lm_head kept at int8_vnni; widths of 128 so that no row
+    is padded (the embedded models' widths are multiples of 128 too)."""
+    from s2t import kernels
+
+    if not kernels.cpu_has_avx512_vnni():
+        pytest.skip("int4_vnni needs AVX-512 VNNI")
+    model = make_tiny_model(seed=1, dtype=torch.bfloat16, layers=2, hidden=128)
+    config = qwen_config(model)
+    small = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 1)
+    row = model.model.embed_tokens.weight[0]
+    apply_plan(model, FormatPlan.uniform(fmt))
+    held = [next(iter(m.weights.values())) for m in model.modules() if isinstance(m, FormattedLinear)]
+    assert model.lm_head.plan.formats[0] == "int8_vnni"
+    matrices = sum(t.numel() * t.element_size() for parts in held for t in parts if isinstance(t, torch.Tensor))
+    assert native_ref.engine_bytes_per_token(config, fmt) == matrices + small + row.numel() * row.element_size()
