@@ -82,17 +82,6 @@ inline void tile(const int8_t* xq, const float* sx, const float* corr, const int
     }
 }
 
-// All M rows for output rows [n0, n0 + R): the R weight rows stay in L1 while every row tile passes.
-template <int R>
-inline void rows_for(const int8_t* xq, const float* sx, const float* corr, const int32_t* xoff, const uint8_t* u,
-                     const float* scale, float* y, int64_t M, int64_t Kp, int64_t N, int64_t n0) {
-  int64_t m0 = 0;
-  // 2 * R * MT accumulators + R weight vectors + 1 activation vector within the 32 zmm registers, with room
-  // to spare: at R = 4, MT = 3 (29 of 32) gcc spilled accumulators to the stack and reloaded weight vectors
-  for (; m0 + 2 <= M; m0 += 2) tile<R, 2>(xq, sx, corr, xoff, u, scale, y, Kp, N, n0, m0, m0 == 0);
-  for (; m0 < M; ++m0) tile<R, 1>(xq, sx, corr, xoff, u, scale, y, Kp, N, n0, m0, m0 == 0);
-}
-
 #else  // AVX2
 
 constexpr bool kNeedsLaneOffsets = true;
@@ -154,6 +143,12 @@ inline void tile(const int8_t* xq, const float* sx, const float* corr, const int
       y[(m0 + m) * N + n0 + r] = (reduce16(flo[r][m], fhi[r][m]) - corr[m0 + m]) * scale[n0 + r];
 }
 
+#endif
+
+// All M rows for output rows [n0, n0 + R), either build: the R weight rows stay in L1 while every row tile
+// passes. Tiles of 2 activation rows: in the AVX-512 build 2 * R * MT accumulators + R weight vectors + 1
+// activation vector fit the 32 zmm registers with room to spare (at R = 4, MT = 3, 29 of 32, gcc spilled
+// accumulators and reloaded weight vectors); the AVX2 build's spill is measured above its tile.
 template <int R>
 inline void rows_for(const int8_t* xq, const float* sx, const float* corr, const int32_t* xoff, const uint8_t* u,
                      const float* scale, float* y, int64_t M, int64_t Kp, int64_t N, int64_t n0) {
@@ -161,8 +156,6 @@ inline void rows_for(const int8_t* xq, const float* sx, const float* corr, const
   for (; m0 + 2 <= M; m0 += 2) tile<R, 2>(xq, sx, corr, xoff, u, scale, y, Kp, N, n0, m0, m0 == 0);
   for (; m0 < M; ++m0) tile<R, 1>(xq, sx, corr, xoff, u, scale, y, Kp, N, n0, m0, m0 == 0);
 }
-
-#endif
 
 }  // namespace
 
