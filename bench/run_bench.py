@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -713,14 +714,20 @@ def table(rows: list[dict]) -> str:
     return head + body + (("\nOther stages of this run:" + extra + "\n") if extra else "")
 
 
+# the part of a speculative row's name that names its block size and blocks in flight (`-b8`, `-b4-i1`)
+_SPECULATION_SHAPE = re.compile(r"-b\d+(?:-i\d+)?(?=-|$)")
+
+
 def best_per_mode(rows: list[dict]) -> list[dict]:
     """One line per reported mode: accuracy from its accuracy run, speed from its fastest speed run.
 
-    Speculative rows differ only in block size / blocks in flight, which never change the emitted tokens
-    (tests/test_worker.py), so `s2t-spec-tau1-b8` accuracy holds for `s2t-spec-tau1-b4` too."""
+    Speculative rows that differ only in block size / blocks in flight never change the emitted tokens
+    (tests/test_worker.py), so `s2t-spec-tau1-b8` accuracy holds for `s2t-spec-tau1-b4` too. Every other
+    part of a row's name (K, the trigger rate) stays in the line's name: `s2t-spec-tau10-b8-k4` selects among
+    other candidates than `s2t-spec-tau10-b8` and is a line of its own."""
     out = {}
     for r in [r for r in rows if r["kind"] in ("accuracy", "speed")]:
-        mode = r["mode"].split("-b")[0] if r["mode"].startswith("s2t-spec-") else r["mode"]
+        mode = _SPECULATION_SHAPE.sub("", r["mode"]) if r["mode"].startswith("s2t-spec-") else r["mode"]
         line = out.setdefault(mode, {"mode": mode, "dataset": r["dataset"], "n": 0, "accuracy": None,
                                      "accuracy_ci95": None, "tokens_per_s": 0.0, "speed_config": None})
         if r["kind"] == "accuracy":

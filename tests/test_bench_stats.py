@@ -866,3 +866,22 @@ def test_the_pin_follows_the_cpu(monkeypatch):
     monkeypatch.setattr(kernels, "cpu_has_avx512_vnni", lambda: False)
     assert run_bench.pinned_weight_formats() == run_bench.PORTABLE_WEIGHT_FORMATS
     assert run_bench.PORTABLE_WEIGHT_FORMATS == "int8,int8,int8,fp32_packed,fp32_packed"
+
+
+def test_per_mode_lines_merge_speculation_shapes_but_keep_k_apart():
+    """Block size and blocks in flight never change the tokens, so their rows share a line; K does, so
+    `-k4` is a line of its own (it once took the K = 8 row's accuracy line over)."""
+    def row(mode, kind, accuracy=0.5, tokens_per_s=0.0):
+        return {"mode": mode, "kind": kind, "dataset": "gsm8k", "n": 100, "accuracy": accuracy,
+                "accuracy_ci95": [0.4, 0.6], "tokens_per_s": tokens_per_s, "wall_s": 1.0,
+                "llm_positions_per_token": 1.0, "changed_per_token": 0.0, "llm_forwards_per_token": 0.2,
+                "bytes_per_token": 1.0}
+
+    lines = {line["mode"]: line for line in run_bench.best_per_mode([
+        row("s2t-spec-tau10-b8", "accuracy", 0.59), row("s2t-spec-tau10-b8-k4", "accuracy", 0.55),
+        row("s2t-spec-tau10-b4-i1", "speed", tokens_per_s=7.0), row("s2t-spec-tau10-b16", "speed", tokens_per_s=9.0),
+        row("s2t-spec-tau10-b8-dc0", "speed", tokens_per_s=8.0)])}
+    assert sorted(lines) == ["s2t-spec-tau10", "s2t-spec-tau10-dc0", "s2t-spec-tau10-k4"]
+    assert lines["s2t-spec-tau10"]["accuracy"] == 0.59
+    assert lines["s2t-spec-tau10"]["speed_config"] == "s2t-spec-tau10-b16"
+    assert lines["s2t-spec-tau10-k4"]["accuracy"] == 0.55
