@@ -11,6 +11,7 @@ given, llama.cpp's llama-bench on the same pinned GGUF files at the same thread 
     python bench/decode_formats.py --llama-cpp ~/.cache/s2t/llama.cpp
     python bench/decode_formats.py --models qwen2.5-coder-0.5b-instruct --formats int8,int8_avx2 --threads 1
     python bench/decode_formats.py --formats int8_avx2,int8_vnni@avx512_vnni,int8_vnni@avx2   # both int8_vnni builds
+    python bench/decode_formats.py --formats int4_vnni@avx512_vnni,int4_vnni@avx2             # both int4_vnni builds
 
 Writes <results dir>/<name>.json and .md: ms per step (median and min of the rounds), tokens/s from the
 median, the weight bytes a step reads (bench/native_ref.engine_bytes_per_token) and the GB/s that implies,
@@ -67,20 +68,22 @@ def _decode_rounds(engines: dict, prompt: list[int], threads: int, steps: int, r
 
 @contextlib.contextmanager
 def vnni_build(spec: str):
-    """'int8_vnni@avx2' -> the plan 'int8_vnni', loaded with S2T_INT8_VNNI_KERNEL=avx2 (the layers keep the build
-    they were made with, so both builds can sit in one process and be timed round by round)."""
+    """'int8_vnni@avx2' -> the plan 'int8_vnni', loaded with S2T_INT8_VNNI_KERNEL=avx2 ('int4_vnni@avx2': with
+    S2T_INT4_VNNI_KERNEL); the layers keep the build they were made with, so both builds can sit in one process
+    and be timed round by round."""
     plan, _, build = spec.partition("@")
-    before = os.environ.get("S2T_INT8_VNNI_KERNEL")
+    variable = f"S2T_{plan.upper()}_KERNEL"
+    before = os.environ.get(variable)
     if build:
-        os.environ["S2T_INT8_VNNI_KERNEL"] = build
+        os.environ[variable] = build
     try:
         yield plan
     finally:
         if build:
             if before is None:
-                os.environ.pop("S2T_INT8_VNNI_KERNEL", None)
+                os.environ.pop(variable, None)
             else:
-                os.environ["S2T_INT8_VNNI_KERNEL"] = before
+                os.environ[variable] = before
 
 
 def measure_model(model: str, cache_dir: Path, formats: list[str], threads: list[int], steps: int, rounds: int,
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="registry names or model directories")
     ap.add_argument("--formats", default="int8,int8_avx2",
                     help="weight formats to compare, separated by ';' when a format is a 5-bucket plan; "
-                         "int8_vnni@avx2 / int8_vnni@avx512_vnni pick that format's build (default: int8,int8_avx2)")
+                         "int8_vnni@avx2 / int4_vnni@avx512_vnni pick that format's build (default: int8,int8_avx2)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--steps", type=int, default=32, help="decode steps per round (default 32)")
     ap.add_argument("--rounds", type=int, default=4, help="timed rounds per format (default 4)")

@@ -24,7 +24,8 @@ Formats:
   int4_vnni   4-bit weights on an affine grid per group of 32 inputs, a float16 step and offset each
               (llama.cpp's Q4_1 layout: min / max per group; 5 bits per weight: 0.625x int8's bytes,
               so a memory-bound decode step reads that much less), times the same per-block int8
-              activations, through the project's AVX-512 VNNI kernel; the lm_head stays int8_vnni
+              activations, through the project's kernel (AVX-512 VNNI, else a bit-identical AVX2
+              build); the lm_head stays int8_vnni
               (INT4_KEEP_8BIT). It changes the model's numbers more than int8 does, so `auto` never
               picks it: ask for it.
 

@@ -1,6 +1,7 @@
 """The int4_vnni format (s2t/kernels/int4_vnni.cpp, s2t.weight_formats.int4_weight): the 4-bit layout and its
-rounding rule, the kernel's exact integer arithmetic against a float64 reference on the same quantised
-weights and activations, batch invariance, its absence, and `auto` never choosing it."""
+rounding rule, the kernel's exact integer arithmetic (both builds: AVX-512 VNNI and AVX2) against a float64
+reference on the same quantised weights and activations, batch invariance, the two builds bit-identical,
+which build serves the format, its absence, and `auto` never choosing it."""
 
 import pytest
 import torch
@@ -14,13 +15,25 @@ from s2t.weight_formats import (AUTO_CANDIDATES, INT4_GROUP, VNNI_BLOCK, FormatP
                                 plan_for_layer)
 
 needs_vnni = pytest.mark.skipif(not kernels.cpu_has_avx512_vnni(),
-                                reason="the kernel is for x86 CPUs with AVX-512 VNNI")
+                                reason="the AVX-512 build is for x86 CPUs with AVX-512 VNNI")
+needs_avx2 = pytest.mark.skipif(not kernels.cpu_has_avx2(), reason="the AVX2 build is for x86 CPUs with AVX2")
+BUILDS = [pytest.param("int4_vnni", marks=needs_vnni), pytest.param("int4_vnni_avx2", marks=needs_avx2)]
+
+
+@pytest.fixture(scope="module", params=BUILDS)
+def int4_linear(request):
+    fn = kernels.load_kernel(request.param)
+    # on a machine with the instructions a missing kernel is a failure, not a skip (no compiler or ninja)
+    assert fn is not None, kernels._loaded[request.param]["error"]
+    return fn
 
 
 @pytest.fixture(scope="module")
-def int4_linear():
+def format_kernel():
+    """The build that serves the format here."""
     fn = kernels.load_int4_vnni_linear()
-    assert fn is not None, kernels.unavailable_reason("int4_vnni")
+    if fn is None:
+        pytest.skip(f"no build of int4_vnni here: {kernels.unavailable_reason('int4_vnni')}")
     return fn
 
 
@@ -60,7 +73,6 @@ def test_layout_and_rounding():
     assert torch.equal(d[:, 10:], torch.zeros(7, 2, dtype=torch.float16)) and not mn[:, 10:].any()
 
 
-@needs_vnni
 @pytest.mark.parametrize("thread_count", [1, 2])
 @pytest.mark.parametrize("n,k", [(4, 128), (130, 70), (3, 896), (257, 300), (5, 1), (9, 8960)])
 def test_kernel_matches_float64_reference(int4_linear, thread_count, n, k):
@@ -77,7 +89,6 @@ def test_kernel_matches_float64_reference(int4_linear, thread_count, n, k):
             assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (m, n, k)
 
 
-@needs_vnni
 def test_each_output_depends_on_its_own_row_only(int4_linear):
     packed, d, mn = int4_weight(torch.randn(70, 896) * 0.05)
     x = torch.randn(41, 896)
@@ -87,7 +98,6 @@ def test_each_output_depends_on_its_own_row_only(int4_linear):
     assert torch.equal(alone, together)
 
 
-@needs_vnni
 def test_kernel_rejects_wrong_dtypes_and_shapes(int4_linear):
     packed, d, mn = int4_weight(torch.randn(8, 128))
     with pytest.raises(RuntimeError, match="x must be float32"):
@@ -99,18 +109,34 @@ def test_kernel_rejects_wrong_dtypes_and_shapes(int4_linear):
 
 
 @needs_vnni
-def test_the_format_in_a_layer(int4_linear):
+@needs_avx2
+def test_the_two_builds_are_bit_identical():
+    """The AVX2 build's int32 lanes are dpbusd's and its float steps the same operations in the same order: the
+    same numbers, so a 4-bit layer's results do not depend on which of the two CPUs ran them."""
+    vnni, avx2 = kernels.load_kernel("int4_vnni"), kernels.load_kernel("int4_vnni_avx2")
+    for n, k in [(4, 128), (130, 70), (257, 300), (1, 129), (33, 8960)]:
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05
+        w[:, :min(k, 40)] += 0.3
+        packed, d, mn = int4_weight(w)
+        for m in (1, 2, 3, 17):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * 3
+            x[0, :7] = 0
+            x[-1, :] = x[-1].abs() * 40  # large positive activations: the pair sums' maximum (15 * 127 * 2)
+            assert torch.equal(vnni(x, packed, d, mn, k), avx2(x, packed, d, mn, k)), (n, k, m)
+
+
+def test_the_format_in_a_layer(format_kernel):
     """A layer in int4_vnni is the kernel on int4_weight's layout plus the bias, and near the float layer; a
     model's lm_head stays at 8 bits."""
     assert "int4_vnni" in available_formats()
     torch.manual_seed(0)
     lin = nn.Linear(300, 40, bias=True)
     packed, d, mn, k, kernel = _prepare(lin.weight.detach(), "int4_vnni")
-    assert k == 300 and kernel is int4_linear
+    assert k == 300 and kernel is format_kernel
     layer = FormattedLinear(lin, FormatPlan.uniform("int4_vnni"))
     x = torch.randn(2, 3, 300)
     got = layer(x)
-    assert torch.equal(got.reshape(6, 40), int4_linear(x.reshape(6, 300), packed, d, mn, 300) + lin.bias)
+    assert torch.equal(got.reshape(6, 40), format_kernel(x.reshape(6, 300), packed, d, mn, 300) + lin.bias)
     ref = lin(x)
     assert (got - ref).norm() <= 0.1 * ref.norm()
     plan = FormatPlan(("int4_vnni",) * 4 + ("fp32",))
@@ -126,13 +152,37 @@ def test_auto_never_picks_it(monkeypatch):
     assert "int4_vnni" not in timings and "int4_vnni" not in plan.formats
 
 
-def test_without_the_instructions_the_format_is_absent_and_named(monkeypatch):
+@needs_avx2
+def test_without_vnni_the_avx2_build_serves_the_format(monkeypatch):
+    """A CPU with AVX2 and F16C but not AVX-512 VNNI has int4_vnni through the AVX2 build; S2T_INT4_VNNI_KERNEL
+    picks a build or refuses the fallback."""
     monkeypatch.setattr(kernels, "_loaded", {})
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c", "avx512f"})
+    assert kernels.kernel_for("int4_vnni") == "int4_vnni_avx2"
+    assert kernels.load_int4_vnni_linear() is kernels.load_kernel("int4_vnni_avx2")
+    assert "int4_vnni" in available_formats() and kernels.unavailable_reason("int4_vnni") is None
+    monkeypatch.setenv("S2T_INT4_VNNI_KERNEL", "avx512_vnni")
     assert kernels.load_int4_vnni_linear() is None
     assert "lack avx512bw" in kernels.unavailable_reason("int4_vnni")
+    monkeypatch.setenv("S2T_INT4_VNNI_KERNEL", "avx2")
+    assert kernels.kernel_for("int4_vnni") == "int4_vnni_avx2"
+    assert kernels.kernel_for("int8_vnni") is not None  # the other format's variable is its own
+    monkeypatch.setenv("S2T_INT4_VNNI_KERNEL", "sse")
+    with pytest.raises(ValueError, match="S2T_INT4_VNNI_KERNEL='sse'.*avx2"):
+        kernels.load_int4_vnni_linear()
+
+
+def test_without_the_instructions_the_format_is_absent_and_named(monkeypatch):
+    """Neither VNNI nor F16C (an AVX2 CPU without it would need the kernel's float16 steps converted another
+    way): no kernel, a reason naming both builds' lack, the format refused with it."""
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(kernels, "cpu_has_avx2", lambda: True)
+    assert kernels.load_int4_vnni_linear() is None
+    reason = kernels.unavailable_reason("int4_vnni")
+    assert "lack avx512bw" in reason and "lack f16c" in reason
     assert "int4_vnni" not in available_formats()
-    with pytest.raises(ValueError, match="int4_vnni is not available here: .*VNNI"):
+    with pytest.raises(ValueError, match="int4_vnni is not available here: .*VNNI.*F16C"):
         FormattedLinear(nn.Linear(8, 8), FormatPlan.uniform("int4_vnni"))
 
 

@@ -11,7 +11,8 @@ Four kernels, serving three weight formats (s2t/weight_formats.py):
   the same numbers on either kind of machine; `S2T_INT8_VNNI_KERNEL=avx2` makes a VNNI machine use the AVX2
   build (to measure it), `avx512_vnni` refuses the fallback;
 - `int4_vnni_linear` (int4_vnni.cpp): 4-bit weights on an affine grid per 32 inputs times the same int8
-  activations, AVX-512 VNNI only, the format `int4_vnni`.
+  activations, the format `int4_vnni`, built twice the same way (AVX-512 VNNI, else AVX2 with F16C; the two
+  bit-identical); `S2T_INT4_VNNI_KERNEL` picks a build as `S2T_INT8_VNNI_KERNEL` does for int8_vnni.
 Activation quantisation is shared (act_quant.h).
 A machine without the instructions, a compiler or ninja simply lacks that format: `load_int8_linear()` /
 `load_int8_vnni_linear()` return None and `unavailable_reason(name)` says why, and the other formats work
@@ -109,8 +110,9 @@ class _Kernel:
 
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU wheel
 _AVX2 = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+_AVX2_F16C = (*_AVX2, "-mf16c")  # float16 steps converted in registers (every AVX2 CPU has F16C in practice)
 _AVX512_VNNI = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-fopenmp")
-# by kernel name: two builds serve int8_vnni (_VNNI_CHOICES orders them)
+# by kernel name: two builds serve int8_vnni and two int4_vnni (_BUILDS orders them)
 _KERNELS = {
     "int8_avx2": _Kernel("int8_avx2", "s2t_int8_gemv", "int8_gemv.cpp", "int8_linear", _AVX2, "AVX2 and FMA"),
     "int8_vnni": _Kernel("int8_vnni", "s2t_int8_vnni", "int8_vnni.cpp", "int8_vnni_linear", _AVX512_VNNI,
@@ -119,23 +121,43 @@ _KERNELS = {
                               "AVX2 and FMA", ("act_quant.h",)),
     "int4_vnni": _Kernel("int4_vnni", "s2t_int4_vnni", "int4_vnni.cpp", "int4_vnni_linear", _AVX512_VNNI,
                          "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h",)),
+    "int4_vnni_avx2": _Kernel("int4_vnni", "s2t_int4_vnni_avx2", "int4_vnni.cpp", "int4_vnni_linear", _AVX2_F16C,
+                              "AVX2, FMA and F16C", ("act_quant.h",)),
 }
-# what S2T_INT8_VNNI_KERNEL may say -> the kernels it allows, best first
-_VNNI_CHOICES = {"auto": ("int8_vnni", "int8_vnni_avx2"), "avx512_vnni": ("int8_vnni",),
-                 "avx2": ("int8_vnni_avx2",)}
+# the formats with two builds: the variable that may narrow the choice, and what it may say -> the kernels
+# it allows, best first
+_BUILDS = {
+    "int8_vnni": ("S2T_INT8_VNNI_KERNEL", {"auto": ("int8_vnni", "int8_vnni_avx2"), "avx512_vnni": ("int8_vnni",),
+                                           "avx2": ("int8_vnni_avx2",)}),
+    "int4_vnni": ("S2T_INT4_VNNI_KERNEL", {"auto": ("int4_vnni", "int4_vnni_avx2"), "avx512_vnni": ("int4_vnni",),
+                                           "avx2": ("int4_vnni_avx2",)}),
+}
 
 
 def _needs_vnni(kernel: str) -> bool:
     return _KERNELS[kernel].flags == _AVX512_VNNI
 
 
+def _needs_f16c(kernel: str) -> bool:
+    return "-mf16c" in _KERNELS[kernel].flags and not _needs_vnni(kernel)
+
+
+def _lacks_f16c() -> bool:
+    flags = cpu_flags()
+    return bool(flags) and "f16c" not in flags  # unreadable flags: trust torch's AVX2 (which implies it in practice)
+
+
 def _cpu_supports(kernel: str) -> bool:
-    return cpu_has_avx512_vnni() if _needs_vnni(kernel) else cpu_has_avx2()
+    if _needs_vnni(kernel):
+        return cpu_has_avx512_vnni()
+    return cpu_has_avx2() and not (_needs_f16c(kernel) and _lacks_f16c())
 
 
 def _missing_instructions(kernel: str) -> str:
     if _needs_vnni(kernel):
         return f"this CPU's flags lack {', '.join(f for f in _VNNI_FLAGS if f not in cpu_flags())}"
+    if cpu_has_avx2() and _needs_f16c(kernel):
+        return "this CPU's flags lack f16c"
     return f"torch reports this CPU as {torch.backends.cpu.get_cpu_capability()}"
 
 
@@ -177,19 +199,27 @@ def load_kernel(name: str) -> Callable | None:
         return state["fn"]  # type: ignore[return-value]
 
 
-def _vnni_choices() -> tuple[str, ...]:
-    choice = os.environ.get("S2T_INT8_VNNI_KERNEL", "auto").strip() or "auto"
-    if choice not in _VNNI_CHOICES:
-        raise ValueError(f"S2T_INT8_VNNI_KERNEL={choice!r}: expected one of {', '.join(_VNNI_CHOICES)}")
-    return _VNNI_CHOICES[choice]
+def _build_choices(fmt: str) -> tuple[str, ...]:
+    """The kernels that may serve `fmt`, best first: both builds, or the one its variable names."""
+    variable, choices = _BUILDS[fmt]
+    choice = os.environ.get(variable, "auto").strip() or "auto"
+    if choice not in choices:
+        raise ValueError(f"{variable}={choice!r}: expected one of {', '.join(choices)}")
+    return choices[choice]
+
+
+def kernel_for(fmt: str) -> str | None:
+    """Which kernel serves `fmt` (int8_vnni or int4_vnni) here: its AVX-512 VNNI build (the kernel named like
+    the format), its AVX2 build (`<format>_avx2`), or None."""
+    for name in _build_choices(fmt):
+        if load_kernel(name) is not None:
+            return name
+    return None
 
 
 def int8_vnni_kernel() -> str | None:
     """Which kernel serves the int8_vnni format here: "int8_vnni" (AVX-512 VNNI), "int8_vnni_avx2", or None."""
-    for name in _vnni_choices():
-        if load_kernel(name) is not None:
-            return name
-    return None
+    return kernel_for("int8_vnni")
 
 
 def load_int8_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
@@ -201,7 +231,7 @@ def load_int8_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     """`int8_vnni_linear(x fp32 [M, K], u uint8 [N, Kp], scale fp32 [N], K) -> fp32 [M, N]` (u = q + 128, rows
     zero-padded to Kp, a multiple of 128), or None where it cannot exist: the AVX-512 VNNI build where the CPU
     has it, else the AVX2 build (S2T_INT8_VNNI_KERNEL narrows the choice)."""
-    name = int8_vnni_kernel()
+    name = kernel_for("int8_vnni")
     return None if name is None else load_kernel(name)
 
 
@@ -209,14 +239,16 @@ def load_int4_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
                                         torch.Tensor] | None:
     """`int4_vnni_linear(x fp32 [M, K], w uint8 [N, Kp / 2], d fp16 [N, Kp / 32], mn fp16 [N, Kp / 32], K) -> fp32
     [M, N]` (4-bit weights as nibbles on an affine grid d * u + mn per 32 inputs; s2t.weight_formats.int4_weight),
-    or None where it cannot exist (AVX-512 VNNI only)."""
-    return load_kernel("int4_vnni")
+    or None where it cannot exist: the AVX-512 VNNI build where the CPU has it, else the AVX2 build
+    (S2T_INT4_VNNI_KERNEL narrows the choice)."""
+    name = kernel_for("int4_vnni")
+    return None if name is None else load_kernel(name)
 
 
 def unavailable_reason(fmt: str = "int8_avx2") -> str | None:
-    """Why the kernel of format `fmt` is None (None if it has not been tried or succeeded); for int8_vnni, the
-    reasons of every build it was allowed to use."""
-    names = _vnni_choices() if fmt == "int8_vnni" else (fmt,)
+    """Why the kernel of format `fmt` is None (None if it has not been tried or succeeded); for a format with two
+    builds, the reasons of every build it was allowed to use."""
+    names = _build_choices(fmt) if fmt in _BUILDS else (fmt,)
     reasons = [_loaded.get(n, {}).get("error") for n in names]
     if any(r is None for r in reasons):
         return None

@@ -1,4 +1,4 @@
-// 4-bit weights x int8 activations for few to a few dozen rows, AVX-512 VNNI: the `int4_vnni` weight format.
+// 4-bit weights x int8 activations for few to a few dozen rows: the `int4_vnni` weight format.
 //
 // y[m, n] = sum_g sx[m, b(g)] * (d[n, g] * sum_{k in g} xq[m, k] * u[n, k] + mn[n, g] * sum_{k in g} xq[m, k])
 //
@@ -18,6 +18,13 @@
 // (0.042-0.054 against 0.071-0.101).
 //
 // Every output depends only on its own activation row, in a fixed order (batch-invariant).
+//
+// Two builds of this one source (s2t/kernels/__init__.py), as for int8_vnni: with -mavx512vnni the AVX-512
+// VNNI kernel; without, an AVX2 one. Here the AVX2 build needs no sign trick: the nibbles u are at most 15,
+// so vpmaddubsw's int16 pair sums (u * x, at most 2 * 15 * 128) cannot saturate, and vpmaddwd by ones then
+// gives exactly dpbusd's int32 lanes (lanes 0-7 of a chunk in one register, 8-15 in another). The float steps
+// that follow are the same operations on the same lanes in the same order, so the two builds' outputs are
+// bit-identical (tests/test_kernel_int4.py checks it where both run).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -29,7 +36,20 @@
 namespace {
 
 constexpr int64_t kGroup = 32;  // inputs per weight step and offset
-constexpr int kRows = 4;        // output rows per tile
+
+// The offsets' term of one output: its 4 lanes (a block's 4 groups, summed over blocks) added pairwise, in the
+// same order in both builds.
+inline float offsets(__m128 o) {
+  o = _mm_add_ps(o, _mm_shuffle_ps(o, o, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(o) + _mm_cvtss_f32(_mm_shuffle_ps(o, o, _MM_SHUFFLE(1, 1, 1, 1)));
+}
+
+// Where chunk c of block b starts in activation row m0's quantised inputs.
+inline int64_t chunk_offset(int64_t m0, int64_t Kp, int64_t b, int c) { return m0 * Kp + (b * 2 + c) * 64; }
+
+#if defined(__AVX512VNNI__)
+
+constexpr int kRows = 4;  // output rows per tile
 
 // R output rows [n0, n0 + R) against MT activation rows [m0, m0 + MT). xs: per activation row and group,
 // sx * the group's sum of xq (the offsets' multiplier).
@@ -70,9 +90,9 @@ inline void tile(const int8_t* xq, const float* sx, const float* xs, const uint8
         const __m256i lo = _mm256_and_si256(packed, low4);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
         const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        const int64_t chunk = b * 2 + c;
+        const int8_t* x = xq + chunk_offset(m0, Kp, b, c);
         for (int m = 0; m < MT; ++m) {
-          const __m512i xv = _mm512_loadu_si512(xq + (m0 + m) * Kp + chunk * 64);
+          const __m512i xv = _mm512_loadu_si512(x + m * Kp);
           const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
           facc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv[c], sxv[m]), facc[r][m]);
         }
@@ -82,12 +102,67 @@ inline void tile(const int8_t* xq, const float* sx, const float* xs, const uint8
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) {
       const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(facc[r][m]), 1));
-      __m128 o = oacc[r][m];
-      o = _mm_add_ps(o, _mm_shuffle_ps(o, o, _MM_SHUFFLE(1, 0, 3, 2)));
-      const float offsets = _mm_cvtss_f32(o) + _mm_cvtss_f32(_mm_shuffle_ps(o, o, _MM_SHUFFLE(1, 1, 1, 1)));
-      y[(m0 + m) * N + n0 + r] = reduce16(_mm512_castps512_ps256(facc[r][m]), hi) + offsets;
+      y[(m0 + m) * N + n0 + r] = reduce16(_mm512_castps512_ps256(facc[r][m]), hi) + offsets(oacc[r][m]);
     }
 }
+
+#else  // AVX2
+
+// Two output rows per tile: per (row, activation row) two float accumulators and one offsets' accumulator,
+// 12 of the 16 ymm registers at MT = 2 before the weights and steps (the int8_vnni AVX2 build's shape).
+constexpr int kRows = 2;
+
+template <int R, int MT>
+inline void tile(const int8_t* xq, const float* sx, const float* xs, const uint8_t* w, const at::Half* d,
+                 const at::Half* mn, float* y, int64_t Kp, int64_t N, int64_t n0, int64_t m0, bool prefetch) {
+  const int64_t nb = Kp / kBlock, ng = Kp / kGroup, row_bytes = Kp / 2;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 flo[R][MT], fhi[R][MT];  // dpbusd's lanes 0-7 and 8-15
+  __m128 oacc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      flo[r][m] = fhi[r][m] = _mm256_setzero_ps();
+      oacc[r][m] = _mm_setzero_ps();
+    }
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256 sxv[MT];
+    __m128 xs4[MT];
+    for (int m = 0; m < MT; ++m) {
+      sxv[m] = _mm256_set1_ps(sx[(m0 + m) * nb + b]);
+      xs4[m] = _mm_loadu_ps(xs + (m0 + m) * ng + b * 4);
+    }
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = w + (n0 + r) * row_bytes + b * (kBlock / 2);
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(row + R * row_bytes), _MM_HINT_T0);
+      const int64_t g0 = (n0 + r) * ng + b * 4;
+      const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(d + g0)));
+      const __m128 mn4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn + g0)));
+      for (int m = 0; m < MT; ++m) oacc[r][m] = _mm_fmadd_ps(mn4, xs4[m], oacc[r][m]);
+      alignas(16) float steps[4];
+      _mm_store_ps(steps, d4);
+      for (int c = 0; c < 2; ++c) {  // the block's two 64-input chunks: groups 2c (low nibbles), 2c + 1 (high)
+        const __m256 dlo = _mm256_set1_ps(steps[2 * c]), dhi = _mm256_set1_ps(steps[2 * c + 1]);
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 32));
+        const __m256i lo = _mm256_and_si256(packed, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+        const int8_t* x = xq + chunk_offset(m0, Kp, b, c);
+        for (int m = 0; m < MT; ++m) {
+          const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * Kp));
+          const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * Kp + 32));
+          const __m256i dot_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xlo), ones);
+          const __m256i dot_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xhi), ones);
+          flo[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_lo), _mm256_mul_ps(dlo, sxv[m]), flo[r][m]);
+          fhi[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_hi), _mm256_mul_ps(dhi, sxv[m]), fhi[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) y[(m0 + m) * N + n0 + r] = reduce16(flo[r][m], fhi[r][m]) + offsets(oacc[r][m]);
+}
+
+#endif
 
 template <int R>
 inline void rows_for(const int8_t* xq, const float* sx, const float* xs, const uint8_t* w, const at::Half* d,
