@@ -8,6 +8,7 @@
     python bench/run_bench.py custom --rows greedy,s2t-spec-always-b8 --accuracy-n 5 --speed-n 2
     python bench/run_bench.py custom --name baselines --rows greedy,llm,maj8,takeover,s2t-spec-tau10-b8 \
         --accuracy-n 100 --speed-n 0   # issue #16's baselines: maj8 (majority of 8 samples), takeover
+    python bench/run_bench.py --render bench/results/paper.json   # redraw a results file's tables (runs nothing)
 
 Rows `maj8` (bench/majority.py: 8 sampled greedy-mode requests per problem at temperature 0.7, top-p 0.8, seeds
 from the problem index and sample number; accuracy is the majority vote, `pass_at_8` any sample correct) and
@@ -889,6 +890,20 @@ async def run_stack_rows(settings, rows: list[Row], acc_problems, speed_problems
                 write(name, payload, split)
 
 
+def render(path: Path) -> None:
+    """Rewrite a results file's tables from its rows: the summary and the paired comparisons are derived, so they
+    are recomputed; the rows, details and records stay as the run wrote them."""
+    global RESULTS
+    payload = json.loads(path.read_text())
+    if any(r["kind"] == "accuracy" for r in payload["rows"]):
+        payload["summary"] = best_per_mode(payload["rows"])
+    before, RESULTS = RESULTS, path.resolve().parent
+    try:
+        write(path.stem, payload)
+    finally:
+        RESULTS = before
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("preset", nargs="?", default="paper", choices=[*PRESETS, "custom"],
@@ -919,8 +934,14 @@ def main() -> None:
                          "the results file this run replaces always counts (and wins)")
     ap.add_argument("--margin", type=float, default=1.0, metavar="POINTS",
                     help="paired comparisons answer 'is A within this many accuracy points of B' (default 1)")
+    ap.add_argument("--render", type=Path, metavar="FILE.json",
+                    help="run nothing: rewrite FILE's markdown, plots and (for paper.json) the README block from its "
+                         "rows, e.g. after a change to how the tables are drawn")
     ap.add_argument("--hf-assisted-worker", help=argparse.SUPPRESS)  # internal: run hf-assisted in a subprocess
     args = ap.parse_args()
+    if args.render:
+        render(args.render)
+        return
     if not 0 < args.margin < 100:
         ap.error(f"--margin is in accuracy points, in (0, 100); got {args.margin}")
     if args.canaries < 0:

@@ -868,15 +868,17 @@ def test_the_pin_follows_the_cpu(monkeypatch):
     assert run_bench.PORTABLE_WEIGHT_FORMATS == "int8,int8,int8,fp32_packed,fp32_packed"
 
 
+def _result_row(mode, kind, accuracy=0.5, tokens_per_s=0.0):
+    return {"mode": mode, "kind": kind, "dataset": "gsm8k", "n": 100, "accuracy": accuracy,
+            "accuracy_ci95": [0.4, 0.6], "tokens_per_s": tokens_per_s, "wall_s": 1.0,
+            "llm_positions_per_token": 1.0, "changed_per_token": 0.0, "llm_forwards_per_token": 0.2,
+            "bytes_per_token": 1.0, "unverified_tokens": 0}
+
+
 def test_per_mode_lines_merge_speculation_shapes_but_keep_k_apart():
     """Block size and blocks in flight never change the tokens, so their rows share a line; K does, so
     `-k4` is a line of its own (it once took the K = 8 row's accuracy line over)."""
-    def row(mode, kind, accuracy=0.5, tokens_per_s=0.0):
-        return {"mode": mode, "kind": kind, "dataset": "gsm8k", "n": 100, "accuracy": accuracy,
-                "accuracy_ci95": [0.4, 0.6], "tokens_per_s": tokens_per_s, "wall_s": 1.0,
-                "llm_positions_per_token": 1.0, "changed_per_token": 0.0, "llm_forwards_per_token": 0.2,
-                "bytes_per_token": 1.0}
-
+    row = _result_row
     lines = {line["mode"]: line for line in run_bench.best_per_mode([
         row("s2t-spec-tau10-b8", "accuracy", 0.59), row("s2t-spec-tau10-b8-k4", "accuracy", 0.55),
         row("s2t-spec-tau10-b4-i1", "speed", tokens_per_s=7.0), row("s2t-spec-tau10-b16", "speed", tokens_per_s=9.0),
@@ -885,3 +887,20 @@ def test_per_mode_lines_merge_speculation_shapes_but_keep_k_apart():
     assert lines["s2t-spec-tau10"]["accuracy"] == 0.59
     assert lines["s2t-spec-tau10"]["speed_config"] == "s2t-spec-tau10-b16"
     assert lines["s2t-spec-tau10-k4"]["accuracy"] == 0.55
+
+
+def test_render_rewrites_the_tables_from_the_rows(tmp_path):
+    """--render runs nothing: the derived summary is recomputed from the rows (a stale one in the file is
+    replaced), the markdown rewritten, the rows kept as they were."""
+    rows = [_result_row("s2t-spec-tau10-b8", "accuracy", 0.59), _result_row("s2t-spec-tau10-b8-k4", "accuracy", 0.55)]
+    payload = {**_payload(), "rows": rows, "details": [],
+               "summary": [{"mode": "s2t-spec-tau10", "stale": True}]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(payload))
+    run_bench.render(path)
+    again = json.loads(path.read_text())
+    assert again["rows"] == rows
+    assert [line["mode"] for line in again["summary"]] == ["s2t-spec-tau10", "s2t-spec-tau10-k4"]
+    md = (tmp_path / "run.md").read_text()
+    assert "| s2t-spec-tau10 | 59.0% (n=100" in md and "| s2t-spec-tau10-k4 | 55.0% (n=100" in md
+    assert run_bench.RESULTS == run_bench.BENCH / "results"  # the module's own results dir is left alone
