@@ -2,7 +2,7 @@
 compiler) and cached under torch's extensions directory (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions), so later processes load them in a fraction of a second.
 
-Four kernels, serving three weight formats (s2t/weight_formats.py):
+Five builds of three kernels, serving three weight formats (s2t/weight_formats.py):
 - `int8_linear` (int8_gemv.cpp): weight-only int8 matrix-vector products for decode steps on x86 CPUs with
   AVX2 and FMA, the format `int8_avx2`;
 - `int8_vnni_linear` (int8_vnni.cpp): int8 weights times activations quantised to int8 per block of 128
