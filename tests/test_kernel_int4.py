@@ -7,25 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from kernel_helpers import threads
+from kernel_helpers import built, builds, needs_avx2, needs_vnni, quantised_rows, threads
 
 from s2t import kernels
-from s2t.weight_formats import (AUTO_CANDIDATES, INT4_GROUP, VNNI_BLOCK, FormatPlan, FormattedLinear, _prepare,
+from s2t.weight_formats import (AUTO_CANDIDATES, INT4_GROUP, FormatPlan, FormattedLinear, _prepare,
                                 available_formats, int4_dequantised, int4_weight, measure_plan,
                                 plan_for_layer)
 
-needs_vnni = pytest.mark.skipif(not kernels.cpu_has_avx512_vnni(),
-                                reason="the AVX-512 build is for x86 CPUs with AVX-512 VNNI")
-needs_avx2 = pytest.mark.skipif(not kernels.cpu_has_avx2(), reason="the AVX2 build is for x86 CPUs with AVX2")
-BUILDS = [pytest.param("int4_vnni", marks=needs_vnni), pytest.param("int4_vnni_avx2", marks=needs_avx2)]
 
-
-@pytest.fixture(scope="module", params=BUILDS)
+@pytest.fixture(scope="module", params=builds("int4_vnni"))
 def int4_linear(request):
-    fn = kernels.load_kernel(request.param)
-    # on a machine with the instructions a missing kernel is a failure, not a skip (no compiler or ninja)
-    assert fn is not None, kernels._loaded[request.param]["error"]
-    return fn
+    return built(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +27,6 @@ def format_kernel():
     if fn is None:
         pytest.skip(f"no build of int4_vnni here: {kernels.unavailable_reason('int4_vnni')}")
     return fn
-
-
-def _quantise_rows(x: torch.Tensor) -> torch.Tensor:
-    """The activations as the kernel rounds them (int8 per row and block of 128, as int8_vnni), in float64."""
-    m, k = x.shape
-    out = torch.empty(m, k, dtype=torch.float64)
-    for k0 in range(0, k, VNNI_BLOCK):
-        blk = x[:, k0:k0 + VNNI_BLOCK].float()
-        amax = blk.abs().amax(1, keepdim=True)
-        s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-        out[:, k0:k0 + VNNI_BLOCK] = torch.round(blk * (1 / s)).clamp(-127, 127).double() * s.double()
-    return out
 
 
 def test_layout_and_rounding():
@@ -84,7 +64,7 @@ def test_kernel_matches_float64_reference(int4_linear, thread_count, n, k):
         for m in (1, 2, 3, 5, 17):
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
             got = int4_linear(x, packed, d, mn, k)
-            ref = _quantise_rows(x) @ ref_w.t()
+            ref = quantised_rows(x) @ ref_w.t()
             assert got.shape == (m, n) and got.dtype == torch.float32
             assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (m, n, k)
 

@@ -6,41 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from kernel_helpers import quantised, threads
+from kernel_helpers import built, builds, needs_avx2, needs_vnni, quantised, quantised_rows, threads
 
 from s2t import kernels
 from s2t.weight_formats import VNNI_BLOCK, FormatPlan, FormattedLinear, _prepare, available_formats, vnni_weight
 
-needs_vnni = pytest.mark.skipif(not kernels.cpu_has_avx512_vnni(),
-                                reason="the AVX-512 build is for x86 CPUs with AVX-512 VNNI")
-needs_avx2 = pytest.mark.skipif(not kernels.cpu_has_avx2(), reason="the AVX2 build is for x86 CPUs with AVX2")
-BUILDS = [pytest.param("int8_vnni", marks=needs_vnni), pytest.param("int8_vnni_avx2", marks=needs_avx2)]
 
-
-@pytest.fixture(scope="module", params=BUILDS)
+@pytest.fixture(scope="module", params=builds("int8_vnni"))
 def vnni_linear(request):
-    fn = kernels.load_kernel(request.param)
-    # on a machine with the instructions a missing kernel is a failure, not a skip (no compiler or ninja)
-    assert fn is not None, kernels._loaded[request.param]["error"]
-    return fn
-
-
-def _quantise_rows(x: torch.Tensor) -> torch.Tensor:
-    """The kernel's activation rounding, in float64: per row and block of 128 inputs (the last block holds
-    what is left), scale = max |x| / 127, round half to even, clamp to +-127; returns the dequantised rows."""
-    m, k = x.shape
-    out = torch.empty(m, k, dtype=torch.float64)
-    for k0 in range(0, k, VNNI_BLOCK):
-        blk = x[:, k0:k0 + VNNI_BLOCK].float()
-        amax = blk.abs().amax(1, keepdim=True)
-        s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # float32, as the kernel computes it
-        q = torch.round(blk * (1 / s)).clamp(-127, 127)
-        out[:, k0:k0 + VNNI_BLOCK] = q.double() * s.double()
-    return out
+    return built(request.param)
 
 
 def _reference(x, q, scale):
-    return (_quantise_rows(x) @ q.double().t()) * scale.double()
+    return (quantised_rows(x) @ q.double().t()) * scale.double()
 
 
 @pytest.mark.parametrize("thread_count", [1, 2])
