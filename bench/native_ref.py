@@ -104,7 +104,7 @@ def stream_read(threads: int, cpus: tuple[int, ...] | None, gib: float = 1.0, re
 # ---- llama.cpp ----------------------------------------------------------------------------------------------
 
 
-def _run_measured(cmd: list[str], timeout_s: float) -> tuple[str, str, int, float]:
+def run_measured(cmd: list[str], timeout_s: float) -> tuple[str, str, int, float]:
     """Run a command; its stdout, stderr, peak RSS in bytes (its own ru_maxrss, from wait4) and wall seconds."""
     import tempfile
     import threading
@@ -137,7 +137,7 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int, cpus: tuple[int, ...] |
     pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
     cmd = [*pin, str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n_gen), "-t", str(threads),
            "-r", str(repeats), "-o", "json"]
-    out, _, peak, wall = _run_measured(cmd, timeout_s)
+    out, _, peak, wall = run_measured(cmd, timeout_s)
     results = json.loads(out)
     if len(results) != 1:
         raise RuntimeError(f"llama-bench printed {len(results)} results, expected 1")
@@ -159,7 +159,7 @@ def llama_speculative(bin_dir: Path, target: Path, draft: Path, prompt: str, thr
     cmd = [str(bin_dir / "llama-speculative-simple"), "-m", str(target), "-md", str(draft), "-p", prompt,
            "-n", str(n_gen), "-t", str(threads), "-td", str(threads), "--spec-type", "draft-simple",
            "--spec-draft-n-max", str(draft_max), "--temp", "0", "-c", "4096"]
-    out, err, peak, wall = _run_measured(cmd, timeout_s)
+    out, err, peak, wall = run_measured(cmd, timeout_s)
     text = out + err
     decoded = _SPEC_DECODED.search(text)
     if not decoded:

@@ -45,7 +45,10 @@ shape's threads; the box's practical bandwidth) and, given --llama-cpp DIR, llam
 `split-llama.cpp-0.5b` / `split-llama.cpp-1.5b` (one thread on the worker's / selector's core), and
 `llama.cpp-spec-d<N>` (llama-speculative-simple, 0.5B drafting up to N tokens for the 1.5B, greedy, on problem 0).
 `reference_ratios` sets our greedy and llm rows against them (issue #14's target: at least 1), and every batch-1
-row carries the weight bytes it reads per token and the GB/s that implies.
+row carries the weight bytes it reads per token and the GB/s that implies. Then (unless --no-engine) the engine
+alone on the same problems, pinned and threaded as the shape's server will be (bench/engine_decode.py: the role's
+model and runtime settings, `Engine.forward` per token, no server): `[split-]engine-0.5b` / `[split-]engine-1.5b`;
+`serving_ratios` sets greedy and llm against them (issue #14: the serving path may cost at most 10 %).
 
 Results are written after every row to <results dir>/<name>.json and .md (default bench/results/), so a crash
 leaves the finished rows. --set KEY=VALUE goes to both processes (the shape's threads, ports and metrics port are
@@ -530,6 +533,7 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
                                            "results": results})
                 payload["ratios"] = ratios(payload["rows"])
                 payload["reference_ratios"] = reference_ratios(payload)
+                payload["serving_ratios"] = serving_ratios(payload)
                 if row["modes_used"] != [gen_pb.Mode.Name(mode.proto)]:
                     payload["notes"].append(f"{name}: some requests degraded (modes used {row['modes_used']}); "
                                             f"see details")
@@ -624,6 +628,65 @@ def run_native_rows(plans: list[ShapePlan], llama_dir: Path | None, settings, pr
         write_results()
 
 
+def run_engine_rows(plans: list[ShapePlan], user_settings: list[str], settings, problems: int, max_new: int,
+                    payload: dict, write_results) -> None:
+    """The engine alone on each role's batch-1 work (bench/engine_decode.py), pinned and threaded as the shape's
+    server would be, before any server starts: rows `[split-]engine-0.5b` (the worker's model, its settings) and
+    `[split-]engine-1.5b` (the selector's). `serving_ratios` sets greedy and llm against them."""
+    label = {Role.WORKER: "0.5b", Role.SELECTOR: "1.5b"}
+    for plan in plans:
+        prefix = "split-" if plan.shape is Shape.SPLIT else ""
+        for role in Role:
+            name = f"{prefix}engine-{label[role]}"
+            print(f"[split-cores] {name}: Engine.forward alone, {problems} problems ...", file=sys.stderr, flush=True)
+            flags = [arg for s in user_settings for arg in ("--set", s)] + set_flags(
+                {f"{role.value}.runtime.threads": plan.threads})
+            pin = ["taskset", "-c", ",".join(map(str, plan.cpus(role)))] if plan.cpus(role) else []
+            cmd = [*pin, sys.executable, str(BENCH / "engine_decode.py"), "--role", role.value,
+                   "--problems", str(problems), "--max-new", str(max_new), *flags]
+            stdout, _, peak, _ = native_ref.run_measured(cmd, timeout_s=3600)
+            got = json.loads(stdout.strip().splitlines()[-1])
+            results = got["results"]
+            per_problem = [r["tokens"] / r["seconds"] for r in results if r["seconds"] > 0]
+            interval = t_interval(per_problem)
+            tokens, seconds = sum(r["tokens"] for r in results), sum(r["seconds"] for r in results)
+            row = {"mode": name, "kind": "engine", "shape": plan.shape.value, "role": role.value,
+                   "model": got["model"], "plan": got["plan"], "threads": got["threads"],
+                   "cpus": list(plan.cpus(role)) if plan.cpus(role) else "all", "n": len(results),
+                   "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
+                   "tokens_per_s_per_problem": {
+                       "mean": sum(per_problem) / len(per_problem) if per_problem else 0.0,
+                       "ci95": None if interval is None else [round(v, 4) for v in interval]},
+                   "tokens_per_problem": [r["tokens"] for r in results], "peak_rss_gb": round(peak / GIB, 3),
+                   "command": " ".join(cmd[len(pin):])}
+            config = model_config(settings, role)
+            if config is not None:
+                add_bandwidth(row, native_ref.engine_bytes_per_token(config, native_ref.one_row_format(got["plan"])))
+            payload["native_rows"].append(row)
+            write_results()
+
+
+def serving_ratios(payload: dict) -> dict:
+    """What the serving path keeps of the engine's speed, per shape: greedy ÷ engine-0.5b and llm ÷ engine-1.5b
+    (tokens/s; the issue's target: at least 1 / 1.1), and on how many problems the two generated as many
+    tokens (a different count means different tokens: with `auto` formats each process times its own plan)."""
+    ours = {(r["shape"], r["request_mode"]): r for r in payload["rows"] if not r.get("variant")}
+    engine = {(r["shape"], r["role"]): r for r in payload["native_rows"] if r["kind"] == "engine"}
+    details = {(d["shape"], d["mode"]): d["results"] for d in payload["details"]}
+    out: dict = {}
+    for shape in Shape:
+        for mode, role, label in ((Mode.GREEDY, Role.WORKER, "0.5b"), (Mode.LLM, Role.SELECTOR, "1.5b")):
+            served, alone = ours.get((shape.value, mode.value)), engine.get((shape.value, role.value))
+            if not served or not alone or not alone["tokens_per_s"]:
+                continue
+            counts = [r["tokens"] for r in details.get((shape.value, served["mode"]), [])]
+            out.setdefault(shape.value, {})[f"{mode.value}/engine-{label}"] = {
+                "ratio": served["tokens_per_s"] / alone["tokens_per_s"],
+                "same_token_counts": sum(a == b for a, b in zip(counts, alone["tokens_per_problem"])),
+                "problems": len(counts)}
+    return out
+
+
 def reference_ratios(payload: dict) -> dict:
     """Our batch-1 rows against llama.cpp's on the same GGUF files, per shape: greedy ÷ llama.cpp-0.5b and
     llm ÷ llama.cpp-1.5b (the issue's target: at least 1)."""
@@ -662,7 +725,8 @@ def markdown(payload: dict) -> str:
                   f"{r['llm_forwards_per_token']:.3f} | {r['selector_busy_s_per_token']:.4f} | "
                   f"{r['selector_busy_share']:.1%} | {r['rolled_back_tokens']} | {r['changed_per_token']:.3f} |\n")
     if payload.get("stream_read") or payload.get("native_rows"):
-        md += ["\n## The same box otherwise: streaming read and llama.cpp on the same GGUF files\n\n",
+        md += ["\n## The same box otherwise: streaming read, the engine alone, and llama.cpp on the same GGUF "
+               "files\n\n",
                "| row | shape | CPUs | threads | tokens/s | weight bytes/token | weight GB/s | peak RSS GB |\n",
                "|---|---|---|---|---|---|---|---|\n"]
         for shape, r in payload.get("stream_read", {}).items():
@@ -670,6 +734,9 @@ def markdown(payload: dict) -> str:
                       f"{r['gb_per_s']:.2f} | – |\n")
         for r in payload.get("native_rows", []):
             tps = f"{r['tokens_per_s']:.2f}" + (f" ± {r['tokens_per_s_sd']:.2f} sd" if "tokens_per_s_sd" in r else "")
+            if r["kind"] == "engine" and r["tokens_per_s_per_problem"]["ci95"]:
+                lo, hi = r["tokens_per_s_per_problem"]["ci95"]
+                tps += f" (per problem {lo:.2f}–{hi:.2f})"
             if r.get("accept_percent") is not None:
                 tps += f" (accept {r['accept_percent']:.1f} %)"
             md.append(f"| {r['mode']} | {r['shape']} | {r['cpus']} | {r['threads']} | {tps} | "
@@ -686,6 +753,11 @@ def markdown(payload: dict) -> str:
                "| shape | ratio | value |\n|---|---|---|\n"]
         md += [f"| {shape} | {name} | {value:.3f} |\n" for shape, values in payload["reference_ratios"].items()
                for name, value in values.items()]
+    if payload.get("serving_ratios"):
+        md += ["\n## The serving path against the engine alone (tokens/s, same shape, same run)\n\n",
+               "| shape | ratio | value | problems with as many tokens |\n|---|---|---|---|\n"]
+        md += [f"| {shape} | {name} | {v['ratio']:.3f} | {v['same_token_counts']}/{v['problems']} |\n"
+               for shape, values in payload["serving_ratios"].items() for name, v in values.items()]
     if payload.get("ratios"):
         md += ["\n## Ratios (tokens/s)\n\n", "| shape | ratio | value |\n|---|---|---|\n"]
         md += [f"| {shape} | {name} | {value:.3f} |\n" for shape, values in payload["ratios"].items()
@@ -730,6 +802,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="size of the streaming-read measurement's buffer in GiB (default 1; far above any cache)")
     ap.add_argument("--results-dir", type=Path, default=run_bench.RESULTS,
                     help="where <name>.json and .md go (default: bench/results)")
+    ap.add_argument("--no-engine", dest="engine", action="store_false",
+                    help="skip the engine-alone rows (bench/engine_decode.py) that the serving ratios compare with")
     ap.add_argument("--s2t-variants", default="", metavar="ROWS",
                     help="comma-separated s2t rows of run_bench (e.g. s2t-spec-tau10-b16-i3,s2t-entropy10-spec) "
                          "run in every shape after the default rows, each with its own trigger, block size and "
@@ -789,7 +863,7 @@ def main(argv: list[str] | None = None) -> dict:
                "shapes": [p.shape.value for p in plans], "rows": [], "ratios": {}, "memory": {},
                "selector_weight_files_gb": None if weight_bytes is None else round(weight_bytes / GIB, 3),
                "processes": {}, "startup_s": {}, "details": [], "stream_read": {}, "native_rows": [],
-               "reference_ratios": {},
+               "reference_ratios": {}, "serving_ratios": {},
                "notes": skipped + ["batch 1: one request at a time; tokens_per_s = all tokens / the row's wall time; "
                                    "tokens_per_s_per_problem.ci95 is a Student t interval of the per-problem mean",
                                    "selector busy = Δ s2t_selector_forward_seconds_sum (Select and Decode) over the "
@@ -809,6 +883,9 @@ def main(argv: list[str] | None = None) -> dict:
         run_native_rows(plans, args.llama_cpp, settings, problems, args.max_new, args.llama_spec_draft,
                         args.stream_gib, payload,
                         lambda: write(results_dir, payload))
+        if args.engine:
+            run_engine_rows(plans, args.set, settings, args.problems, args.max_new, payload,
+                            lambda: write(results_dir, payload))
         for plan in plans:
             asyncio.run(run_shape(plan, args.set, settings, problems, args.max_new, payload,
                                   lambda: write(results_dir, payload), worker_defaults, args.s2t_variants))

@@ -222,7 +222,26 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
             m.value: rows[f"split-{m.value}"]["tokens_per_s"] / rows[m.value]["tokens_per_s"]
             for m in split_cores.ROW_MODES}
     assert payload["selector_weight_files_gb"] > 0
-    assert payload["native_rows"] == [] and payload["reference_ratios"] == {}  # no --llama-cpp given
+    # no --llama-cpp given: the native rows are the engine alone, per shape and role, pinned as the servers were
+    assert payload["reference_ratios"] == {}
+    engine = {r["mode"]: r for r in payload["native_rows"]}
+    assert list(engine) == [f"{'split-' if p.shape is Shape.SPLIT else ''}engine-{size}"
+                            for p in plans for size in ("0.5b", "1.5b")]
+    for plan in plans:
+        prefix = "split-" if plan.shape is Shape.SPLIT else ""
+        for size, role, mode in (("0.5b", "worker", split_cores.Mode.GREEDY), ("1.5b", "selector", split_cores.Mode.LLM)):
+            alone, served = engine[f"{prefix}engine-{size}"], rows[plan.row_name(mode)]
+            assert alone["kind"] == "engine" and alone["role"] == role and alone["threads"] == plan.threads
+            pinned = plan.cpus(split_cores.Role(role))
+            assert alone["cpus"] == (list(pinned) if pinned else "all") and alone["n"] == 2
+            assert alone["tokens_per_s"] == alone["tokens"] / alone["seconds"] > 0
+            served_counts = [r["tokens"] for r in next(d["results"] for d in payload["details"]
+                                                       if d["mode"] == served["mode"])]
+            # the tiny pair's float64 weights decode the same tokens with or without the server around them
+            assert alone["tokens_per_problem"] == served_counts
+            ratio = payload["serving_ratios"][plan.shape.value][f"{mode.value}/engine-{size}"]
+            assert ratio == {"ratio": served["tokens_per_s"] / alone["tokens_per_s"], "same_token_counts": 2,
+                             "problems": 2}
     # the files: the JSON is the payload, the markdown starts with the command
     written = json.loads((tmp_path / "results" / "split-test.json").read_text())
     assert written["rows"] == payload["rows"] and written["ratios"] == payload["ratios"]
@@ -230,6 +249,7 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
     assert md.startswith("# split-test\n\nCommand: `python bench/split_cores.py --name split-test")
     assert all(f"| {name} |" in md for name in expected)
     assert "| s2t-spec-tau1-b4-i3/greedy |" in md
+    assert "| greedy/engine-0.5b |" in md and "| llm/engine-1.5b |" in md
 
 
 @pytest.mark.processes
@@ -238,7 +258,7 @@ def test_a_selector_that_cannot_start_stops_both_processes_and_leaves_a_results_
     """The selector's model does not exist: the run fails with the selector's exit, the worker (waiting for it)
     is stopped too, and the results file says why."""
     with pytest.raises(RuntimeError, match="the selector exited with code 1 before it served"):
-        split_cores.main(["--name", "broken", "--problems", "1", "--max-new", "4", "--shapes", "shared",
+        split_cores.main(["--name", "broken", "--problems", "1", "--max-new", "4", "--shapes", "shared", "--no-engine",
                           "--results-dir", str(tmp_path / "results"),
                           *tiny_settings(tiny_pair, tmp_path, selector_model=tmp_path / "no-such-model")])
     written = json.loads((tmp_path / "results" / "broken.json").read_text())
