@@ -200,8 +200,9 @@ def start(settings: Settings, blocking: bool = False):
 
 
 # Ray gives a new node's raylet a fixed 30 s to register with the GCS (ray/_private/node.py) and has no knob
-# for it. On a loaded 2-core machine that wait has run out with the raylet healthy but late (CI, 2 of 3 full
-# test runs), so a node that times out is torn down and started again rather than failing the selector.
+# for it. It registers within ~1 s here (raylet.out), yet the wait ran out in 2 of 3 full test runs on fresh
+# 2-core machines (cause not seen: the logs were gone), so a node that times out is torn down and started again
+# rather than failing the selector, and the warning carries its raylet and GCS log tails.
 RAY_START_ATTEMPTS = 3
 NODE_STARTUP_TIMEOUT = "timed out during startup"
 
@@ -233,7 +234,8 @@ def _descendant_pids() -> set[int]:
 
 
 def _kill_new_descendants(before: set[int]) -> int:
-    """Kill this process's descendants that were not there before; returns how many."""
+    """Kill this process's descendants that were not there before; returns how many. Called during start-up,
+    when the only processes this one starts are the Ray node's."""
     import psutil
 
     new = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
