@@ -9,11 +9,12 @@ compiled: the kernels are pybind calls and the KV cache is Python lists (graph b
     taskset -c 0 python bench/compile_probe.py qwen2.5-coder-0.5b-instruct int8_vnni 64 5
 
 Arguments: model, weight formats, steps per round, rounds (one thread). Prints one line per variant and
-writes bench/results/compile-probe-<model>.json.
+writes bench/results/compile-probe-<model>.{json,md}.
 """
-import json, statistics, sys, time, torch
+import statistics, sys, time, torch
 from pathlib import Path
 import transformers.models.qwen2.modeling_qwen2 as mq
+from run_bench import RESULTS, results_header, write_results
 from s2t.runtime import Engine, load_model
 
 model, fmt, steps, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -72,7 +73,12 @@ for v in variants:
     rows.append({"variant": v, "ms_per_step_median": round(med, 2), "ms_per_step_min": round(min(ms[v]), 2),
                  "tokens_per_s": round(1e3 / med, 2), "vs_eager": round(statistics.median(ms["eager"]) / med, 3),
                  "argmax_differs": diff, "steps": steps})
-out = Path(__file__).resolve().parent / "results" / f"compile-probe-{Path(model).name}.json"
-out.write_text(json.dumps({"command": "taskset -c 0 python bench/compile_probe.py " + " ".join(sys.argv[1:]),
-                           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": model, "weight_formats": fmt,
-                           "rounds": rounds, "threads": 1, "torch": torch.__version__, "rows": rows}, indent=1))
+payload = results_header(f"compile-probe-{Path(model).name}", "bench/compile_probe.py", sys.argv[1:])
+payload.update(pinned="run under `taskset -c 0`", model=model, weight_formats=fmt, rounds=rounds, threads=1,
+               torch=torch.__version__, rows=rows)
+write_results(RESULTS, payload, "".join(
+    [f"# {payload['name']}\n\n`taskset -c 0 {payload['command']}`\n\n{payload['date']} · commit {payload['commit']} · "
+     f"{payload['machine'].get('cpu', '')}\n\n| variant | ms/step (median, min) | tokens/s | ÷ eager | argmax differs |\n"
+     "|---|---|---|---|---|\n"]
+    + [f"| {r['variant']} | {r['ms_per_step_median']}, {r['ms_per_step_min']} | {r['tokens_per_s']} | "
+       f"{r['vs_eager']} | {r['argmax_differs']}/{r['steps']} |\n" for r in rows]))

@@ -20,14 +20,13 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from run_bench import RESULTS, git_commit, machine  # noqa: E402
+from run_bench import RESULTS, results_header, write_results  # noqa: E402
 
 GIB = 1 << 30
 PINNED = "int8,int8,int8,fp32_packed,fp32_packed"
@@ -110,17 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     cache_dir = args.cache_dir or default_cache_dir()
-    shown = sys.argv[1:] if argv is None else argv
-    payload = {"name": args.name, "command": " ".join(["python bench/load_memory.py", *shown]),
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine(),
-               "rows": []}
+    payload = results_header(args.name, "bench/load_memory.py", sys.argv[1:] if argv is None else argv)
+    payload["rows"] = []
     sources = [s.resolve() for s in (args.source or [BENCH.parent])]
     for model in [m for m in args.models.split(",") if m]:
         for source in sources:
             payload["rows"].append(measure(model, cache_dir, args.weight_formats, args.threads, source))
-            args.results_dir.mkdir(parents=True, exist_ok=True)  # after every load: a crash keeps the rows
-            (args.results_dir / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
-            (args.results_dir / f"{args.name}.md").write_text(markdown(payload))
+            write_results(args.results_dir, payload, markdown(payload))  # after every load: a crash keeps the rows
     print(markdown(payload))
     return payload
 

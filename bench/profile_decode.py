@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from run_bench import RESULTS, git_commit, machine  # noqa: E402
+from run_bench import RESULTS, results_header, write_results  # noqa: E402
 
 # innermost frame (as py-spy names it: "function (file:line)") -> category; the first match wins
 CATEGORIES = (("linear kernels", ("_apply (s2t/weight_formats.py",)),
@@ -140,13 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     cache_dir = args.cache_dir or load_settings().cache_dir
     rows = [profile(m, args.weight_formats, args.threads, args.cpus, args.seconds, args.rate, cache_dir)
             for m in args.models.split(",")]
-    shown = sys.argv[1:] if argv is None else argv
-    payload = {"name": args.name, "command": " ".join(["python bench/profile_decode.py", *shown]),
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine(),
-               "rows": rows}
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
-    (args.results_dir / f"{args.name}.md").write_text(markdown(payload))
+    payload = results_header(args.name, "bench/profile_decode.py", sys.argv[1:] if argv is None else argv)
+    payload["rows"] = rows
+    write_results(args.results_dir, payload, markdown(payload))
     print(markdown(payload))
     return payload
 

@@ -768,6 +768,19 @@ def draw_plots(json_path: Path, payload: dict) -> list[Path]:
     return []
 
 
+def results_header(name: str, script: str, argv_shown: list[str]) -> dict:
+    """What every results file starts with: its name, the command that made it, when, at which commit, where."""
+    return {"name": name, "command": " ".join([f"python {script}", *argv_shown]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine()}
+
+
+def write_results(results_dir: Path, payload: dict, markdown: str) -> None:
+    """<results_dir>/<payload name>.json (the payload) and .md (its table)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{payload['name']}.json").write_text(json.dumps(payload, indent=1))
+    (results_dir / f"{payload['name']}.md").write_text(markdown)
+
+
 def write(name: str, payload: dict, split: dict[str, list[str]] | None = None) -> None:
     """Write <name>.json/.md, and for a preset with per-issue files, one table per issue from the same run."""
     for file_name, keep in (split or {}).items():

@@ -403,6 +403,16 @@ async def selector_description(port: int) -> dict:
 # ---- the rows ----------------------------------------------------------------------------------------------
 
 
+def per_problem_speed(per_problem: list[float], method: str) -> dict:
+    """The mean of per-problem tokens/s with its 95 % t interval, rounded outward: an interval of equal
+    per-problem speeds is [mean, mean], and rounding it to nearest could leave the mean just outside."""
+    interval = t_interval(per_problem)
+    return {"mean": sum(per_problem) / len(per_problem) if per_problem else 0.0,
+            "ci95": None if interval is None else [math.floor(interval[0] * 1e4) / 1e4,
+                                                   math.ceil(interval[1] * 1e4) / 1e4],
+            "method": method}
+
+
 def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, busy: SelectorBusy,
               max_new: int, worker_defaults: dict, variant: Row | None = None) -> dict:
     """run_bench's speed row (same fields, same meaning), with this benchmark's shape, per-problem interval and
@@ -411,17 +421,11 @@ def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, bus
     row = variant or Row(plan.row_name(mode), mode.value)
     out = run_bench.summarize(row, "speed", results, wall, {"max_new_tokens": max_new})
     tokens = out["tokens"]
-    per_problem = [r["tokens"] / r["latency_s"] for r in results if r["latency_s"] > 0]
-    interval = t_interval(per_problem)
     out.update(
         shape=plan.shape.value,
-        tokens_per_s_per_problem={
-            "mean": sum(per_problem) / len(per_problem) if per_problem else 0.0,
-            # rounded outward: an interval of equal per-problem speeds is [mean, mean], and rounding it to
-            # nearest could leave the mean just outside
-            "ci95": None if interval is None else [math.floor(interval[0] * 1e4) / 1e4,
-                                                   math.ceil(interval[1] * 1e4) / 1e4],
-            "method": "Student t interval (n - 1 df) of the mean of per-problem tokens / client latency"},
+        tokens_per_s_per_problem=per_problem_speed(
+            [r["tokens"] / r["latency_s"] for r in results if r["latency_s"] > 0],
+            "Student t interval (n - 1 df) of the mean of per-problem tokens / client latency"),
         selector_busy_s=busy.seconds, selector_forwards=int(busy.forwards),
         selector_busy_s_by_method=busy.seconds_by_method,
         selector_busy_s_per_token=busy.seconds / tokens if tokens else 0.0,
@@ -647,16 +651,14 @@ def run_engine_rows(plans: list[ShapePlan], user_settings: list[str], settings, 
             stdout, _, peak, _ = native_ref.run_measured(cmd, timeout_s=3600)
             got = json.loads(stdout.strip().splitlines()[-1])
             results = got["results"]
-            per_problem = [r["tokens"] / r["seconds"] for r in results if r["seconds"] > 0]
-            interval = t_interval(per_problem)
             tokens, seconds = sum(r["tokens"] for r in results), sum(r["seconds"] for r in results)
             row = {"mode": name, "kind": "engine", "shape": plan.shape.value, "role": role.value,
                    "model": got["model"], "plan": got["plan"], "threads": got["threads"],
                    "cpus": list(plan.cpus(role)) if plan.cpus(role) else "all", "n": len(results),
                    "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
-                   "tokens_per_s_per_problem": {
-                       "mean": sum(per_problem) / len(per_problem) if per_problem else 0.0,
-                       "ci95": None if interval is None else [round(v, 4) for v in interval]},
+                   "tokens_per_s_per_problem": per_problem_speed(
+                       [r["tokens"] / r["seconds"] for r in results if r["seconds"] > 0],
+                       "Student t interval (n - 1 df) of the mean of per-problem tokens / engine seconds"),
                    "tokens_per_problem": [r["tokens"] for r in results], "peak_rss_gb": round(peak / GIB, 3),
                    "command": " ".join(cmd[len(pin):])}
             config = model_config(settings, role)
