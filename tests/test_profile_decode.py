@@ -25,7 +25,6 @@ def test_samples_are_sorted_by_their_innermost_frame():
 
 
 def test_a_kernel_frame_above_the_leaf_does_not_count_as_the_kernel():
-    """Only the innermost frame decides: time in a norm called below _apply (there is none, but a caller named
-    like a kernel) is not kernel time."""
+    """Only the innermost frame decides: a Python helper called from within `_apply` is not kernel time."""
     raw = "a (x.py:1);_apply (s2t/weight_formats.py:262);helper (y.py:3) 7\n"
     assert profile_decode.categorise(raw)[0] == {"everything else": 7}
