@@ -145,6 +145,13 @@ for _k in (2, 4, 16):
 # the default speculative s2t drafting to the lookahead whatever the odds (issue #14's split shape, where the
 # worker's core would otherwise idle while it waits)
 ROWS["s2t-spec-tau10-b8-dc0"] = Row("s2t-spec-tau10-b8-dc0", "s2t", "kl", 0.10, 8, 2, confidence=0.0)
+# the LLM-free entropy trigger drafting on past its triggered positions whatever the odds: in the split shape the
+# worker's core idles while it waits, and a triggered position diverges ~40 % of the time, which the gate's
+# default 0.7 always refuses. Blocks of 8 (2 in flight), and blocks of 1 (16 in flight): a triggered draft is
+# sent the moment it is drafted instead of when its block of 8 fills.
+ROWS["s2t-entropy10-spec-dc0"] = Row("s2t-entropy10-spec-dc0", "s2t", "entropy", 0.10, 8, 2, confidence=0.0)
+ROWS["s2t-entropy10-b1-i16-dc0"] = Row("s2t-entropy10-b1-i16-dc0", "s2t", "entropy", 0.10, 1, 16, confidence=0.0)
+ROWS["s2t-entropy10-b1-i8-dc0"] = Row("s2t-entropy10-b1-i8-dc0", "s2t", "entropy", 0.10, 1, 8, confidence=0.0)
 # and its tau sweep, tau in {1, 5, 10, 20} %, at the default block size (tau 1 % and 10 % are in the grid above)
 for _rate in (0.05, 0.20):
     _name = f"s2t-spec-tau{round(_rate * 100)}-b8"
