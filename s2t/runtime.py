@@ -272,6 +272,7 @@ class Engine:
             max_workers=1, thread_name_prefix="s2t-compute", initializer=torch.set_num_threads, initargs=(threads,))
         cfg = lm.model.config
         self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv_dtype = lm.compute_dtype
@@ -284,6 +285,11 @@ class Engine:
         types = getattr(cfg, "layer_types", None) or []
         self.can_split = (all(hasattr(self.base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
                           and all(t == "full_attention" for t in types))
+        # Batch-1 decoding (one sequence, one new token: a user's request alone on its worker or selector) runs
+        # the decoder's parts directly (`_decode_one`) instead of through transformers' model forward, whose
+        # per-call and per-layer plumbing (mask preparation, output capture, the cache interface, attention
+        # dispatch) is a measurable share of a step that reads the weights in ~25 ms (issue #14).
+        self.fast_decode = self.can_split and _plain_decoder_layers(self.base)
         self.tap_layer: int | None = None  # new caches record the hidden state entering this layer
         self._tap_hook = None
         self._tap_rows: tuple | None = None  # (caches, starts, counts) while Engine.forward runs
@@ -327,6 +333,9 @@ class Engine:
             raise ValueError("every sequence in a forward needs at least one new token")
         # Proposals come from the base model: no S2T-Local adapter is active here (O(1) if none is).
         set_active_adapter(self.lm.model, None)
+        if (self.fast_decode and len(caches) == 1 and len(tokens[0]) == 1 and want[0] == [0]
+                and caches[0].first_layer == 0):
+            return [self._decode_one(caches[0], tokens[0][0])]
         out: list[torch.Tensor | None] = [None] * len(caches)
         for group in _padding_groups([len(t) for t in tokens]):
             logits = self._forward_group([caches[i] for i in group], [tokens[i] for i in group], [want[i] for i in group])
@@ -401,6 +410,48 @@ class Engine:
             j.cache.length += len(j.tokens)
             results.append(list(torch.split(h[len(j.tokens):], sz)))
         return results
+
+    @torch.inference_mode()
+    def _decode_one(self, cache: KVCache, token: int) -> torch.Tensor:
+        """Engine.forward for one sequence and one new token, returning its logits [1, vocab].
+
+        The same modules and the same operations as the model's forward for this shape (transformers' sdpa
+        path for one query: the query heads grouped per key/value head, a boolean mask of all-true), minus
+        the plumbing; `tests/test_runtime.py` checks the two agree. Honours the cache's tap."""
+        base = self.base
+        t = cache.length
+        cache.reserve(t + 1)
+        hidden = base.embed_tokens(torch.tensor([[token]], dtype=torch.long))  # [1, 1, H]
+        position = torch.tensor([[t]], dtype=torch.long)
+        cos, sin = base.rotary_emb(hidden, position)
+        cos, sin = cos[:, None], sin[:, None]  # [1, 1, 1, D], broadcast over heads
+        mask = torch.ones(1, 1, 1, t + 1, dtype=torch.bool)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        for i, layer in enumerate(base.layers):
+            if i == cache.tap_layer and cache.tap is not None:
+                cache.tap[t] = hidden[0, 0]
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(1, 1, heads, dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
+            v = attn.v_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache.keys[i][:, t:t + 1] = k[0]
+            cache.values[i][:, t:t + 1] = v[0]
+            keys, values = cache.keys[i][None, :, :t + 1], cache.values[i][None, :, :t + 1]
+            if kv_heads != heads:
+                q = q.reshape(1, kv_heads, heads // kv_heads, dim)
+            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+            o = o.reshape(1, heads, 1, dim).transpose(1, 2).reshape(1, 1, heads * dim)
+            hidden = hidden + attn.o_proj(o)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        cache.length = t + 1
+        logits = self.head(base.norm(hidden)[0])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     def _run_layers(self, layers: range, caches: list[KVCache], starts: list[int], inputs: list[torch.Tensor],
                     layouts: list[tuple[torch.Tensor, torch.Tensor]], adapter: str | None, norm: bool = False
@@ -478,6 +529,30 @@ class Engine:
             out.append(logits[k:k + len(w)])
             k += len(w)
         return out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _plain_decoder_layers(base: nn.Module) -> bool:
+    """The decoder layers are Qwen2/Llama-shaped (the layout `Engine._decode_one` computes): pre-norm attention
+    with q/k/v/o projections and the default scaling, then a pre-norm MLP; full attention, no softcap."""
+    cfg = base.config
+    if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "use_sliding_window", False):
+        return False
+    for layer in base.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
+            return False
+        if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp")):
+            return False
+        if hasattr(layer, "pre_feedforward_layernorm") or hasattr(layer, "post_feedforward_layernorm"):
+            return False
+        if getattr(attn, "q_norm", None) is not None or getattr(attn, "sliding_window", None):
+            return False
+    return type(base).__name__ in ("Qwen2Model", "LlamaModel")
 
 
 def _padding_groups(lengths: list[int], max_waste: float = 0.3, slack: int = 64) -> list[list[int]]:

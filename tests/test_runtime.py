@@ -53,6 +53,43 @@ def test_cache_grows_past_its_capacity(engine):
     torch.testing.assert_close(o[0], full_logits(engine.lm.model, seq + [5])[-1], rtol=0, atol=1e-10)
 
 
+def test_batch1_decode_step_equals_the_model_forward(engine):
+    """The batch-1 fast path (one sequence, one new token) gives the logits, keys/values and tap of the
+    transformers forward it replaces, token after token, across a cache regrowth and a rollback."""
+    assert engine.fast_decode
+    rng = random.Random(3)
+    prompt = [rng.randrange(259) for _ in range(6)]
+    steps = [rng.randrange(259) for _ in range(70)]  # past the cache's first capacity (64)
+    engine.set_tap(1)
+    try:
+        caches = {}
+        for fast in (True, False):
+            engine.fast_decode = fast
+            cache = caches[fast] = engine.new_cache()
+            logits = [engine.forward([cache], [prompt], [[len(prompt) - 1]])[0]]
+            for i, tok in enumerate(steps):
+                if i == 40:
+                    cache.crop(cache.length - 5)  # roll back, then continue from there
+                logits.append(engine.forward([cache], [[tok]], [[0]])[0])
+            caches[fast] = (cache, logits)
+    finally:
+        engine.fast_decode = True
+        engine.set_tap(None)
+    (fast, lf), (slow, ls) = caches[True], caches[False]
+    assert fast.length == slow.length == len(prompt) + len(steps) - 5
+    for a, b in zip(lf, ls):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    n = fast.length
+    for layer in range(len(fast.keys)):
+        torch.testing.assert_close(fast.keys[layer][:, :n], slow.keys[layer][:, :n], rtol=0, atol=1e-12)
+        torch.testing.assert_close(fast.values[layer][:, :n], slow.values[layer][:, :n], rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast.tap[:n], slow.tap[:n], rtol=0, atol=1e-12)
+    # and both equal the model's own forward over the whole sequence
+    seq = prompt + steps[:40]
+    seq = seq[:-5] + steps[40:]
+    torch.testing.assert_close(lf[-1][0], full_logits(engine.lm.model, seq)[-1], rtol=0, atol=1e-10)
+
+
 def test_forward_rejects_bad_offsets_and_empty_feeds(engine):
     with pytest.raises(ValueError):
         engine.forward([engine.new_cache()], [[]], [[0]])
