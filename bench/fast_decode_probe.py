@@ -1,5 +1,6 @@
 """Probe (issue #14): the batch-1 decode step run through transformers' model forward, against the engine's
-direct step (`Engine._decode_one`: the same modules and operations, without the model forward's plumbing).
+direct step (`Engine._decode_one`: the same modules and operations, without the model forward's plumbing),
+with q/k/v and gate/up as separate kernel calls and fused (one call each, `weight_formats.fuse_outputs`).
 
 Times both in one process, interleaved round by round on the same teacher-forced tokens after a 63-token
 prompt, one thread, and counts the steps whose argmax differs between them.
@@ -7,7 +8,7 @@ prompt, one thread, and counts the steps whose argmax differs between them.
     taskset -c 0 python bench/fast_decode_probe.py qwen2.5-coder-0.5b-instruct int8_vnni 64 5
 
 Arguments: model, weight formats, steps per round, rounds. Prints one line per variant and writes
-bench/results/fast-decode-probe-<model>.{json,md}.
+bench/results/fast-decode-probe-<model>-<formats>.{json,md}.
 """
 import statistics, sys, time, torch
 from pathlib import Path
@@ -19,11 +20,14 @@ lm = load_model(model, Path.home() / ".cache/s2t/models", fmt, threads=1)
 e = Engine(lm)
 prompt = [(1000 + i) % lm.vocab_size for i in range(63)]
 c = e.new_cache(); c.reserve(63 + steps + 8)
-variants = {"transformers forward": False, "direct step": True}
+fused = list(e._fused)
+unfused = [(None, None)] * len(fused)
+variants = {"transformers forward": (False, fused), "direct step, separate projections": (True, unfused),
+            "direct step, fused q/k/v and gate/up": (True, fused)}
 
 
 def run(name, n, ref=None):
-    e.fast_decode = variants[name]
+    e.fast_decode, e._fused = variants[name]
     c.crop(0)
     out = []
     tok = int(e.forward([c], [prompt], [[62]])[0][0].argmax())
@@ -47,12 +51,12 @@ rows = []
 for v in variants:
     med = statistics.median(ms[v])
     diff = sum(a != b for a, b in zip(picks[v], ref))
-    print(f"{model} {fmt} | {v:20s} | {med:6.2f} ms/step median ({min(ms[v]):.2f} min) | {1e3/med:6.2f} tok/s | "
+    print(f"{model} {fmt} | {v:38s} | {med:6.2f} ms/step median ({min(ms[v]):.2f} min) | {1e3/med:6.2f} tok/s | "
           f"x{base/med:.3f} | argmax differs {diff}/{steps}", flush=True)
     rows.append({"variant": v, "ms_per_step_median": round(med, 2), "ms_per_step_min": round(min(ms[v]), 2),
                  "tokens_per_s": round(1e3 / med, 2), "vs_transformers_forward": round(base / med, 3),
                  "argmax_differs": diff, "steps": steps})
-payload = results_header(f"fast-decode-probe-{Path(model).name}", "bench/fast_decode_probe.py", sys.argv[1:])
+payload = results_header(f"fast-decode-probe-{Path(model).name}-{fmt}", "bench/fast_decode_probe.py", sys.argv[1:])
 payload.update(pinned="run under `taskset -c 0`", model=model, weight_formats=fmt, rounds=rounds, threads=1,
                torch=torch.__version__, rows=rows)
 write_results(RESULTS, payload, "".join(

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .weight_formats import (FormatPlan, apply_plan, cpu_capability, format_available, measure_plan,
+from .weight_formats import (FormatPlan, apply_plan, cpu_capability, format_available, fuse_outputs, measure_plan,
                              release_free_memory)
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash, weights_sha256
@@ -290,6 +290,16 @@ class Engine:
         # per-call and per-layer plumbing (mask preparation, output capture, the cache interface, attention
         # dispatch) is a measurable share of a step that reads the weights in ~25 ms (issue #14).
         self.fast_decode = self.can_split and _plain_decoder_layers(self.base)
+        # ... with q/k/v and gate/up each one kernel call over their shared input (fuse_outputs: the weights
+        # are shared, not copied; None where a layer's one-row format cannot be fused). Kept on the model, so a
+        # second Engine over the same model shares them instead of fusing the fused layers' views again.
+        self._fused: list[tuple[nn.Module | None, nn.Module | None]] = []
+        if self.fast_decode:
+            self._fused = lm.model.__dict__.get("_s2t_fused_decode") or [
+                (fuse_outputs([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
+                 fuse_outputs([l.mlp.gate_proj, l.mlp.up_proj]) if _gated_mlp(l.mlp) else None)
+                for l in self.base.layers]
+            lm.model.__dict__["_s2t_fused_decode"] = self._fused
         self.tap_layer: int | None = None  # new caches record the hidden state entering this layer
         self._tap_hook = None
         self._tap_rows: tuple | None = None  # (caches, starts, counts) while Engine.forward runs
@@ -430,13 +440,21 @@ class Engine:
         for i, layer in enumerate(base.layers):
             if i == cache.tap_layer and cache.tap is not None:
                 cache.tap[t] = hidden[0, 0]
-            attn = layer.self_attn
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv_proj, gate_up_proj = self._fused[i]
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(1, 1, heads, dim).transpose(1, 2)
-            k = attn.k_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
-            v = attn.v_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            if qkv_proj is not None:
+                # heads laid out [q heads | k heads | v heads]: the rotary embedding turns q and k in one go
+                qkv = qkv_proj(x).view(1, heads + 2 * kv_heads, 1, dim)
+                qk = qkv[:, :heads + kv_heads]
+                qk = qk * cos + _rotate_half(qk) * sin
+                q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
+            else:
+                q = attn.q_proj(x).view(1, 1, heads, dim).transpose(1, 2)
+                k = attn.k_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
+                v = attn.v_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
             cache.keys[i][:, t:t + 1] = k[0]
             cache.values[i][:, t:t + 1] = v[0]
             keys, values = cache.keys[i][None, :, :t + 1], cache.values[i][None, :, :t + 1]
@@ -445,7 +463,12 @@ class Engine:
             o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
             o = o.reshape(1, heads, 1, dim).transpose(1, 2).reshape(1, 1, heads * dim)
             hidden = hidden + attn.o_proj(o)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            x = layer.post_attention_layernorm(hidden)
+            if gate_up_proj is not None:
+                gate, up = gate_up_proj(x).chunk(2, dim=-1)
+                hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+            else:
+                hidden = hidden + mlp(x)
         cache.length = t + 1
         logits = self.head(base.norm(hidden)[0])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -534,6 +557,13 @@ class Engine:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _gated_mlp(mlp: nn.Module) -> bool:
+    """A Qwen2/Llama MLP, down(act(gate(x)) * up(x)), with gate and up of one size."""
+    return (type(mlp).__name__ in ("Qwen2MLP", "LlamaMLP") and hasattr(mlp, "act_fn")
+            and mlp.gate_proj.out_features == mlp.up_proj.out_features
+            and getattr(mlp.gate_proj, "bias", None) is None and getattr(mlp.up_proj, "bias", None) is None)
 
 
 def _plain_decoder_layers(base: nn.Module) -> bool:

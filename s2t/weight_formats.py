@@ -143,6 +143,16 @@ class FormattedLinear(nn.Module):
         for fmt in set(plan.formats):
             self.weights[fmt] = _prepare(w, fmt)
 
+    @classmethod
+    def from_parts(cls, in_features: int, out_features: int, plan: FormatPlan, out_dtype: torch.dtype,
+                   weights: dict[str, object], bias: torch.Tensor | None) -> "FormattedLinear":
+        """A layer from weights already in their formats (fuse_outputs)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.plan, layer.out_dtype = in_features, out_features, plan, out_dtype
+        layer.bias, layer.weights = bias, dict(weights)
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -152,6 +162,89 @@ class FormattedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, formats={sorted(self.weights)}"
+
+
+# Formats that store a weight row by row (output features first, every tensor part [out_features, ...]): the
+# weights of layers that read the same input, concatenated along the outputs, are one layer's, and each
+# layer's rows are a contiguous view of it. fp32_packed (oneDNN's blocked layout) is not.
+ROW_MAJOR_FORMATS = frozenset({"native", "bf16", "fp32", "int8", "int8_avx2", "int8_vnni", "int4_vnni"})
+
+
+def fuse_outputs(layers: list[nn.Module], rows: int = 1) -> FormattedLinear | None:
+    """One layer that computes `layers` side by side on one input (their outputs concatenated, in order), for
+    inputs of `rows` rows: one kernel call instead of len(layers). The weights are shared, not copied: each
+    layer's weight for that row count becomes a view of its rows in the fused layer's, so the layers compute
+    exactly what they did and fusing adds no memory. Returns None where the layers cannot be fused: not all
+    nn.Linear or FormattedLinear, different input sizes or output dtypes, or a format that is not stored row
+    by row (ROW_MAJOR_FORMATS)."""
+    if len(layers) < 2 or len({l.in_features for l in layers}) != 1:
+        return None
+    outs = [l.out_features for l in layers]
+    if all(type(l) is nn.Linear for l in layers):
+        dtype = layers[0].weight.dtype
+        if any(l.weight.dtype != dtype for l in layers):
+            return None
+        fmt, parts = "native", [l.weight.detach() for l in layers]
+        out_dtype = dtype
+    elif all(type(l) is FormattedLinear for l in layers):
+        fmt = layers[0].plan.format_for(rows)
+        out_dtype = layers[0].out_dtype
+        if (fmt not in ROW_MAJOR_FORMATS or any(l.plan.format_for(rows) != fmt or l.out_dtype != out_dtype
+                                                 for l in layers)):
+            return None
+        parts = [l.weights[fmt] for l in layers]
+    else:
+        return None
+    fused_weight = _concat_rows(parts, outs)
+    if fused_weight is None:
+        return None
+    biases = [l.bias.detach() if l.bias is not None else None for l in layers]
+    fused_bias = None
+    if any(b is not None for b in biases):
+        ref = next(b for b in biases if b is not None)
+        fused_bias = torch.cat([b if b is not None else ref.new_zeros(n) for b, n in zip(biases, outs)])
+    fused = FormattedLinear.from_parts(layers[0].in_features, sum(outs), FormatPlan.uniform(fmt), out_dtype,
+                                       {fmt: fused_weight}, fused_bias)
+    start = 0
+    for layer, n in zip(layers, outs):
+        view = _row_view(fused_weight, start, n)
+        bias = None if fused_bias is None or layer.bias is None else fused_bias[start:start + n]
+        if type(layer) is nn.Linear:
+            layer.weight = nn.Parameter(view, requires_grad=False)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias, requires_grad=False)
+        else:
+            layer.weights[fmt] = view
+            if bias is not None:
+                layer.bias = bias
+        start += n
+    return fused
+
+
+def _concat_rows(parts: list, outs: list[int]):
+    """Concatenate per-layer weights of one format along the output rows: a tensor, or a tuple whose tensor
+    parts are [out_features, ...] and whose other parts (input size, kernel) are the same for every layer."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts) if all(p.shape[0] == n for p, n in zip(parts, outs)) else None
+    if not all(isinstance(p, tuple) and len(p) == len(parts[0]) for p in parts):
+        return None
+    fused = []
+    for items in zip(*parts):
+        if all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in items):
+            if any(x.shape[0] != n for x, n in zip(items, outs)):
+                return None
+            fused.append(torch.cat(items))
+        elif all(x is items[0] or (not isinstance(x, torch.Tensor) and x == items[0]) for x in items):
+            fused.append(items[0])
+        else:
+            return None
+    return tuple(fused)
+
+
+def _row_view(weight, start: int, n: int):
+    if isinstance(weight, torch.Tensor):
+        return weight[start:start + n]
+    return tuple(x[start:start + n] if isinstance(x, torch.Tensor) and x.dim() >= 1 else x for x in weight)
 
 
 def _prepare(w: torch.Tensor, fmt: str):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from s2t.weight_formats import (BUCKETS, SHARE_TOLERANCE, FormatPlan, FormattedLinear, available_formats, measure_plan,
-                                share_formats)
+from s2t.weight_formats import (BUCKETS, SHARE_TOLERANCE, FormatPlan, FormattedLinear, available_formats, fuse_outputs,
+                                measure_plan, share_formats)
 from s2t.runtime import Engine, _padding_groups, load_model
 
 
@@ -114,6 +114,65 @@ def test_formatted_linear_matches_float_reference(fmt):
     assert got.shape == ref.shape and got.dtype == ref.dtype
     tol = {"bf16": 3e-2, "fp32": 1e-5, "fp32_packed": 1e-5, "int8": 3e-2, "int8_avx2": 2e-2, "int8_vnni": 3e-2}[fmt]
     assert (got - ref).abs().max() <= tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("fmt", [f for f in ("native", "fp32", "int8", "int8_avx2", "int8_vnni", "int4_vnni")
+                                 if f == "native" or f in available_formats()])
+def test_fused_outputs_share_the_layers_weights_and_compute_what_they_did(fmt):
+    """q/k/v-shaped layers (one with its own bias, of different sizes) fused for one-row inputs: the fused layer
+    gives the concatenated outputs, and each layer, now reading a view of its rows, gives what it gave before."""
+    torch.manual_seed(0)
+    linears = [nn.Linear(256, n, bias=b).float() for n, b in ((96, True), (32, False), (32, True))]
+    layers = linears if fmt == "native" else [
+        FormattedLinear(l, FormatPlan.parse(",".join([fmt] + ["fp32_packed" if "fp32_packed" in available_formats()
+                                                              else "fp32"] * (len(BUCKETS) - 1))))
+        for l in linears]
+    x = torch.randn(1, 1, 256)
+    before = [l(x) for l in layers]
+    big = torch.randn(20, 256)
+    before_big = [l(big) for l in layers]  # the other buckets' formats are left alone
+    fused = fuse_outputs(layers, rows=1)
+    assert fused is not None and fused.out_features == 160
+    torch.testing.assert_close(fused(x), torch.cat(before, dim=-1), rtol=0, atol=1e-5)
+    for layer, b, bb in zip(layers, before, before_big):
+        torch.testing.assert_close(layer(x), b, rtol=0, atol=0)
+        torch.testing.assert_close(layer(big), bb, rtol=0, atol=0)
+    # shared, not copied: every layer's one-row weight lies inside the fused layer's storage
+    part = lambda w: w if isinstance(w, torch.Tensor) else w[0]  # noqa: E731
+    fused_w = part(fused.weights[fmt])
+    for layer in layers:
+        w = layer.weight if fmt == "native" else part(layer.weights[fmt])
+        assert w.untyped_storage().data_ptr() == fused_w.untyped_storage().data_ptr()
+
+
+def test_layers_that_cannot_be_fused_are_left_alone():
+    torch.manual_seed(0)
+    a, b = nn.Linear(64, 32).float(), nn.Linear(48, 32).float()
+    assert fuse_outputs([a, b]) is None  # different inputs
+    if "fp32_packed" in available_formats():  # oneDNN's blocked layout is not row by row
+        packed = [FormattedLinear(nn.Linear(64, 32).float(), FormatPlan.uniform("fp32_packed")) for _ in range(2)]
+        assert fuse_outputs(packed) is None
+
+
+def test_batch1_decode_step_with_fused_int8_layers_equals_the_model_forward(tiny_pair):
+    """The direct step over a weight-format plan (q/k/v and gate/up fused) against transformers' forward on the
+    same weights: the same next tokens, logits within the format's rounding."""
+    fmt = "int8_vnni" if "int8_vnni" in available_formats() else "int8"
+    eng = Engine(load_model(str(tiny_pair[0]), tiny_pair[0].parent, weight_formats=fmt))
+    assert eng.fast_decode and all(qkv is not None and gu is not None for qkv, gu in eng._fused)
+    rng = random.Random(5)
+    prompt = [rng.randrange(259) for _ in range(6)]
+    runs = {}
+    for fast in (True, False):
+        eng.fast_decode = fast
+        cache = eng.new_cache()
+        out = [eng.forward([cache], [prompt], [[len(prompt) - 1]])[0]]
+        for _ in range(20):
+            out.append(eng.forward([cache], [[int(out[-1][0].argmax())]], [[0]])[0])
+        runs[fast] = out
+    for a, b in zip(runs[True], runs[False]):
+        assert int(a[0].argmax()) == int(b[0].argmax())
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
 def test_plan_dispatches_by_row_count_and_parses():
