@@ -1,16 +1,14 @@
-"""Probe (issue #14): the decode step run through transformers' model forward, against the engine's direct
-step (`Engine._decode_step`: the same modules and operations, without the model forward's plumbing), with
-q/k/v and gate/up as separate kernel calls and fused (one call each, `weight_formats.fuse_outputs`).
+"""Probe (issue #14): the batch-1 decode step run through transformers' model forward, against the engine's
+direct step (`Engine._decode_one`: the same modules and operations, without the model forward's plumbing),
+with q/k/v and gate/up as separate kernel calls and fused (one call each, `weight_formats.fuse_outputs`).
 
-Times the variants in one process, interleaved round by round on the same teacher-forced tokens after a
-prompt (63 tokens unless given), one thread, and counts the steps whose argmax differs between them. With a batch size B > 1,
-B sessions (the same prompt and tokens, so the same context lengths) decode together, one token each per step.
+Times both in one process, interleaved round by round on the same teacher-forced tokens after a 63-token
+prompt, one thread, and counts the steps whose argmax differs between them.
 
     taskset -c 0 python bench/fast_decode_probe.py qwen2.5-coder-0.5b-instruct int8_vnni 64 5
-    taskset -c 0 python bench/fast_decode_probe.py qwen2.5-coder-0.5b-instruct int8_vnni 32 3 16
 
-Arguments: model, weight formats, steps per round, rounds, [batch size, default 1], [prompt tokens, default
-63]. Prints one line per variant and writes bench/results/fast-decode-probe-<model>-<formats>[-b<B>][-p<P>].{json,md}.
+Arguments: model, weight formats, steps per round, rounds. Prints one line per variant and writes
+bench/results/fast-decode-probe-<model>-<formats>.{json,md}.
 """
 import statistics, sys, time, torch
 from pathlib import Path
@@ -18,14 +16,10 @@ from run_bench import RESULTS, results_header, write_results
 from s2t.runtime import Engine, load_model
 
 model, fmt, steps, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-batch = int(sys.argv[5]) if len(sys.argv) > 5 else 1
-prompt_len = int(sys.argv[6]) if len(sys.argv) > 6 else 63
 lm = load_model(model, Path.home() / ".cache/s2t/models", fmt, threads=1)
 e = Engine(lm)
-prompt = [(1000 + i) % lm.vocab_size for i in range(prompt_len)]
-caches = [e.new_cache() for _ in range(batch)]
-for c in caches:
-    c.reserve(prompt_len + steps + 8)
+prompt = [(1000 + i) % lm.vocab_size for i in range(63)]
+c = e.new_cache(); c.reserve(63 + steps + 8)
 fused = list(e._fused)
 unfused = [(None, None)] * len(fused)
 variants = {"transformers forward": (False, fused), "direct step, separate projections": (True, unfused),
@@ -34,15 +28,13 @@ variants = {"transformers forward": (False, fused), "direct step, separate proje
 
 def run(name, n, ref=None):
     e.fast_decode, e._fused = variants[name]
-    for c in caches:
-        c.crop(0)
+    c.crop(0)
     out = []
-    tok = int(e.forward(caches, [prompt] * batch, [[prompt_len - 1]] * batch)[0][0].argmax())
+    tok = int(e.forward([c], [prompt], [[62]])[0][0].argmax())
     t0 = time.perf_counter()
     for i in range(n):
         out.append(tok)
-        feed = tok if ref is None else ref[i]
-        tok = int(e.forward(caches, [[feed]] * batch, [[0]] * batch)[0][0].argmax())
+        tok = int(e.forward([c], [[tok if ref is None else ref[i]]], [[0]])[0][0].argmax())
     return time.perf_counter() - t0, out
 
 
@@ -59,14 +51,13 @@ rows = []
 for v in variants:
     med = statistics.median(ms[v])
     diff = sum(a != b for a, b in zip(picks[v], ref))
-    print(f"{model} {fmt} B={batch} | {v:38s} | {med:6.2f} ms/step median ({min(ms[v]):.2f} min) | {batch*1e3/med:6.2f} tok/s | "
+    print(f"{model} {fmt} | {v:38s} | {med:6.2f} ms/step median ({min(ms[v]):.2f} min) | {1e3/med:6.2f} tok/s | "
           f"x{base/med:.3f} | argmax differs {diff}/{steps}", flush=True)
     rows.append({"variant": v, "ms_per_step_median": round(med, 2), "ms_per_step_min": round(min(ms[v]), 2),
-                 "tokens_per_s": round(batch * 1e3 / med, 2), "vs_transformers_forward": round(base / med, 3),
+                 "tokens_per_s": round(1e3 / med, 2), "vs_transformers_forward": round(base / med, 3),
                  "argmax_differs": diff, "steps": steps})
-suffix = (f"-b{batch}" if batch > 1 else "") + (f"-p{prompt_len}" if prompt_len != 63 else "")
-payload = results_header(f"fast-decode-probe-{Path(model).name}-{fmt}{suffix}", "bench/fast_decode_probe.py", sys.argv[1:])
-payload.update(pinned="run under `taskset -c 0`", model=model, weight_formats=fmt, rounds=rounds, threads=1, batch=batch, prompt_tokens=prompt_len,
+payload = results_header(f"fast-decode-probe-{Path(model).name}-{fmt}", "bench/fast_decode_probe.py", sys.argv[1:])
+payload.update(pinned="run under `taskset -c 0`", model=model, weight_formats=fmt, rounds=rounds, threads=1,
                torch=torch.__version__, rows=rows)
 write_results(RESULTS, payload, "".join(
     [f"# {payload['name']}\n\n`taskset -c 0 {payload['command']}`\n\n{payload['date']} · commit {payload['commit']} · "

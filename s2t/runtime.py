@@ -285,11 +285,10 @@ class Engine:
         types = getattr(cfg, "layer_types", None) or []
         self.can_split = (all(hasattr(self.base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
                           and all(t == "full_attention" for t in types))
-        # Decoding (every sequence one new token: drafting, mode llm) runs the decoder's parts directly
-        # (`_decode_step`) instead of through transformers' model forward, whose per-call and per-layer plumbing
-        # (mask preparation, output capture, the cache interface, attention dispatch, a padded copy of every
-        # sequence's keys and values per layer) is a measurable share of a batch-1 step that reads the weights
-        # in ~25 ms (issue #14).
+        # Batch-1 decoding (one sequence, one new token: a user's request alone on its worker or selector) runs
+        # the decoder's parts directly (`_decode_one`) instead of through transformers' model forward, whose
+        # per-call and per-layer plumbing (mask preparation, output capture, the cache interface, attention
+        # dispatch) is a measurable share of a step that reads the weights in ~25 ms (issue #14).
         self.fast_decode = self.can_split and _plain_decoder_layers(self.base)
         # ... with q/k/v and gate/up each one kernel call over their shared input (fuse_outputs: the weights
         # are shared, not copied; None where a layer's one-row format cannot be fused). Kept on the model, so a
@@ -344,15 +343,12 @@ class Engine:
             raise ValueError("every sequence in a forward needs at least one new token")
         # Proposals come from the base model: no S2T-Local adapter is active here (O(1) if none is).
         set_active_adapter(self.lm.model, None)
+        if (self.fast_decode and len(caches) == 1 and len(tokens[0]) == 1 and want[0] == [0]
+                and caches[0].first_layer == 0):
+            return [self._decode_one(caches[0], tokens[0][0])]
         out: list[torch.Tensor | None] = [None] * len(caches)
         for group in _padding_groups([len(t) for t in tokens]):
-            if self.fast_decode and all(len(tokens[i]) == 1 and want[i] == [0] and caches[i].first_layer == 0
-                                        for i in group) and len({id(caches[i]) for i in group}) == len(group):
-                step = self._decode_step([caches[i] for i in group], [tokens[i][0] for i in group])
-                logits = [step[b:b + 1] for b in range(len(group))]
-            else:
-                logits = self._forward_group([caches[i] for i in group], [tokens[i] for i in group],
-                                             [want[i] for i in group])
+            logits = self._forward_group([caches[i] for i in group], [tokens[i] for i in group], [want[i] for i in group])
             for i, lg in zip(group, logits):
                 out[i] = lg
         return out
@@ -426,55 +422,46 @@ class Engine:
         return results
 
     @torch.inference_mode()
-    def _decode_step(self, caches: list[KVCache], tokens: list[int]) -> torch.Tensor:
-        """Engine.forward when every sequence gets one new token (decoding), returning logits [B, vocab].
+    def _decode_one(self, cache: KVCache, token: int) -> torch.Tensor:
+        """Engine.forward for one sequence and one new token, returning its logits [1, vocab].
 
-        The same modules and the same operations as the model's forward for this shape, minus the plumbing:
-        the linear layers run over all B rows at once; attention runs per sequence against its own cache
-        (transformers' sdpa path for one query: the query heads grouped per key/value head, an all-true
-        boolean mask), so no padded batch of every sequence's keys and values is copied in each layer.
-        `tests/test_runtime.py` checks the two agree. Honours each cache's tap."""
+        The same modules and the same operations as the model's forward for this shape (transformers' sdpa
+        path for one query: the query heads grouped per key/value head, a boolean mask of all-true), minus
+        the plumbing; `tests/test_runtime.py` checks the two agree. Honours the cache's tap."""
         base = self.base
-        bsz = len(caches)
-        lengths = [c.length for c in caches]
-        for c, t in zip(caches, lengths):
-            c.reserve(t + 1)
-        hidden = base.embed_tokens(torch.tensor(tokens, dtype=torch.long)[:, None])  # [B, 1, H]
-        cos, sin = base.rotary_emb(hidden, torch.tensor(lengths, dtype=torch.long)[:, None])
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D], broadcast over heads
-        masks = [torch.ones(1, 1, 1, t + 1, dtype=torch.bool) for t in lengths]
+        t = cache.length
+        cache.reserve(t + 1)
+        hidden = base.embed_tokens(torch.tensor([[token]], dtype=torch.long))  # [1, 1, H]
+        position = torch.tensor([[t]], dtype=torch.long)
+        cos, sin = base.rotary_emb(hidden, position)
+        cos, sin = cos[:, None], sin[:, None]  # [1, 1, 1, D], broadcast over heads
+        mask = torch.ones(1, 1, 1, t + 1, dtype=torch.bool)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         for i, layer in enumerate(base.layers):
-            for b, c in enumerate(caches):
-                if i == c.tap_layer and c.tap is not None:
-                    c.tap[lengths[b]] = hidden[b, 0]
+            if i == cache.tap_layer and cache.tap is not None:
+                cache.tap[t] = hidden[0, 0]
             attn, mlp = layer.self_attn, layer.mlp
-            qkv_proj, gate_up_proj = self._fused_for(i, bsz)
+            qkv_proj, gate_up_proj = self._fused[i]
             x = layer.input_layernorm(hidden)
             if qkv_proj is not None:
                 # heads laid out [q heads | k heads | v heads]: the rotary embedding turns q and k in one go
-                qkv = qkv_proj(x).view(bsz, heads + 2 * kv_heads, 1, dim)
+                qkv = qkv_proj(x).view(1, heads + 2 * kv_heads, 1, dim)
                 qk = qkv[:, :heads + kv_heads]
                 qk = qk * cos + _rotate_half(qk) * sin
                 q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
             else:
-                q = attn.q_proj(x).view(bsz, 1, heads, dim).transpose(1, 2)
-                k = attn.k_proj(x).view(bsz, 1, kv_heads, dim).transpose(1, 2)
-                v = attn.v_proj(x).view(bsz, 1, kv_heads, dim).transpose(1, 2)
+                q = attn.q_proj(x).view(1, 1, heads, dim).transpose(1, 2)
+                k = attn.k_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
+                v = attn.v_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
                 q = q * cos + _rotate_half(q) * sin
                 k = k * cos + _rotate_half(k) * sin
-            outs = []
-            for b, (c, t) in enumerate(zip(caches, lengths)):
-                c.keys[i][:, t:t + 1] = k[b]
-                c.values[i][:, t:t + 1] = v[b]
-                qb = q[b:b + 1]
-                if kv_heads != heads:
-                    qb = qb.reshape(1, kv_heads, heads // kv_heads, dim)
-                outs.append(torch.nn.functional.scaled_dot_product_attention(
-                    qb, c.keys[i][None, :, :t + 1], c.values[i][None, :, :t + 1], attn_mask=masks[b],
-                    scale=attn.scaling))
-            o = torch.cat(outs) if bsz > 1 else outs[0]
-            o = o.reshape(bsz, heads, 1, dim).transpose(1, 2).reshape(bsz, 1, heads * dim)
+            cache.keys[i][:, t:t + 1] = k[0]
+            cache.values[i][:, t:t + 1] = v[0]
+            keys, values = cache.keys[i][None, :, :t + 1], cache.values[i][None, :, :t + 1]
+            if kv_heads != heads:
+                q = q.reshape(1, kv_heads, heads // kv_heads, dim)
+            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+            o = o.reshape(1, heads, 1, dim).transpose(1, 2).reshape(1, 1, heads * dim)
             hidden = hidden + attn.o_proj(o)
             x = layer.post_attention_layernorm(hidden)
             if gate_up_proj is not None:
@@ -482,23 +469,12 @@ class Engine:
                 hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
             else:
                 hidden = hidden + mlp(x)
-        for c, t in zip(caches, lengths):
-            c.length = t + 1
-        logits = self.head(base.norm(hidden)[:, 0])
+        cache.length = t + 1
+        logits = self.head(base.norm(hidden)[0])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
-
-    def _fused_for(self, layer: int, rows: int) -> tuple[nn.Module | None, nn.Module | None]:
-        """Layer `layer`'s fused q/k/v and gate/up for inputs of `rows` rows: each only where its parts would
-        compute those rows in the format it was fused in (the plan may pick another for more rows)."""
-        qkv, gate_up = self._fused[layer]
-        if rows == 1:
-            return qkv, gate_up
-        layer_ = self.base.layers[layer]
-        return (qkv if _same_format(qkv, layer_.self_attn.q_proj, rows) else None,
-                gate_up if _same_format(gate_up, layer_.mlp.gate_proj, rows) else None)
 
     def _run_layers(self, layers: range, caches: list[KVCache], starts: list[int], inputs: list[torch.Tensor],
                     layouts: list[tuple[torch.Tensor, torch.Tensor]], adapter: str | None, norm: bool = False
@@ -583,14 +559,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _same_format(fused: nn.Module | None, part: nn.Module, rows: int) -> bool:
-    """`part` (one of the layers `fused` was made of) computes `rows` rows in the format `fused` holds."""
-    if fused is None:
-        return False
-    plan = getattr(part, "plan", None)
-    return plan is None or plan.format_for(rows) == fused.plan.formats[0]
-
-
 def _gated_mlp(mlp: nn.Module) -> bool:
     """A Qwen2/Llama MLP, down(act(gate(x)) * up(x)), with gate and up of one size."""
     return (type(mlp).__name__ in ("Qwen2MLP", "LlamaMLP") and hasattr(mlp, "act_fn")
@@ -599,7 +567,7 @@ def _gated_mlp(mlp: nn.Module) -> bool:
 
 
 def _plain_decoder_layers(base: nn.Module) -> bool:
-    """The decoder layers are Qwen2/Llama-shaped (the layout `Engine._decode_step` computes): pre-norm attention
+    """The decoder layers are Qwen2/Llama-shaped (the layout `Engine._decode_one` computes): pre-norm attention
     with q/k/v/o projections and the default scaling, then a pre-norm MLP; full attention, no softcap."""
     cfg = base.config
     if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "use_sliding_window", False):

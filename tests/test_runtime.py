@@ -90,49 +90,6 @@ def test_batch1_decode_step_equals_the_model_forward(engine):
     torch.testing.assert_close(lf[-1][0], full_logits(engine.lm.model, seq)[-1], rtol=0, atol=1e-10)
 
 
-def test_batched_decode_step_equals_the_model_forward(engine):
-    """Several sequences of different lengths, one new token each, in one direct step: the logits, keys/values
-    and taps of transformers' padded batched forward, step after step, with one sequence rolled back midway
-    and, once, one sequence given 100 tokens beside the others' one."""
-    rng = random.Random(4)
-    prompts = [[rng.randrange(259) for _ in range(n)] for n in (3, 11, 7)]
-    steps = [[rng.randrange(259) for _ in range(30)] for _ in prompts]
-    engine.set_tap(1)
-    runs = {}
-    try:
-        for fast in (True, False):
-            engine.fast_decode = fast
-            caches = [engine.new_cache() for _ in prompts]
-            engine.forward(caches, prompts, [[len(p) - 1] for p in prompts])
-            out = []
-            for i in range(30):
-                if i == 12:
-                    caches[1].crop(caches[1].length - 4)
-                feeds, want = [[s[i]] for s in steps], [[0]] * len(caches)
-                if i == 20:  # one sequence takes 100 tokens: it goes the model's way, the others the direct one
-                    feeds[0], want[0] = [steps[0][i]] + [(7 * j) % 259 for j in range(99)], [99]
-                out.append(engine.forward(caches, feeds, want))
-            runs[fast] = (caches, out)
-    finally:
-        engine.fast_decode = True
-        engine.set_tap(None)
-    (fast, lf), (slow, ls) = runs[True], runs[False]
-    for step_f, step_s in zip(lf, ls):
-        for a, b in zip(step_f, step_s):
-            assert a.shape == b.shape == (1, engine.vocab_size)
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    for cf, cs in zip(fast, slow):
-        assert cf.length == cs.length
-        n = cf.length
-        for layer in range(len(cf.keys)):
-            torch.testing.assert_close(cf.keys[layer][:, :n], cs.keys[layer][:, :n], rtol=0, atol=1e-12)
-            torch.testing.assert_close(cf.values[layer][:, :n], cs.values[layer][:, :n], rtol=0, atol=1e-12)
-        torch.testing.assert_close(cf.tap[:n], cs.tap[:n], rtol=0, atol=1e-12)
-    seq = prompts[1] + steps[1][:12]
-    seq = seq[:-4] + steps[1][12:]
-    torch.testing.assert_close(lf[-1][1][0], full_logits(engine.lm.model, seq)[-1], rtol=0, atol=1e-10)
-
-
 def test_forward_rejects_bad_offsets_and_empty_feeds(engine):
     with pytest.raises(ValueError):
         engine.forward([engine.new_cache()], [[]], [[0]])
@@ -216,31 +173,6 @@ def test_batch1_decode_step_with_fused_int8_layers_equals_the_model_forward(tiny
     for a, b in zip(runs[True], runs[False]):
         assert int(a[0].argmax()) == int(b[0].argmax())
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
-
-
-@pytest.mark.skipif("fp32_packed" not in available_formats(), reason="needs oneDNN's packed fp32")
-def test_batched_decode_step_keeps_the_plans_format_for_many_rows(tiny_pair):
-    """With int8 for up to 8 rows and packed fp32 above, a step of 10 sequences uses the separate layers (their
-    plan's format for 10 rows), not the int8 fused ones, and computes what the model forward does."""
-    eng = Engine(load_model(str(tiny_pair[0]), tiny_pair[0].parent, weight_formats="int8,int8,int8,fp32_packed,fp32_packed"))
-    assert all(f != (None, None) for f in eng._fused)
-    assert eng._fused_for(0, 8) == eng._fused[0] and eng._fused_for(0, 10) == (None, None)
-    rng = random.Random(6)
-    prompts = [[rng.randrange(259) for _ in range(rng.randrange(2, 9))] for _ in range(10)]
-    runs = {}
-    for fast in (True, False):
-        eng.fast_decode = fast
-        caches = [eng.new_cache() for _ in prompts]
-        last = eng.forward(caches, prompts, [[len(p) - 1] for p in prompts])
-        out = []
-        for _ in range(5):
-            last = eng.forward(caches, [[int(lg[0].argmax())] for lg in last], [[0]] * len(caches))
-            out.append(last)
-        runs[fast] = out
-    for step_f, step_s in zip(runs[True], runs[False]):
-        for a, b in zip(step_f, step_s):
-            assert int(a[0].argmax()) == int(b[0].argmax())
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
 def test_plan_dispatches_by_row_count_and_parses():
