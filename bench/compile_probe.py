@@ -11,19 +11,16 @@ compiled: the kernels are pybind calls and the KV cache is Python lists (graph b
 Arguments: model, weight formats, steps per round, rounds (one thread). Prints one line per variant and
 writes bench/results/compile-probe-<model>.{json,md}.
 """
-import statistics, sys, time, torch
-from pathlib import Path
+import sys
+
+import torch
 import transformers.models.qwen2.modeling_qwen2 as mq
-from run_bench import RESULTS, results_header, write_results
-from s2t.runtime import Engine, load_model
 
-model, fmt, steps, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-lm = load_model(model, Path.home() / ".cache/s2t/models", fmt, threads=1)
-e = Engine(lm)
-prompt = [(1000 + i) % lm.vocab_size for i in range(63)]
-c = e.new_cache(); c.reserve(63 + steps + 8)
+from step_probe import StepProbe
 
+probe = StepProbe(sys.argv[1:])
 eager_norm, eager_rope = mq.Qwen2RMSNorm.forward, mq.apply_rotary_pos_emb
+
 
 def rms(x, w, eps: float):
     dt = x.dtype
@@ -31,54 +28,25 @@ def rms(x, w, eps: float):
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return w * x.to(dt)
 
+
 def fused_rms(x, w, eps: float):  # one aten op instead of six (numerics may differ in the last bits)
     return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
 
+
 crms = torch.compile(rms, dynamic=False)
 crope = torch.compile(eager_rope, dynamic=False)
+
+
+def patch(norm, rope):
+    def apply():
+        mq.Qwen2RMSNorm.forward, mq.apply_rotary_pos_emb = norm, rope
+    return apply
+
+
 variants = {
-    "eager": (eager_norm, eager_rope),
-    "compiled norm+rope": (lambda self, x: crms(x, self.weight, self.variance_epsilon), crope),
-    "F.rms_norm": (lambda self, x: fused_rms(x, self.weight, self.variance_epsilon), eager_rope),
+    "eager": patch(eager_norm, eager_rope),
+    "compiled norm+rope": patch(lambda self, x: crms(x, self.weight, self.variance_epsilon), crope),
+    "F.rms_norm": patch(lambda self, x: fused_rms(x, self.weight, self.variance_epsilon), eager_rope),
 }
-
-def run(name, n, ref=None):
-    mq.Qwen2RMSNorm.forward, mq.apply_rotary_pos_emb = variants[name]
-    c.crop(0)
-    out = []
-    with torch.inference_mode():
-        tok = int(e.forward([c], [prompt], [[62]])[0][0].argmax())
-        t0 = time.perf_counter()
-        for i in range(n):
-            out.append(tok)
-            tok = int(e.forward([c], [[tok if ref is None else ref[i]]], [[0]])[0][0].argmax())
-        return time.perf_counter() - t0, out
-
-t0 = time.perf_counter()
-_, ref = run("eager", steps)
-for v in variants:  # warm-up and compile
-    run(v, 8, ref)
-print(f"compile+warmup {time.perf_counter() - t0:.1f} s", flush=True)
-ms = {v: [] for v in variants}; picks = {}
-for r in range(rounds):
-    for v in variants:
-        dt, out = run(v, steps, ref)
-        ms[v].append(dt / steps * 1e3); picks[v] = out
-rows = []
-for v in variants:
-    med = statistics.median(ms[v])
-    diff = sum(a != b for a, b in zip(picks[v], ref))
-    print(f"{model} {fmt} | {v:20s} | {med:6.2f} ms/step median ({min(ms[v]):.2f} min) | {1e3/med:6.2f} tok/s | "
-          f"x{statistics.median(ms['eager'])/med:.3f} vs eager | argmax differs {diff}/{steps}", flush=True)
-    rows.append({"variant": v, "ms_per_step_median": round(med, 2), "ms_per_step_min": round(min(ms[v]), 2),
-                 "tokens_per_s": round(1e3 / med, 2), "vs_eager": round(statistics.median(ms["eager"]) / med, 3),
-                 "argmax_differs": diff, "steps": steps})
-payload = results_header(f"compile-probe-{Path(model).name}", "bench/compile_probe.py", sys.argv[1:])
-payload.update(pinned="run under `taskset -c 0`", model=model, weight_formats=fmt, rounds=rounds, threads=1,
-               torch=torch.__version__, rows=rows)
-write_results(RESULTS, payload, "".join(
-    [f"# {payload['name']}\n\n`taskset -c 0 {payload['command']}`\n\n{payload['date']} · commit {payload['commit']} · "
-     f"{payload['machine'].get('cpu', '')}\n\n| variant | ms/step (median, min) | tokens/s | ÷ eager | argmax differs |\n"
-     "|---|---|---|---|---|\n"]
-    + [f"| {r['variant']} | {r['ms_per_step_median']}, {r['ms_per_step_min']} | {r['tokens_per_s']} | "
-       f"{r['vs_eager']} | {r['argmax_differs']}/{r['steps']} |\n" for r in rows]))
+probe.report(f"compile-probe-{probe.model.rsplit('/', 1)[-1]}", "bench/compile_probe.py", variants, "eager",
+             "vs_eager", "÷ eager", warmup_label="compile+warmup")
