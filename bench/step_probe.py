@@ -6,7 +6,8 @@ same teacher-forced tokens after a 63-token prompt under every variant, interlea
 machine drifts), and `StepProbe.report` prints and writes the medians, the ratio to the baseline variant and
 how many steps' argmax differs from the baseline's own greedy run.
 
-Command line of every probe: MODEL FORMATS STEPS_PER_ROUND ROUNDS.
+Command line of every probe: MODEL FORMATS STEPS_PER_ROUND ROUNDS [SUFFIX]; SUFFIX is appended to the results
+name (e.g. the machine's kind, so a run elsewhere does not overwrite another machine's results).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class StepProbe:
     def __init__(self, argv: list[str]):
         self.argv = list(argv)
         self.model, self.fmt, self.steps, self.rounds = argv[0], argv[1], int(argv[2]), int(argv[3])
+        self.suffix = f"-{argv[4]}" if len(argv) > 4 and argv[4] else ""
         self.engine = Engine(load_model(self.model, Path.home() / ".cache/s2t/models", self.fmt, threads=1))
         self.prompt = [(1000 + i) % self.engine.lm.vocab_size for i in range(self.PROMPT_TOKENS)]
         self.cache = self.engine.new_cache()
@@ -67,7 +69,8 @@ class StepProbe:
 
     def report(self, name: str, script: str, variants: dict[str, Callable[[], None]], baseline: str,
                ratio_key: str, ratio_label: str, warmup_label: str = "warm-up") -> dict:
-        """measure(), print a line per variant and write <RESULTS>/<name>.{json,md}."""
+        """measure(), print a line per variant and write <RESULTS>/<name><SUFFIX>.{json,md}."""
+        name += self.suffix
         ms, picks, ref = self.measure(variants, baseline, warmup_label)
         base = statistics.median(ms[baseline])
         width = max(len(v) for v in variants)
@@ -83,10 +86,12 @@ class StepProbe:
                          "argmax_differs": diff, "steps": self.steps})
         payload = results_header(name, script, self.argv)
         payload.update(pinned="run under `taskset -c 0`", model=self.model, weight_formats=self.fmt,
+                       plan=self.engine.lm.plan.describe(),
                        rounds=self.rounds, threads=1, torch=torch.__version__, rows=rows)
         write_results(RESULTS, payload, "".join(
             [f"# {payload['name']}\n\n`taskset -c 0 {payload['command']}`\n\n{payload['date']} · commit "
-             f"{payload['commit']} · {payload['machine'].get('cpu', '')}\n\n| variant | ms/step (median, min) | "
+             f"{payload['commit']} · {payload['machine'].get('cpu', '')} "
+             f"({payload['machine'].get('cpu_capability', '')}) · plan: {payload['plan']}\n\n| variant | ms/step (median, min) | "
              f"tokens/s | {ratio_label} | argmax differs |\n|---|---|---|---|---|\n"]
             + [f"| {r['variant']} | {r['ms_per_step_median']}, {r['ms_per_step_min']} | {r['tokens_per_s']} | "
                f"{r[ratio_key]} | {r['argmax_differs']}/{r['steps']} |\n" for r in rows]))

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import kernels
 from .weight_formats import (FormatPlan, apply_plan, cpu_capability, format_available, fuse_outputs, measure_plan,
-                             release_free_memory)
+                             release_free_memory, row_function)
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash, weights_sha256
 from .rerank import adapter_scope, set_active_adapter, tree_inputs
@@ -300,6 +301,17 @@ class Engine:
                  fuse_outputs([l.mlp.gate_proj, l.mlp.up_proj]) if _gated_mlp(l.mlp) else None)
                 for l in self.base.layers]
             lm.model.__dict__["_s2t_fused_decode"] = self._fused
+        # ... and, in float32 with the small operations compiled (kernels/decode_ops.cpp), each layer as eight
+        # calls (two norms, four products, the attention, silu * up) instead of several dozen torch operations.
+        self._ops = None
+        self._layer_steps: list[_LayerStep] = []
+        if self.fast_decode and self.kv_dtype == torch.float32:
+            steps = [_LayerStep.of(layer, qkv, gate_up) for layer, (qkv, gate_up) in zip(self.base.layers, self._fused)]
+            final_norm = _norm_weight(self.base.norm)
+            if all(st is not None for st in steps) and final_norm is not None and _silu_mlp(cfg):
+                self._ops = kernels.load_decode_ops()
+                if self._ops is not None:
+                    self._layer_steps, self._final_norm = steps, final_norm
         self.tap_layer: int | None = None  # new caches record the hidden state entering this layer
         self._tap_hook = None
         self._tap_rows: tuple | None = None  # (caches, starts, counts) while Engine.forward runs
@@ -428,6 +440,8 @@ class Engine:
         The same modules and the same operations as the model's forward for this shape (transformers' sdpa
         path for one query: the query heads grouped per key/value head, a boolean mask of all-true), minus
         the plumbing; `tests/test_runtime.py` checks the two agree. Honours the cache's tap."""
+        if self._ops is not None:
+            return self._decode_one_compiled(cache, token)
         base = self.base
         t = cache.length
         cache.reserve(t + 1)
@@ -472,6 +486,34 @@ class Engine:
         cache.length = t + 1
         logits = self.head(base.norm(hidden)[0])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _decode_one_compiled(self, cache: KVCache, token: int) -> torch.Tensor:
+        """_decode_one in float32 with the small operations compiled (kernels/decode_ops.cpp): per layer, the
+        residual add and RMSNorm, the rotary embedding + cache write + attention, and silu * up are one call
+        each, and the four products call their kernels directly (row_function). The same arithmetic in
+        another summation order: tests/test_runtime.py bounds the difference from the model forward."""
+        ops, base = self._ops, self.base
+        t = cache.length
+        cache.reserve(t + 1)
+        hidden = base.embed_tokens(torch.tensor([[token]], dtype=torch.long)).reshape(1, self.hidden_size)
+        cos, sin = base.rotary_emb(hidden, torch.tensor([[t]], dtype=torch.long))
+        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+        # hidden is the residual stream before `delta` (the last block's output) is added: the add happens in
+        # the next norm's call, in place (hidden is this step's own tensor)
+        delta = None
+        for i, step in enumerate(self._layer_steps):
+            x = ops.add_rms_norm(hidden, delta, step.input_norm, step.eps)
+            if i == cache.tap_layer and cache.tap is not None:
+                cache.tap[t] = hidden[0]
+            o = ops.rope_attend(step.qkv(x), cos, sin, cache.keys[i], cache.values[i], t, step.scaling,
+                                self.num_heads)
+            x = ops.add_rms_norm(hidden, step.o(o), step.post_norm, step.eps)
+            delta = step.down(ops.silu_mul(step.gate_up(x)))
+        cache.length = t + 1
+        logits = self.head(ops.add_rms_norm(hidden, delta, *self._final_norm))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -557,6 +599,43 @@ class Engine:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerStep:
+    """One decoder layer as Engine._decode_one_compiled calls it: its norms' float32 weights and epsilon, its
+    attention's scaling, and its products as plain functions (q/k/v and gate/up fused)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    scaling: float
+    qkv: object
+    o: object
+    gate_up: object
+    down: object
+
+    @classmethod
+    def of(cls, layer: nn.Module, qkv_proj: nn.Module | None, gate_up_proj: nn.Module | None) -> "_LayerStep | None":
+        """The layer's step, or None where a part is not what the compiled step computes."""
+        if qkv_proj is None or gate_up_proj is None:
+            return None
+        norms = _norm_weight(layer.input_layernorm), _norm_weight(layer.post_attention_layernorm)
+        fns = [row_function(m) for m in (qkv_proj, layer.self_attn.o_proj, gate_up_proj, layer.mlp.down_proj)]
+        if None in norms or norms[0][1] != norms[1][1] or None in fns:
+            return None
+        return cls(norms[0][0], norms[1][0], norms[0][1], float(layer.self_attn.scaling), *fns)
+
+
+def _norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight as float32, epsilon) of a Qwen2/Llama RMSNorm (weight * x / sqrt(mean(x^2) + eps)), else None."""
+    if type(norm).__name__ not in ("Qwen2RMSNorm", "LlamaRMSNorm") or not hasattr(norm, "variance_epsilon"):
+        return None
+    return norm.weight.detach().to(torch.float32).contiguous(), float(norm.variance_epsilon)
+
+
+def _silu_mlp(cfg) -> bool:
+    return getattr(cfg, "hidden_act", None) == "silu"
 
 
 def _gated_mlp(mlp: nn.Module) -> bool:

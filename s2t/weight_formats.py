@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -219,6 +219,35 @@ def fuse_outputs(layers: list[nn.Module], rows: int = 1) -> FormattedLinear | No
                 layer.bias = bias
         start += n
     return fused
+
+
+def row_function(layer: nn.Module, rows: int = 1) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`layer`'s product for a contiguous float32 input of `rows` rows, as a plain function (float32 [rows, in]
+    -> float32 [rows, out]): the same kernel call on the same weights as the layer's forward, minus the module
+    call, the row-count lookup and the reshapes, which at one row cost a visible share of a decode step
+    (Engine._decode_one). None where the layer is neither a FormattedLinear computing in float32 nor a float32
+    nn.Linear. Bound to the layer's weights as they are now: build it after fuse_outputs."""
+    if type(layer) is nn.Linear:
+        if layer.weight.dtype != torch.float32:
+            return None
+        weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+        return lambda x: F.linear(x, weight, bias)
+    if type(layer) is not FormattedLinear or layer.out_dtype != torch.float32:
+        return None
+    fmt = layer.plan.format_for(rows)
+    w = layer.weights[fmt]
+    bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
+    if fmt == "int8_vnni":
+        kernel, u, scale, k = w[3], w[0], w[1], w[2]
+        if bias is None:
+            return lambda x: kernel(x, u, scale, k)
+        return lambda x: kernel(x, u, scale, k).add_(bias)
+    if fmt == "int4_vnni":
+        packed, steps, offsets, k, kernel = w
+        if bias is None:
+            return lambda x: kernel(x, packed, steps, offsets, k)
+        return lambda x: kernel(x, packed, steps, offsets, k).add_(bias)
+    return lambda x: _apply(fmt, w, x, bias).to(torch.float32)
 
 
 def _concat_rows(parts: list, outs: list[int]):

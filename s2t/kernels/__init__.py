@@ -14,6 +14,9 @@ Five builds of three kernels, serving three weight formats (s2t/weight_formats.p
   activations, the format `int4_vnni`, built twice the same way (AVX-512 VNNI, else AVX2 with F16C; the two
   bit-identical); `S2T_INT4_VNNI_KERNEL` picks a build as `S2T_INT8_VNNI_KERNEL` does for int8_vnni.
 Activation quantisation is shared (act_quant.h).
+One more build serves no weight format: `decode_ops` (decode_ops.cpp, AVX2 and FMA), the small float32
+operations of a batch-1 decode step (residual add + RMSNorm, rotary + cache write + attention, silu * up) as
+one call each, for `Engine._decode_one_compiled`; `load_decode_ops()` returns the module or None.
 A machine without the instructions, a compiler or ninja simply lacks that format: `load_int8_linear()` /
 `load_int8_vnni_linear()` return None and `unavailable_reason(name)` says why, and the other formats work
 as before.
@@ -123,6 +126,8 @@ _KERNELS = {
                          "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h",)),
     "int4_vnni_avx2": _Kernel("int4_vnni", "s2t_int4_vnni_avx2", "int4_vnni.cpp", "int4_vnni_linear", _AVX2_F16C,
                               "AVX2, FMA and F16C", ("act_quant.h",)),
+    # not a weight format: the batch-1 decode step's small operations (function "": the module itself)
+    "decode_ops": _Kernel("decode_ops", "s2t_decode_ops", "decode_ops.cpp", "", _AVX2, "AVX2 and FMA"),
 }
 # the formats with two builds: the variable that may narrow the choice, and what it may say -> the kernels
 # it allows, best first
@@ -171,7 +176,7 @@ def _build(kernel: _Kernel) -> Callable:
     headers = [f"-DS2T_HEADERS_SHA256={digest}"] if kernel.headers else []
     module = load(name=kernel.module, sources=[str(_HERE / kernel.source)],
                   extra_cflags=[*kernel.flags, *headers], extra_ldflags=["-fopenmp"], verbose=False)
-    return getattr(module, kernel.function)
+    return getattr(module, kernel.function) if kernel.function else module
 
 
 def load_kernel(name: str) -> Callable | None:
@@ -243,6 +248,15 @@ def load_int4_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     (S2T_INT4_VNNI_KERNEL narrows the choice)."""
     name = kernel_for("int4_vnni")
     return None if name is None else load_kernel(name)
+
+
+def load_decode_ops():
+    """The batch-1 decode step's fused small operations (decode_ops.cpp: `add_rms_norm`, `rope_attend`,
+    `silu_mul`, float32), or None where they cannot be built (then the step runs them as torch operations).
+    S2T_DECODE_OPS=0 turns them off (to measure what they save)."""
+    if os.environ.get("S2T_DECODE_OPS", "1").strip() == "0":
+        return None
+    return load_kernel("decode_ops")
 
 
 def unavailable_reason(fmt: str = "int8_avx2") -> str | None:
