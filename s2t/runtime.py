@@ -494,7 +494,7 @@ class Engine:
         """_decode_one in float32 with the small operations compiled (kernels/decode_ops.cpp): per layer, the
         residual add and RMSNorm, the rotary embedding + cache write + attention, and silu * up are one call
         each, and the four products call their kernels directly (row_function). The same arithmetic in
-        another summation order: tests/test_runtime.py bounds the difference from the model forward."""
+        another summation order: tests/test_decode_ops.py bounds the difference from the model forward."""
         ops, base = self._ops, self.base
         t = cache.length
         cache.reserve(t + 1)

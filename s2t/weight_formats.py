@@ -238,7 +238,7 @@ def row_function(layer: nn.Module, rows: int = 1) -> Callable[[torch.Tensor], to
     w = layer.weights[fmt]
     bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
     if fmt == "int8_vnni":
-        kernel, u, scale, k = w[3], w[0], w[1], w[2]
+        u, scale, k, kernel = w
         if bias is None:
             return lambda x: kernel(x, u, scale, k)
         return lambda x: kernel(x, u, scale, k).add_(bias)
