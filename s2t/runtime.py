@@ -484,7 +484,10 @@ class Engine:
             else:
                 hidden = hidden + mlp(x)
         cache.length = t + 1
-        logits = self.head(base.norm(hidden)[0])
+        return self._output_logits(self.head(base.norm(hidden)[0]))
+
+    def _output_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's output as the direct steps return it: at least float32, soft-capped where the model is."""
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -513,10 +516,7 @@ class Engine:
             x = ops.add_rms_norm(hidden, step.o(o), step.post_norm, step.eps)
             delta = step.down(ops.silu_mul(step.gate_up(x)))
         cache.length = t + 1
-        logits = self.head(ops.add_rms_norm(hidden, delta, *self._final_norm))
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self._output_logits(self.head(ops.add_rms_norm(hidden, delta, *self._final_norm)))
 
     def _run_layers(self, layers: range, caches: list[KVCache], starts: list[int], inputs: list[torch.Tensor],
                     layouts: list[tuple[torch.Tensor, torch.Tensor]], adapter: str | None, norm: bool = False

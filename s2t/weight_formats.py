@@ -239,15 +239,13 @@ def row_function(layer: nn.Module, rows: int = 1) -> Callable[[torch.Tensor], to
     bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
     if fmt == "int8_vnni":
         u, scale, k, kernel = w
-        if bias is None:
-            return lambda x: kernel(x, u, scale, k)
-        return lambda x: kernel(x, u, scale, k).add_(bias)
-    if fmt == "int4_vnni":
+        product = lambda x: kernel(x, u, scale, k)  # noqa: E731
+    elif fmt == "int4_vnni":
         packed, steps, offsets, k, kernel = w
-        if bias is None:
-            return lambda x: kernel(x, packed, steps, offsets, k)
-        return lambda x: kernel(x, packed, steps, offsets, k).add_(bias)
-    return lambda x: _apply(fmt, w, x, bias).to(torch.float32)
+        product = lambda x: kernel(x, packed, steps, offsets, k)  # noqa: E731
+    else:
+        return lambda x: _apply(fmt, w, x, bias).to(torch.float32)
+    return product if bias is None else lambda x: product(x).add_(bias)
 
 
 def _concat_rows(parts: list, outs: list[int]):

@@ -199,7 +199,8 @@ def load_kernel(name: str) -> Callable | None:
         except Exception as e:  # no compiler, no ninja, a read-only cache: the format is just not offered
             detail = str(e).strip()[-600:]  # a compiler's output can run to pages; its end says what failed
             state["error"] = f"the {name} kernel could not be built: {type(e).__name__}: {detail}"
-            log.warning("%s; weight format %s unavailable", state["error"], kernel.format)
+            what = f"weight format {kernel.format}" if kernel.function else "the compiled decode step"
+            log.warning("%s; %s unavailable", state["error"], what)
             return None
         return state["fn"]  # type: ignore[return-value]
 
