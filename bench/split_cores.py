@@ -34,9 +34,12 @@ same; to those each row adds:
     so a speculative block the selector was still computing when the last reply came is counted in its row.
 
 `ratios` compares tokens/s within each shape (s2t ÷ greedy, s2t ÷ llm, llm ÷ greedy) and each mode across shapes
-(split ÷ shared). `memory` holds each process's peak RSS (VmHWM of /proc/<pid>/status, read just before it is
-stopped; taskset execs the command, so the pid is the server's own, which `processes` verifies from its
-/proc/<pid>/cmdline) and the size of the selector's weight files as stored. Without `taskset` or with fewer than
+(split ÷ shared). `memory.by_shape` holds each process's peak RSS (VmHWM of /proc/<pid>/status, read just before
+it is stopped; taskset execs the command, so the pid is the server's own, which `processes` verifies from its
+/proc/<pid>/cmdline) and, from the selector's gauges, its weights as held in memory (every weight format's copy)
+and its KV budget; `memory` itself has issue #14's keys (`worker`, `selector`, `selector_weights`,
+`selector_kv_budget`, GB = 2^30 bytes) for the shape where the selector is largest against weights + KV budget.
+`selector_weight_files_gb` is the size of its weight files as stored. Without `taskset` or with fewer than
 two usable CPUs the split shape is skipped with a note.
 
 Before the shapes, with no server up: a streaming read of memory per shape (torch summing a 1 GiB buffer with the
@@ -251,9 +254,43 @@ class SelectorBusy:
                              for m in sorted(methods)})
 
 
-def scrape(metrics_port: int) -> SelectorBusy:
+def exposition(metrics_port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as reply:
-        return SelectorBusy.parse(reply.read().decode("utf-8"))
+        return reply.read().decode("utf-8")
+
+
+def scrape(metrics_port: int) -> SelectorBusy:
+    return SelectorBusy.parse(exposition(metrics_port))
+
+
+def selector_budget_gb(text: str) -> dict[str, float]:
+    """What the selector holds by design, from its gauges: its weights in memory (every format copy) and its
+    configured KV budget, in GB (2^30 bytes)."""
+    return {"selector_weights_gb": round(sample_total(text, "s2t_selector_weight_bytes") / GIB, 3),
+            "selector_kv_budget_gb": round(sample_total(text, "s2t_selector_kv_budget_bytes") / GIB, 3)}
+
+
+def memory_summary(by_shape: dict[str, dict]) -> dict:
+    """The top-level memory record (issue #14's keys, GB = 2^30 bytes) from the per-shape peaks and budgets: the
+    shape where the selector's peak RSS is largest against its weights + KV budget (the issue's bound: 1.3x),
+    and the worker's largest peak."""
+    def ratio(m: dict) -> float | None:
+        budget = m.get("selector_weights_gb", 0) + m.get("selector_kv_budget_gb", 0)
+        return m["selector_peak_rss_gb"] / budget if budget and "selector_peak_rss_gb" in m else None
+
+    shapes = {shape: m for shape, m in by_shape.items() if "selector_peak_rss_gb" in m}
+    out: dict = {"by_shape": by_shape}
+    workers = [m["worker_peak_rss_gb"] for m in by_shape.values() if "worker_peak_rss_gb" in m]
+    if workers:
+        out["worker"] = max(workers)
+    if shapes:
+        shape = max(shapes, key=lambda k: (ratio(shapes[k]) or 0, shapes[k]["selector_peak_rss_gb"]))
+        m = shapes[shape]
+        out.update(shape=shape, selector=m["selector_peak_rss_gb"], selector_weights=m.get("selector_weights_gb"),
+                   selector_kv_budget=m.get("selector_kv_budget_gb"))
+        if ratio(m) is not None:
+            out["selector_vs_weights_and_kv_budget"] = round(ratio(m), 3)
+    return out
 
 
 async def settled_scrape(metrics_port: int) -> SelectorBusy:
@@ -489,7 +526,8 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
         "serve-worker", "--wait-for-selector", str(START_TIMEOUT_S)]
     servers: dict[Role, ServerProcess] = {}
     shape_processes = payload["processes"].setdefault(plan.shape.value, {})
-    memory = payload["memory"].setdefault(plan.shape.value, {})
+    by_shape = payload["memory"].setdefault("by_shape", {})
+    memory = by_shape.setdefault(plan.shape.value, {})
     try:
         print(f"[split-cores] {plan.shape.value}: starting the selector (CPUs {plan.selector_cpus or 'all'}) and the "
               f"worker (CPUs {plan.worker_cpus or 'all'}), {plan.threads} thread(s) each ...", file=sys.stderr,
@@ -510,6 +548,7 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
         for role, server in servers.items():
             shape_processes[role.value].update(server.describe())
         shape_processes["selector_info"] = info = await selector_description(selector_port)
+        memory.update(selector_budget_gb(await asyncio.to_thread(exposition, metrics_port)))
         # batch-1 weight bytes per token: the worker's 1-row format as configured, the selector's as it reports
         bytes_per_token = {Mode.GREEDY: engine_bytes(settings, Role.WORKER, settings.worker.runtime.weight_formats),
                            Mode.LLM: engine_bytes(settings, Role.SELECTOR, info.get("weight_formats", ""))}
@@ -549,6 +588,7 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
             if server.alive:  # VmHWM just before the stop: the whole run's peak
                 with contextlib.suppress(OSError):  # it died just now: no peak to report
                     memory[f"{role.value}_peak_rss_gb"] = round(peak_rss_bytes(server.process.pid) / GIB, 3)
+        payload["memory"] = memory_summary(by_shape)
         # the worker first: it closes its selector sessions while the selector still serves
         for role, server in reversed(servers.items()):
             shape_processes.setdefault(role.value, {})["stopped"] = await server.stop()
@@ -766,11 +806,18 @@ def markdown(payload: dict) -> str:
                for name, value in values.items()]
         md += [f"| {r['shape']} | {r['variant']}/greedy | {r['vs_greedy']:.3f} |\n" for r in payload["rows"]
                if r.get("variant") and r.get("vs_greedy") is not None]
-    if payload.get("memory"):
-        md += ["\n## Memory (peak RSS, GB = 2^30 bytes)\n\n",
-               "| shape | worker | selector |\n|---|---|---|\n"]
-        md += [f"| {shape} | {v.get('worker_peak_rss_gb', '–')} | {v.get('selector_peak_rss_gb', '–')} |\n"
-               for shape, v in payload["memory"].items() if isinstance(v, dict)]
+    if payload.get("memory", {}).get("by_shape"):
+        md += ["\n## Memory (GB = 2^30 bytes)\n\n",
+               "Peak RSS per process; the selector's weights as held (every weight format's copy) and its KV budget "
+               "(selector.kv_budget_mb), from its gauges; issue #14's bound: selector ≤ 1.3 × (weights + KV "
+               "budget).\n\n",
+               "| shape | worker peak | selector peak | selector weights | selector KV budget | selector ÷ (weights + "
+               "KV budget) |\n|---|---|---|---|---|---|\n"]
+        for shape, v in payload["memory"]["by_shape"].items():
+            budget = v.get("selector_weights_gb", 0) + v.get("selector_kv_budget_gb", 0)
+            share = f"{v['selector_peak_rss_gb'] / budget:.2f}" if budget and "selector_peak_rss_gb" in v else "–"
+            md.append(f"| {shape} | {v.get('worker_peak_rss_gb', '–')} | {v.get('selector_peak_rss_gb', '–')} | "
+                      f"{v.get('selector_weights_gb', '–')} | {v.get('selector_kv_budget_gb', '–')} | {share} |\n")
         if payload.get("selector_weight_files_gb") is not None:
             md.append(f"\nSelector weight files as stored: {payload['selector_weight_files_gb']} GB\n")
     if payload.get("notes"):

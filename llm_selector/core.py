@@ -101,6 +101,7 @@ class SelectorCore:
         self.sessions = SessionStore(engine, settings.max_sessions, settings.session_idle_ttl_s,
                                      settings.kv_budget_mb << 20)
         self.quotas = WorkerQuotas(settings.quota)
+        self.metrics.memory_budget(engine.lm.weight_bytes, self.sessions.kv_budget_bytes)
         self.counters = {"select": 0, "decode": 0, "replayed": 0, "failed_precondition": 0, "positions": 0,
                          "diverged": 0, "forwards": 0, "batches": 0, "batched_sessions": 0,
                          "resource_exhausted": 0, "queued_peak": 0, "quota_rejections": 0, "quota_evictions": 0}

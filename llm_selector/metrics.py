@@ -212,6 +212,10 @@ class SelectorMetrics:
         self._evictions = b.counter("s2t_selector_evictions", "sessions dropped for idle time, count or KV memory")
         self._sessions = b.gauge("s2t_selector_sessions", "sessions held")
         self._kv_bytes = b.gauge("s2t_selector_kv_bytes", "KV cache memory the sessions hold, in bytes")
+        self._kv_budget_bytes = b.gauge("s2t_selector_kv_budget_bytes", "KV cache memory the sessions may hold "
+                                        "(selector.kv_budget_mb), in bytes")
+        self._weight_bytes = b.gauge("s2t_selector_weight_bytes", "the model's weights as held in memory, every "
+                                     "weight format's copy included, in bytes")
         self._batch_size = b.histogram("s2t_selector_batch_size", "sessions per batched compute, by RPC",
                                        BATCH_SIZE_BUCKETS, ("method",))
         self._forward_s = b.histogram("s2t_selector_forward_seconds", "wall time of one batched compute, by RPC "
@@ -254,6 +258,11 @@ class SelectorMetrics:
         """A Select batch's replies: positions scored, replies that diverged."""
         self._positions.inc(positions, {})
         self._divergences.inc(diverged, {})
+
+    def memory_budget(self, weight_bytes: int, kv_budget_bytes: int) -> None:
+        """What the process holds by design: its weights (fixed at load) and the KV budget (configured)."""
+        self._weight_bytes.set(weight_bytes, {})
+        self._kv_budget_bytes.set(kv_budget_bytes, {})
 
     def sessions(self, count: int, kv_bytes: int, evictions_so_far: int) -> None:
         """The session store now; `evictions_so_far` is its running total (the counter takes the increase)."""

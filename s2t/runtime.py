@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .weight_formats import (FormatPlan, apply_plan, cpu_capability, format_available, fuse_outputs, measure_plan,
-                             release_free_memory, row_function)
+from .weight_formats import (FormatPlan, apply_plan, cpu_capability, format_available, fuse_outputs, held_weight_bytes,
+                             measure_plan, release_free_memory, row_function)
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash, weights_sha256
 from .rerank import adapter_scope, set_active_adapter, tree_inputs
@@ -41,6 +41,8 @@ class LoadedModel:
     load_s: float
     # sha256 of the weight files as stored (s2t.vocab.weights_sha256): names the model in selection logs.
     weights_sha256: str = ""
+    # bytes of the weights as held in memory, every format copy included (weight_formats.held_weight_bytes)
+    weight_bytes: int = 0
 
     @property
     def vocab_size(self) -> int:
@@ -50,7 +52,8 @@ class LoadedModel:
     def describe(self) -> dict:
         return {"model": self.name, "path": str(self.path), "weight_formats": self.plan.describe(),
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "cpu_capability": cpu_capability(),
-                "threads": torch.get_num_threads(), "load_s": round(self.load_s, 2)}
+                "threads": torch.get_num_threads(), "load_s": round(self.load_s, 2),
+                "weight_gb": round(self.weight_bytes / 1e9, 3)}
 
 
 def set_threads(threads: int) -> None:
@@ -133,7 +136,7 @@ def load_model(spec: str, cache_dir: Path, weight_formats: str = "auto", threads
     return LoadedModel(name=name, path=path, model=model, tokenizer=tokenizer, vocab_sha256=vh or vocab_hash(tokenizer),
                        plan=plan, compute_dtype=next(model.parameters()).dtype,
                        stop_ids=stop_ids_of(model, tokenizer), load_s=time.perf_counter() - t0,
-                       weights_sha256=weights_sha256(path))
+                       weights_sha256=weights_sha256(path), weight_bytes=held_weight_bytes(model))
 
 
 class KVCache:

@@ -432,6 +432,36 @@ def apply_plan(model: nn.Module, plan: FormatPlan, skip: Iterable[str] = (),
     return len(targets)
 
 
+def held_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights `model` holds: its parameters and every format copy of every FormattedLinear (not
+    buffers such as rotary tables: they are computed, not loaded), each storage counted once (a fused layer's parts are views into one storage; a tied
+    embedding is one tensor). Memory-mapped tensors count at their full size, resident or not."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total
+        if t.is_mkldnn:  # oneDNN's blocked layout has no storage to share: always its own copy
+            total += t.numel() * t.element_size()
+            return
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+
+    for t in model.parameters():
+        add(t)
+    for module in model.modules():
+        if isinstance(module, FormattedLinear):
+            for weight in module.weights.values():
+                for part in weight if isinstance(weight, tuple) else (weight,):
+                    if isinstance(part, torch.Tensor):
+                        add(part)
+            if module.bias is not None:
+                add(module.bias)
+    return total
+
+
 _PAGE = 4096
 _MADV_PAGEOUT = 21  # Linux >= 5.4
 

@@ -302,6 +302,8 @@ async def test_selector_evictions_resyncs_replays_and_refusals(make_core):
     assert value(samples, "s2t_selector_batch_size_count", method="select") == 4 == core.counters["batches"]
     assert value(samples, "s2t_selector_sessions") == len(core.sessions) == 1  # s1
     assert value(samples, "s2t_selector_kv_bytes") == core.sessions.kv_bytes() > 0
+    assert value(samples, "s2t_selector_kv_budget_bytes") == core.settings.kv_budget_mb << 20
+    assert value(samples, "s2t_selector_weight_bytes") == core.engine.lm.weight_bytes > 0
     core.close()
 
 

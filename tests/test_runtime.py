@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from s2t.weight_formats import (BUCKETS, SHARE_TOLERANCE, FormatPlan, FormattedLinear, available_formats, fuse_outputs,
-                                measure_plan, share_formats)
+                                held_weight_bytes, measure_plan, share_formats)
 from s2t.runtime import Engine, _padding_groups, load_model
 
 
@@ -209,6 +209,25 @@ def test_share_formats_drops_a_copy_that_buys_little():
     assert share_formats(fastest, timings, rows) == ("int8_avx2", "int8_avx2", "int8_avx2", "fp32", "fp32")
     # with the tolerance wide enough, everything shares the format that is best summed over the buckets moved
     assert share_formats(fastest, timings, rows, tolerance=10.0) == ("int8_avx2",) * 5
+
+
+def test_held_weight_bytes_counts_every_format_copy_once(tiny_pair):
+    native = load_model(str(tiny_pair[0]), tiny_pair[0].parent, weight_formats="native")
+    params = {n: p for n, p in native.model.named_parameters()}
+    assert native.weight_bytes == sum(p.numel() * p.element_size() for p in params.values())  # float64, untied
+    linears = {n.removesuffix(".weight") for n, m in native.model.named_modules() for n in [f"{n}.weight"]
+               if isinstance(m, nn.Linear)}
+    weights = sum(params[f"{n}.weight"].numel() for n in linears)
+    biases = sum(params[f"{n}.bias"].numel() for n in linears if f"{n}.bias" in params)
+    rest = sum(p.numel() for n, p in params.items() if n.rsplit(".", 1)[0] not in linears)
+    # two formats: each linear weight held in both (bf16: 2 bytes, fp32: 4); the biases as loaded (float64
+    # here), the rest (embeddings, norms) in the fp32 compute dtype
+    two = load_model(str(tiny_pair[0]), tiny_pair[0].parent, weight_formats="bf16,bf16,fp32,fp32,fp32")
+    assert two.weight_bytes == weights * (2 + 4) + biases * 8 + rest * 4
+    # fusing q/k/v and gate/up concatenates each format into one tensor the parts are views of: no new bytes
+    engine = Engine(two)
+    assert any(f for f in engine._fused)
+    assert held_weight_bytes(two.model) == two.weight_bytes
 
 
 def test_model_with_non_native_plan_stays_close(tiny_pair):

@@ -127,6 +127,23 @@ def test_ratios_come_from_the_rows_and_leave_out_what_is_missing():
     assert split_cores.ratios([]) == {}
 
 
+def test_memory_summary_reports_the_selector_where_it_is_largest_against_its_budget():
+    by_shape = {"split": {"worker_peak_rss_gb": 2.5, "selector_peak_rss_gb": 3.4, "selector_weights_gb": 1.7,
+                          "selector_kv_budget_gb": 4.0},
+                "shared": {"worker_peak_rss_gb": 3.6, "selector_peak_rss_gb": 11.0, "selector_weights_gb": 9.3,
+                           "selector_kv_budget_gb": 4.0}}
+    top = split_cores.memory_summary(by_shape)
+    assert top["shape"] == "shared" and top["worker"] == 3.6 and top["selector"] == 11.0
+    assert (top["selector_weights"], top["selector_kv_budget"]) == (9.3, 4.0)
+    assert top["selector_vs_weights_and_kv_budget"] == round(11.0 / 13.3, 3)
+    # a shape stopped before its peak was read: the other one reports, and no ratio without the gauges
+    top = split_cores.memory_summary({"split": {"worker_peak_rss_gb": 2.0, "selector_peak_rss_gb": 3.0},
+                                      "shared": {}})
+    assert top["shape"] == "split" and top["selector_weights"] is None
+    assert "selector_vs_weights_and_kv_budget" not in top
+    assert split_cores.memory_summary({}) == {"by_shape": {}}
+
+
 def test_peak_rss_is_read_from_proc():
     status = Path(f"/proc/{os.getpid()}/status").read_text()
     kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
@@ -162,6 +179,10 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
 
     expected = [name for p in plans for name in [*map(p.row_name, split_cores.ROW_MODES),
                                                  p.variant_name("s2t-spec-tau1-b4-i3")]]
+    # the tiny selector's parameters as loaded by the servers ('native': float64), every one a weight it holds
+    from transformers import AutoModelForCausalLM
+
+    selector_bytes = AutoModelForCausalLM.from_pretrained(str(tiny_pair[1])).num_parameters() * 8
     rows = {r["mode"]: r for r in payload["rows"]}
     assert [r["mode"] for r in payload["rows"]] == expected
     if "split" in shapes:
@@ -208,8 +229,11 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
         read = payload["stream_read"][plan.shape.value]
         assert read["threads"] == plan.threads and read["gb_per_s"] > 0
         # both processes measured, and what was measured is the server itself, pinned as planned
-        memory = payload["memory"][plan.shape.value]
+        memory = payload["memory"]["by_shape"][plan.shape.value]
         assert memory["worker_peak_rss_gb"] > 0 and memory["selector_peak_rss_gb"] > 0
+        # the selector's own gauges: its float64 tiny model's parameters as loaded ('native'), the default budget
+        assert memory["selector_weights_gb"] == round(selector_bytes / split_cores.GIB, 3)
+        assert memory["selector_kv_budget_gb"] == round((4096 << 20) / split_cores.GIB, 3)
         for role in ("worker", "selector"):
             process = payload["processes"][plan.shape.value][role]
             assert process["execs_the_server"] and process["argv0"] == sys.executable
@@ -222,6 +246,10 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
             m.value: rows[f"split-{m.value}"]["tokens_per_s"] / rows[m.value]["tokens_per_s"]
             for m in split_cores.ROW_MODES}
     assert payload["selector_weight_files_gb"] > 0
+    # issue #14's top-level keys, from the shape where the selector is largest against its budget
+    top = payload["memory"]
+    assert top == split_cores.memory_summary(top["by_shape"])
+    assert {"worker", "selector", "selector_weights", "selector_kv_budget"} <= set(top)
     # no --llama-cpp given: the native rows are the engine alone, per shape and role, pinned as the servers were
     assert payload["reference_ratios"] == {}
     engine = {r["mode"]: r for r in payload["native_rows"]}
