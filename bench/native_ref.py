@@ -153,12 +153,13 @@ _SPEC_ACCEPT = re.compile(r"accept\s*=\s*([\d.]+)%")
 
 
 def llama_speculative(bin_dir: Path, target: Path, draft: Path, prompt: str, threads: int, n_gen: int,
-                      draft_max: int, timeout_s: float = 900) -> dict:
+                      draft_max: int, timeout_s: float = 900, repack: bool = True) -> dict:
     """llama.cpp's speculative decoding (`llama-speculative-simple`): the draft GGUF proposes up to draft_max
-    tokens, the target verifies, greedy; tokens/s and acceptance as it reports them."""
+    tokens, the target verifies, greedy; tokens/s and acceptance as it reports them. repack=False passes
+    --no-repack (weights stay in the GGUF's layout: no AMX / repacked CPU buffers)."""
     cmd = [str(bin_dir / "llama-speculative-simple"), "-m", str(target), "-md", str(draft), "-p", prompt,
            "-n", str(n_gen), "-t", str(threads), "-td", str(threads), "--spec-type", "draft-simple",
-           "--spec-draft-n-max", str(draft_max), "--temp", "0", "-c", "4096"]
+           "--spec-draft-n-max", str(draft_max), "--temp", "0", "-c", "4096", *([] if repack else ["--no-repack"])]
     out, err, peak, wall = run_measured(cmd, timeout_s)
     text = out + err
     decoded = _SPEC_DECODED.search(text)
@@ -167,8 +168,26 @@ def llama_speculative(bin_dir: Path, target: Path, draft: Path, prompt: str, thr
     accept = _SPEC_ACCEPT.search(text)
     return {"tokens": int(decoded.group(1)), "seconds": float(decoded.group(2)),
             "tokens_per_s": float(decoded.group(3)), "accept_percent": float(accept.group(1)) if accept else None,
-            "draft_max": draft_max, "threads": threads, "wall_s": round(wall, 1), "peak_rss_gb": round(peak / GIB, 3),
+            "draft_max": draft_max, "threads": threads, "repack": repack, "wall_s": round(wall, 1),
+            "peak_rss_gb": round(peak / GIB, 3),
             "command": " ".join(cmd[:6] + ["<prompt>"] + cmd[7:])}
+
+
+def llama_speculative_or_error(bin_dir: Path, target: Path, draft: Path, prompt: str, threads: int, n_gen: int,
+                               draft_max: int, timeout_s: float = 900) -> dict:
+    """llama_speculative, once more with --no-repack if it fails, and a row with `error` if that fails too: a
+    reference row that cannot run must not stop the benchmark around it. Seen on a 2-core Sapphire Rapids
+    Xeon: llama.cpp 0.3.36's AMX matmul on the repacked weights crashed (SIGSEGV, in
+    ggml_backend_amx_mul_mat) under llama-speculative-simple; llama-bench ran."""
+    args = (bin_dir, target, draft, prompt, threads, n_gen, draft_max, timeout_s)
+    try:
+        return llama_speculative(*args)
+    except RuntimeError as e:
+        first = str(e)[-500:]
+    try:
+        return {**llama_speculative(*args, repack=False), "first_attempt_error": first}
+    except RuntimeError as e:
+        return {"error": str(e)[-500:], "first_attempt_error": first, "draft_max": draft_max, "threads": threads}
 
 
 def find_llama_cpp(path: Path) -> Path:

@@ -665,8 +665,11 @@ def run_native_rows(plans: list[ShapePlan], llama_dir: Path | None, settings, pr
     for draft_max in draft_maxes if shared else []:
         name = f"llama.cpp-spec-d{draft_max}"
         print(f"[split-cores] {name}: llama-speculative-simple on problem 0 ...", file=sys.stderr, flush=True)
-        r = native_ref.llama_speculative(llama_dir, ggufs[Role.SELECTOR], ggufs[Role.WORKER], prompt,
-                                         shared.threads, max_new, draft_max)
+        r = native_ref.llama_speculative_or_error(llama_dir, ggufs[Role.SELECTOR], ggufs[Role.WORKER], prompt,
+                                                  shared.threads, max_new, draft_max)
+        if "first_attempt_error" in r:
+            payload["notes"].append(f"{name}: llama-speculative-simple failed with repacked weights"
+                                    + ("" if "error" in r else "; the row is its run with --no-repack"))
         payload["native_rows"].append({"mode": name, "kind": "llama.cpp-spec", "shape": shared.shape.value,
                                        "cpus": "all", **r})
         write_results()
@@ -775,6 +778,9 @@ def markdown(payload: dict) -> str:
             md.append(f"| streaming read ({r['method']}) | {shape} | {r['cpus']} | {r['threads']} | – | – | "
                       f"{r['gb_per_s']:.2f} | – |\n")
         for r in payload.get("native_rows", []):
+            if "error" in r:
+                md.append(f"| {r['mode']} | {r['shape']} | {r['cpus']} | – | failed (see the JSON) | – | – | – |\n")
+                continue
             tps = f"{r['tokens_per_s']:.2f}" + (f" ± {r['tokens_per_s_sd']:.2f} sd" if "tokens_per_s_sd" in r else "")
             if r["kind"] == "engine" and r["tokens_per_s_per_problem"]["ci95"]:
                 lo, hi = r["tokens_per_s_per_problem"]["ci95"]
@@ -789,7 +795,7 @@ def markdown(payload: dict) -> str:
             md += ["\nOur batch-1 rows, same measure: "] + [
                 f"{r['mode']} {r['weight_bytes_per_token']} bytes/token, {r['weight_gb_per_s']} GB/s; " for r in ours]
             md.append("\n")
-        md += [f"\n`{r['mode']}`: `{r['command']}`  \n" for r in payload.get("native_rows", [])]
+        md += [f"\n`{r['mode']}`: `{r['command']}`  \n" for r in payload.get("native_rows", []) if "command" in r]
     if payload.get("reference_ratios"):
         md += ["\n## Against llama.cpp (tokens/s, same shape, same run)\n\n",
                "| shape | ratio | value |\n|---|---|---|\n"]

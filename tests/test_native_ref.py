@@ -109,6 +109,22 @@ def test_llama_speculative_row_from_its_log(tmp_path):
     assert "<prompt>" in r["command"] and "a prompt" not in r["command"]
 
 
+def test_a_crashing_speculative_run_is_retried_without_repacking_and_never_raises(tmp_path):
+    # as llama.cpp's AMX path did on a Sapphire Rapids Xeon: a crash unless --no-repack
+    fake_tool(tmp_path / "llama-speculative-simple",
+              "import os, signal, sys\nif '--no-repack' not in sys.argv: os.kill(os.getpid(), signal.SIGSEGV)\n"
+              + SPECULATIVE)
+    r = native_ref.llama_speculative_or_error(tmp_path, tmp_path / "t", tmp_path / "d", "p", 2, 128, 4)
+    assert r["tokens_per_s"] == 14.001 and r["repack"] is False and r["command"].endswith("--no-repack")
+    assert "exited with -11" in r["first_attempt_error"]
+    fake_tool(tmp_path / "llama-speculative-simple", "import sys; sys.exit(2)")
+    r = native_ref.llama_speculative_or_error(tmp_path, tmp_path / "t", tmp_path / "d", "p", 2, 128, 4)
+    assert "exited with 2" in r["error"] and "tokens_per_s" not in r
+    fake_tool(tmp_path / "llama-speculative-simple", SPECULATIVE)
+    r = native_ref.llama_speculative_or_error(tmp_path, tmp_path / "t", tmp_path / "d", "p", 2, 128, 4)
+    assert r["repack"] is True and "first_attempt_error" not in r
+
+
 def test_a_failing_or_missing_llama_cpp_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no llama-bench"):
         native_ref.find_llama_cpp(tmp_path)
