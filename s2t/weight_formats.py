@@ -434,8 +434,9 @@ def apply_plan(model: nn.Module, plan: FormatPlan, skip: Iterable[str] = (),
 
 def held_weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights `model` holds: its parameters and every format copy of every FormattedLinear (not
-    buffers such as rotary tables: they are computed, not loaded), each storage counted once (a fused layer's parts are views into one storage; a tied
-    embedding is one tensor). Memory-mapped tensors count at their full size, resident or not."""
+    buffers such as rotary tables: they are computed, not loaded), each storage counted once (a fused layer's
+    parts are views into one storage; a tied embedding is one tensor). Memory-mapped tensors count at their
+    full size, resident or not."""
     seen: set[int] = set()
     total = 0
 
