@@ -47,6 +47,7 @@ def status():
 
 lm = load_model(sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
 held = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+seen = set()
 for m in lm.model.modules():
     if isinstance(m, FormattedLinear):
         if m.bias is not None:
@@ -54,9 +55,11 @@ for m in lm.model.modules():
         for fmt, w in m.weights.items():
             if fmt == "fp32_packed":
                 held += m.in_features * m.out_features * 4
-            else:
-                held += sum(t.numel() * t.element_size() for t in (w if isinstance(w, tuple) else (w,))
-                            if hasattr(t, "numel"))  # int8_vnni's tuple also holds its input width
+            else:  # int8_vnni's tuple also holds its input width; int8_amx shares int8_vnni's tensors
+                for t in (w if isinstance(w, tuple) else (w,)):
+                    if hasattr(t, "numel") and t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        held += t.numel() * t.element_size()
 print(json.dumps({"held": held, "status": status(), "plan": lm.plan.describe(), "load_s": lm.load_s}))
 """
 

@@ -29,11 +29,12 @@ GB = 1e9  # bandwidths and bytes per token in decimal GB, as memory bandwidth is
 GIB = 1 << 30
 
 # Bytes per stored weight element of each format at decode time; int8 adds a bf16 scale per output row,
-# int8_avx2 and int8_vnni an fp32 one (int8_vnni's rows are padded to a multiple of 128 inputs, which the
-# embedded models' widths already are).
+# int8_avx2, int8_vnni and int8_amx an fp32 one (int8_vnni's and int8_amx's rows are padded to a multiple of
+# 128 inputs, which the embedded models' widths already are).
 FORMAT_ELEMENT_BYTES = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1, "int8_vnni": 1,
+                        "int8_amx": 1,
                         "int4_vnni": 0.5 + 4 / 32}  # int4_vnni: a nibble, and a float16 step and offset per 32 inputs
-FORMAT_ROW_SCALE_BYTES = {"int8": 2, "int8_avx2": 4, "int8_vnni": 4}
+FORMAT_ROW_SCALE_BYTES = {"int8": 2, "int8_avx2": 4, "int8_vnni": 4, "int8_amx": 4}
 
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}

@@ -34,7 +34,8 @@ class RuntimeSettings(_Section):
     weight_formats: str = Field(
         "auto",
         description="'auto' (measure on this machine at start-up), one format for every row count "
-        "('bf16', 'fp32', 'fp32_packed', 'int8', 'int8_avx2', 'int8_vnni', 'native', or the 4-bit 'int4_vnni', which "
+        "('bf16', 'fp32', 'fp32_packed', 'int8', 'int8_avx2', 'int8_vnni', 'int8_amx', 'native', or the 4-bit "
+        "'int4_vnni', which "
         "'auto' never picks), or five comma-separated formats for calls of "
         "1, 2-4, 5-8, 9-16 and more rows",
     )

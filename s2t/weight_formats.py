@@ -21,6 +21,10 @@ Formats:
               (AVX-512 VNNI: 64 pairs per instruction; on CPUs without it, a bit-identical AVX2 build), so
               many rows cost little more than one; every output depends on its own row only
               (batch-invariant); only where a build exists (x86 with AVX2, a C++ compiler)
+  int8_amx    int8_vnni's weights and activations on AMX tiles (Intel Xeon since Sapphire Rapids, where Linux
+              grants the tile state): 16 x 16 rows per instruction, so 2-16 rows cost about what one does
+              (int8_vnni's integer work grows with the rows); the same numbers as int8_vnni up to the order of
+              float sums (batch-invariant too), and a layer holding both keeps one copy of the weights
   int4_vnni   4-bit weights on an affine grid per group of 32 inputs, a float16 step and offset each
               (llama.cpp's Q4_1 layout: min / max per group; 5 bits per weight: 0.625x int8's bytes,
               so a memory-bound decode step reads that much less), times the same per-block int8
@@ -47,14 +51,16 @@ from torch import nn
 
 from s2t import kernels
 
-FORMATS = ("native", "bf16", "fp32", "fp32_packed", "int8", "int8_avx2", "int8_vnni", "int4_vnni")
+FORMATS = ("native", "bf16", "fp32", "fp32_packed", "int8", "int8_avx2", "int8_vnni", "int8_amx", "int4_vnni")
 # what `auto` may choose from: formats that keep the weights at 8 bits or more
-AUTO_CANDIDATES = ("bf16", "fp32", "fp32_packed", "int8", "int8_avx2", "int8_vnni")
+AUTO_CANDIDATES = ("bf16", "fp32", "fp32_packed", "int8", "int8_avx2", "int8_vnni", "int8_amx")
 # Row-count buckets a plan assigns a format to: a call with m rows uses the first bucket with m <= bound.
 BUCKETS = (1, 4, 8, 16, 1 << 30)
 # Bytes each format holds per weight: every distinct format in a plan is a full copy of every matrix.
 BYTES_PER_WEIGHT = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx2": 1, "int8_vnni": 1,
-                    "int4_vnni": 0.625}
+                    "int8_amx": 1, "int4_vnni": 0.625}
+# Formats stored in one layout, so a layer holding several keeps one copy of the weights (FormattedLinear).
+SHARED_LAYOUT = {"int8_vnni": "int8_layout", "int8_amx": "int8_layout"}
 # How much slower a bucket may run to share a format the plan holds anyway instead of adding a copy.
 # Measured: on a 2-core AVX-512 Xeon the fastest-per-bucket plan of the 1.5B kept fp32 for 17+ rows beside
 # fp32_packed for 9-16, two fp32 copies of every matrix, and the selector peaked at 14.6 GiB
@@ -79,6 +85,8 @@ def format_available(fmt: str) -> bool:
         return kernels.load_int8_linear() is not None
     if fmt == "int8_vnni":
         return kernels.load_int8_vnni_linear() is not None
+    if fmt == "int8_amx":
+        return kernels.load_int8_amx_linear() is not None
     if fmt == "int4_vnni":
         return kernels.load_int4_vnni_linear() is not None
     return False
@@ -140,8 +148,11 @@ class FormattedLinear(nn.Module):
         # a copy: a bias that is a view into a memory-mapped checkpoint would keep the whole file mapped
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
         self.weights: dict[str, object] = {}
-        for fmt in set(plan.formats):
-            self.weights[fmt] = _prepare(w, fmt)
+        for fmt in sorted(set(plan.formats)):
+            sibling = next((f for f in self.weights if SHARED_LAYOUT.get(f, f) == SHARED_LAYOUT.get(fmt)), None)
+            # a format in a layout the layer holds already takes that copy, with its own kernel
+            self.weights[fmt] = (_prepare(w, fmt) if sibling is None
+                                 else _with_kernel(self.weights[sibling], _prepare_kernel(fmt)))
 
     @classmethod
     def from_parts(cls, in_features: int, out_features: int, plan: FormatPlan, out_dtype: torch.dtype,
@@ -167,7 +178,7 @@ class FormattedLinear(nn.Module):
 # Formats that store a weight row by row (output features first, every tensor part [out_features, ...]): the
 # weights of layers that read the same input, concatenated along the outputs, are one layer's, and each
 # layer's rows are a contiguous view of it. fp32_packed (oneDNN's blocked layout) is not.
-ROW_MAJOR_FORMATS = frozenset({"native", "bf16", "fp32", "int8", "int8_avx2", "int8_vnni", "int4_vnni"})
+ROW_MAJOR_FORMATS = frozenset({"native", "bf16", "fp32", "int8", "int8_avx2", "int8_vnni", "int8_amx", "int4_vnni"})
 
 
 def fuse_outputs(layers: list[nn.Module], rows: int = 1) -> FormattedLinear | None:
@@ -215,6 +226,8 @@ def fuse_outputs(layers: list[nn.Module], rows: int = 1) -> FormattedLinear | No
                 layer.bias = nn.Parameter(bias, requires_grad=False)
         else:
             layer.weights[fmt] = view
+            for other in [f for f in layer.weights if f != fmt and SHARED_LAYOUT.get(f, f) == SHARED_LAYOUT.get(fmt)]:
+                layer.weights[other] = _with_kernel(view, layer.weights[other][-1])  # one copy still
             if bias is not None:
                 layer.bias = bias
         start += n
@@ -237,7 +250,7 @@ def row_function(layer: nn.Module, rows: int = 1) -> Callable[[torch.Tensor], to
     fmt = layer.plan.format_for(rows)
     w = layer.weights[fmt]
     bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
-    if fmt == "int8_vnni":
+    if fmt in ("int8_vnni", "int8_amx"):
         u, scale, k, kernel = w
         product = lambda x: kernel(x, u, scale, k)  # noqa: E731
     elif fmt == "int4_vnni":
@@ -288,7 +301,7 @@ def _prepare(w: torch.Tensor, fmt: str):
         if fn is None:
             raise ValueError(f"weight format int4_vnni is not available here: {kernels.unavailable_reason('int4_vnni')}")
         return (*int4_weight(w), w.shape[1], fn)
-    if fmt in ("int8", "int8_avx2", "int8_vnni"):
+    if fmt in ("int8", "int8_avx2", "int8_vnni", "int8_amx"):
         w32 = w.to(torch.float32)
         scale = w32.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         q = torch.round(w32 / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
@@ -296,16 +309,25 @@ def _prepare(w: torch.Tensor, fmt: str):
             if kernels.load_int8_linear() is None:
                 raise ValueError(f"weight format int8_avx2 is not available here: {kernels.unavailable_reason()}")
             return q, scale
-        if fmt == "int8_vnni":
+        if fmt in ("int8_vnni", "int8_amx"):
             # the build (AVX-512 VNNI or AVX2) is chosen once, here: the layer keeps it, so decode steps do not
             # look it up, and layers made under different S2T_INT8_VNNI_KERNEL settings can be compared
-            fn = kernels.load_int8_vnni_linear()
-            if fn is None:
-                raise ValueError(f"weight format int8_vnni is not available here: "
-                                 f"{kernels.unavailable_reason('int8_vnni')}")
-            return vnni_weight(q), scale, w.shape[1], fn
+            return vnni_weight(q), scale, w.shape[1], _prepare_kernel(fmt)
         return q, scale.to(torch.bfloat16)
     raise ValueError(fmt)
+
+
+def _prepare_kernel(fmt: str) -> Callable:
+    """The kernel of an int8_vnni-layout format (int8_vnni, int8_amx), or ValueError where it is unavailable."""
+    fn = kernels.load_int8_vnni_linear() if fmt == "int8_vnni" else kernels.load_int8_amx_linear()
+    if fn is None:
+        raise ValueError(f"weight format {fmt} is not available here: {kernels.unavailable_reason(fmt)}")
+    return fn
+
+
+def _with_kernel(weight: tuple, kernel: Callable) -> tuple:
+    """A weight of an int8_vnni-layout format with another format's kernel: the same tensors, not a copy."""
+    return (*weight[:-1], kernel)
 
 
 VNNI_BLOCK = 128  # inputs per activation scale in int8_vnni (int8_vnni.cpp's kBlock)
@@ -377,7 +399,7 @@ def _apply(fmt: str, w, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     elif fmt == "int8_avx2":
         q, scale = w
         y = kernels.load_int8_linear()(x.to(torch.float32).contiguous(), q, scale)
-    elif fmt == "int8_vnni":
+    elif fmt in ("int8_vnni", "int8_amx"):
         u, scale, in_features, kernel = w
         y = kernel(x.to(torch.float32).contiguous(), u, scale, in_features)
     elif fmt == "int4_vnni":
@@ -563,12 +585,15 @@ def share_formats(formats: Iterable[str], timings: dict[str, dict[int, float]], 
     Each distinct format is a whole copy of the weights, so a format that wins a bucket by a few percent
     costs its full size in memory. Repeatedly, starting from the format with the most bytes per weight, its
     buckets move to another format already in the plan when that one is at most `tolerance` slower in every
-    one of them (the fastest such one). A format that is much faster somewhere (int8 at one row) stays.
+    one of them (the fastest such one). A format that is much faster somewhere (int8 at one row) stays, and
+    so does one that shares its layout with another format held (SHARED_LAYOUT: no copy of its own).
     """
     formats, rows = list(formats), list(rows_per_bucket)
     while True:
         held = sorted(set(formats), key=lambda f: (-BYTES_PER_WEIGHT.get(f, 0), f))
         for fmt in held:
+            if any(g != fmt and SHARED_LAYOUT.get(g, g) == SHARED_LAYOUT.get(fmt) for g in held):
+                continue  # it shares its copy with another format held: dropping it would save no memory
             buckets = [i for i, f in enumerate(formats) if f == fmt]
             fits = [g for g in held if g != fmt
                     and all(timings[g][rows[i]] <= timings[fmt][rows[i]] * (1 + tolerance) for i in buckets)]

@@ -15,6 +15,8 @@ from s2t.weight_formats import VNNI_BLOCK
 needs_vnni = pytest.mark.skipif(not kernels.cpu_has_avx512_vnni(),
                                 reason="the AVX-512 build is for x86 CPUs with AVX-512 VNNI")
 needs_avx2 = pytest.mark.skipif(not kernels.cpu_has_avx2(), reason="the AVX2 build is for x86 CPUs with AVX2")
+needs_amx = pytest.mark.skipif(not kernels._cpu_supports("int8_amx"),
+                               reason="the AMX kernel is for x86 CPUs with AMX (tile, int8) and AVX-512 VNNI")
 
 
 def builds(fmt: str) -> list:

@@ -1,18 +1,21 @@
-"""The int8_vnni kernel (s2t/kernels/int8_vnni.cpp), both builds (AVX-512 VNNI and AVX2): exact integer
-arithmetic on per-block quantised activations, against a float64 reference that quantises the same way;
-batch invariance; the two builds bit-identical; which build serves the format; its absence."""
+"""The int8_vnni kernel (s2t/kernels/int8_vnni.cpp), both builds (AVX-512 VNNI and AVX2), and int8_amx's kernel
+on the same arguments: exact integer arithmetic on per-block quantised activations, against a float64
+reference that quantises the same way; batch invariance; the two builds bit-identical; which build serves the
+format; its absence."""
 
 import pytest
 import torch
 from torch import nn
 
-from kernel_helpers import built, builds, needs_avx2, needs_vnni, quantised, quantised_rows, threads
+from kernel_helpers import built, builds, needs_amx, needs_avx2, needs_vnni, quantised, quantised_rows, threads
 
 from s2t import kernels
 from s2t.weight_formats import VNNI_BLOCK, FormatPlan, FormattedLinear, _prepare, available_formats, vnni_weight
 
 
-@pytest.fixture(scope="module", params=builds("int8_vnni"))
+# int8_amx (int8_amx.cpp) computes the same numbers from the same arguments on AMX tiles (to float rounding):
+# every test of the kernel's arithmetic runs on it too
+@pytest.fixture(scope="module", params=builds("int8_vnni") + [pytest.param("int8_amx", marks=needs_amx)])
 def vnni_linear(request):
     return built(request.param)
 

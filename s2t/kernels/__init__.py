@@ -2,7 +2,7 @@
 compiler) and cached under torch's extensions directory (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions), so later processes load them in a fraction of a second.
 
-Five builds of three kernels, serving three weight formats (s2t/weight_formats.py):
+Six builds of four kernels, serving four weight formats (s2t/weight_formats.py):
 - `int8_linear` (int8_gemv.cpp): weight-only int8 matrix-vector products for decode steps on x86 CPUs with
   AVX2 and FMA, the format `int8_avx2`;
 - `int8_vnni_linear` (int8_vnni.cpp): int8 weights times activations quantised to int8 per block of 128
@@ -13,6 +13,9 @@ Five builds of three kernels, serving three weight formats (s2t/weight_formats.p
 - `int4_vnni_linear` (int4_vnni.cpp): 4-bit weights on an affine grid per 32 inputs times the same int8
   activations, the format `int4_vnni`, built twice the same way (AVX-512 VNNI, else AVX2 with F16C; the two
   bit-identical); `S2T_INT4_VNNI_KERNEL` picks a build as `S2T_INT8_VNNI_KERNEL` does for int8_vnni.
+- `int8_amx_linear` (int8_amx.cpp): int8_vnni's weights and activations on AMX tiles (Xeons since Sapphire
+  Rapids), the format `int8_amx`: 16 weight rows times 16 activation rows per instruction, so a forward of
+  a few to a few dozen rows costs about what one row does;
 Activation quantisation is shared (act_quant.h).
 One more build serves no weight format: `decode_ops` (decode_ops.cpp, AVX2 and FMA), the small float32
 operations of a batch-1 decode step (residual add + RMSNorm, rotary + cache write + attention, silu * up) as
@@ -115,17 +118,20 @@ class _Kernel:
 _AVX2 = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 _AVX2_F16C = (*_AVX2, "-mf16c")  # float16 steps converted in registers (every AVX2 CPU has F16C in practice)
 _AVX512_VNNI = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-fopenmp")
+_AMX_INT8 = (*_AVX512_VNNI, "-mamx-tile", "-mamx-int8")
 # by kernel name: two builds serve int8_vnni and two int4_vnni (_BUILDS orders them)
 _KERNELS = {
     "int8_avx2": _Kernel("int8_avx2", "s2t_int8_gemv", "int8_gemv.cpp", "int8_linear", _AVX2, "AVX2 and FMA"),
     "int8_vnni": _Kernel("int8_vnni", "s2t_int8_vnni", "int8_vnni.cpp", "int8_vnni_linear", _AVX512_VNNI,
-                         "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h",)),
+                         "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h", "int8_args.h")),
     "int8_vnni_avx2": _Kernel("int8_vnni", "s2t_int8_vnni_avx2", "int8_vnni.cpp", "int8_vnni_linear", _AVX2,
-                              "AVX2 and FMA", ("act_quant.h",)),
+                              "AVX2 and FMA", ("act_quant.h", "int8_args.h")),
     "int4_vnni": _Kernel("int4_vnni", "s2t_int4_vnni", "int4_vnni.cpp", "int4_vnni_linear", _AVX512_VNNI,
                          "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h",)),
     "int4_vnni_avx2": _Kernel("int4_vnni", "s2t_int4_vnni_avx2", "int4_vnni.cpp", "int4_vnni_linear", _AVX2_F16C,
                               "AVX2, FMA and F16C", ("act_quant.h",)),
+    "int8_amx": _Kernel("int8_amx", "s2t_int8_amx", "int8_amx.cpp", "int8_amx_linear", _AMX_INT8,
+                        "AMX (tile, int8) and AVX-512 VNNI", ("act_quant.h", "int8_args.h")),
     # not a weight format: the batch-1 decode step's small operations (function "": the module itself)
     "decode_ops": _Kernel("decode_ops", "s2t_decode_ops", "decode_ops.cpp", "", _AVX2, "AVX2 and FMA"),
 }
@@ -139,8 +145,15 @@ _BUILDS = {
 }
 
 
+_AMX_FLAGS = ("amx_tile", "amx_int8")
+
+
 def _needs_vnni(kernel: str) -> bool:
-    return _KERNELS[kernel].flags == _AVX512_VNNI
+    return _KERNELS[kernel].flags in (_AVX512_VNNI, _AMX_INT8)
+
+
+def _needs_amx(kernel: str) -> bool:
+    return _KERNELS[kernel].flags == _AMX_INT8
 
 
 def _needs_f16c(kernel: str) -> bool:
@@ -153,6 +166,8 @@ def _lacks_f16c() -> bool:
 
 
 def _cpu_supports(kernel: str) -> bool:
+    if _needs_amx(kernel):
+        return cpu_has_avx512_vnni() and all(f in cpu_flags() for f in _AMX_FLAGS)
     if _needs_vnni(kernel):
         return cpu_has_avx512_vnni()
     return cpu_has_avx2() and not (_needs_f16c(kernel) and _lacks_f16c())
@@ -160,7 +175,8 @@ def _cpu_supports(kernel: str) -> bool:
 
 def _missing_instructions(kernel: str) -> str:
     if _needs_vnni(kernel):
-        return f"this CPU's flags lack {', '.join(f for f in _VNNI_FLAGS if f not in cpu_flags())}"
+        wanted = _VNNI_FLAGS + (_AMX_FLAGS if _needs_amx(kernel) else ())
+        return f"this CPU's flags lack {', '.join(f for f in wanted if f not in cpu_flags())}"
     if cpu_has_avx2() and _needs_f16c(kernel):
         return "this CPU's flags lack f16c"
     return f"torch reports this CPU as {torch.backends.cpu.get_cpu_capability()}"
@@ -176,6 +192,12 @@ def _build(kernel: _Kernel) -> Callable:
     headers = [f"-DS2T_HEADERS_SHA256={digest}"] if kernel.headers else []
     module = load(name=kernel.module, sources=[str(_HERE / kernel.source)],
                   extra_cflags=[*kernel.flags, *headers], extra_ldflags=["-fopenmp"], verbose=False)
+    # a module may need more than instructions: the AMX one needs Linux to grant the process the tile state
+    # (kernels before 5.16, or a hypervisor that hides it, do not) and says so through `ready()`
+    ready = getattr(module, "ready", None)
+    if ready is not None and not ready():
+        raise RuntimeError(f"{kernel.source} was built, but Linux did not grant this process the state its "
+                           "instructions need (AMX tiles: arch_prctl ARCH_REQ_XCOMP_PERM)")
     return getattr(module, kernel.function) if kernel.function else module
 
 
@@ -239,6 +261,12 @@ def load_int8_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     has it, else the AVX2 build (S2T_INT8_VNNI_KERNEL narrows the choice)."""
     name = kernel_for("int8_vnni")
     return None if name is None else load_kernel(name)
+
+
+def load_int8_amx_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """`int8_amx_linear(x, u, scale, K)`: int8_vnni_linear's arguments and numbers (to float rounding) on AMX
+    tiles, or None where the CPU lacks AMX or Linux does not grant it."""
+    return load_kernel("int8_amx")
 
 
 def load_int4_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],

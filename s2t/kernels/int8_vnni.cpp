@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "act_quant.h"
+#include "int8_args.h"
 
 namespace {
 
@@ -160,14 +161,8 @@ inline void rows_for(const int8_t* xq, const float* sx, const float* corr, const
 }  // namespace
 
 torch::Tensor int8_vnni_linear(torch::Tensor x, torch::Tensor u, torch::Tensor scale, int64_t in_features) {
-  TORCH_CHECK(x.dim() == 2 && u.dim() == 2 && scale.dim() == 1, "int8_vnni_linear: x [M, K], u [N, Kp], scale [N]");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "int8_vnni_linear: x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(u.scalar_type() == torch::kUInt8, "int8_vnni_linear: u must be uint8, got ", u.scalar_type());
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32, "int8_vnni_linear: scale must be float32");
+  check_int8_args("int8_vnni_linear", x, u, scale, in_features, kBlock);
   const int64_t M = x.size(0), K = x.size(1), N = u.size(0), Kp = u.size(1);
-  TORCH_CHECK(K == in_features && Kp % kBlock == 0 && Kp >= K && Kp < K + kBlock && scale.size(0) == N,
-              "int8_vnni_linear: shapes ", x.sizes(), " ", u.sizes(), " ", scale.sizes(), " do not match ",
-              in_features, " inputs");
   x = x.contiguous();
   u = u.contiguous();
   scale = scale.contiguous();
