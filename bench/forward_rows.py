@@ -1,0 +1,91 @@
+"""What one forward of M new tokens costs, by M and weight-format plan: the selector's verification of a block
+(M = block + 1), a prefill, a batch of drafts.
+
+Loads the model once per plan (all at once, so the plans' rounds interleave: this machine drifts), prefills a
+100-token prompt, then times forwards of M new tokens on that cache (cropped back after each), logits at every
+new position as a verification asks. One thread; run it under `taskset -c 1`.
+
+    taskset -c 1 python bench/forward_rows.py --name forward-rows-amx --model qwen2.5-coder-1.5b-instruct \
+        --plan int8_vnni,int8_vnni,int8_vnni,int8_vnni,bf16 --plan auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from run_bench import RESULTS, results_header, write_results
+from s2t.runtime import Engine, load_model
+
+PROMPT_TOKENS = 100
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="forward-rows")
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
+    ap.add_argument("--plan", action="append", required=True, help="a weight-format plan (repeatable; auto measures)")
+    ap.add_argument("--rows", default="1,2,4,8,9,16,17,32,64", help="new tokens per forward, comma-separated")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    rows = [int(r) for r in args.rows.split(",")]
+    engines = {}
+    for i, spec in enumerate(args.plan):
+        engine = Engine(load_model(args.model, Path.home() / ".cache/s2t/models", spec, threads=1))
+        engines[f"{i}: {spec}"] = engine
+        print(f"plan {spec!r}: {engine.lm.plan.describe()}, {engine.lm.weight_bytes / 2**30:.2f} GiB held", flush=True)
+    vocab = next(iter(engines.values())).lm.vocab_size
+    prompt = [(1000 + i) % vocab for i in range(PROMPT_TOKENS)]
+    caches = {}
+    with torch.inference_mode():
+        for key, engine in engines.items():
+            caches[key] = engine.new_cache()
+            caches[key].reserve(PROMPT_TOKENS + max(rows))
+            engine.forward([caches[key]], [prompt], [[PROMPT_TOKENS - 1]])
+        ms: dict[tuple[str, int], list[float]] = {}
+        for m in rows:
+            for r in range(args.rounds + 1):  # the first round warms up
+                tokens = [(2000 + 7 * i + r) % vocab for i in range(m)]
+                for key, engine in engines.items():
+                    t0 = time.perf_counter()
+                    engine.forward([caches[key]], [tokens], [list(range(m))])
+                    dt = (time.perf_counter() - t0) * 1e3
+                    caches[key].crop(PROMPT_TOKENS)
+                    if r:
+                        ms.setdefault((key, m), []).append(dt)
+    keys = list(engines)
+    out_rows = []
+    for m in rows:
+        base = statistics.median(ms[(keys[0], m)])
+        for key in keys:
+            med = statistics.median(ms[(key, m)])
+            out_rows.append({"plan": key, "rows": m, "ms_median": round(med, 1), "ms_min": round(min(ms[(key, m)]), 1),
+                             "ms_per_row": round(med / m, 1), "vs_first_plan": round(base / med, 3)})
+            print(f"M={m:3d} {key:50s} {med:8.1f} ms (min {min(ms[(key, m)]):.1f}) x{base / med:.2f}", flush=True)
+    payload = results_header(args.name, "bench/forward_rows.py", argv)
+    payload.update(model=args.model, threads=1, rounds=args.rounds, prompt_tokens=PROMPT_TOKENS,
+                   plans={k: {"plan": e.lm.plan.describe(), "weight_gib": round(e.lm.weight_bytes / 2**30, 3)}
+                          for k, e in engines.items()},
+                   rows=out_rows)
+    md = [f"# {args.name}\n\n`taskset -c 1 {payload['command']}`\n\n{payload['date']} · commit {payload['commit']} · "
+          f"{payload['machine'].get('cpu', '')}\n\nOne forward of M new tokens after a {PROMPT_TOKENS}-token prompt, "
+          f"logits at every new position, one thread; median of {args.rounds} (interleaved across plans).\n\n"
+          "| plan | as measured | weights held GiB |\n|---|---|---|\n"]
+    md += [f"| {k} | {v['plan']} | {v['weight_gib']} |\n" for k, v in payload["plans"].items()]
+    md.append("\n| M | " + " | ".join(f"plan {i} ms" for i in range(len(keys))) + " | "
+              + " | ".join(f"plan 0 ÷ plan {i} (time)" for i in range(1, len(keys)))
+              + " |\n|" + "---|" * (1 + 2 * len(keys) - 1) + "\n")
+    for m in rows:
+        got = {r["plan"]: r for r in out_rows if r["rows"] == m}
+        md.append(f"| {m} | " + " | ".join(str(got[k]["ms_median"]) for k in keys) + " | "
+                  + " | ".join(str(got[k]["vs_first_plan"]) for k in keys[1:]) + " |\n")
+    write_results(RESULTS, payload, "".join(md))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
