@@ -27,9 +27,12 @@ def builds(fmt: str) -> list:
 
 def built(name: str):
     """Kernel `name`, built; on a machine with the instructions a missing kernel is a failure, not a skip (no
-    compiler or ninja)."""
+    compiler or ninja), unless the OS does not grant their state (AMX before Linux 5.16)."""
     fn = kernels.load_kernel(name)
-    assert fn is not None, kernels._loaded[name]["error"]
+    error = kernels._loaded.get(name, {}).get("error", "")
+    if fn is None and "did not grant" in error:  # the CPU has the instructions, the OS withholds their state
+        pytest.skip(error)
+    assert fn is not None, error
     return fn
 
 

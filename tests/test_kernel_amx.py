@@ -37,7 +37,7 @@ def test_the_numbers_of_int8_vnni_to_float_rounding(amx_linear):
 
 
 @needs_amx
-def test_a_layer_holding_both_formats_keeps_one_copy():
+def test_a_layer_holding_both_formats_keeps_one_copy(amx_linear):
     """int8_vnni for one row and int8_amx for more: the same tensors with two kernels, each bucket its kernel."""
     assert "int8_amx" in available_formats()
     torch.manual_seed(0)
@@ -45,15 +45,15 @@ def test_a_layer_holding_both_formats_keeps_one_copy():
     both = FormattedLinear(lin, FormatPlan.parse(MIXED))
     one = FormattedLinear(lin, FormatPlan.uniform("int8_vnni"))
     assert both.weights["int8_vnni"][0] is both.weights["int8_amx"][0]
-    assert both.weights["int8_amx"][3] is kernels.load_int8_amx_linear()
+    assert both.weights["int8_amx"][3] is amx_linear
     assert held_weight_bytes(both) == held_weight_bytes(one)
     x = torch.randn(8, 300)
     assert torch.equal(both(x[:1]), one(x[:1]))
-    assert torch.equal(both(x), kernels.load_int8_amx_linear()(x, *both.weights["int8_amx"][:3]) + both.bias)
+    assert torch.equal(both(x), amx_linear(x, *both.weights["int8_amx"][:3]) + both.bias)
 
 
 @needs_amx
-def test_a_model_in_both_formats_holds_one_copy_also_fused(tiny_pair):
+def test_a_model_in_both_formats_holds_one_copy_also_fused(amx_linear, tiny_pair):
     """Loading with both formats costs what int8_vnni alone does, fusing q/k/v and gate/up keeps it so (the
     int8_amx weights become views of the fused tensors too), and the model computes what the int8_vnni model
     does, to float rounding."""
