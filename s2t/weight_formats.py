@@ -61,6 +61,11 @@ BYTES_PER_WEIGHT = {"bf16": 2, "fp32": 4, "fp32_packed": 4, "int8": 1, "int8_avx
                     "int8_amx": 1, "int4_vnni": 0.625}
 # Formats stored in one layout, so a layer holding several keeps one copy of the weights (FormattedLinear).
 SHARED_LAYOUT = {"int8_vnni": "int8_layout", "int8_amx": "int8_layout"}
+
+
+def shares_layout(a: str, b: str) -> bool:
+    """Whether two different formats hold one copy of the weights between them (SHARED_LAYOUT)."""
+    return a != b and a in SHARED_LAYOUT and SHARED_LAYOUT[a] == SHARED_LAYOUT.get(b)
 # How much slower a bucket may run to share a format the plan holds anyway instead of adding a copy.
 # Measured: on a 2-core AVX-512 Xeon the fastest-per-bucket plan of the 1.5B kept fp32 for 17+ rows beside
 # fp32_packed for 9-16, two fp32 copies of every matrix, and the selector peaked at 14.6 GiB
@@ -149,7 +154,7 @@ class FormattedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
         self.weights: dict[str, object] = {}
         for fmt in sorted(set(plan.formats)):
-            sibling = next((f for f in self.weights if SHARED_LAYOUT.get(f, f) == SHARED_LAYOUT.get(fmt)), None)
+            sibling = next((f for f in self.weights if shares_layout(f, fmt)), None)
             # a format in a layout the layer holds already takes that copy, with its own kernel
             self.weights[fmt] = (_prepare(w, fmt) if sibling is None
                                  else _with_kernel(self.weights[sibling], _prepare_kernel(fmt)))
@@ -226,7 +231,7 @@ def fuse_outputs(layers: list[nn.Module], rows: int = 1) -> FormattedLinear | No
                 layer.bias = nn.Parameter(bias, requires_grad=False)
         else:
             layer.weights[fmt] = view
-            for other in [f for f in layer.weights if f != fmt and SHARED_LAYOUT.get(f, f) == SHARED_LAYOUT.get(fmt)]:
+            for other in [f for f in layer.weights if shares_layout(f, fmt)]:
                 layer.weights[other] = _with_kernel(view, layer.weights[other][-1])  # one copy still
             if bias is not None:
                 layer.bias = bias
@@ -592,7 +597,7 @@ def share_formats(formats: Iterable[str], timings: dict[str, dict[int, float]], 
     while True:
         held = sorted(set(formats), key=lambda f: (-BYTES_PER_WEIGHT.get(f, 0), f))
         for fmt in held:
-            if any(g != fmt and SHARED_LAYOUT.get(g, g) == SHARED_LAYOUT.get(fmt) for g in held):
+            if any(shares_layout(g, fmt) for g in held):
                 continue  # it shares its copy with another format held: dropping it would save no memory
             buckets = [i for i, f in enumerate(formats) if f == fmt]
             fits = [g for g in held if g != fmt

@@ -174,12 +174,8 @@ bool ready() { return amx_permitted(); }
 
 torch::Tensor int8_amx_linear(torch::Tensor x, torch::Tensor u, torch::Tensor scale, int64_t in_features) {
   TORCH_CHECK(amx_permitted(), "int8_amx_linear: Linux did not grant this process the AMX tile state (arch_prctl)");
-  check_int8_args("int8_amx_linear", x, u, scale, in_features, kBlock);
+  auto y = int8_linear_output("int8_amx_linear", x, u, scale, in_features, kBlock);
   const int64_t M = x.size(0), K = x.size(1), N = u.size(0), Kp = u.size(1);
-  x = x.contiguous();
-  u = u.contiguous();
-  scale = scale.contiguous();
-  auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   const int64_t nb = Kp / kBlock, groups = (M + kTile - 1) / kTile;
   std::vector<int8_t> xq(M * Kp);

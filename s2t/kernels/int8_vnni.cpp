@@ -161,12 +161,8 @@ inline void rows_for(const int8_t* xq, const float* sx, const float* corr, const
 }  // namespace
 
 torch::Tensor int8_vnni_linear(torch::Tensor x, torch::Tensor u, torch::Tensor scale, int64_t in_features) {
-  check_int8_args("int8_vnni_linear", x, u, scale, in_features, kBlock);
+  auto y = int8_linear_output("int8_vnni_linear", x, u, scale, in_features, kBlock);
   const int64_t M = x.size(0), K = x.size(1), N = u.size(0), Kp = u.size(1);
-  x = x.contiguous();
-  u = u.contiguous();
-  scale = scale.contiguous();
-  auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   std::vector<int8_t> xq(M * Kp);
   std::vector<float> sx(M * (Kp / kBlock)), corr(M);
