@@ -1,7 +1,7 @@
 """Probe (issue #14): the batch-1 decode step run through transformers' model forward, against the engine's
 direct step (`Engine._decode_one`: the same modules and operations, without the model forward's plumbing),
 with q/k/v and gate/up as separate kernel calls and fused (one call each, `weight_formats.fuse_outputs`),
-and fused with the small operations compiled (`Engine._decode_one_compiled`, kernels/decode_ops.cpp; where
+and fused with the small operations compiled (`Engine._decode_compiled`, kernels/decode_ops.cpp; where
 they build and the model computes in float32).
 
 Times both in one process, interleaved round by round on the same teacher-forced tokens after a 63-token

@@ -7,6 +7,9 @@ new position as a verification asks. One thread; run it under `taskset -c 1`.
 
     taskset -c 1 python bench/forward_rows.py --name forward-rows-amx --model qwen2.5-coder-1.5b-instruct \
         --plan int8_vnni,int8_vnni,int8_vnni,int8_vnni,bf16 --plan auto
+
+--path model-forward adds, per plan, the same forwards through transformers' model forward (the engine's
+direct and compiled steps turned off) beside the engine's own choice (--path engine), on the same weights.
 """
 
 from __future__ import annotations
@@ -25,6 +28,21 @@ from s2t.runtime import Engine, load_model
 PROMPT_TOKENS = 100
 
 
+def _path_switch(model_forward: bool):
+    """A function switching an engine to transformers' model forward for every call (True) or back to its own
+    choice of step (False)."""
+    def make(engine: Engine):
+        ops, fast = engine._ops, engine.fast_decode
+
+        def switch():
+            engine._ops, engine.fast_decode = (None, False) if model_forward else (ops, fast)
+        return switch
+    return make
+
+
+PATHS = {"engine": _path_switch(False), "model-forward": _path_switch(True)}
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="forward-rows")
@@ -32,13 +50,18 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--plan", action="append", required=True, help="a weight-format plan (repeatable; auto measures)")
     ap.add_argument("--rows", default="1,2,4,8,9,16,17,32,64", help="new tokens per forward, comma-separated")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--path", action="append", choices=PATHS,
+                    help="how each plan's forwards run (repeatable; default: engine)")
     args = ap.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
-    engines = {}
+    paths = args.path or ["engine"]
+    engines, switches = {}, {}
     for i, spec in enumerate(args.plan):
         engine = Engine(load_model(args.model, Path.home() / ".cache/s2t/models", spec, threads=1))
-        engines[f"{i}: {spec}"] = engine
         print(f"plan {spec!r}: {engine.lm.plan.describe()}, {engine.lm.weight_bytes / 2**30:.2f} GiB held", flush=True)
+        for path in paths:
+            key = f"{i}: {spec}" + (f" ({path})" if len(paths) > 1 else "")
+            engines[key], switches[key] = engine, PATHS[path](engine)
     vocab = next(iter(engines.values())).lm.vocab_size
     prompt = [(1000 + i) % vocab for i in range(PROMPT_TOKENS)]
     caches = {}
@@ -52,6 +75,7 @@ def main(argv: list[str]) -> None:
             for r in range(args.rounds + 1):  # the first round warms up
                 tokens = [(2000 + 7 * i + r) % vocab for i in range(m)]
                 for key, engine in engines.items():
+                    switches[key]()
                     t0 = time.perf_counter()
                     engine.forward([caches[key]], [tokens], [list(range(m))])
                     dt = (time.perf_counter() - t0) * 1e3

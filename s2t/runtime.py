@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .weight_formats import (FormatPlan, apply_plan, cpu_capability, format_available, fuse_outputs, held_weight_bytes,
-                             measure_plan, release_free_memory, row_function)
+from .weight_formats import (BUCKETS, FormatPlan, apply_plan, cpu_capability, format_available, fuse_outputs,
+                             fused_row_function, held_weight_bytes, measure_plan, release_free_memory, row_function)
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash, weights_sha256
 from .rerank import adapter_scope, set_active_adapter, tree_inputs
@@ -262,6 +262,14 @@ class _BatchCache:
         return 0
 
 
+# The longest forward (new tokens of one sequence) the compiled step takes; longer ones (prefills) go through
+# transformers' forward. Measured on the 1.5B, one thread, a Sapphire Rapids Xeon (`taskset -c 1 python
+# bench/forward_rows.py --name forward-rows-direct --plan int8_vnni,int8_vnni,int8_amx,int8_amx,int8_amx --path
+# model-forward --path engine`): the compiled step 1.17-1.34x faster for 1-16 rows, 1.08x at 32, even at 64,
+# 0.97x at 128, where its attention (one dot product per query row and key) outweighs what it saves.
+COMPILED_MAX_ROWS = 32
+
+
 class Engine:
     """Batched, ragged forwards of one causal LM over sequences that each keep their own KVCache.
 
@@ -305,16 +313,15 @@ class Engine:
                 for l in self.base.layers]
             lm.model.__dict__["_s2t_fused_decode"] = self._fused
         # ... and, in float32 with the small operations compiled (kernels/decode_ops.cpp), each layer as eight
-        # calls (two norms, four products, the attention, silu * up) instead of several dozen torch operations.
+        # calls (two norms, four products, the attention, silu * up) instead of several dozen torch operations;
+        # so do one sequence's forwards of a few new tokens (a selector's Select block), with each product in
+        # the format the plan picks for that many rows (`_steps_for`).
         self._ops = None
-        self._layer_steps: list[_LayerStep] = []
+        self._steps: dict[int, list[_LayerStep] | None] = {}  # per row-count bucket of the plan, built on first use
         if self.fast_decode and self.kv_dtype == torch.float32:
-            steps = [_LayerStep.of(layer, qkv, gate_up) for layer, (qkv, gate_up) in zip(self.base.layers, self._fused)]
-            final_norm = _norm_weight(self.base.norm)
-            if all(st is not None for st in steps) and final_norm is not None and _silu_mlp(cfg):
+            self._final_norm = _norm_weight(self.base.norm)
+            if self._final_norm is not None and _silu_mlp(cfg) and self._steps_for(1) is not None:
                 self._ops = kernels.load_decode_ops()
-                if self._ops is not None:
-                    self._layer_steps, self._final_norm = steps, final_norm
         self.tap_layer: int | None = None  # new caches record the hidden state entering this layer
         self._tap_hook = None
         self._tap_rows: tuple | None = None  # (caches, starts, counts) while Engine.forward runs
@@ -358,9 +365,13 @@ class Engine:
             raise ValueError("every sequence in a forward needs at least one new token")
         # Proposals come from the base model: no S2T-Local adapter is active here (O(1) if none is).
         set_active_adapter(self.lm.model, None)
-        if (self.fast_decode and len(caches) == 1 and len(tokens[0]) == 1 and want[0] == [0]
-                and caches[0].first_layer == 0):
-            return [self._decode_one(caches[0], tokens[0][0])]
+        if self.fast_decode and len(caches) == 1 and caches[0].first_layer == 0:
+            if (self._ops is not None and len(tokens[0]) <= COMPILED_MAX_ROWS
+                    and self._steps_for(len(tokens[0])) is not None):
+                _check_want(want[0], len(tokens[0]))
+                return [self._decode_compiled(caches[0], tokens[0], want[0])]
+            if len(tokens[0]) == 1 and want[0] == [0]:
+                return [self._decode_one(caches[0], tokens[0][0])]
         out: list[torch.Tensor | None] = [None] * len(caches)
         for group in _padding_groups([len(t) for t in tokens]):
             logits = self._forward_group([caches[i] for i in group], [tokens[i] for i in group], [want[i] for i in group])
@@ -443,8 +454,6 @@ class Engine:
         The same modules and the same operations as the model's forward for this shape (transformers' sdpa
         path for one query: the query heads grouped per key/value head, a boolean mask of all-true), minus
         the plumbing; `tests/test_runtime.py` checks the two agree. Honours the cache's tap."""
-        if self._ops is not None:
-            return self._decode_one_compiled(cache, token)
         base = self.base
         t = cache.length
         cache.reserve(t + 1)
@@ -496,30 +505,46 @@ class Engine:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _decode_one_compiled(self, cache: KVCache, token: int) -> torch.Tensor:
-        """_decode_one in float32 with the small operations compiled (kernels/decode_ops.cpp): per layer, the
-        residual add and RMSNorm, the rotary embedding + cache write + attention, and silu * up are one call
-        each, and the four products call their kernels directly (row_function). The same arithmetic in
-        another summation order: tests/test_decode_ops.py bounds the difference from the model forward."""
-        ops, base = self._ops, self.base
+    def _steps_for(self, rows: int) -> list[_LayerStep] | None:
+        """The compiled step's layers for forwards of `rows` new tokens, each product in the format the plan
+        picks for that row count; built once per bucket of the plan (BUCKETS). None where a layer is not what
+        the compiled step computes."""
+        bucket = next(i for i, bound in enumerate(BUCKETS) if rows <= bound)
+        if bucket not in self._steps:
+            steps = [_LayerStep.of(layer, qkv, gate_up, rows) for layer, (qkv, gate_up) in zip(self.base.layers, self._fused)]
+            self._steps[bucket] = None if None in steps else steps
+        return self._steps[bucket]
+
+    @torch.inference_mode()
+    def _decode_compiled(self, cache: KVCache, tokens: list[int], want: list[int]) -> torch.Tensor:
+        """Engine.forward for one sequence and its n new tokens in float32 with the small operations compiled
+        (kernels/decode_ops.cpp): per layer, the residual add and RMSNorm, the rotary embedding + cache write +
+        causal attention, and silu * up are one call each, and the four products call their kernels directly
+        (row_function). The same arithmetic as the model forward in another summation order:
+        tests/test_decode_ops.py bounds the difference. Returns the logits at offsets `want` [len(want), vocab];
+        honours the cache's tap."""
+        ops, base, n = self._ops, self.base, len(tokens)
         t = cache.length
-        cache.reserve(t + 1)
-        hidden = base.embed_tokens(torch.tensor([[token]], dtype=torch.long)).reshape(1, self.hidden_size)
-        cos, sin = base.rotary_emb(hidden, torch.tensor([[t]], dtype=torch.long))
-        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+        cache.reserve(t + n)
+        hidden = base.embed_tokens(torch.tensor(tokens, dtype=torch.long)).reshape(n, self.hidden_size)
+        cos, sin = base.rotary_emb(hidden, torch.arange(t, t + n)[None])
+        cos, sin = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
         # hidden is the residual stream before `delta` (the last block's output) is added: the add happens in
-        # the next norm's call, in place (hidden is this step's own tensor)
+        # the next norm's call, in place (hidden is this forward's own tensor)
         delta = None
-        for i, step in enumerate(self._layer_steps):
+        for i, step in enumerate(self._steps_for(n)):
             x = ops.add_rms_norm(hidden, delta, step.input_norm, step.eps)
             if i == cache.tap_layer and cache.tap is not None:
-                cache.tap[t] = hidden[0]
+                cache.tap[t:t + n] = hidden
             o = ops.rope_attend(step.qkv(x), cos, sin, cache.keys[i], cache.values[i], t, step.scaling,
                                 self.num_heads)
             x = ops.add_rms_norm(hidden, step.o(o), step.post_norm, step.eps)
             delta = step.down(ops.silu_mul(step.gate_up(x)))
-        cache.length = t + 1
-        return self._output_logits(self.head(ops.add_rms_norm(hidden, delta, *self._final_norm)))
+        cache.length = t + n
+        normed = ops.add_rms_norm(hidden, delta, *self._final_norm)
+        if want != list(range(n)):
+            normed = normed[want]  # the head (the largest matrix) reads only the rows asked for
+        return self._output_logits(self.head(normed))
 
     def _run_layers(self, layers: range, caches: list[KVCache], starts: list[int], inputs: list[torch.Tensor],
                     layouts: list[tuple[torch.Tensor, torch.Tensor]], adapter: str | None, norm: bool = False
@@ -584,9 +609,8 @@ class Engine:
         rows = [(b, i) for b, w in enumerate(want) for i in w]
         if not rows:
             return [hidden.new_zeros(0, self.vocab_size) for _ in caches]
-        for b, i in rows:
-            if not 0 <= i < counts[b]:
-                raise IndexError(f"want offset {i} outside the {counts[b]} new tokens of sequence {b}")
+        for w, n in zip(want, counts):
+            _check_want(w, n)
         picked = hidden[[b for b, _ in rows], [i for _, i in rows]]
         logits = self.head(picked)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -599,6 +623,12 @@ class Engine:
         return out
 
 
+def _check_want(want: list[int], count: int) -> None:
+    for i in want:
+        if not 0 <= i < count:
+            raise IndexError(f"want offset {i} outside the {count} new tokens of its sequence")
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -606,8 +636,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class _LayerStep:
-    """One decoder layer as Engine._decode_one_compiled calls it: its norms' float32 weights and epsilon, its
-    attention's scaling, and its products as plain functions (q/k/v and gate/up fused)."""
+    """One decoder layer as Engine._decode_compiled calls it for forwards of some number of rows: its norms'
+    float32 weights and epsilon, its attention's scaling, and its products as plain functions (q/k/v and
+    gate/up side by side) in the formats the plan picks for that row count."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -619,12 +650,18 @@ class _LayerStep:
     down: object
 
     @classmethod
-    def of(cls, layer: nn.Module, qkv_proj: nn.Module | None, gate_up_proj: nn.Module | None) -> "_LayerStep | None":
-        """The layer's step, or None where a part is not what the compiled step computes."""
+    def of(cls, layer: nn.Module, qkv_proj: nn.Module | None, gate_up_proj: nn.Module | None, rows: int
+           ) -> "_LayerStep | None":
+        """The layer's step for `rows` rows (qkv_proj, gate_up_proj: its fused products, see Engine._fused), or
+        None where a part is not what the compiled step computes."""
         if qkv_proj is None or gate_up_proj is None:
             return None
+        attn, mlp = layer.self_attn, layer.mlp
         norms = _norm_weight(layer.input_layernorm), _norm_weight(layer.post_attention_layernorm)
-        fns = [row_function(m) for m in (qkv_proj, layer.self_attn.o_proj, gate_up_proj, layer.mlp.down_proj)]
+        fns = [fused_row_function(qkv_proj, [attn.q_proj, attn.k_proj, attn.v_proj], rows),
+               row_function(attn.o_proj, rows),
+               fused_row_function(gate_up_proj, [mlp.gate_proj, mlp.up_proj], rows),
+               row_function(mlp.down_proj, rows)]
         if None in norms or norms[0][1] != norms[1][1] or None in fns:
             return None
         return cls(norms[0][0], norms[1][0], norms[0][1], float(layer.self_attn.scaling), *fns)

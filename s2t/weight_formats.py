@@ -253,8 +253,32 @@ def row_function(layer: nn.Module, rows: int = 1) -> Callable[[torch.Tensor], to
     if type(layer) is not FormattedLinear or layer.out_dtype != torch.float32:
         return None
     fmt = layer.plan.format_for(rows)
-    w = layer.weights[fmt]
-    bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
+    return _product(fmt, layer.weights[fmt], layer.bias)
+
+
+def fused_row_function(fused: nn.Module, layers: list[nn.Module], rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """row_function for `layers` side by side (outputs concatenated, in order), `fused` being fuse_outputs(layers)
+    (or None): for inputs of `rows` rows, the format the layers' plan picks for that row count. The fused
+    layer's weights serve where that is the format they are held in or one sharing its layout (int8_vnni's
+    copy with int8_amx's kernel: one call, no copy); otherwise one call per layer, outputs concatenated. None
+    where a layer has no row function (row_function's conditions)."""
+    if type(fused) is FormattedLinear and all(type(l) is nn.Linear for l in layers):
+        return row_function(fused, rows)  # nn.Linear layers: one format ("native") at every row count
+    if type(fused) is FormattedLinear and all(type(l) is FormattedLinear and l.plan == layers[0].plan for l in layers):
+        want, held = layers[0].plan.format_for(rows), fused.plan.format_for(rows)  # the fused plan is uniform
+        if want == held:
+            return row_function(fused, rows)
+        if shares_layout(want, held):
+            return _product(want, _with_kernel(fused.weights[held], layers[0].weights[want][-1]), fused.bias)
+    parts = [row_function(l, rows) for l in layers]
+    if None in parts:
+        return None
+    return lambda x: torch.cat([f(x) for f in parts], dim=-1)
+
+
+def _product(fmt: str, w, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The plain function computing a float32 FormattedLinear's product in format `fmt` on weight `w`."""
+    bias = None if bias is None else bias.detach().to(torch.float32)
     if fmt in ("int8_vnni", "int8_amx"):
         u, scale, k, kernel = w
         product = lambda x: kernel(x, u, scale, k)  # noqa: E731

@@ -18,8 +18,8 @@ Six builds of four kernels, serving four weight formats (s2t/weight_formats.py):
   a few to a few dozen rows costs about what one row does;
 Activation quantisation is shared (act_quant.h).
 One more build serves no weight format: `decode_ops` (decode_ops.cpp, AVX2 and FMA), the small float32
-operations of a batch-1 decode step (residual add + RMSNorm, rotary + cache write + attention, silu * up) as
-one call each, for `Engine._decode_one_compiled`; `load_decode_ops()` returns the module or None.
+operations of a one-sequence decode step (residual add + RMSNorm, rotary + cache write + attention, silu * up) as
+one call each, for `Engine._decode_compiled`; `load_decode_ops()` returns the module or None.
 A machine without the instructions, a compiler or ninja simply lacks that format: `load_int8_linear()` /
 `load_int8_vnni_linear()` return None and `unavailable_reason(name)` says why, and the other formats work
 as before.
@@ -280,7 +280,7 @@ def load_int4_vnni_linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def load_decode_ops():
-    """The batch-1 decode step's fused small operations (decode_ops.cpp: `add_rms_norm`, `rope_attend`,
+    """The one-sequence decode step's fused small operations (decode_ops.cpp: `add_rms_norm`, `rope_attend`,
     `silu_mul`, float32), or None where they cannot be built (then the step runs them as torch operations).
     S2T_DECODE_OPS=0 turns them off (to measure what they save)."""
     if os.environ.get("S2T_DECODE_OPS", "1").strip() == "0":
