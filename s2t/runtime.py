@@ -267,7 +267,8 @@ class _BatchCache:
 # bench/forward_rows.py --name forward-rows-direct --plan int8_vnni,int8_vnni,int8_amx,int8_amx,int8_amx --path
 # model-forward --path engine`): the compiled step 1.17-1.34x faster for 1-16 rows, 1.08x at 32, even at 64,
 # 0.97x at 128, where its attention (one dot product per query row and key) outweighs what it saves.
-COMPILED_MAX_ROWS = 32
+# S2T_COMPILED_MAX_ROWS=1 keeps only one-token steps compiled (to measure what the rest saves, end to end).
+COMPILED_MAX_ROWS = int(os.environ.get("S2T_COMPILED_MAX_ROWS", "32"))
 
 
 class Engine:

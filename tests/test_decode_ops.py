@@ -287,3 +287,19 @@ def test_the_step_keeps_torch_operations_when_the_ops_are_turned_off(tiny32, mon
     eng = Engine(load_model(str(tiny32), tiny32.parent, weight_formats="native"))
     assert eng.fast_decode and eng._ops is None
     assert kernels.load_decode_ops() is None
+
+
+def test_forwards_longer_than_the_bound_go_through_the_model_forward(tiny32, monkeypatch):
+    """COMPILED_MAX_ROWS (S2T_COMPILED_MAX_ROWS) bounds the compiled step's forwards; one token is compiled
+    whatever the bound."""
+    import s2t.runtime as runtime
+
+    eng = Engine(load_model(str(tiny32), tiny32.parent, weight_formats="native"))
+    calls = []
+    compiled = eng._decode_compiled
+    monkeypatch.setattr(eng, "_decode_compiled", lambda c, t, w: calls.append(len(t)) or compiled(c, t, w))
+    monkeypatch.setattr(runtime, "COMPILED_MAX_ROWS", 1)
+    cache = eng.new_cache()
+    for feed in ([5, 6, 7, 8], [9], [10, 11]):
+        eng.forward([cache], [feed], [[len(feed) - 1]])
+    assert calls == [1] and cache.length == 7
