@@ -775,9 +775,17 @@ def draw_plots(json_path: Path, payload: dict) -> list[Path]:
     return []
 
 
+def command_line(script: str, argv_shown: list[str]) -> str:
+    """`python <script> <args>`, after the S2T_* environment variables set (they change what the engine does);
+    as `env K=V python ...`, so it still runs after a prefix such as `taskset -c 1`."""
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("S2T_")]
+    return " ".join([*(["env", *env] if env else []), f"python {script}", *argv_shown])
+
+
 def results_header(name: str, script: str, argv_shown: list[str]) -> dict:
-    """What every results file starts with: its name, the command that made it, when, at which commit, where."""
-    return {"name": name, "command": " ".join([f"python {script}", *argv_shown]),
+    """What every results file starts with: its name, the command that made it (command_line), when, at which
+    commit, where."""
+    return {"name": name, "command": command_line(script, argv_shown),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine()}
 
 

@@ -84,7 +84,7 @@ if str(BENCH) not in sys.path:  # bench/'s own modules, also when the tests impo
 
 import native_ref  # noqa: E402
 import run_bench  # noqa: E402
-from run_bench import Row, git_commit, machine  # noqa: E402
+from run_bench import Row, command_line, git_commit, machine  # noqa: E402
 
 from s2t.modes import Mode  # noqa: E402
 
@@ -910,7 +910,7 @@ def main(argv: list[str] | None = None) -> dict:
     weight_bytes = selector_weight_files_bytes(settings)
     argv_shown = sys.argv[1:] if argv is None else argv
     payload = {"name": args.name,
-               "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix()] + argv_shown),
+               "command": command_line(Path(__file__).relative_to(ROOT).as_posix(), argv_shown),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine(),
                "settings": {"overrides": args.set, "worker": {"model": ws.model, **worker_defaults},
                             "selector": {"model": settings.selector.model}},
