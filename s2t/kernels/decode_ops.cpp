@@ -1,5 +1,5 @@
 // The small operations between the matrix products of a one-sequence decode step, each one call instead of
-// several torch operations (Engine._decode_one and Engine._decode_rows, issue #14).
+// several torch operations (Engine._decode_compiled, issue #14).
 //
 // Why: with the matrix products in the project's own kernels, what remains of a one-token step is dozens of
 // tiny torch operations per layer (RMSNorm as six, the rotary embedding as eight, the cache writes, the
