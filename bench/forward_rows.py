@@ -28,19 +28,17 @@ from s2t.runtime import Engine, load_model
 PROMPT_TOKENS = 100
 
 
-def _path_switch(model_forward: bool):
-    """A function switching an engine to transformers' model forward for every call (True) or back to its own
-    choice of step (False)."""
-    def make(engine: Engine):
-        ops, fast = engine._ops, engine.fast_decode
-
-        def switch():
-            engine._ops, engine.fast_decode = (None, False) if model_forward else (ops, fast)
-        return switch
-    return make
+PATHS = ("engine", "model-forward")
 
 
-PATHS = {"engine": _path_switch(False), "model-forward": _path_switch(True)}
+def path_switch(engine: Engine, path: str):
+    """A function switching `engine` to `path`: its own choice of step ("engine") or transformers' model
+    forward for every call ("model-forward")."""
+    own = engine._ops, engine.fast_decode
+
+    def switch():
+        engine._ops, engine.fast_decode = (None, False) if path == "model-forward" else own
+    return switch
 
 
 def main(argv: list[str]) -> None:
@@ -61,7 +59,7 @@ def main(argv: list[str]) -> None:
         print(f"plan {spec!r}: {engine.lm.plan.describe()}, {engine.lm.weight_bytes / 2**30:.2f} GiB held", flush=True)
         for path in paths:
             key = f"{i}: {spec}" + (f" ({path})" if len(paths) > 1 else "")
-            engines[key], switches[key] = engine, PATHS[path](engine)
+            engines[key], switches[key] = engine, path_switch(engine, path)
     vocab = next(iter(engines.values())).lm.vocab_size
     prompt = [(1000 + i) % vocab for i in range(PROMPT_TOKENS)]
     caches = {}

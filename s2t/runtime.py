@@ -367,10 +367,11 @@ class Engine:
         # Proposals come from the base model: no S2T-Local adapter is active here (O(1) if none is).
         set_active_adapter(self.lm.model, None)
         if self.fast_decode and len(caches) == 1 and caches[0].first_layer == 0:
-            if (self._ops is not None and len(tokens[0]) <= COMPILED_MAX_ROWS
-                    and self._steps_for(len(tokens[0])) is not None):
+            steps = (self._steps_for(len(tokens[0]))
+                     if self._ops is not None and len(tokens[0]) <= COMPILED_MAX_ROWS else None)
+            if steps is not None:
                 _check_want(want[0], len(tokens[0]))
-                return [self._decode_compiled(caches[0], tokens[0], want[0])]
+                return [self._decode_compiled(caches[0], tokens[0], want[0], steps)]
             if len(tokens[0]) == 1 and want[0] == [0]:
                 return [self._decode_one(caches[0], tokens[0][0])]
         out: list[torch.Tensor | None] = [None] * len(caches)
@@ -517,13 +518,14 @@ class Engine:
         return self._steps[bucket]
 
     @torch.inference_mode()
-    def _decode_compiled(self, cache: KVCache, tokens: list[int], want: list[int]) -> torch.Tensor:
+    def _decode_compiled(self, cache: KVCache, tokens: list[int], want: list[int], steps: list[_LayerStep]
+                         ) -> torch.Tensor:
         """Engine.forward for one sequence and its n new tokens in float32 with the small operations compiled
         (kernels/decode_ops.cpp): per layer, the residual add and RMSNorm, the rotary embedding + cache write +
         causal attention, and silu * up are one call each, and the four products call their kernels directly
         (row_function). The same arithmetic as the model forward in another summation order:
-        tests/test_decode_ops.py bounds the difference. Returns the logits at offsets `want` [len(want), vocab];
-        honours the cache's tap."""
+        tests/test_decode_ops.py bounds the difference. `steps`: _steps_for(len(tokens)). Returns the logits at
+        offsets `want` [len(want), vocab]; honours the cache's tap."""
         ops, base, n = self._ops, self.base, len(tokens)
         t = cache.length
         cache.reserve(t + n)
@@ -533,7 +535,7 @@ class Engine:
         # hidden is the residual stream before `delta` (the last block's output) is added: the add happens in
         # the next norm's call, in place (hidden is this forward's own tensor)
         delta = None
-        for i, step in enumerate(self._steps_for(n)):
+        for i, step in enumerate(steps):
             x = ops.add_rms_norm(hidden, delta, step.input_norm, step.eps)
             if i == cache.tap_layer and cache.tap is not None:
                 cache.tap[t:t + n] = hidden

@@ -297,7 +297,7 @@ def test_forwards_longer_than_the_bound_go_through_the_model_forward(tiny32, mon
     eng = Engine(load_model(str(tiny32), tiny32.parent, weight_formats="native"))
     calls = []
     compiled = eng._decode_compiled
-    monkeypatch.setattr(eng, "_decode_compiled", lambda c, t, w: calls.append(len(t)) or compiled(c, t, w))
+    monkeypatch.setattr(eng, "_decode_compiled", lambda c, t, w, s: calls.append(len(t)) or compiled(c, t, w, s))
     monkeypatch.setattr(runtime, "COMPILED_MAX_ROWS", 1)
     cache = eng.new_cache()
     for feed in ([5, 6, 7, 8], [9], [10, 11]):
