@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -205,6 +206,18 @@ def by_name(exporter: InMemorySpanExporter, name: str, kind: SpanKind) -> list:
     return [s for s in exporter.get_finished_spans() if s.name == name and s.kind is kind]
 
 
+async def once_there(read: Callable[[], list]) -> list:
+    """`read()` once it holds a span, or what it holds after 20 s.
+
+    A server span ends when its handler returns, which gRPC does not order before the caller receiving the
+    reply or the status: a test that reads spans right after a call waits for them."""
+    for _ in range(400):
+        if spans := read():
+            return spans
+        await asyncio.sleep(0.05)
+    return read()
+
+
 async def test_a_request_is_one_trace_from_the_client_through_the_worker_to_the_selector(make_settings):
     settings = make_settings(**{"tracing.enabled": True, "selector.auth_tokens": [TOKEN],
                                 "worker.selector_auth_token": TOKEN, "selector.log_enabled": False,
@@ -225,13 +238,10 @@ async def test_a_request_is_one_trace_from_the_client_through_the_worker_to_the_
                 metadata=[("traceparent", CLIENT_TRACEPARENT)], timeout=60)
         assert reply.stats.mode_used == gen_pb.MODE_S2T and reply.stats.selector_calls >= 1
         # The session's CloseSession is sent after the reply, still in the request's trace: wait for its span.
-        for _ in range(400):
-            if by_name(selector_spans, CLOSE_SESSION, SpanKind.SERVER):
-                break
-            await asyncio.sleep(0.05)
+        await once_there(lambda: by_name(selector_spans, CLOSE_SESSION, SpanKind.SERVER))
 
         # the worker's Generate span: the client's span is its parent
-        [generate] = by_name(worker_spans, GENERATE, SpanKind.SERVER)
+        [generate] = await once_there(lambda: by_name(worker_spans, GENERATE, SpanKind.SERVER))
         assert generate.context.trace_id == CLIENT_TRACE_ID
         assert generate.parent.span_id == CLIENT_SPAN_ID and generate.parent.is_remote
         assert generate.resource.attributes["service.name"] == "s2t-worker"
@@ -285,7 +295,7 @@ async def test_a_request_is_one_trace_from_the_client_through_the_worker_to_the_
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await sel_grpc.SelectorServiceStub(channel).Select(position_request("refused"))
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        [refused] = selector_spans.get_finished_spans()[before:]
+        [refused] = await once_there(lambda: selector_spans.get_finished_spans()[before:])
         assert refused.name == SELECT and refused.parent is None  # the caller sent no trace context
         assert refused.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
         assert refused.status.status_code is StatusCode.UNSET  # the caller's fault, not the server's
@@ -300,7 +310,8 @@ async def test_a_request_is_one_trace_from_the_client_through_the_worker_to_the_
             reply = await gen_grpc.GenerationServiceStub(channel).Generate(gen_pb.GenerateRequest(
                 prompt="hi", options=gen_pb.GenerationOptions(mode=gen_pb.MODE_LLM, max_new_tokens=4)), timeout=60)
         assert reply.stats.mode_used == gen_pb.MODE_LLM
-        llm_generate = [s for s in by_name(worker_spans, GENERATE, SpanKind.SERVER) if s is not generate]
+        llm_generate = await once_there(
+            lambda: [s for s in by_name(worker_spans, GENERATE, SpanKind.SERVER) if s is not generate])
         assert len(llm_generate) == 1 and llm_generate[0].attributes["s2t.mode"] == "llm"
         decodes = by_name(worker_spans, f"/{SELECTOR_SERVICE}/Decode", SpanKind.CLIENT)
         assert len(decodes) == reply.stats.selector_calls >= 1
@@ -484,7 +495,7 @@ async def test_the_replica_span_is_the_child_of_the_workers_client_span_through_
                                                                           block_size=4)),
                 metadata=[("traceparent", CLIENT_TRACEPARENT)], timeout=120)
         assert reply.stats.mode_used == gen_pb.MODE_S2T
-        [generate] = by_name(worker_spans, GENERATE, SpanKind.SERVER)
+        [generate] = await once_there(lambda: by_name(worker_spans, GENERATE, SpanKind.SERVER))
         assert generate.context.trace_id == CLIENT_TRACE_ID
         selects = {f"0x{format_span_id(s.context.span_id)}": s for s in by_name(worker_spans, SELECT, SpanKind.CLIENT)}
         assert len(selects) == reply.stats.selector_calls >= 1
