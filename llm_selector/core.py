@@ -12,7 +12,9 @@ the lower index (the SLM's higher rank). A position diverges when that index is 
 fires; the reply stops at the first divergence and the session is cut back to it, so the selector's
 cache never keeps a rejected token. A takeover request (the paper's upper reference) diverges instead where
 the trigger fires and the LLM's full-vocabulary top-1 is not the SLM's draft, and names that top-1
-(Selection.token_id), which the worker takes there.
+(Selection.token_id), which the worker takes there. A Select without positions is a prefill: it only extends
+the session (the worker sends the prompt ahead of its first block), and is logged like any other request, so
+the log's records still replay each session's tokens.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ class SelectorCore:
             max_candidates=s.max_candidates, max_positions=s.max_positions, max_context_tokens=s.max_context_tokens,
             max_decode_tokens=s.max_decode_tokens,
             kl_thresholds=self.kl.as_dict(),
-            weight_formats=self.engine.lm.plan.describe(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+            weight_formats=self.engine.lm.plan.describe(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            accepts_prefill=True)
 
     def problem(self) -> str | None:
         """Why this selector should not serve, or None: Ray Serve restarts a replica whose check_health raises."""
@@ -200,8 +203,6 @@ class SelectorCore:
                 raise invalid(f"{name}: {len(getattr(req, name))} characters, at most {MAX_ID_LEN}")
         s = self.settings
         n = len(req.positions)
-        if n == 0:
-            raise invalid("positions: at least one position is required")
         if n > s.max_positions:
             raise invalid(f"positions: {n} positions, at most {s.max_positions}")
         kind = req.trigger.kind

@@ -78,6 +78,8 @@ class Scheduler:
         if seq.running is Mode.LLM:
             self.spawn(run_llm(seq, selector, self))
         else:
+            if seq.verifier is not None and (prefill := seq.verifier.prefill(seq)) is not None:
+                self.spawn(prefill, seq.trace_context)
             self.active.append(seq)
             self.wake()
 

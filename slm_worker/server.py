@@ -132,7 +132,8 @@ class Worker:
                 f"the selector's model {info.model_name!r} has a different vocabulary (sha256 {info.vocab_sha256[:12]}…) "
                 f"than the worker's {self.lm.name!r} ({self.lm.vocab_sha256[:12]}…): S2T needs one tokenizer for both")
         self.selector_info = info
-        self.remote = RemoteSelector(self.selector, self.lm.name, self.lm.weights_sha256)
+        self.remote = RemoteSelector(self.selector, self.lm.name, self.lm.weights_sha256,
+                                     prefill=self.settings.worker.selector_prefill and info.accepts_prefill)
         log.info("selector %s: model %s, weights %s", self.selector.address, info.model_name, info.weight_formats)
         return True
 

@@ -94,6 +94,11 @@ class VerifierSession(Protocol):
     def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
         """The loop applied `verdict` to the sequence (in block order)."""
 
+    def prefill(self, seq: "Sequence") -> Awaitable[None] | None:
+        """The request starts (called once, before its first block): work the verifier can do on the prompt
+        while the SLM drafts, or None. The awaitable never raises; a prefill that fails costs nothing but
+        its time (the first block then carries the prompt itself)."""
+
     async def close(self) -> None:
         """The request is over: release what the verifier holds for it."""
 
@@ -109,9 +114,13 @@ class Verifier(Protocol):
 class RemoteSelector:
     """Mode s2t: the selector's large model verifies blocks over gRPC (SelectorService.Select)."""
 
-    def __init__(self, client: SelectorClient, slm_model: str = "", slm_weights_sha256: str = ""):
+    def __init__(self, client: SelectorClient, slm_model: str = "", slm_weights_sha256: str = "",
+                 prefill: bool = False):
         self.client = client
         self.slm_model, self.slm_weights_sha256 = slm_model, slm_weights_sha256
+        # Send each request's prompt ahead of its first block (the selector said it takes prefills, and the
+        # worker's selector_prefill setting is on).
+        self.sends_prefills = prefill
 
     def open(self, seq: "Sequence") -> "RemoteSelectorSession":
         return RemoteSelectorSession(self, seq.session_id)
@@ -136,13 +145,11 @@ class RemoteSelectorSession:
         self.chain = 0
         self.confirmed = 0
         self.next_step = 0
+        self.prefilled: asyncio.Event | None = None  # set once the prompt's prefill call is over (if one went out)
 
     def request(self, seq: "Sequence", block: Block) -> sel_pb.SelectRequest:
         """The Select request for `block`, chained on what the previous request leaves; advances the cursor."""
         opts = seq.opts
-        prefix, step = self.chain, self.next_step
-        self.next_step += 1
-        self.chain = block.end - 1
         k, kl = opts.num_candidates, opts.trigger is TriggerKind.KL
         value = opts.local_trigger.value if opts.local_trigger else (lambda p: 0.0)
         positions = [sel_pb.CandidatePosition(
@@ -150,20 +157,67 @@ class RemoteSelectorSession:
             support_ids=prop.ids[k:] if kl else [], support_probs=prop.probs[k:] if kl else [],
             worker_triggered=prop.triggered, worker_trigger_value=value(prop))
             for p in block.checked for prop in (seq.proposals[p],)]
+        return self._next_request(seq, block.end - 1, positions)
+
+    def _next_request(self, seq: "Sequence", end: int, positions: list[sel_pb.CandidatePosition]
+                      ) -> sel_pb.SelectRequest:
+        """The next Select request: the tokens from the chain to `end` and `positions`; advances the cursor."""
+        opts = seq.opts
+        prefix, step = self.chain, self.next_step
+        self.next_step += 1
+        self.chain = end
         if opts.trigger is TriggerKind.ALWAYS:
             trigger = sel_pb.SelectTriggerSpec(kind=sel_pb.SELECT_TRIGGER_ALWAYS)
-        elif kl:
+        elif opts.trigger is TriggerKind.KL:
             trigger = sel_pb.SelectTriggerSpec(kind=sel_pb.SELECT_TRIGGER_KL, kl_rate=opts.trigger_rate)
         else:
             trigger = sel_pb.SelectTriggerSpec(kind=sel_pb.SELECT_TRIGGER_WORKER)
         request = sel_pb.SelectRequest(session_id=self.session_id, step=step, prefix_length=prefix,
-                                       token_ids=seq.tokens[prefix:block.end - 1], positions=positions,
+                                       token_ids=seq.tokens[prefix:end], positions=positions,
                                        trigger=trigger, request_id=seq.request_id,
                                        takeover=opts.mode is Mode.TAKEOVER)  # decide by the LLM's own top-1
         if self.verifier.slm_model:
             request.slm_model = self.verifier.slm_model
             request.slm_weights_sha256 = self.verifier.slm_weights_sha256
         return request
+
+    def prefill(self, seq: "Sequence") -> Awaitable[None] | None:
+        """Send the prompt at once, as a Select without positions, so that the selector computes its cache of
+        it while the SLM prefills and drafts the first block, instead of after that block arrives; the first
+        block then carries only its drafts. The prompt's last token stays for the first block: the selector
+        reads the first draft's prediction from it, so every position stays checkable."""
+        if not self.verifier.sends_prefills or self.next_step or seq.prompt_len < 2:
+            return None
+        self.prefilled = asyncio.Event()
+        return self._prefill(seq, self._next_request(seq, seq.prompt_len - 1, []))
+
+    async def _prefill(self, seq: "Sequence", request: sel_pb.SelectRequest) -> None:
+        try:
+            await self._call_prefill(seq, request)
+        finally:
+            self.prefilled.set()
+
+    async def _call_prefill(self, seq: "Sequence", request: sel_pb.SelectRequest) -> None:
+        stats = seq.stats
+        try:
+            stats.selector_calls += 1
+            stats.selector_bytes_sent += request.ByteSize()
+            reply = await self.client.select(request, time.monotonic() + seq.opts.selector_deadline_s)
+            stats.selector_bytes_received += reply.ByteSize()
+            stats.llm_forwards += 1
+            return
+        except SessionLost:
+            pass
+        except SelectorUnavailable as e:
+            stats.selector_failures += 1
+            log.debug("prefill not taken: %s", e, extra={"session_id": self.session_id})
+        except Exception:  # a bug must not hang or fail the request: the first block carries the prompt instead
+            log.exception("selector prefill failed")
+            stats.selector_failures += 1
+        if self.next_step == 1:  # no block was built on the prefill yet: the first one sends the full context
+            self.chain = 0
+        # else a block already went out on it: the selector answers it FAILED_PRECONDITION and the loop resends
+        # it with the full context (SESSION_LOST), as for any session the selector lost
 
     def send(self, seq: "Sequence", block: Block) -> Awaitable[Verdict]:
         return self._call(seq, block, self.request(seq, block))
@@ -208,6 +262,8 @@ class RemoteSelectorSession:
             self.chain = self.confirmed
 
     async def close(self) -> None:
+        if self.prefilled is not None:  # a prefill still on its way would open the session again after this
+            await self.prefilled.wait()
         if self.next_step:
             await self.client.close_session(self.session_id)
 
@@ -350,6 +406,9 @@ class LocalRerankerSession:
     def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
         pass
 
+    def prefill(self, seq: "Sequence") -> Awaitable[None] | None:
+        return None  # the scorer's cache grows at the first verified block, from the drafting cache's tap
+
     async def close(self) -> None:
         async with self._lock:  # not while a scoring of this session is queued or running
             if self.cache is not None and self.holders is not None:
@@ -458,6 +517,9 @@ class FallbackSession:
 
     def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
         self.remote.settled(seq, block, verdict)
+
+    def prefill(self, seq: "Sequence") -> Awaitable[None] | None:
+        return self.remote.prefill(seq) if self.client.state is not SelectorState.DOWN else None
 
     async def close(self) -> None:
         await self.local.close()

@@ -30,9 +30,12 @@ class FaultySelector(SelectorServicer):
         self.restart_after_calls: int | None = None
         self.calls = 0
         self.hold: asyncio.Event | None = None  # when set, Select waits for it (a stalled selector)
+        self.intercept = None  # an async (request, context) -> None awaited first: a test's own fault
 
     async def Select(self, request, context):
         self.calls += 1
+        if self.intercept is not None:
+            await self.intercept(request, context)
         if self.restart_after_calls is not None and self.calls >= self.restart_after_calls:
             self.restart_after_calls = None
             for sid in list(self.core.sessions._sessions):

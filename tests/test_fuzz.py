@@ -676,7 +676,7 @@ class SelectorFace:
     def select_problems(self, req: sel_pb.SelectRequest) -> list[str]:
         out = self.common_problems(req)
         out += [name for name in ("slm_model", "slm_weights_sha256") if len(getattr(req, name)) > MAX_ID_LEN]
-        if not 1 <= len(req.positions) <= self.info.max_positions:
+        if len(req.positions) > self.info.max_positions:  # none: a prefill
             out.append("positions")
         kind = req.trigger.kind
         if kind not in (sel_pb.SELECT_TRIGGER_ALWAYS, sel_pb.SELECT_TRIGGER_WORKER, sel_pb.SELECT_TRIGGER_KL):
@@ -757,6 +757,11 @@ class SelectorFace:
         if (reply.session_id, reply.step) != (req.session_id, req.step):
             return f"reply for {reply.session_id!r} step {reply.step}"
         sels = list(reply.selections)
+        if not req.positions:  # a prefill: the session grew by the tokens, nothing was scored
+            if sels or reply.outcome != sel_pb.SELECT_OUTCOME_ACCEPTED \
+                    or reply.session_length != req.prefix_length + len(req.token_ids):
+                return f"prefill: {len(sels)} selections, outcome {reply.outcome}, session_length {reply.session_length}"
+            return None
         if not 1 <= len(sels) <= len(req.positions):
             return f"{len(sels)} selections for {len(req.positions)} positions"
         for sel, pos in zip(sels, req.positions):

@@ -286,9 +286,8 @@ async def test_selector_evictions_resyncs_replays_and_refusals(make_core):
     await core.handle(select_request("s2", step=1), "select")  # a later step with the full context: a resync
     with pytest.raises(SelectorError):  # a session the selector does not hold: FAILED_PRECONDITION
         await core.handle(select_request("gone", step=3, prefix_length=3, token_ids=[8]), "select")
-    with pytest.raises(SelectorError):  # no positions: INVALID_ARGUMENT
-        await core.handle(sel_pb.SelectRequest(session_id="x", token_ids=[1], trigger=select_request("x").trigger),
-                          "select")
+    with pytest.raises(SelectorError):  # no tokens: INVALID_ARGUMENT
+        await core.handle(sel_pb.SelectRequest(session_id="x", trigger=select_request("x").trigger), "select")
     core.close_session("s2")
     samples = registry_samples(core)
     requests = {outcome: value(samples, "s2t_selector_requests_total", method="select", outcome=outcome)

@@ -168,6 +168,27 @@ def test_out_of_order_steps_are_applied_in_order(core, tiny_models):
     assert r3.selections[0].index == expected_index(llm, [1, 2, 3, 4, 5, 6], [8, 9])
 
 
+def test_a_prefill_extends_the_session_and_the_block_after_it_scores_as_on_the_full_context(core, tiny_models):
+    _, llm = tiny_models
+    assert core.info().accepts_prefill
+    prompt, drafts = [11, 12, 13, 14, 15], [16, 17, 18]
+    positions = [position(5, [16, 3, 4]), position(6, [17, 5]), position(7, [18, 6, 7])]
+    reply = run(core, pb.SelectRequest(session_id="f", step=0, prefix_length=0, token_ids=prompt[:-1], trigger=ALWAYS))
+    assert (reply.outcome, list(reply.selections), reply.session_length) == (pb.SELECT_OUTCOME_ACCEPTED, [], 4)
+    assert core.sessions.get("f").tokens == prompt[:-1] and core.sessions.get("f").cache.length == 4
+    block = pb.SelectRequest(session_id="f", step=1, prefix_length=4, token_ids=[prompt[-1]] + drafts[:-1],
+                             positions=positions, trigger=ALWAYS)
+    whole = pb.SelectRequest(session_id="w", step=0, prefix_length=0, token_ids=prompt + drafts[:-1],
+                             positions=positions, trigger=ALWAYS)
+    got, want = run(core, block), run(core, whole)
+    assert [(s.position, s.index, s.diverged) for s in got.selections] == [
+        (s.position, s.index, s.diverged) for s in want.selections]
+    assert got.session_length == want.session_length
+    sequence = prompt + drafts
+    assert [s.index for s in got.selections] == [
+        expected_index(llm, sequence[:p.position], list(p.candidate_ids)) for p in positions[:len(got.selections)]]
+
+
 def test_missing_step_is_given_up_and_a_late_one_refused(core):
     run(core, pb.SelectRequest(session_id="g", step=0, prefix_length=0, token_ids=[1, 2],
                                positions=[position(2, [3])], trigger=ALWAYS))
@@ -243,7 +264,7 @@ BAD = [
     ("token_ids", lambda r: r.ClearField("token_ids")),
     ("token_ids[1]", lambda r: r.token_ids.__setitem__(1, 999_999)),
     ("token_ids", lambda r: r.token_ids.extend([1] * 9000)),
-    ("positions", lambda r: r.ClearField("positions")),
+    ("positions", lambda r: r.positions.extend(position(4 + i, [1]) for i in range(64))),  # max_positions 64
     ("positions[0].candidate_ids", lambda r: r.positions[0].ClearField("candidate_ids")),
     ("positions[0].candidate_ids", lambda r: r.positions[0].candidate_ids.extend(range(20, 40))),
     ("positions[0].candidate_ids[0]", lambda r: r.positions[0].candidate_ids.__setitem__(0, -1)),

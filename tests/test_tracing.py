@@ -255,13 +255,17 @@ async def test_a_request_is_one_trace_from_the_client_through_the_worker_to_the_
             "s2t.completion_tokens": reply.stats.completion_tokens, "s2t.selector_calls": reply.stats.selector_calls,
             "s2t.degraded_reason": ""}
 
-        # its Select calls: one CLIENT span per attempt (no retries here), children of the Generate span
+        # its Select calls: one CLIENT span per attempt (no retries here), children of the Generate span; the
+        # first is the prompt's prefill (step 0, no positions)
         selects = by_name(worker_spans, SELECT, SpanKind.CLIENT)
         assert len(selects) == reply.stats.selector_calls
+        [prefill] = [s for s in selects if s.attributes["s2t.positions"] == 0]
+        assert prefill.attributes["s2t.step"] == 0 and prefill.attributes["s2t.num_candidates"] == 0
         for span in selects:
             assert span.context.trace_id == CLIENT_TRACE_ID and span.parent.span_id == generate.context.span_id
-            assert span.attributes["s2t.session_id"] == session and span.attributes["s2t.num_candidates"] == 4
-            assert span.attributes["s2t.positions"] >= 1 and span.attributes["rpc.grpc.status_code"] == 0
+            assert span.attributes["s2t.session_id"] == session and span.attributes["rpc.grpc.status_code"] == 0
+            if span is not prefill:
+                assert span.attributes["s2t.num_candidates"] == 4 and span.attributes["s2t.positions"] >= 1
         assert sum(s.attributes["s2t.positions"] for s in selects) == reply.stats.positions_checked
         [close] = by_name(worker_spans, CLOSE_SESSION, SpanKind.CLIENT)
         assert close.parent.span_id == generate.context.span_id and close.attributes["s2t.session_id"] == session

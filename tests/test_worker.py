@@ -54,6 +54,81 @@ async def test_speculative_s2t_equals_every_step_loop(make_settings, tiny_models
     assert st.unverified_tokens == 0 and st.verified_tokens == st.completion_tokens
 
 
+def recorded_selects(core) -> list:
+    """Every Select request `core` computes, in order (wraps its compute like servers.slow_compute)."""
+    seen, compute = [], core.compute_select
+
+    def recording(tickets):
+        seen.extend(t.request for t in tickets)
+        return compute(tickets)
+
+    core.compute_select = recording
+    return seen
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+async def test_the_prompt_goes_to_the_selector_ahead_of_the_first_block(make_settings, tiny_models, prefill):
+    slm, llm = tiny_models
+    async with Stack(make_settings(**{"worker.selector_prefill": prefill})) as stack:
+        ids = prompt_ids(stack)
+        expected = reference_s2t(slm, llm, ids, 24, 8, set(stack.worker.lm.stop_ids))
+        seen = recorded_selects(stack.core)
+        final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=24, block_size=4)
+    assert list(final.token_ids) == expected
+    first, second = seen[:2]
+    if prefill:  # the prompt but its last token, which the first block carries with the drafts it predicts
+        assert (first.step, first.prefix_length, list(first.token_ids), len(first.positions)) == (0, 0, ids[:-1], 0)
+        assert (second.step, second.prefix_length, second.token_ids[0]) == (1, len(ids) - 1, ids[-1])
+    else:
+        assert (first.step, first.prefix_length, list(first.token_ids[:len(ids)])) == (0, 0, ids)
+        assert len(first.positions) > 0
+    st = final.stats
+    assert st.llm_forwards == len(seen) and st.resyncs == st.selector_failures == 0  # calls: more (voided blocks)
+    assert st.positions_checked == sum(len(r.positions) for r in seen)
+
+
+async def test_a_selector_without_prefills_gets_none(make_settings, tiny_models, monkeypatch):
+    from llm_selector.core import SelectorCore
+
+    info = SelectorCore.info
+    monkeypatch.setattr(SelectorCore, "info", lambda self: (lambda r: (r.ClearField("accepts_prefill"), r)[1])(
+        info(self)))  # a selector of an earlier build
+    async with Stack(make_settings()) as stack:
+        assert not stack.worker.selector_info.accepts_prefill
+        seen = recorded_selects(stack.core)
+        final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=16, block_size=4)
+    assert final.stats.mode_used == pb.MODE_S2T and seen and all(r.positions for r in seen)
+
+
+@pytest.mark.parametrize("first_block_waits", [False, True])
+async def test_a_refused_prefill_costs_the_request_nothing(make_settings, tiny_models, first_block_waits):
+    """The selector refuses the prefill: before the first block exists, that block carries the prompt; after
+    (the refusal held until the block has reached the selector, which does not know the session yet), the block
+    is answered FAILED_PRECONDITION and goes out again with the full context. The text is the same either way."""
+    slm, llm = tiny_models
+    async with Stack(make_settings()) as stack:
+        ids = prompt_ids(stack)
+        expected = reference_s2t(slm, llm, ids, 24, 8, set(stack.worker.lm.stop_ids))
+        block_arrived = asyncio.Event()
+
+        async def refuse_prefills(request, context):
+            if request.positions:
+                block_arrived.set()
+                return
+            if first_block_waits:
+                await block_arrived.wait()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "injected: positions: no prefills here")
+
+        stack.servicer.intercept = refuse_prefills
+        seen = recorded_selects(stack.core)
+        final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=24, block_size=4)
+    assert list(final.token_ids) == expected
+    st = final.stats
+    assert st.unverified_tokens == 0 and st.verified_tokens == st.completion_tokens
+    assert st.selector_failures == 1 and st.resyncs == (1 if first_block_waits else 0)
+    assert seen[0].prefix_length == 0 and list(seen[0].token_ids[:len(ids)]) == ids and seen[0].positions
+
+
 @pytest.mark.parametrize("confidence", [0.3, 0.99])
 async def test_worker_does_not_draft_past_an_unsure_draft(make_settings, tiny_models, confidence):
     """The tiny SLM is unsure everywhere: with a strict gate every block is one position and a divergence
@@ -67,8 +142,8 @@ async def test_worker_does_not_draft_past_an_unsure_draft(make_settings, tiny_mo
     assert list(final.token_ids) == expected
     assert_stream_is_committed_text(deltas, final)
     st = final.stats
-    if confidence == 0.99:
-        assert st.positions_checked == st.llm_forwards == st.selector_calls
+    if confidence == 0.99:  # one position per block, and the prompt's prefill
+        assert st.positions_checked + 1 == st.llm_forwards == st.selector_calls
         assert st.rolled_back_tokens == st.picks_changed > 0
     else:  # the odds learn that this pair agrees more often than the prior says: blocks grow
         assert st.positions_checked > st.llm_forwards
