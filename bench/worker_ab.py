@@ -1,0 +1,208 @@
+"""Two workers that differ in their settings, against one selector, each problem sent to both back to back
+(issue #14): an A/B that this box's drift cannot fake.
+
+Two whole benchmark runs back to back see this machine drift 5-20 % between them, more than many changes are
+worth. Here both workers run at once on the same core(s) (a worker waiting for requests costs no CPU), beside
+one selector, and every problem goes to A and to B one after the other, in ABBA order across problems, so
+slow spells fall on both. Each request is batch 1, mode s2t unless --mode says otherwise. B's time over A's
+on the same problem is paired; the row reports their geometric mean with a 95 % t interval (of the logs), and
+both workers' own rows (tokens/s, LLM forwards, resyncs). Outputs are identical on both sides when the
+settings do not change the algorithm (e.g. worker.selector_prefill), which the results check per problem.
+
+    python bench/worker_ab.py --name prefill-ab --problems 8 --max-new 128 --set-b worker.selector_prefill=false
+
+Shapes: `split` (default) pins the selector to the last usable CPU and both workers to the first, one thread
+each, as bench/split_cores.py does; `shared` leaves every CPU to all three with one thread per CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import run_bench  # noqa: E402
+from run_bench import Row, git_commit, machine, write_results  # noqa: E402
+from split_cores import START_TIMEOUT_S, Role, ServerProcess, free_port, set_flags, t_interval  # noqa: E402
+
+from s2t.modes import Mode  # noqa: E402
+
+SIDES = ("a", "b")
+
+
+def abba(n: int) -> list[tuple[str, str]]:
+    """The order of the two sides for problems 0..n-1: AB, BA, BA, AB, AB, BA, ... (ABBA blocks), so a drift
+    that is linear over any four consecutive requests falls equally on both sides."""
+    return [("a", "b") if i % 4 in (0, 3) else ("b", "a") for i in range(n)]
+
+
+def paired_ratio(a_times: list[float], b_times: list[float]) -> dict:
+    """B's time over A's per problem: geometric mean and the 95 % t interval of the mean log, exponentiated."""
+    logs = [math.log(b / a) for a, b in zip(a_times, b_times)]
+    interval = t_interval(logs)
+    return {"n": len(logs), "geomean": math.exp(sum(logs) / len(logs)),
+            "ci95": None if interval is None else [math.exp(interval[0]), math.exp(interval[1])],
+            "per_problem": [round(math.exp(v), 4) for v in logs]}
+
+
+def side_row(side: str, overrides: list[str], results: list[dict]) -> dict:
+    tokens = sum(r["tokens"] for r in results)
+    wall = sum(r["latency_s"] for r in results)
+    per_problem = [r["tokens"] / r["latency_s"] for r in results]
+    interval = t_interval(per_problem)
+    return {"side": side, "overrides": overrides, "n": len(results), "tokens": tokens,
+            "latency_s": round(wall, 2), "tokens_per_s": tokens / wall,
+            "tokens_per_s_per_problem": {"mean": sum(per_problem) / len(per_problem),
+                                         "ci95": None if interval is None else list(interval)},
+            "llm_forwards_per_token": sum(r["llm_forwards"] for r in results) / tokens,
+            "resyncs": sum(r["resyncs"] for r in results),
+            "rolled_back_tokens": sum(r["rolled_back_tokens"] for r in results),
+            "modes_used": sorted({r["mode_used"] for r in results})}
+
+
+def markdown(payload: dict) -> str:
+    out = [f"# {payload['name']}", "", f"`{payload['command']}`", "",
+           f"{payload['date']} · commit {payload['commit']} · {payload['machine'].get('cpu', '')}", "",
+           f"Mode {payload['mode']}, {payload['problems']} problems × {payload['max_new_tokens']} new tokens, batch 1, "
+           f"shape {payload['shape']}; each problem to both workers back to back (ABBA order).", "",
+           "| worker | settings | tokens/s | per-problem tokens/s (95% t) | LLM forwards / token | resyncs | rolled back |",
+           "|---|---|---|---|---|---|---|"]
+    for row in payload["rows"]:
+        pp = row["tokens_per_s_per_problem"]
+        ci = f"{pp['mean']:.2f} ({pp['ci95'][0]:.2f}–{pp['ci95'][1]:.2f})" if pp["ci95"] else f"{pp['mean']:.2f}"
+        out.append(f"| {row['side'].upper()} | {' '.join(row['overrides']) or 'as set for both'} | "
+                   f"{row['tokens_per_s']:.2f} | {ci} | {row['llm_forwards_per_token']:.3f} | {row['resyncs']} | "
+                   f"{row['rolled_back_tokens']} |")
+    p = payload.get("paired")
+    if p:
+        ci = f" (95% t: {p['ci95'][0]:.3f}–{p['ci95'][1]:.3f})" if p["ci95"] else ""
+        out += ["", f"Paired, B's time ÷ A's on the same problem: geometric mean **{p['geomean']:.3f}**{ci}, "
+                    f"n = {p['n']}; identical outputs on {payload['same_text']} of {p['n']} problems."]
+        q = payload.get("paired_same_text")
+        if q and q["n"] < p["n"]:
+            ci = f" (95% t: {q['ci95'][0]:.3f}–{q['ci95'][1]:.3f})" if q["ci95"] else ""
+            out.append(f"Over those {q['n']} alone (the same tokens on both sides): **{q['geomean']:.3f}**{ci}.")
+    out += [""] + [f"- {n}" for n in payload["notes"]]
+    return "\n".join(out) + "\n"
+
+
+async def run(args, payload: dict, write) -> None:
+    import grpc
+
+    from s2t import gsm8k
+    from s2t.v1 import generation_pb2_grpc as gen_grpc
+
+    cpus = sorted(os.sched_getaffinity(0))
+    split = args.shape == "split"
+    if split and len(cpus) < 2:
+        raise SystemExit("worker_ab: the split shape needs two usable CPUs")
+    threads = 1 if split else len(cpus)
+    worker_cpus, selector_cpus = ((cpus[0],), (cpus[-1],)) if split else (None, None)
+    selector_port = free_port()
+    both = [arg for s in args.set for arg in ("--set", s)]
+    selector_args = both + set_flags({"selector.runtime.threads": threads, "selector.grpc_port": selector_port}) + [
+        "serve-selector", "--no-ray"]
+    servers: dict[str, ServerProcess] = {}
+    problems = gsm8k.load("test", 0, args.problems)
+    try:
+        servers["selector"] = await ServerProcess.spawn(Role.SELECTOR, selector_args, selector_cpus)
+        for side in SIDES:
+            own = [arg for s in getattr(args, f"set_{side}") for arg in ("--set", s)]
+            worker_args = both + own + set_flags({"worker.runtime.threads": threads, "worker.port": 0,
+                                                  "worker.selector_address": f"127.0.0.1:{selector_port}"}) + [
+                "serve-worker", "--wait-for-selector", str(START_TIMEOUT_S)]
+            servers[side] = await ServerProcess.spawn(Role.WORKER, worker_args, worker_cpus)
+        await asyncio.gather(*(server.serving() for server in servers.values()))
+        row = Row(f"ab-{args.mode}", args.mode)
+        results: dict[str, list[dict]] = {side: [] for side in SIDES}
+        channels = {side: grpc.aio.insecure_channel(f"127.0.0.1:{servers[side].port}") for side in SIDES}
+        try:
+            clients = {side: types.SimpleNamespace(stub=gen_grpc.GenerationServiceStub(channels[side]))
+                       for side in SIDES}
+            # one request on each side first, not timed: both workers' first request pays one-off costs
+            for side in SIDES:
+                await run_bench.run_service_row(clients[side], row, problems[:1], 8, False)
+            for problem, order in zip(problems, abba(len(problems))):
+                for side in order:
+                    [result], _ = await run_bench.run_service_row(clients[side], row, [problem], args.max_new, False)
+                    results[side].append(result)
+                    print(f"[worker-ab] problem {problem['idx']} {side.upper()}: {result['tokens']} tokens in "
+                          f"{result['latency_s']:.2f} s", file=sys.stderr, flush=True)
+                payload["rows"] = [side_row(side, getattr(args, f"set_{side}"), results[side]) for side in SIDES]
+                pairs = list(zip(results["a"], results["b"]))
+                payload["paired"] = paired_ratio([a["latency_s"] for a, _ in pairs], [b["latency_s"] for _, b in pairs])
+                same = [(a, b) for a, b in pairs if a["text"] == b["text"]]
+                payload["same_text"] = len(same)
+                payload["paired_same_text"] = (paired_ratio([a["latency_s"] for a, _ in same],
+                                                            [b["latency_s"] for _, b in same]) if len(same) > 1 else None)
+                payload["details"] = results
+                write()
+        finally:
+            for channel in channels.values():
+                await channel.close()
+    finally:
+        for name in (*SIDES, "selector"):  # the workers first: they close their sessions while the selector serves
+            if name in servers:
+                payload["processes"][name] = await servers[name].stop()
+        write()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="worker-ab")
+    ap.add_argument("--problems", type=int, default=8)
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--mode", default=Mode.S2T.value, choices=[m.value for m in Mode if m is not Mode.LLM])
+    ap.add_argument("--shape", default="split", choices=["split", "shared"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for all three processes")
+    ap.add_argument("--set-a", action="append", default=[], metavar="KEY=VALUE", help="worker A only")
+    ap.add_argument("--set-b", action="append", default=[], metavar="KEY=VALUE", help="worker B only")
+    ap.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args(argv)
+    if args.problems < 2 or args.max_new < 1:
+        ap.error("--problems must be >= 2 (a paired interval needs two) and --max-new >= 1")
+    if not (args.set_a or args.set_b):
+        ap.error("give worker A or B a setting of its own (--set-a / --set-b): otherwise there is nothing to compare")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    payload = {"name": args.name,
+               "command": run_bench.command_line(Path(__file__).relative_to(ROOT).as_posix(),
+                                                 sys.argv[1:] if argv is None else argv),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine(),
+               "mode": args.mode, "shape": args.shape, "problems": args.problems, "max_new_tokens": args.max_new,
+               "settings": {"both": args.set, "a": args.set_a, "b": args.set_b},
+               "rows": [], "paired": None, "same_text": 0, "paired_same_text": None, "details": {}, "processes": {},
+               "notes": ["latency_s: the client's time from sending a request to its final reply",
+                         "paired: exp(mean of log(B time / A time)) over problems, with a 95 % Student t interval "
+                         "of that mean log",
+                         "one untimed 8-token request on each side first (one-off costs of a worker's first request)",
+                         "outputs may differ where a setting changes how the selector's forwards are cut into rows "
+                         "(each row count has its own weight format and kernel, so near-ties can flip); "
+                         "paired_same_text compares only the problems with the same tokens on both sides"]}
+
+    def write() -> None:
+        write_results(args.results_dir, payload, markdown(payload))
+
+    t0 = time.monotonic()
+    try:
+        asyncio.run(run(args, payload, write))
+    finally:
+        payload["total_wall_s"] = round(time.monotonic() - t0, 1)
+        write()
+    print(markdown(payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
