@@ -74,11 +74,13 @@ class Scheduler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def submit(self, seq: Sequence, selector: SelectorClient | None = None) -> None:
-        """Start a sequence: llm mode runs on `selector`; every other mode joins the loop."""
+        """Start a sequence: llm mode runs on `selector`; every other mode joins the loop, its verifier's
+        prefill of the prompt (if it has one) sent off first."""
         if seq.running is Mode.LLM:
             self.spawn(run_llm(seq, selector, self))
         else:
-            if seq.verifier is not None and (prefill := seq.verifier.prefill(seq)) is not None:
+            budget = self.call_budget.try_take if self.call_budget is not None else None
+            if seq.verifier is not None and (prefill := seq.verifier.prefill(seq, budget)) is not None:
                 self.spawn(prefill, seq.trace_context)
             self.active.append(seq)
             self.wake()

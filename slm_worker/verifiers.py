@@ -94,10 +94,12 @@ class VerifierSession(Protocol):
     def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
         """The loop applied `verdict` to the sequence (in block order)."""
 
-    def prefill(self, seq: "Sequence") -> Awaitable[None] | None:
+    def prefill(self, seq: "Sequence", may_call: Callable[[], Awaitable[bool]] | None = None
+                ) -> Awaitable[None] | None:
         """The request starts (called once, before its first block): work the verifier can do on the prompt
-        while the SLM drafts, or None. The awaitable never raises; a prefill that fails costs nothing but
-        its time (the first block then carries the prompt itself)."""
+        while the SLM drafts, or None. A selector call is made only if `may_call()` (the worker's call budget)
+        says so. The awaitable never raises; a prefill that fails costs nothing but its time (the first block
+        then carries the prompt itself)."""
 
     async def close(self) -> None:
         """The request is over: release what the verifier holds for it."""
@@ -134,8 +136,9 @@ class RemoteSelectorSession:
         applied; everything before it the selector holds and the worker has committed.
       `chain` is the length the next request builds on (its prefix_length): the previous request's end minus
         its last draft, which is only a candidate there and goes out as a token with the next request.
-        0 means "send the full context" (a new or lost session).
-      `next_step` counts requests; (session_id, step) is the selector's idempotency key.
+        0 means "send the full context" (a new or lost session). After the prompt's prefill (step 0) it is
+        prompt_len - 1, and back at 0 if the prefill failed before the first block was built on it.
+      `next_step` counts requests, the prefill included; (session_id, step) is the selector's idempotency key.
     """
 
     def __init__(self, verifier: RemoteSelector, session_id: str):
@@ -181,7 +184,8 @@ class RemoteSelectorSession:
             request.slm_weights_sha256 = self.verifier.slm_weights_sha256
         return request
 
-    def prefill(self, seq: "Sequence") -> Awaitable[None] | None:
+    def prefill(self, seq: "Sequence", may_call: Callable[[], Awaitable[bool]] | None = None
+                ) -> Awaitable[None] | None:
         """Send the prompt at once, as a Select without positions, so that the selector computes its cache of
         it while the SLM prefills and drafts the first block, instead of after that block arrives; the first
         block then carries only its drafts. The prompt's last token stays for the first block: the selector
@@ -189,11 +193,15 @@ class RemoteSelectorSession:
         if not self.verifier.sends_prefills or self.next_step or seq.prompt_len < 2:
             return None
         self.prefilled = asyncio.Event()
-        return self._prefill(seq, self._next_request(seq, seq.prompt_len - 1, []))
+        return self._prefill(seq, self._next_request(seq, seq.prompt_len - 1, []), may_call)
 
-    async def _prefill(self, seq: "Sequence", request: sel_pb.SelectRequest) -> None:
+    async def _prefill(self, seq: "Sequence", request: sel_pb.SelectRequest,
+                       may_call: Callable[[], Awaitable[bool]] | None) -> None:
         try:
-            await self._call_prefill(seq, request)
+            if may_call is None or await may_call():
+                await self._call_prefill(seq, request)
+            else:
+                self._prefill_not_taken()
         finally:
             self.prefilled.set()
 
@@ -214,6 +222,9 @@ class RemoteSelectorSession:
         except Exception:  # a bug must not hang or fail the request: the first block carries the prompt instead
             log.exception("selector prefill failed")
             stats.selector_failures += 1
+        self._prefill_not_taken()
+
+    def _prefill_not_taken(self) -> None:
         if self.next_step == 1:  # no block was built on the prefill yet: the first one sends the full context
             self.chain = 0
         # else a block already went out on it: the selector answers it FAILED_PRECONDITION and the loop resends
@@ -406,7 +417,8 @@ class LocalRerankerSession:
     def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
         pass
 
-    def prefill(self, seq: "Sequence") -> Awaitable[None] | None:
+    def prefill(self, seq: "Sequence", may_call: Callable[[], Awaitable[bool]] | None = None
+                ) -> Awaitable[None] | None:
         return None  # the scorer's cache grows at the first verified block, from the drafting cache's tap
 
     async def close(self) -> None:
@@ -518,8 +530,9 @@ class FallbackSession:
     def settled(self, seq: "Sequence", block: Block, verdict: Verdict) -> None:
         self.remote.settled(seq, block, verdict)
 
-    def prefill(self, seq: "Sequence") -> Awaitable[None] | None:
-        return self.remote.prefill(seq) if self.client.state is not SelectorState.DOWN else None
+    def prefill(self, seq: "Sequence", may_call: Callable[[], Awaitable[bool]] | None = None
+                ) -> Awaitable[None] | None:
+        return self.remote.prefill(seq, may_call) if self.client.state is not SelectorState.DOWN else None
 
     async def close(self) -> None:
         await self.local.close()

@@ -336,9 +336,12 @@ async def test_commit_after_lag_commits_unverified_while_the_selector_stalls(mak
 
 async def test_call_budget_decides_locally(make_settings):
     async with Stack(make_settings(**{"worker.selector_calls_per_s": 0.001})) as stack:
+        seen = recorded_selects(stack.core)
         final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=24, block_size=4)
     assert final.stats.local_decisions > 0
     assert final.stats.selector_calls <= 2  # one call per 1000 s of budget (plus a resync at most)
+    [prefill] = seen  # the prompt's prefill is a selector call too: it took the one call the budget allows
+    assert not prefill.positions
 
 
 def _raw(stack, method="Generate"):
