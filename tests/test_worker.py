@@ -2,6 +2,7 @@
 S2T against offline references, fault tolerance, and the client-facing error contract."""
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -102,9 +103,10 @@ async def test_a_selector_without_prefills_gets_none(make_settings, tiny_models,
 
 @pytest.mark.parametrize("first_block_waits", [False, True])
 async def test_a_refused_prefill_costs_the_request_nothing(make_settings, tiny_models, first_block_waits):
-    """The selector refuses the prefill: before the first block exists, that block carries the prompt; after
-    (the refusal held until the block has reached the selector, which does not know the session yet), the block
-    is answered FAILED_PRECONDITION and goes out again with the full context. The text is the same either way."""
+    """The selector refuses the prefill: before the first block exists (the SLM's prompt forward held long
+    enough), that block carries the prompt; after (the refusal held until the block has reached the selector,
+    which does not know the session yet), the block is answered FAILED_PRECONDITION and goes out again with
+    the full context. The text is the same either way."""
     slm, llm = tiny_models
     async with Stack(make_settings()) as stack:
         ids = prompt_ids(stack)
@@ -120,6 +122,15 @@ async def test_a_refused_prefill_costs_the_request_nothing(make_settings, tiny_m
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "injected: positions: no prefills here")
 
         stack.servicer.intercept = refuse_prefills
+        if not first_block_waits:  # the SLM's first forward (the prompt) takes long: the refusal is back first
+            engine, forward = stack.worker.scheduler.engine, stack.worker.scheduler.engine.forward
+
+            def slow_first_forward(*args):
+                engine.forward = forward
+                time.sleep(0.5)
+                return forward(*args)
+
+            engine.forward = slow_first_forward
         seen = recorded_selects(stack.core)
         final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=24, block_size=4)
     assert list(final.token_ids) == expected
