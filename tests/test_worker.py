@@ -67,6 +67,20 @@ def recorded_selects(core) -> list:
     return seen
 
 
+def hold_first_forward(stack, seconds: float = 0.5) -> None:
+    """Make the worker's next SLM forward (a request's prompt) take `seconds` longer, on the engine's thread
+    like the real one: whatever the prompt's prefill call does meanwhile is done before the first block."""
+    engine = stack.worker.scheduler.engine
+    forward = engine.forward
+
+    def slow_first_forward(*args):
+        engine.forward = forward
+        time.sleep(seconds)
+        return forward(*args)
+
+    engine.forward = slow_first_forward
+
+
 @pytest.mark.parametrize("prefill", [True, False])
 async def test_the_prompt_goes_to_the_selector_ahead_of_the_first_block(make_settings, tiny_models, prefill):
     slm, llm = tiny_models
@@ -74,6 +88,7 @@ async def test_the_prompt_goes_to_the_selector_ahead_of_the_first_block(make_set
         ids = prompt_ids(stack)
         expected = reference_s2t(slm, llm, ids, 24, 8, set(stack.worker.lm.stop_ids))
         seen = recorded_selects(stack.core)
+        hold_first_forward(stack)  # the prefill is computed before the first block is sent, as a slow SLM has it
         final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=24, block_size=4)
     assert list(final.token_ids) == expected
     first, second = seen[:2]
@@ -122,15 +137,8 @@ async def test_a_refused_prefill_costs_the_request_nothing(make_settings, tiny_m
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "injected: positions: no prefills here")
 
         stack.servicer.intercept = refuse_prefills
-        if not first_block_waits:  # the SLM's first forward (the prompt) takes long: the refusal is back first
-            engine, forward = stack.worker.scheduler.engine, stack.worker.scheduler.engine.forward
-
-            def slow_first_forward(*args):
-                engine.forward = forward
-                time.sleep(0.5)
-                return forward(*args)
-
-            engine.forward = slow_first_forward
+        if not first_block_waits:  # the refusal is back before the first block is built
+            hold_first_forward(stack)
         seen = recorded_selects(stack.core)
         final = await stack.generate(PROMPT, mode=pb.MODE_S2T, max_new_tokens=24, block_size=4)
     assert list(final.token_ids) == expected
