@@ -208,10 +208,7 @@ class RemoteSelectorSession:
     async def _call_prefill(self, seq: "Sequence", request: sel_pb.SelectRequest) -> None:
         stats = seq.stats
         try:
-            stats.selector_calls += 1
-            stats.selector_bytes_sent += request.ByteSize()
-            reply = await self.client.select(request, time.monotonic() + seq.opts.selector_deadline_s)
-            stats.selector_bytes_received += reply.ByteSize()
+            await self._counted_select(seq, request)
             stats.llm_forwards += 1
             return
         except SessionLost:
@@ -233,13 +230,20 @@ class RemoteSelectorSession:
     def send(self, seq: "Sequence", block: Block) -> Awaitable[Verdict]:
         return self._call(seq, block, self.request(seq, block))
 
+    async def _counted_select(self, seq: "Sequence", request: sel_pb.SelectRequest) -> sel_pb.SelectResponse:
+        """One Select call within the request's deadline, counted in its stats (calls, bytes both ways); raises
+        what the client raises."""
+        stats = seq.stats
+        stats.selector_calls += 1
+        stats.selector_bytes_sent += request.ByteSize()
+        reply = await self.client.select(request, time.monotonic() + seq.opts.selector_deadline_s)
+        stats.selector_bytes_received += reply.ByteSize()
+        return reply
+
     async def _call(self, seq: "Sequence", block: Block, request: sel_pb.SelectRequest) -> Verdict:
         stats = seq.stats
         try:
-            stats.selector_calls += 1
-            stats.selector_bytes_sent += request.ByteSize()
-            reply = await self.client.select(request, time.monotonic() + seq.opts.selector_deadline_s)
-            stats.selector_bytes_received += reply.ByteSize()
+            reply = await self._counted_select(seq, request)
         except SessionLost:
             return Verdict(VerdictKind.SESSION_LOST, VerdictSource.SELECTOR)
         except SelectorUnavailable as e:
