@@ -140,6 +140,7 @@ class WorkerSettings(_Section):
     max_block_size: int = Field(32, ge=1, description="largest block_size a request may ask for")
     max_inflight_blocks: int = Field(2, ge=1, description="1 = wait for each block; more = keep drafting")
     draft_confidence: float = Field(0.7, ge=0, lt=1, description="draft past unverified positions only while the odds that the selector accepts them all (learned from its replies) are at least this; 0 = always draft to the lookahead")
+    draft_when_unsure: bool = Field(False, description="when the odds fall below draft_confidence, keep drafting to the lookahead instead of pausing: the unsure block goes to the selector at once and the drafts after it are held back until its verdict, so the selector never scores drafts that a rejection throws away; for a worker whose selector runs on other compute, where its core would otherwise idle while it waits")
     selector_prefill: bool = Field(True, description="send each s2t request's prompt to the selector as soon as the request starts (a Select without positions), so the selector computes it while the SLM drafts the first block; only to selectors that take prefills")
     verify_policy: VerifyPolicyName = Field("wait", description="when the selector is slow: wait (up to verify_deadline_ms) or commit_after_lag")
     verify_deadline_ms: int = Field(30_000, ge=1, description="wait policy: how long a block may stay unverified")

@@ -11,8 +11,9 @@ Every active request is a `Sequence`; one `Scheduler` iteration, for all of them
   3. retire    finished and cancelled sequences leave, releasing what their verifier holds;
   4. draft     one batched SLM forward over every sequence that may draft further: up to
                `max_inflight_blocks` blocks ahead, and only while the unverified drafts are likely to be
-               accepted (`draft_confidence`; see proposer.py). Its top-1 is the next draft, its top-K the
-               candidates a verifier may pick from.
+               accepted (`draft_confidence`; see proposer.py) unless `draft_when_unsure`, which drafts on
+               and holds the blocks after an unsure one until its verdict. Its top-1 is the next draft, its
+               top-K the candidates a verifier may pick from.
 
 Mode greedy has no verifier: each draft commits at once (with temperature > 0 the draft is sampled, see
 sampling.py). Mode takeover runs like s2t, except that the selector's verdict may carry a token of its own (the

@@ -4,6 +4,11 @@ Drafting past a likely rejection is wasted work, and on shared cores it also slo
 would reject it. So a sequence keeps drafting past unverified positions only while the estimated chance that
 the verifier accepts all of them stays at or above `draft_confidence` (Sequence.unsure); that chance comes from
 `DivergenceOdds`, learned from the verdicts.
+
+When the selector runs on compute of its own, the worker's core idles while it waits, so drafting on costs
+nothing there; what costs is the selector scoring drafts that a rejection throws away, which delays the
+verdict the worker waits for. `draft_when_unsure` is that policy: the unsure block goes out at once, drafting
+goes on, and the blocks after it are held back until its verdict (Sequence.holding).
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ class DecodeOptions:
     selector_deadline_s: float  # how long one selector call may take before its drafts commit unverified
     decode_chunk: int  # llm mode: tokens per Decode call
     draft_confidence: float  # draft past unverified positions only while P(all accepted) >= this
+    # Below draft_confidence: False = pause drafting until a verdict; True = draft on, send the unsure block at
+    # once and hold the blocks after it until its verdict (Sequence.holding).
+    draft_when_unsure: bool = False
     # Sampling (mode greedy only): temperature 0 is the argmax; top_p 0 or 1 is off; seed is the one resolved by
     # the server (never 0 when temperature > 0: the worker picks one for a request that leaves it unset).
     temperature: float = 0.0
@@ -163,7 +166,7 @@ class Sequence:
     def wants_forward(self) -> bool:
         lookahead = self.opts.block_size * self.opts.max_inflight_blocks
         return (not self.drafting_stopped() and len(self.tokens) - self.committed < lookahead
-                and not self.unsure())
+                and (self.opts.draft_when_unsure or not self.unsure()))
 
     def odds_key(self, source: VerdictSource = VerdictSource.SELECTOR) -> tuple:
         rate = self.opts.trigger_rate if self.opts.trigger is not TriggerKind.ALWAYS else 0.0
@@ -171,16 +174,28 @@ class Sequence:
             return (source.value, Mode.TAKEOVER.value, self.opts.trigger.value, rate)
         return (source.value, self.opts.trigger.value, rate)
 
-    def unsure(self) -> bool:
-        """The unverified drafts are unlikely to all be accepted: wait for their verdict before drafting on."""
-        if not self.running.verified or self.opts.draft_confidence <= 0:
-            return False
+    def p_accepted(self, start: int, end: int) -> float:
+        """The odds (DivergenceOdds) that the verifier accepts every checked draft in tokens[start:end]."""
         accepted = 1.0
         key = self.odds_key(VerdictSource.SELECTOR if self.running.selector_verified else VerdictSource.RERANKER)
-        for pos in range(self.committed, len(self.tokens)):
+        for pos in range(start, end):
             if self.needs_check(pos):
                 accepted *= 1.0 - self.odds.p_diverge(key, self.proposals[pos].probs[0])
-        return accepted < self.opts.draft_confidence
+        return accepted
+
+    def unsure(self) -> bool:
+        """The unverified drafts are unlikely to all be accepted: send what is drafted and (unless
+        draft_when_unsure) wait for the verdict before drafting on."""
+        if not self.running.verified or self.opts.draft_confidence <= 0:
+            return False
+        return self.p_accepted(self.committed, len(self.tokens)) < self.opts.draft_confidence
+
+    def holding(self) -> bool:
+        """draft_when_unsure: the blocks in flight are unlikely to all be accepted, so the drafts after them
+        stay here until their verdicts: a rejection then throws them away without the verifier having scored
+        them (on a selector that is busy, scoring them would delay the verdict the worker waits for)."""
+        return (self.opts.draft_when_unsure and self.opts.draft_confidence > 0 and self.unsent > self.committed
+                and self.p_accepted(self.committed, self.unsent) < self.opts.draft_confidence)
 
     def feed(self) -> list[int]:
         """Tokens the SLM cache lacks: the whole prompt at first, then the last token."""
@@ -206,7 +221,7 @@ class Sequence:
     def next_block(self) -> Block | None:
         """Close a block from the unsent drafts when it is full or drafting has stopped."""
         pending = len(self.tokens) - self.unsent
-        if self.done or not self.running.verified or pending <= 0:
+        if self.done or not self.running.verified or pending <= 0 or self.holding():
             return None
         if pending < self.opts.block_size and not self.drafting_stopped() and not self.unsure():
             return None  # a block closes early when drafting pauses, so the verdict it waits for comes

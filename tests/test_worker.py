@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import reference_s2t
 from s2t.v1 import generation_pb2 as pb
-from servers import Stack
+from servers import Stack, slow_compute
 from slm_worker import loop
 from slm_worker.proposer import DivergenceOdds
 from slm_worker.verifiers import VerdictKind
@@ -170,6 +170,31 @@ async def test_worker_does_not_draft_past_an_unsure_draft(make_settings, tiny_mo
     cells = [c for per_bin in odds.counts.values() for c in per_bin]
     assert st.verified_tokens <= sum(c[1] for c in cells) <= st.positions_checked
     assert sum(c[0] for c in cells) == st.picks_changed
+
+
+async def test_drafting_on_while_unsure_holds_the_blocks_after_the_unsure_one(make_settings, tiny_models):
+    """draft_when_unsure with a strict gate (the tiny SLM is unsure everywhere): the worker drafts on while the
+    (slow) selector answers, yet the selector scores only blocks whose verdicts are used — each block goes out
+    after the verdict before it — and the output is still the every-step loop's."""
+    slm, llm = tiny_models
+    settings = make_settings(**{"worker.max_inflight_blocks": 3, "worker.draft_confidence": 0.99,
+                                "worker.draft_when_unsure": True})
+    async with Stack(settings) as stack:
+        expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids))
+        seen = recorded_selects(stack.core)
+        slow_compute(stack.core, 0.05)  # the worker drafts on meanwhile: it has its own core here
+        deltas, final = await stack.stream(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40, block_size=8)
+    assert list(final.token_ids) == expected
+    assert_stream_is_committed_text(deltas, final)
+    st = final.stats
+    assert st.unverified_tokens == 0 and st.picks_changed > 0
+    # none of the selector's forwards went to drafts a rejection threw away: every call's verdict was applied
+    assert len(seen) == st.selector_calls == st.llm_forwards
+    assert st.positions_checked == sum(len(r.positions) for r in seen)
+    # drafting went on while the selector answered: drafts past a divergence were thrown away (with the gate
+    # pausing they are not: see above), and blocks sent after an accepted one carry what was drafted meanwhile
+    assert st.rolled_back_tokens > st.picks_changed
+    assert max(len(r.positions) for r in seen) > 1
 
 
 def test_divergence_odds_start_from_the_slm_doubt_and_learn():
