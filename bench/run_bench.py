@@ -84,6 +84,7 @@ class Row:
     temperature: float = 0.0  # of every sampled request
     top_p: float = 0.0
     confidence: float | None = None  # draft_confidence; None = the worker's default
+    draft_when_unsure: bool | None = None  # None = the worker's default
 
     def __post_init__(self):
         if self.samples and not self.temperature > 0:
@@ -101,6 +102,8 @@ class Row:
 
         sampling = dict(temperature=self.temperature, top_p=self.top_p) if self.samples else {}
         drafting = {} if self.confidence is None else {"draft_confidence": self.confidence}
+        if self.draft_when_unsure is not None:
+            drafting["draft_when_unsure"] = self.draft_when_unsure
         return dict(mode=self.request_mode.proto, trigger=TriggerKind(self.trigger).proto if self.trigger else 0,
                     trigger_rate=self.rate, block_size=self.block_size, num_candidates=self.k, **sampling,
                     **drafting)
@@ -152,6 +155,11 @@ ROWS["s2t-spec-tau10-b8-dc0"] = Row("s2t-spec-tau10-b8-dc0", "s2t", "kl", 0.10, 
 ROWS["s2t-entropy10-spec-dc0"] = Row("s2t-entropy10-spec-dc0", "s2t", "entropy", 0.10, 8, 2, confidence=0.0)
 ROWS["s2t-entropy10-b1-i16-dc0"] = Row("s2t-entropy10-b1-i16-dc0", "s2t", "entropy", 0.10, 1, 16, confidence=0.0)
 ROWS["s2t-entropy10-b1-i8-dc0"] = Row("s2t-entropy10-b1-i8-dc0", "s2t", "entropy", 0.10, 1, 8, confidence=0.0)
+# the default speculative s2t and the gated entropy row drafting on past an unsure block while holding the
+# blocks after it until its verdict (worker.draft_when_unsure; issue #14's split shape)
+ROWS["s2t-spec-tau10-b8-dwu"] = Row("s2t-spec-tau10-b8-dwu", "s2t", "kl", 0.10, 8, 2, draft_when_unsure=True)
+ROWS["s2t-entropy10-spec-dwu"] = Row("s2t-entropy10-spec-dwu", "s2t", "entropy", 0.10, 8, 2,
+                                     draft_when_unsure=True)
 # and its tau sweep, tau in {1, 5, 10, 20} %, at the default block size (tau 1 % and 10 % are in the grid above)
 for _rate in (0.05, 0.20):
     _name = f"s2t-spec-tau{round(_rate * 100)}-b8"
@@ -373,6 +381,7 @@ def stack_identity(stack) -> dict:
         "worker": {"num_candidates": ws.num_candidates, "trigger": ws.trigger, "trigger_rate": ws.trigger_rate,
                    "warmup_steps": ws.warmup_steps, "block_size": ws.block_size,
                    "max_inflight_blocks": ws.max_inflight_blocks, "draft_confidence": ws.draft_confidence,
+                   "draft_when_unsure": ws.draft_when_unsure,
                    "decode_chunk": ws.decode_chunk},
         "thresholds": {"entropy": worker.thresholds["entropy"].as_dict(),
                        "margin": worker.thresholds["margin"].as_dict(),
@@ -413,6 +422,9 @@ def row_cache_key(identity: dict, row: Row, max_new: int, split: str = "test") -
                          "max_inflight_blocks": row.inflight or defaults["max_inflight_blocks"],
                          "warmup_steps": defaults["warmup_steps"],
                          "draft_confidence": defaults["draft_confidence"] if row.confidence is None else row.confidence}
+    # keyed only when on, so the rows cached before the setting existed keep their keys
+    if defaults.get("draft_when_unsure", False) if row.draft_when_unsure is None else row.draft_when_unsure:
+        key["generation"]["draft_when_unsure"] = True
     if trigger is not TriggerKind.ALWAYS:
         key["thresholds"] = identity["thresholds"][trigger.value]
     if mode.selector_verified:  # s2t, takeover

@@ -245,7 +245,8 @@ class Worker:
                              local_trigger=local, warmup_steps=ws.warmup_steps, block_size=block,
                              max_inflight_blocks=inflight, selector_deadline_s=deadline_ms / 1000,
                              decode_chunk=ws.decode_chunk, draft_confidence=confidence,
-                             draft_when_unsure=ws.draft_when_unsure,
+                             draft_when_unsure=(o.draft_when_unsure if o.HasField("draft_when_unsure")
+                                                else ws.draft_when_unsure),
                              temperature=temperature, top_p=top_p, seed=seed)
         return opts, mode_requested
 

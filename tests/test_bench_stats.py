@@ -858,6 +858,14 @@ def test_a_drafting_row_sends_its_confidence_and_keys_it():
     assert _key("s2t-spec-tau10-b8-dc0") == _key("s2t-spec-tau10-b8", _changed(("worker", "draft_confidence"), 0.0))
 
 
+def test_a_row_drafting_when_unsure_sends_it_and_keys_it():
+    dwu, default = run_bench.ROWS["s2t-spec-tau10-b8-dwu"], run_bench.ROWS["s2t-spec-tau10-b8"]
+    assert dwu.options()["draft_when_unsure"] is True and "draft_when_unsure" not in default.options()
+    assert _key("s2t-spec-tau10-b8-dwu") != _key("s2t-spec-tau10-b8")
+    assert _key("s2t-spec-tau10-b8-dwu") == _key("s2t-spec-tau10-b8", _changed(("worker", "draft_when_unsure"), True))
+    assert _key("s2t-spec-tau10-b8") == _key("s2t-spec-tau10-b8", _changed(("worker", "draft_when_unsure"), False))
+
+
 def test_the_pin_follows_the_cpu(monkeypatch):
     import s2t.kernels as kernels
 

@@ -172,18 +172,22 @@ async def test_worker_does_not_draft_past_an_unsure_draft(make_settings, tiny_mo
     assert sum(c[0] for c in cells) == st.picks_changed
 
 
-async def test_drafting_on_while_unsure_holds_the_blocks_after_the_unsure_one(make_settings, tiny_models):
-    """draft_when_unsure with a strict gate (the tiny SLM is unsure everywhere): the worker drafts on while the
-    (slow) selector answers, yet the selector scores only blocks whose verdicts are used — each block goes out
-    after the verdict before it — and the output is still the every-step loop's."""
+@pytest.mark.parametrize("by_request", [False, True])
+async def test_drafting_on_while_unsure_holds_the_blocks_after_the_unsure_one(make_settings, tiny_models,
+                                                                               by_request):
+    """draft_when_unsure (the worker's setting, or a request's option over the setting's false) with a strict
+    gate (the tiny SLM is unsure everywhere): the worker drafts on while the (slow) selector answers, yet the
+    selector scores only blocks whose verdicts are used — each block goes out after the verdict before it —
+    and the output is still the every-step loop's."""
     slm, llm = tiny_models
     settings = make_settings(**{"worker.max_inflight_blocks": 3, "worker.draft_confidence": 0.99,
-                                "worker.draft_when_unsure": True})
+                                "worker.draft_when_unsure": not by_request})
     async with Stack(settings) as stack:
         expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids))
         seen = recorded_selects(stack.core)
         slow_compute(stack.core, 0.05)  # the worker drafts on meanwhile: it has its own core here
-        deltas, final = await stack.stream(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40, block_size=8)
+        option = {"draft_when_unsure": True} if by_request else {}
+        deltas, final = await stack.stream(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40, block_size=8, **option)
     assert list(final.token_ids) == expected
     assert_stream_is_committed_text(deltas, final)
     st = final.stats

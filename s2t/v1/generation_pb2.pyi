@@ -68,7 +68,7 @@ class Conversation(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerationOptions(_message.Message):
-    __slots__ = ("mode", "max_new_tokens", "num_candidates", "trigger", "trigger_rate", "block_size", "verify_policy", "verify_deadline_ms", "commit_lag_ms", "max_inflight_blocks", "draft_confidence", "temperature", "top_p", "seed")
+    __slots__ = ("mode", "max_new_tokens", "num_candidates", "trigger", "trigger_rate", "block_size", "verify_policy", "verify_deadline_ms", "commit_lag_ms", "max_inflight_blocks", "draft_confidence", "draft_when_unsure", "temperature", "top_p", "seed")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class GenerationOptions(_message.Message):
     COMMIT_LAG_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_INFLIGHT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_WHEN_UNSURE_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -94,10 +95,11 @@ class GenerationOptions(_message.Message):
     commit_lag_ms: int
     max_inflight_blocks: int
     draft_confidence: float
+    draft_when_unsure: bool
     temperature: float
     top_p: float
     seed: int
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., num_candidates: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., trigger_rate: _Optional[float] = ..., block_size: _Optional[int] = ..., verify_policy: _Optional[_Union[VerifyPolicy, str]] = ..., verify_deadline_ms: _Optional[int] = ..., commit_lag_ms: _Optional[int] = ..., max_inflight_blocks: _Optional[int] = ..., draft_confidence: _Optional[float] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., num_candidates: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., trigger_rate: _Optional[float] = ..., block_size: _Optional[int] = ..., verify_policy: _Optional[_Union[VerifyPolicy, str]] = ..., verify_deadline_ms: _Optional[int] = ..., commit_lag_ms: _Optional[int] = ..., max_inflight_blocks: _Optional[int] = ..., draft_confidence: _Optional[float] = ..., draft_when_unsure: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "conversation", "options", "request_id")
