@@ -166,7 +166,7 @@ class Sequence:
     def wants_forward(self) -> bool:
         lookahead = self.opts.block_size * self.opts.max_inflight_blocks
         return (not self.drafting_stopped() and len(self.tokens) - self.committed < lookahead
-                and (self.opts.draft_when_unsure or not self.unsure()))
+                and (self.drafts_when_unsure or not self.unsure()))
 
     def odds_key(self, source: VerdictSource = VerdictSource.SELECTOR) -> tuple:
         rate = self.opts.trigger_rate if self.opts.trigger is not TriggerKind.ALWAYS else 0.0
@@ -190,11 +190,17 @@ class Sequence:
             return False
         return self.p_accepted(self.committed, len(self.tokens)) < self.opts.draft_confidence
 
+    @property
+    def drafts_when_unsure(self) -> bool:
+        """draft_when_unsure applies to the selector's modes: the local re-ranker scores on the worker's own
+        compute thread, so drafting on would only queue behind it."""
+        return self.opts.draft_when_unsure and self.running.selector_verified
+
     def holding(self) -> bool:
         """draft_when_unsure: the blocks in flight are unlikely to all be accepted, so the drafts after them
         stay here until their verdicts: a rejection then throws them away without the verifier having scored
         them (on a selector that is busy, scoring them would delay the verdict the worker waits for)."""
-        return (self.opts.draft_when_unsure and self.opts.draft_confidence > 0 and self.unsent > self.committed
+        return (self.drafts_when_unsure and self.opts.draft_confidence > 0 and self.unsent > self.committed
                 and self.p_accepted(self.committed, self.unsent) < self.opts.draft_confidence)
 
     def feed(self) -> list[int]:
