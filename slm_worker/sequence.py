@@ -225,7 +225,8 @@ class Sequence:
     # -- blocks -------------------------------------------------------------------------------------------
 
     def next_block(self) -> Block | None:
-        """Close a block from the unsent drafts when it is full or drafting has stopped."""
+        """Close a block from the unsent drafts when it is full, drafting has stopped or the drafts are unsure;
+        none while holding (draft_when_unsure: the blocks in flight are unsure)."""
         pending = len(self.tokens) - self.unsent
         if self.done or not self.running.verified or pending <= 0 or self.holding():
             return None
