@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import run_bench  # noqa: E402
 from run_bench import Row, git_commit, machine, write_results  # noqa: E402
-from split_cores import START_TIMEOUT_S, Role, ServerProcess, free_port, set_flags, t_interval  # noqa: E402
+from split_cores import (START_TIMEOUT_S, Role, ServerProcess, free_port, per_problem_speed, set_flags,  # noqa: E402
+                         t_interval)
 
 from s2t.modes import Mode  # noqa: E402
 
@@ -57,11 +58,9 @@ def side_row(side: str, overrides: list[str], results: list[dict]) -> dict:
     tokens = sum(r["tokens"] for r in results)
     wall = sum(r["latency_s"] for r in results)
     per_problem = [r["tokens"] / r["latency_s"] for r in results]
-    interval = t_interval(per_problem)
     return {"side": side, "overrides": overrides, "n": len(results), "tokens": tokens,
             "latency_s": round(wall, 2), "tokens_per_s": tokens / wall,
-            "tokens_per_s_per_problem": {"mean": sum(per_problem) / len(per_problem),
-                                         "ci95": None if interval is None else list(interval)},
+            "tokens_per_s_per_problem": per_problem_speed(per_problem, "tokens / the client's latency"),
             "llm_forwards_per_token": sum(r["llm_forwards"] for r in results) / tokens,
             "resyncs": sum(r["resyncs"] for r in results),
             "rolled_back_tokens": sum(r["rolled_back_tokens"] for r in results),
@@ -81,15 +80,16 @@ def markdown(payload: dict) -> str:
         out.append(f"| {row['side'].upper()} | {' '.join(row['overrides']) or 'as set for both'} | "
                    f"{row['tokens_per_s']:.2f} | {ci} | {row['llm_forwards_per_token']:.3f} | {row['resyncs']} | "
                    f"{row['rolled_back_tokens']} |")
+    def ratio(p: dict) -> str:
+        return f"**{p['geomean']:.3f}**" + (f" (95% t: {p['ci95'][0]:.3f}–{p['ci95'][1]:.3f})" if p["ci95"] else "")
+
     p = payload.get("paired")
     if p:
-        ci = f" (95% t: {p['ci95'][0]:.3f}–{p['ci95'][1]:.3f})" if p["ci95"] else ""
-        out += ["", f"Paired, B's time ÷ A's on the same problem: geometric mean **{p['geomean']:.3f}**{ci}, "
+        out += ["", f"Paired, B's time ÷ A's on the same problem: geometric mean {ratio(p)}, "
                     f"n = {p['n']}; identical outputs on {payload['same_text']} of {p['n']} problems."]
         q = payload.get("paired_same_text")
         if q and q["n"] < p["n"]:
-            ci = f" (95% t: {q['ci95'][0]:.3f}–{q['ci95'][1]:.3f})" if q["ci95"] else ""
-            out.append(f"Over those {q['n']} alone (the same tokens on both sides): **{q['geomean']:.3f}**{ci}.")
+            out.append(f"Over those {q['n']} alone (the same tokens on both sides): {ratio(q)}.")
     out += [""] + [f"- {n}" for n in payload["notes"]]
     return "\n".join(out) + "\n"
 
