@@ -576,33 +576,48 @@ def release_free_memory() -> None:
 
 
 def measure_plan(in_features: int, out_features: int, candidates: Iterable[str] | None = None,
-                 repeats: int = 3) -> tuple[FormatPlan, dict[str, dict[int, float]]]:
+                 repeats: int = 3, clock: Callable[[], float] = time.perf_counter,
+                 ) -> tuple[FormatPlan, dict[str, dict[int, float]]]:
     """Time each candidate format on a weight of the given shape at each bucket's row count; pick the fastest.
 
     Uses several distinct weights so they stream from memory as in a real forward rather than sitting in
-    cache. Returns the plan and the timings (ms per call) it was based on.
+    cache. Returns the plan and the timings (ms per call, each format's fastest round) it was based on.
+
+    The rounds interleave the formats (each round times every format at every row count, starting from
+    another format each time), and a format's time is its fastest round: a slow spell during start-up (a
+    process beside it loading its model, a noisy neighbour) then slows one round of every format rather
+    than every round of the one being timed. Timed one format after the other, a one-thread selector
+    started beside its worker kept bf16 for the open bucket in two runs (5.19 GiB of weights instead of
+    2.31) where int8_amx was 1.3-2.1x faster end to end (bench/results/forward-rows-open-bucket.md).
+    `clock` is for tests.
     """
     candidates = [c for c in (candidates or AUTO_CANDIDATES) if c != "native" and format_available(c)]
     copies = 6
     base = [torch.randn(out_features, in_features) * 0.02 for _ in range(copies)]
-    timings: dict[str, dict[int, float]] = {}
     # The open bucket is timed at 128 rows: it serves prefills and batched scoring of hundreds of rows, where
     # int8's weight-only kernel falls far behind (measured on the 0.5B's MLP shape, 2 AVX2 cores: int8 vs
     # fp32_packed 35 vs 13 ms at 48 rows, 113 vs 41 at 256); at 48 rows it could win by noise and slow them.
     rows_per_bucket = [1, 4, 8, 16, 128]
-    for fmt in candidates:
-        ws = [_prepare(w, fmt) for w in base]
-        timings[fmt] = {}
+    inputs = {rows: torch.randn(rows, in_features) for rows in rows_per_bucket}
+    # every format's copies at once, as interleaving needs (~1.2 GB on the 1.5B's MLP shape with all seven
+    # formats: below what loading the model peaks at afterwards, and freed before it)
+    weights = {fmt: [_prepare(w, fmt) for w in base] for fmt in candidates}
+    del base
+    for fmt, ws in weights.items():  # first calls: kernels' one-off set-up (AMX tile permission, oneDNN primitives)
         for rows in rows_per_bucket:
-            x = torch.randn(rows, in_features)
             for w in ws[:2]:
-                _apply(fmt, w, x, None)
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                for w in ws:
-                    _apply(fmt, w, x, None)
-            timings[fmt][rows] = (time.perf_counter() - t0) / (repeats * copies) * 1e3
-        del ws
+                _apply(fmt, w, inputs[rows], None)
+    timings: dict[str, dict[int, float]] = {fmt: {} for fmt in candidates}
+    for r in range(repeats):
+        order = candidates[r % len(candidates):] + candidates[:r % len(candidates)] if candidates else []
+        for rows in rows_per_bucket:
+            for fmt in order:
+                t0 = clock()
+                for w in weights[fmt]:
+                    _apply(fmt, w, inputs[rows], None)
+                ms = (clock() - t0) / copies * 1e3
+                timings[fmt][rows] = min(ms, timings[fmt].get(rows, ms))
+    del weights
     fastest = [min(candidates, key=lambda f: timings[f][rows]) for rows in rows_per_bucket]
     return FormatPlan(share_formats(fastest, timings, rows_per_bucket)), timings
 

@@ -192,6 +192,30 @@ def test_measure_plan_picks_a_measured_format_per_bucket():
         assert timings[fmt][rows] <= min(t[rows] for t in timings.values()) * (1 + SHARE_TOLERANCE)
 
 
+def test_measure_plan_is_not_fooled_by_a_slow_spell(monkeypatch):
+    """A slow spell while the formats are timed (a process beside it loading its model) must not pick the
+    slower format: the rounds interleave the formats and each keeps its fastest round."""
+    from s2t import weight_formats
+
+    cost = {"fp32": 1.0, "bf16": 1.3}  # ms per call at every row count (made up): bf16 beyond the tolerance
+    now, calls = [0.0], [0]
+    # timed one format after the other, fp32 (first) would take the first 5 buckets x (2 + 3 x 6) = 100
+    # calls of the 200: the spell is as long as that, 3x slower
+    spell = 100
+
+    def apply(fmt, w, x, bias):
+        now[0] += cost[fmt] * (3.0 if calls[0] < spell else 1.0) / 1e3
+        calls[0] += 1
+
+    monkeypatch.setattr(weight_formats, "format_available", lambda fmt: fmt in cost)
+    monkeypatch.setattr(weight_formats, "_prepare", lambda w, fmt: fmt)
+    monkeypatch.setattr(weight_formats, "_apply", apply)
+    plan, timings = measure_plan(8, 8, candidates=("fp32", "bf16"), repeats=3, clock=lambda: now[0])
+    assert calls[0] == 2 * spell
+    assert plan.formats == ("fp32",) * len(BUCKETS)
+    assert timings == {fmt: {rows: pytest.approx(c) for rows in (1, 4, 8, 16, 128)} for fmt, c in cost.items()}
+
+
 def test_share_formats_drops_a_copy_that_buys_little():
     rows = (1, 4, 8, 16, 128)
     timings = {"int8_avx2": {1: 1.0, 4: 2.0, 8: 4.0, 16: 8.0, 128: 60.0},
