@@ -864,6 +864,8 @@ def test_a_row_drafting_when_unsure_sends_it_and_keys_it():
     assert _key("s2t-spec-tau10-b8-dwu") != _key("s2t-spec-tau10-b8")
     assert _key("s2t-spec-tau10-b8-dwu") == _key("s2t-spec-tau10-b8", _changed(("worker", "draft_when_unsure"), True))
     assert _key("s2t-spec-tau10-b8") == _key("s2t-spec-tau10-b8", _changed(("worker", "draft_when_unsure"), False))
+    b16 = run_bench.ROWS["s2t-spec-tau10-b16-dwu"].options()  # what deploy/worker.yaml runs
+    assert (b16["block_size"], b16["draft_when_unsure"]) == (16, True)
 
 
 def test_the_pin_follows_the_cpu(monkeypatch):
