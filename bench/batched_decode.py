@@ -10,6 +10,8 @@ before each round so each configuration decodes at the same context lengths.
     python bench/batched_decode.py --llama-cpp ~/.cache/s2t/llama.cpp
     python bench/batched_decode.py --models qwen2.5-coder-0.5b-instruct --formats int8,fp32_packed --batches 1,64
     python bench/batched_decode.py --formats fp32_packed --batches 64 --prompt-tokens 63,400   # context's cost
+    python bench/batched_decode.py --formats int8_vnni,int8_vnni@model-forward --batches 1,2,4,8,16,32
+        # the compiled step against transformers' forward on the same weights, interleaved
 
 With `--llama-cpp DIR`, llama.cpp's `llama-batched-bench` on the same pinned GGUF files at the same batch sizes
 and threads is the anchor in the same run (its text-generation tokens/s at each batch size).
@@ -37,6 +39,9 @@ import native_ref  # noqa: E402
 from run_bench import RESULTS, git_commit, machine  # noqa: E402
 
 DEFAULT_MODELS = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
+# A format named FMT@model-forward: the same loaded weights, every forward through transformers' model forward
+# instead of the engine's compiled step (what batches of sessions took before they were compiled too).
+MODEL_FORWARD = "model-forward"
 
 
 def time_configs(engines: dict, prompt: list[int], batches: list[int], block: int, steps: int,
@@ -68,14 +73,20 @@ def measure_model(model: str, cache_dir: Path, formats: list[str], batches: list
 
     from s2t.runtime import Engine, load_model
 
-    engines, plans = {}, {}
+    engines, plans, loaded = {}, {}, {}
     prompt: list[int] = []
     vocab = 0
     for fmt in formats:
-        lm = load_model(model, cache_dir, fmt, threads=threads)
+        weights, _, path = fmt.partition("@")
+        if path not in ("", MODEL_FORWARD):
+            raise SystemExit(f"batched_decode: unknown path {path!r} in {fmt!r} (only @{MODEL_FORWARD})")
+        lm = loaded.get(weights) or load_model(model, cache_dir, weights, threads=threads)
+        loaded[weights] = lm
         vocab = lm.vocab_size
         prompt = [(1000 + i) % vocab for i in range(prompt_tokens)]
         engine = Engine(lm)
+        if path == MODEL_FORWARD:  # this engine only: transformers' forward at every batch size
+            engine._ops, engine.fast_decode = None, False
         caches = [engine.new_cache() for _ in range(max(batches))]
         with torch.inference_mode():  # one batched prefill of the same prompt into every session
             engine.forward(caches, [prompt] * len(caches), [[prompt_tokens - 1]] * len(caches))

@@ -366,13 +366,16 @@ class Engine:
             raise ValueError("every sequence in a forward needs at least one new token")
         # Proposals come from the base model: no S2T-Local adapter is active here (O(1) if none is).
         set_active_adapter(self.lm.model, None)
-        if self.fast_decode and len(caches) == 1 and caches[0].first_layer == 0:
-            steps = (self._steps_for(len(tokens[0]))
-                     if self._ops is not None and len(tokens[0]) <= COMPILED_MAX_ROWS else None)
+        rows = sum(len(t) for t in tokens)
+        if self.fast_decode and all(c.first_layer == 0 for c in caches):
+            # one pass over the weights for every sequence's rows: a batch of decodes (sessions of one worker or
+            # selector) or one sequence's few new tokens (a Select block)
+            steps = self._steps_for(rows) if self._ops is not None and rows <= COMPILED_MAX_ROWS else None
             if steps is not None:
-                _check_want(want[0], len(tokens[0]))
-                return [self._decode_compiled(caches[0], tokens[0], want[0], steps)]
-            if len(tokens[0]) == 1 and want[0] == [0]:
+                for w, t in zip(want, tokens):
+                    _check_want(w, len(t))
+                return self._decode_compiled(caches, tokens, want, steps)
+            if len(caches) == 1 and len(tokens[0]) == 1 and want[0] == [0]:
                 return [self._decode_one(caches[0], tokens[0][0])]
         out: list[torch.Tensor | None] = [None] * len(caches)
         for group in _padding_groups([len(t) for t in tokens]):
@@ -518,36 +521,55 @@ class Engine:
         return self._steps[bucket]
 
     @torch.inference_mode()
-    def _decode_compiled(self, cache: KVCache, tokens: list[int], want: list[int], steps: list[_LayerStep]
-                         ) -> torch.Tensor:
-        """Engine.forward for one sequence and its n new tokens in float32 with the small operations compiled
+    def _decode_compiled(self, caches: list[KVCache], tokens: list[list[int]], want: list[list[int]],
+                         steps: list[_LayerStep]) -> list[torch.Tensor]:
+        """Engine.forward for sequences with a few new tokens each, in float32 with the small operations compiled
         (kernels/decode_ops.cpp): per layer, the residual add and RMSNorm, the rotary embedding + cache write +
-        causal attention, and silu * up are one call each, and the four products call their kernels directly
-        (row_function). The same arithmetic as the model forward in another summation order:
-        tests/test_decode_ops.py bounds the difference. `steps`: _steps_for(len(tokens)). Returns the logits at
-        offsets `want` [len(want), vocab]; honours the cache's tap."""
-        ops, base, n = self._ops, self.base, len(tokens)
-        t = cache.length
-        cache.reserve(t + n)
-        hidden = base.embed_tokens(torch.tensor(tokens, dtype=torch.long)).reshape(n, self.hidden_size)
-        cos, sin = base.rotary_emb(hidden, torch.arange(t, t + n)[None])
+        causal attention, and silu * up are one call each (the attention too for several sequences, each over
+        its own cache), and the four products call their kernels directly (row_function) on every sequence's
+        rows at once. The same arithmetic as the model forward in another summation order:
+        tests/test_decode_ops.py bounds the difference. A sequence's results do not depend on what shares its
+        forward where the plan has one batch-invariant format at every row count (int8_vnni; tested there too).
+        `steps`: _steps_for(total rows). Returns per sequence the logits at offsets want[b] [len(want[b]),
+        vocab]; honours each cache's tap."""
+        ops, base = self._ops, self.base
+        counts = [len(t) for t in tokens]
+        starts = [c.length for c in caches]
+        offsets = [sum(counts[:b]) for b in range(len(counts) + 1)]  # sequence b's rows: offsets[b]:offsets[b + 1]
+        n = offsets[-1]
+        for c, s, k in zip(caches, starts, counts):
+            c.reserve(s + k)
+        flat = [token for t in tokens for token in t]
+        hidden = base.embed_tokens(torch.tensor(flat, dtype=torch.long)).reshape(n, self.hidden_size)
+        positions = torch.cat([torch.arange(s, s + k) for s, k in zip(starts, counts)])
+        cos, sin = base.rotary_emb(hidden, positions[None])
         cos, sin = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
+        taps = [(c, t, a, b) for c, t, a, b in zip(caches, starts, offsets[:-1], offsets[1:]) if c.tap is not None]
         # hidden is the residual stream before `delta` (the last block's output) is added: the add happens in
         # the next norm's call, in place (hidden is this forward's own tensor)
         delta = None
         for i, step in enumerate(steps):
             x = ops.add_rms_norm(hidden, delta, step.input_norm, step.eps)
-            if i == cache.tap_layer and cache.tap is not None:
-                cache.tap[t:t + n] = hidden
-            o = ops.rope_attend(step.qkv(x), cos, sin, cache.keys[i], cache.values[i], t, step.scaling,
-                                self.num_heads)
+            for cache, t, a, b in taps:
+                if i == cache.tap_layer:
+                    cache.tap[t:t + b - a] = hidden[a:b]
+            qkv = step.qkv(x)
+            if len(caches) == 1:
+                o = ops.rope_attend(qkv, cos, sin, caches[0].keys[i], caches[0].values[i], starts[0], step.scaling,
+                                    self.num_heads)
+            else:  # each sequence's rows over its own cache, in one call (one thread team for all of them)
+                o = ops.rope_attend_batch(qkv, cos, sin, [c.keys[i] for c in caches], [c.values[i] for c in caches],
+                                          starts, counts, step.scaling, self.num_heads)
             x = ops.add_rms_norm(hidden, step.o(o), step.post_norm, step.eps)
             delta = step.down(ops.silu_mul(step.gate_up(x)))
-        cache.length = t + n
+        for c, s, k in zip(caches, starts, counts):
+            c.length = s + k
         normed = ops.add_rms_norm(hidden, delta, *self._final_norm)
-        if want != list(range(n)):
-            normed = normed[want]  # the head (the largest matrix) reads only the rows asked for
-        return self._output_logits(self.head(normed))
+        picked = [offsets[b] + i for b, w in enumerate(want) for i in w]
+        if picked != list(range(n)):
+            normed = normed[picked]  # the head (the largest matrix) reads only the rows asked for
+        logits = self._output_logits(self.head(normed))
+        return list(logits.split([len(w) for w in want]))
 
     def _run_layers(self, layers: range, caches: list[KVCache], starts: list[int], inputs: list[torch.Tensor],
                     layouts: list[tuple[torch.Tensor, torch.Tensor]], adapter: str | None, norm: bool = False

@@ -88,6 +88,35 @@ def test_rope_attend_of_several_rows_is_causal_attention_over_the_cache_and_the_
     torch.testing.assert_close(out, ref.transpose(0, 1).reshape(rows, heads * dim), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (14, 2, 64)])
+def test_rope_attend_batch_is_each_sequences_rope_attend_bit_for_bit(ops, heads, kv_heads, dim):
+    """Three sequences with caches of their own capacities and lengths, 1, 4 and 2 rows: one call gives each
+    the keys/values and output that rope_attend of its rows alone gives, exactly."""
+    g = torch.Generator().manual_seed(heads + dim)
+    caps, starts, counts = [40, 16, 70], [23, 0, 61], [1, 4, 2]
+    width = (heads + 2 * kv_heads) * dim
+    qkv = torch.randn(sum(counts), width, generator=g)
+    angle = torch.rand(sum(counts), dim // 2, generator=g) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    keys = [torch.randn(kv_heads, c, dim, generator=g) for c in caps]
+    values = [torch.randn(kv_heads, c, dim, generator=g) for c in caps]
+    alone_keys, alone_values = [k.clone() for k in keys], [v.clone() for v in values]
+    out = ops.rope_attend_batch(qkv, cos, sin, keys, values, starts, counts, 0.3, heads)
+    a = 0
+    for b, (t, n) in enumerate(zip(starts, counts)):
+        alone = ops.rope_attend(qkv[a:a + n], cos[a:a + n], sin[a:a + n], alone_keys[b], alone_values[b], t, 0.3,
+                                heads)
+        assert torch.equal(out[a:a + n], alone)
+        assert torch.equal(keys[b], alone_keys[b]) and torch.equal(values[b], alone_values[b])
+        a += n
+    with pytest.raises(RuntimeError, match="counts add up to 6, qkv has 7 rows"):
+        ops.rope_attend_batch(qkv, cos, sin, keys, values, starts, [1, 4, 1], 0.3, heads)
+    with pytest.raises(RuntimeError, match="sequence 1's rows 14..17 outside its cache's capacity 16"):
+        ops.rope_attend_batch(qkv, cos, sin, keys, values, [23, 14, 61], counts, 0.3, heads)
+    with pytest.raises(RuntimeError, match="one entry per sequence"):
+        ops.rope_attend_batch(qkv, cos, sin, keys, values[:2], starts, counts, 0.3, heads)
+
+
 def test_norm_and_silu_mul_of_several_rows_are_row_by_row(ops):
     g = torch.Generator().manual_seed(3)
     hidden, delta = torch.randn(5, 96, generator=g), torch.randn(5, 96, generator=g)
@@ -245,6 +274,73 @@ def test_forwards_of_several_tokens_of_one_sequence_equal_the_model_forward(tiny
         eng.forward([eng.new_cache()], [[1, 2, 3]], [[3]])
 
 
+@pytest.mark.parametrize("spec", ["native", "int8_vnni", MIXED_PLANS[0]])
+def test_batched_forwards_of_several_sequences_equal_the_model_forward(tiny32, spec):
+    """Three sequences in one forward, each with its own cache, new tokens and offsets (one-token decodes beside
+    a Select-sized block, a sequence asking for no logits), across a cache regrowth and a rollback of one of
+    them, with a tap: the compiled step gives each sequence the model forward's logits, keys/values and tap."""
+    if not plan_available(spec):
+        pytest.skip(f"{spec} is not available here")
+    eng = Engine(load_model(str(tiny32), tiny32.parent, weight_formats=spec))
+    rng = random.Random(5)
+    prompts = [[rng.randrange(259) for _ in range(n)] for n in (40, 9, 60)]
+    steps = [([1, 1, 1], [[0], [0], [0]]), ([1, 4, 1], [[0], [1, 3], []]), ([6, 1, 2], [[5], [0], [0, 1]])] * 10
+    assert all(eng._steps_for(sum(n)) is not None for n, _ in steps)
+
+    def batches(eng, _):
+        caches = [eng.new_cache() for _ in prompts]
+        for c, p in zip(caches, prompts):  # prompts one at a time: over COMPILED_MAX_ROWS, the model forward
+            eng.forward([c], [p], [[len(p) - 1]])
+        logits = []
+        for i, (counts, want) in enumerate(steps):
+            if i == 13:
+                caches[1].crop(caches[1].length - 6)
+            feeds = [[rng.randrange(259) for _ in range(n)] for n in counts]
+            logits.append(eng.forward(caches, feeds, want))
+        return caches, logits
+
+    rng_state = rng.getstate()
+    ops = eng._ops
+    eng.set_tap(1)
+    try:
+        fast_caches, fast = batches(eng, None)
+        rng.setstate(rng_state)
+        eng._ops, eng.fast_decode = None, False
+        slow_caches, slow = batches(eng, None)
+    finally:
+        eng._ops, eng.fast_decode = ops, True
+        eng.set_tap(None)
+    tol = 0.1 if any(f in QUANTISED_INPUTS for f in spec.split(",")) else 1e-4
+    assert fast_caches[2].length > 64  # grew past its first capacity
+    for a, b, (_, want) in zip(fast, slow, steps):
+        for x, y, w in zip(a, b, want):
+            assert x.shape == y.shape == (len(w), eng.vocab_size)
+            torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+    for f, s in zip(fast_caches, slow_caches):
+        assert_caches_close(f, s, tol)
+
+
+def test_a_sequences_logits_do_not_depend_on_what_shares_its_forward(tiny32):
+    """int8_vnni's products, the norms and silu * up work row by row and the attention sequence by sequence: a
+    sequence decoded beside others gets bit for bit what it gets alone (so a worker's extra rows, e.g. another
+    session's, change none of its drafts)."""
+    if "int8_vnni" not in available_formats():
+        pytest.skip("int8_vnni is not available here")
+    eng = Engine(load_model(str(tiny32), tiny32.parent, weight_formats="int8_vnni"))
+    rng = random.Random(3)
+    prompt, other = [rng.randrange(259) for _ in range(12)], [rng.randrange(259) for _ in range(20)]
+    alone, shared, company = eng.new_cache(), eng.new_cache(), eng.new_cache()
+    for c, p in ((alone, prompt), (shared, prompt), (company, other)):
+        eng.forward([c], [p], [[len(p) - 1]])
+    for n in (1, 1, 3, 1, 5):
+        feed = [rng.randrange(259) for _ in range(n)]
+        a = eng.forward([alone], [feed], [list(range(n))])[0]
+        b = eng.forward([company, shared], [[rng.randrange(259)] * 2, feed], [[1], list(range(n))])[1]
+        assert torch.equal(a, b)
+    for layer in range(len(alone.keys)):
+        assert torch.equal(alone.keys[layer][:, :alone.length], shared.keys[layer][:, :shared.length])
+
+
 @pytest.mark.parametrize("spec", MIXED_PLANS)
 def test_fused_row_function_is_the_layers_own_products_side_by_side(tiny32, spec):
     """At every bucket's row count, the q/k/v product the compiled step calls is the three layers' own
@@ -297,7 +393,8 @@ def test_forwards_longer_than_the_bound_go_through_the_model_forward(tiny32, mon
     eng = Engine(load_model(str(tiny32), tiny32.parent, weight_formats="native"))
     calls = []
     compiled = eng._decode_compiled
-    monkeypatch.setattr(eng, "_decode_compiled", lambda c, t, w, s: calls.append(len(t)) or compiled(c, t, w, s))
+    monkeypatch.setattr(eng, "_decode_compiled",
+                        lambda c, t, w, s: calls.append(sum(map(len, t))) or compiled(c, t, w, s))
     monkeypatch.setattr(runtime, "COMPILED_MAX_ROWS", 1)
     cache = eng.new_cache()
     for feed in ([5, 6, 7, 8], [9], [10, 11]):

@@ -6,7 +6,7 @@
 // attention's reshapes), each costing a few microseconds of dispatch for a few hundred floats of work; py-spy
 // put that share at 16-23 % of a one-thread step (README, issue #14). These do the same arithmetic in one
 // pass over float32 data, for one new token or for a short run of M new tokens of one sequence (a selector's
-// Select block, a worker's re-fed tokens):
+// Select block, a worker's re-fed tokens), or for the rows of several sequences decoded together:
 //
 //   add_rms_norm(hidden, delta, weight, eps)  hidden += delta (in place, when delta is given), then, row by
 //                                            row, weight * hidden / sqrt(mean(hidden^2) + eps): Qwen2/Llama's
@@ -16,6 +16,8 @@
 //                                            rotary embedding), write their k and v at cache positions t..t+M-1,
 //                                            attend row r's q heads over positions 0..t+r of their key/value
 //                                            head (grouped-query)
+//   rope_attend_batch(qkv, cos, sin, keys[], values[], starts[], counts[], scale, heads)
+//                                            the same for several sequences' rows, each over its own cache
 //   silu_mul(gate_up)                         silu(gate) * up of [gate | up], row by row
 //
 // Float32 only; the results match torch's to rounding (the order of the sums differs), which the tests bound.
@@ -107,6 +109,22 @@ torch::Tensor add_rms_norm(torch::Tensor hidden, c10::optional<torch::Tensor> de
   return out;
 }
 
+// One query head's attention over keys/values 0..n-1 of its key/value head (kh, vh: [capacity, D]) into oh [D];
+// p: scratch for n scores.
+inline void attend_head(const float* qh, const float* kh, const float* vh, int64_t n, int64_t D, float sc, float* p,
+                        float* oh) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = dot(qh, kh + j * D, D) * sc;
+    mx = std::max(mx, p[j]);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+  const float inv = 1.0f / sum;
+  std::fill(oh, oh + D, 0.0f);
+  for (int64_t j = 0; j < n; ++j) axpy(p[j] * inv, vh + j * D, oh, D);
+}
+
 // qkv [M, (heads + 2 kv_heads) * D], each row laid out [q heads | k heads | v heads]; cos, sin [M, D] (or [D]
 // for M = 1), row r's at position t + r; keys, values [kv_heads, capacity, D] with capacity >= t + M. Returns
 // the attention output [M, heads * D] (heads side by side, as o_proj reads it).
@@ -155,21 +173,89 @@ torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
   at::parallel_for(0, M * heads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(t + M);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / heads, h = i % heads, n = t + r + 1;
-      const float* qh = q.data() + i * D;
-      const float* kh = kc + (h / group) * cap * D;
-      const float* vh = vc + (h / group) * cap * D;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        p[j] = dot(qh, kh + j * D, D) * sc;
-        mx = std::max(mx, p[j]);
-      }
-      float sum = 0.0f;
-      for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
-      const float inv = 1.0f / sum;
-      float* oh = o + i * D;
-      std::fill(oh, oh + D, 0.0f);
-      for (int64_t j = 0; j < n; ++j) axpy(p[j] * inv, vh + j * D, oh, D);
+      const int64_t r = i / heads, h = i % heads;
+      attend_head(q.data() + i * D, kc + (h / group) * cap * D, vc + (h / group) * cap * D, t + r + 1, D, sc,
+                  p.data(), o + i * D);
+    }
+  });
+  return out;
+}
+
+// rope_attend for several sequences in one call (one thread team for all of them): rows
+// [offsets[b], offsets[b] + counts[b]) of qkv, cos and sin are sequence b's, at positions starts[b].. of its cache
+// keys[b], values[b]. Each sequence's rows get exactly what rope_attend of those rows alone gives (the same
+// operations in the same order), so a row's result does not depend on the other sequences.
+torch::Tensor rope_attend_batch(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                                std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                                std::vector<int64_t> starts, std::vector<int64_t> counts, double scale,
+                                int64_t heads) {
+  for (auto* p : {&qkv, &cos, &sin}) check_f32_contiguous(*p, "rope_attend_batch's tensors");
+  const int64_t B = static_cast<int64_t>(keys.size());
+  TORCH_CHECK(B >= 1 && values.size() == keys.size() && starts.size() == keys.size() && counts.size() == keys.size(),
+              "rope_attend_batch: keys, values, starts and counts need one entry per sequence");
+  TORCH_CHECK(keys[0].dim() == 3, "rope_attend_batch: keys/values [kv_heads, capacity, D]");
+  const int64_t kv_heads = keys[0].size(0), D = keys[0].size(2);
+  TORCH_CHECK(heads % kv_heads == 0, "rope_attend_batch: ", heads, " query heads over ", kv_heads,
+              " key/value heads");
+  const int64_t width = (heads + 2 * kv_heads) * D;
+  TORCH_CHECK(qkv.size(-1) == width && qkv.numel() % width == 0, "rope_attend_batch: qkv has rows of ",
+              qkv.size(-1), " values, expected ", width);
+  const int64_t M = qkv.numel() / width;
+  TORCH_CHECK(D % 2 == 0 && cos.numel() == M * D && sin.numel() == M * D, "rope_attend_batch: cos/sin need ",
+              M * D, " values (", M, " rows of ", D, ")");
+  std::vector<int64_t> row_seq(M), row_pos(M);  // each row's sequence and position in its cache
+  int64_t r = 0, longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (auto* p : {&keys[b], &values[b]}) check_f32_contiguous(*p, "rope_attend_batch's caches");
+    TORCH_CHECK(keys[b].dim() == 3 && values[b].sizes() == keys[b].sizes() && keys[b].size(0) == kv_heads &&
+                keys[b].size(2) == D, "rope_attend_batch: sequence ", b, "'s keys/values are not [", kv_heads,
+                ", capacity, ", D, "]");
+    TORCH_CHECK(counts[b] >= 1 && 0 <= starts[b] && starts[b] + counts[b] <= keys[b].size(1),
+                "rope_attend_batch: sequence ", b, "'s rows ", starts[b], "..", starts[b] + counts[b] - 1,
+                " outside its cache's capacity ", keys[b].size(1));
+    for (int64_t i = 0; i < counts[b]; ++i, ++r) {
+      TORCH_CHECK(r < M, "rope_attend_batch: counts add up to more than qkv's ", M, " rows");
+      row_seq[r] = b;
+      row_pos[r] = starts[b] + i;
+    }
+    longest = std::max(longest, starts[b] + counts[b]);
+  }
+  TORCH_CHECK(r == M, "rope_attend_batch: counts add up to ", r, ", qkv has ", M, " rows");
+  const float* in = qkv.data_ptr<float>();
+  const int64_t half = D / 2;
+  auto rotate = [&](int64_t r, const float* x, float* y) {
+    const float* c = cos.data_ptr<float>() + r * D;
+    const float* s = sin.data_ptr<float>() + r * D;
+    for (int64_t d = 0; d < half; ++d) {
+      y[d] = x[d] * c[d] + (-x[d + half]) * s[d];
+      y[d + half] = x[d + half] * c[d + half] + x[d] * s[d + half];
+    }
+  };
+  std::vector<float> q(M * heads * D);
+  for (int64_t r = 0; r < M; ++r) {
+    const float* row = in + r * width;
+    const int64_t b = row_seq[r], cap = keys[b].size(1), pos = row_pos[r];
+    float* kc = keys[b].data_ptr<float>();
+    float* vc = values[b].data_ptr<float>();
+    for (int64_t h = 0; h < heads; ++h) rotate(r, row + h * D, q.data() + (r * heads + h) * D);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      rotate(r, row + (heads + g) * D, kc + (g * cap + pos) * D);
+      const float* v = row + (heads + kv_heads + g) * D;
+      std::copy(v, v + D, vc + (g * cap + pos) * D);
+    }
+  }
+  auto out = torch::empty({M, heads * D}, qkv.options());
+  float* o = out.data_ptr<float>();
+  const int64_t group = heads / kv_heads;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, M * heads, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(longest);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / heads, h = i % heads, b = row_seq[r], cap = keys[b].size(1);
+      const float* kc = keys[b].data_ptr<float>();
+      const float* vc = values[b].data_ptr<float>();
+      attend_head(q.data() + i * D, kc + (h / group) * cap * D, vc + (h / group) * cap * D, row_pos[r] + 1, D, sc,
+                  p.data(), o + i * D);
     }
   });
   return out;
@@ -201,5 +287,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "hidden += delta (if given); RMSNorm(hidden) * weight");
   m.def("rope_attend", &rope_attend, "rotary q/k, write k/v at t.., causal grouped-query attention over 0..t+r");
+  m.def("rope_attend_batch", &rope_attend_batch,
+        "rope_attend for several sequences' rows, each over its own cache, in one call");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
 }
