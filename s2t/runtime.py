@@ -267,8 +267,13 @@ class _BatchCache:
 # bench/forward_rows.py --name forward-rows-direct --plan int8_vnni,int8_vnni,int8_amx,int8_amx,int8_amx --path
 # model-forward --path engine`): the compiled step 1.17-1.34x faster for 1-16 rows, 1.08x at 32, even at 64,
 # 0.97x at 128, where its attention (one dot product per query row and key) outweighs what it saves.
-# S2T_COMPILED_MAX_ROWS=1 keeps only one-token steps compiled (to measure what the rest saves, end to end).
+# S2T_COMPILED_MAX_ROWS=1 keeps only one-token steps compiled, of one sequence or several (to measure what the
+# rest saves, end to end).
 COMPILED_MAX_ROWS = int(os.environ.get("S2T_COMPILED_MAX_ROWS", "32"))
+# ... and the most rows of a forward of several sequences (each within COMPILED_MAX_ROWS): sessions decoding one
+# token each gain 1.41x (0.5B) and 1.22x (1.5B) at 100 sessions, two threads, the same Xeon
+# (bench/results/batched-decode-compiled-128.md); measured up to 100.
+COMPILED_MAX_BATCH_ROWS = int(os.environ.get("S2T_COMPILED_MAX_BATCH_ROWS", "128"))
 
 
 class Engine:
@@ -370,7 +375,9 @@ class Engine:
         if self.fast_decode and all(c.first_layer == 0 for c in caches):
             # one pass over the weights for every sequence's rows: a batch of decodes (sessions of one worker or
             # selector) or one sequence's few new tokens (a Select block)
-            steps = self._steps_for(rows) if self._ops is not None and rows <= COMPILED_MAX_ROWS else None
+            compiled = (self._ops is not None and max(len(t) for t in tokens) <= COMPILED_MAX_ROWS
+                        and rows <= COMPILED_MAX_BATCH_ROWS)
+            steps = self._steps_for(rows) if compiled else None
             if steps is not None:
                 for w, t in zip(want, tokens):
                     _check_want(w, len(t))

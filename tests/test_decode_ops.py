@@ -386,8 +386,8 @@ def test_the_step_keeps_torch_operations_when_the_ops_are_turned_off(tiny32, mon
 
 
 def test_forwards_longer_than_the_bound_go_through_the_model_forward(tiny32, monkeypatch):
-    """COMPILED_MAX_ROWS (S2T_COMPILED_MAX_ROWS) bounds the compiled step's forwards; one token is compiled
-    whatever the bound."""
+    """COMPILED_MAX_ROWS (S2T_COMPILED_MAX_ROWS) bounds each sequence's new tokens in a compiled forward, and
+    COMPILED_MAX_BATCH_ROWS all of them; one token of one sequence is compiled whatever the bounds."""
     import s2t.runtime as runtime
 
     eng = Engine(load_model(str(tiny32), tiny32.parent, weight_formats="native"))
@@ -400,3 +400,12 @@ def test_forwards_longer_than_the_bound_go_through_the_model_forward(tiny32, mon
     for feed in ([5, 6, 7, 8], [9], [10, 11]):
         eng.forward([cache], [feed], [[len(feed) - 1]])
     assert calls == [1] and cache.length == 7
+    monkeypatch.setattr(runtime, "COMPILED_MAX_BATCH_ROWS", 2)
+    others = [eng.new_cache() for _ in range(2)]
+    for c in others:
+        eng.forward([c], [[3, 4]], [[1]])
+    calls.clear()
+    eng.forward([cache, others[0]], [[12], [5]], [[0], [0]])  # two sequences, a token each: compiled
+    eng.forward([cache, *others], [[13], [6], [6]], [[0], [0], [0]])  # three rows: over the batch bound
+    eng.forward([cache, others[0]], [[14, 15], [7]], [[1], [0]])  # two tokens of one sequence: over its bound
+    assert calls == [2]
