@@ -85,6 +85,7 @@ class Row:
     top_p: float = 0.0
     confidence: float | None = None  # draft_confidence; None = the worker's default
     draft_when_unsure: bool | None = None  # None = the worker's default
+    branch_when_unsure: bool | None = None  # None = the worker's default
 
     def __post_init__(self):
         if self.samples and not self.temperature > 0:
@@ -104,6 +105,8 @@ class Row:
         drafting = {} if self.confidence is None else {"draft_confidence": self.confidence}
         if self.draft_when_unsure is not None:
             drafting["draft_when_unsure"] = self.draft_when_unsure
+        if self.branch_when_unsure is not None:
+            drafting["branch_when_unsure"] = self.branch_when_unsure
         return dict(mode=self.request_mode.proto, trigger=TriggerKind(self.trigger).proto if self.trigger else 0,
                     trigger_rate=self.rate, block_size=self.block_size, num_candidates=self.k, **sampling,
                     **drafting)
@@ -163,6 +166,10 @@ ROWS["s2t-entropy10-spec-dwu"] = Row("s2t-entropy10-spec-dwu", "s2t", "entropy",
 # and with blocks of 16 (2 in flight): what deploy/worker.yaml runs (paired A/Bs on the split shape, drafting when
 # unsure: blocks of 16 took 0.894x the time of blocks of 8, blocks of 32 1.082x that of 16)
 ROWS["s2t-spec-tau10-b16-dwu"] = Row("s2t-spec-tau10-b16-dwu", "s2t", "kl", 0.10, 16, 2, draft_when_unsure=True)
+# ... with the second candidate's continuation drafted beside, as deploy/worker.yaml now runs (worker.branch_when_unsure;
+# paired A/Bs: 0.949x the time on the split shape, 1.050x on shared cores)
+ROWS["s2t-spec-tau10-b16-dwu-br"] = Row("s2t-spec-tau10-b16-dwu-br", "s2t", "kl", 0.10, 16, 2, draft_when_unsure=True,
+                                        branch_when_unsure=True)
 # and its tau sweep, tau in {1, 5, 10, 20} %, at the default block size (tau 1 % and 10 % are in the grid above)
 for _rate in (0.05, 0.20):
     _name = f"s2t-spec-tau{round(_rate * 100)}-b8"
@@ -305,6 +312,7 @@ async def generate_one(stack, row: Row, p: dict, max_new: int, concurrent: bool,
             "bytes_received": st.selector_bytes_received, "unverified_tokens": st.unverified_tokens,
             "rolled_back_tokens": st.rolled_back_tokens, "drafted_tokens": st.drafted_tokens,
             "resyncs": st.resyncs, "triggered_positions": st.triggered_positions,
+            "branch_drafted_tokens": st.branch_drafted_tokens, "branches_adopted": st.branches_adopted,
             "mode_used": pb.Mode.Name(st.mode_used), "text": r.text,
             "degraded": st.degraded_reason, "latency_s": round(time.monotonic() - sent, 3),
             "token_ids": list(r.token_ids), **({"seed": st.seed} if row.samples else {})}
@@ -384,7 +392,7 @@ def stack_identity(stack) -> dict:
         "worker": {"num_candidates": ws.num_candidates, "trigger": ws.trigger, "trigger_rate": ws.trigger_rate,
                    "warmup_steps": ws.warmup_steps, "block_size": ws.block_size,
                    "max_inflight_blocks": ws.max_inflight_blocks, "draft_confidence": ws.draft_confidence,
-                   "draft_when_unsure": ws.draft_when_unsure,
+                   "draft_when_unsure": ws.draft_when_unsure, "branch_when_unsure": ws.branch_when_unsure,
                    "decode_chunk": ws.decode_chunk},
         "thresholds": {"entropy": worker.thresholds["entropy"].as_dict(),
                        "margin": worker.thresholds["margin"].as_dict(),
@@ -428,6 +436,9 @@ def row_cache_key(identity: dict, row: Row, max_new: int, split: str = "test") -
     # keyed only when on, so the rows cached before the setting existed keep their keys
     if defaults.get("draft_when_unsure", False) if row.draft_when_unsure is None else row.draft_when_unsure:
         key["generation"]["draft_when_unsure"] = True
+        # a branch's drafts come from two-row forwards: the same tokens only where that format is batch-invariant
+        if defaults.get("branch_when_unsure", False) if row.branch_when_unsure is None else row.branch_when_unsure:
+            key["generation"]["branch_when_unsure"] = True
     if trigger is not TriggerKind.ALWAYS:
         key["thresholds"] = identity["thresholds"][trigger.value]
     if mode.selector_verified:  # s2t, takeover

@@ -64,6 +64,9 @@ def side_row(side: str, overrides: list[str], results: list[dict]) -> dict:
             "llm_forwards_per_token": sum(r["llm_forwards"] for r in results) / tokens,
             "resyncs": sum(r["resyncs"] for r in results),
             "rolled_back_tokens": sum(r["rolled_back_tokens"] for r in results),
+            "picks_changed": sum(r["picks_changed"] for r in results),
+            "branches_adopted": sum(r.get("branches_adopted", 0) for r in results),
+            "branch_drafted_tokens": sum(r.get("branch_drafted_tokens", 0) for r in results),
             "modes_used": sorted({r["mode_used"] for r in results})}
 
 
@@ -72,14 +75,16 @@ def markdown(payload: dict) -> str:
            f"{payload['date']} · commit {payload['commit']} · {payload['machine'].get('cpu', '')}", "",
            f"Mode {payload['mode']}, {payload['problems']} problems × {payload['max_new_tokens']} new tokens, batch 1, "
            f"shape {payload['shape']}; each problem to both workers back to back (ABBA order).", "",
-           "| worker | settings | tokens/s | per-problem tokens/s (95% t) | LLM forwards / token | resyncs | rolled back |",
-           "|---|---|---|---|---|---|---|"]
+           "| worker | settings | tokens/s | per-problem tokens/s (95% t) | LLM forwards / token | resyncs | rolled back "
+           "| branches adopted / changed picks (branch drafts) |",
+           "|---|---|---|---|---|---|---|---|"]
     for row in payload["rows"]:
         pp = row["tokens_per_s_per_problem"]
         ci = f"{pp['mean']:.2f} ({pp['ci95'][0]:.2f}–{pp['ci95'][1]:.2f})" if pp["ci95"] else f"{pp['mean']:.2f}"
         out.append(f"| {row['side'].upper()} | {' '.join(row['overrides']) or 'as set for both'} | "
                    f"{row['tokens_per_s']:.2f} | {ci} | {row['llm_forwards_per_token']:.3f} | {row['resyncs']} | "
-                   f"{row['rolled_back_tokens']} |")
+                   f"{row['rolled_back_tokens']} | {row.get('branches_adopted', 0)} / {row.get('picks_changed', '–')} "
+                   f"({row.get('branch_drafted_tokens', 0)}) |")
     def ratio(p: dict) -> str:
         return f"**{p['geomean']:.3f}**" + (f" (95% t: {p['ci95'][0]:.3f}–{p['ci95'][1]:.3f})" if p["ci95"] else "")
 

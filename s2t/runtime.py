@@ -194,6 +194,23 @@ class KVCache:
             raise ValueError("crop length must be >= 0")
         self.length = min(self.length, length)
 
+    def fork(self, length: int, room: int = 0) -> "KVCache":
+        """A new cache holding a copy of this one's first `length` tokens (keys, values and tap), with space for
+        `room` more; this cache is untouched. Costs one copy of those tokens' keys/values."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"fork length {length} outside [0, {self.length}]")
+        layers, heads, dim = self._shape
+        other = KVCache(self.first_layer + layers, heads, dim, self.dtype, first_layer=self.first_layer,
+                        tap_layer=self.tap_layer, hidden_size=self._hidden)
+        other.reserve(max(length + room, 1))
+        for src, dst in ((self.keys, other.keys), (self.values, other.values)):
+            for s, d in zip(src, dst):
+                d[:, :length] = s[:, :length]
+        if self.tap_layer is not None and self.tap is not None:
+            other.tap[:length] = self.tap[:length]
+        other.length = length
+        return other
+
     @property
     def nbytes(self) -> int:
         layers, heads, dim = self._shape

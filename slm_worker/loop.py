@@ -13,7 +13,9 @@ Every active request is a `Sequence`; one `Scheduler` iteration, for all of them
                `max_inflight_blocks` blocks ahead, and only while the unverified drafts are likely to be
                accepted (`draft_confidence`; see proposer.py) unless `draft_when_unsure`, which drafts on
                and holds the blocks after an unsure one until its verdict. Its top-1 is the next draft, its
-               top-K the candidates a verifier may pick from.
+               top-K the candidates a verifier may pick from. With `branch_when_unsure`, a sequence that
+               holds also drafts a branch (the continuation after its second candidate at its likeliest
+               divergence) as an extra row of a small forward, adopted in step 1 when the verdict picks it.
 
 Mode greedy has no verifier: each draft commits at once (with temperature > 0 the draft is sampled, see
 sampling.py). Mode takeover runs like s2t, except that the selector's verdict may carry a token of its own (the
@@ -43,6 +45,11 @@ from .sequence import Event, Sequence
 from .verifiers import Block, Verdict, VerdictKind
 
 log = logging.getLogger(__name__)
+
+# The most rows of a forward that branch rows may join (branch_when_unsure): one sequence and its branch. A second
+# session's row costs ~4 % of a one-row step of the 0.5B (bench/results/batched-decode-compiled.md: 28.7 against
+# 27.6 ms); beside many sessions' rows it would slow each of them by more than it can save.
+BRANCH_FORWARD_ROWS = 2
 
 __all__ = ["Event", "Scheduler", "Sequence", "run_llm"]
 
@@ -126,20 +133,29 @@ class Scheduler:
                 self.spawn(seq.verifier.close(), seq.trace_context)
         # 4. draft: one batched SLM forward over the sequences that may draft further
         ready = [s for s in self.active if s.wants_forward()]
-        if not ready:
-            self._wake.clear()
-            await self._wake.wait()
-            return
         if len(ready) > self.max_batch_size:
             self._rr = (self._rr + self.max_batch_size) % len(ready)
             ready = (ready[self._rr:] + ready[:self._rr])[:self.max_batch_size]
-        feeds = [s.feed() for s in ready]
+        #    branch rows join only a forward that stays this small: it reads the weights once, so a second row
+        #    costs little, where rows beside many sequences' would slow every one of them
+        branches = [(s, b) for s in self.active if (b := s.branch_row()) is not None]
+        if len(ready) + len(branches) > BRANCH_FORWARD_ROWS:
+            branches = []
+        if not ready and not branches:
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        feeds = [s.feed() for s in ready] + [b.feed() for _, b in branches]
+        caches = [s.cache for s in ready] + [b.cache for _, b in branches]
         logits = await asyncio.get_running_loop().run_in_executor(
-            self.engine.executor, self.engine.forward, [s.cache for s in ready], feeds, [[len(f) - 1] for f in feeds])
+            self.engine.executor, self.engine.forward, caches, feeds, [[len(f) - 1] for f in feeds])
         for seq, lg in zip(ready, logits):
             if not seq.cancelled:
                 # a sampling request draws from its own generator and its own logits row: batching cannot change it
                 seq.add_proposal(propose(lg)[0], seq.sampler.sample(lg[0]) if seq.sampler is not None else None)
+        for (seq, branch), lg in zip(branches, logits[len(ready):]):
+            if branch is seq.branch:  # not dropped meanwhile (a finish; verdicts are applied in step 1 only)
+                seq.add_branch_proposal(branch, propose(lg)[0])
 
     async def _send(self, seq: Sequence, block: Block) -> None:
         """Hand a block to the sequence's verifier; the verdict lands on the block when it comes."""

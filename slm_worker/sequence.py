@@ -11,6 +11,7 @@ import enum
 import time
 
 from s2t.modes import Mode, TriggerKind
+from s2t.runtime import KVCache
 from s2t.triggers import LocalTrigger, Proposal
 from s2t.v1 import generation_pb2 as gen_pb
 
@@ -40,6 +41,9 @@ class DecodeOptions:
     # Below draft_confidence: False = pause drafting until a verdict; True = draft on, send the unsure block at
     # once and hold the blocks after it until its verdict (Sequence.holding).
     draft_when_unsure: bool = False
+    # With draft_when_unsure: while the blocks in flight are unsure, draft the continuation after the SLM's second
+    # candidate at their likeliest divergence beside the drafts (Branch), adopted when the verdict picks it.
+    branch_when_unsure: bool = False
     # Sampling (mode greedy only): temperature 0 is the argmax; top_p 0 or 1 is off; seed is the one resolved by
     # the server (never 0 when temperature > 0: the worker picks one for a request that leaves it unset).
     temperature: float = 0.0
@@ -111,6 +115,24 @@ class TextStream:
         return text, ids
 
 
+@dataclasses.dataclass(eq=False)
+class Branch:
+    """A contingency: how the sequence goes on if its verifier picks `tokens[0]` at `position` instead of the draft.
+
+    Invariants: tokens[i] sits at position + i; proposals[i] is the SLM's proposal at position + 1 + i, so
+    tokens[i + 1] == proposals[i].token and len(proposals) == len(tokens) - 1. `cache` holds the sequence's
+    tokens[:position] followed by tokens[:cache.length - position]; the next forward feeds the rest.
+    """
+
+    position: int
+    tokens: list[int]
+    cache: KVCache  # forked from the sequence's cache at `position`
+    proposals: list[Proposal] = dataclasses.field(default_factory=list)
+
+    def feed(self) -> list[int]:
+        return self.tokens[self.cache.length - self.position:]
+
+
 class Sequence:
     """One request: what the SLM drafted, what the verifier has settled, what the client has received.
 
@@ -120,6 +142,8 @@ class Sequence:
         exist; tokens[unsent:] are drafts not yet in a block. A verdict is applied only at the head block.
       `proposals` holds what the SLM proposed at every drafted (uncommitted) position.
       The SLM cache holds tokens[:len(tokens) - 1] or all of them: the newest token is fed at the next forward.
+      `branch` (branch_when_unsure, see Branch), if any, sits at a drafted position >= committed with a
+        token that is not the draft there; it is dropped when a verdict passes or reaches its position.
     """
 
     def __init__(self, request_id: str, session_id: str, prompt_ids: list[int], opts: DecodeOptions, engine,
@@ -137,6 +161,7 @@ class Sequence:
         self.unsent = self.prompt_len
         self.proposals: dict[int, Proposal] = {}
         self.blocks: collections.deque[Block] = collections.deque()
+        self.branch: Branch | None = None
         self.resyncs_at: collections.Counter[int] = collections.Counter()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.text = TextStream(tokenizer)
@@ -210,17 +235,69 @@ class Sequence:
     def add_proposal(self, proposal: Proposal, token: int | None = None) -> None:
         """Draft the next position: the proposal's top-1, or `token` when the request samples (mode greedy)."""
         pos = len(self.tokens)
-        trig = self.opts.local_trigger
-        proposal.triggered = trig is not None and trig.fires(proposal, pos - self.prompt_len)
-        self.stats.triggered_positions += proposal.triggered
-        self.proposals[pos] = proposal
+        self._record_draft(pos, proposal)
         self.tokens.append(proposal.token if token is None else token)
-        self.stats.drafted_tokens += 1
         if not self.running.verified:  # no verifier: the draft is final (unverified unless greedy was asked for)
             if self.opts.mode is Mode.GREEDY:
                 self.commit(pos + 1, Commit.VERIFIED)
             else:
                 self.commit(pos + 1, Commit.UNVERIFIED, reason="no verifier available; the SLM continued alone")
+
+    def _record_draft(self, pos: int, proposal: Proposal) -> None:
+        trig = self.opts.local_trigger
+        proposal.triggered = trig is not None and trig.fires(proposal, pos - self.prompt_len)
+        self.stats.triggered_positions += proposal.triggered
+        self.proposals[pos] = proposal
+        self.stats.drafted_tokens += 1
+
+    # -- the branch ---------------------------------------------------------------------------------------
+
+    def branch_row(self) -> Branch | None:
+        """The branch, if it wants a forward now; made when the blocks in flight turn unsure (holding).
+
+        Its point is the position in flight where the first divergence is likeliest (P(accepted before) x
+        P(diverge there), from the odds the loop learns), its token the SLM's second candidate there: where the
+        selector's pick is not the SLM's top-1, it is the second 65 % of the time (bench/label_stats.py). It
+        drafts as far past its point as the sequence may draft past its committed tokens."""
+        if not (self.opts.branch_when_unsure and self.drafts_when_unsure) or self.done or self.cancelled:
+            return None
+        if self.branch is None:
+            if not self.holding() or (branch := self._make_branch()) is None:
+                return None
+            self.branch = branch
+        b = self.branch
+        lookahead = self.opts.block_size * self.opts.max_inflight_blocks
+        if (len(b.tokens) >= lookahead or b.position + len(b.tokens) >= self.prompt_len + self.opts.max_new_tokens
+                or b.tokens[-1] in self.stop_ids):
+            return None
+        return b
+
+    def _make_branch(self) -> Branch | None:
+        key, accepted, best, best_p = self.odds_key(), 1.0, None, 0.0
+        for pos in range(self.committed, self.unsent):
+            if not self.needs_check(pos):
+                continue
+            d = self.odds.p_diverge(key, self.proposals[pos].probs[0])
+            if accepted * d > best_p:
+                best, best_p = pos, accepted * d
+            accepted *= 1.0 - d
+        if best is None or self.opts.num_candidates < 2:
+            return None
+        second = self.proposals[best].ids[1]
+        room = self.opts.block_size * self.opts.max_inflight_blocks + 1
+        return Branch(best, [second], self.cache.fork(best, room))
+
+    def add_branch_proposal(self, branch: Branch, proposal: Proposal) -> None:
+        branch.proposals.append(proposal)
+        branch.tokens.append(proposal.token)
+        self.stats.branch_drafted_tokens += 1
+
+    def take_branch(self, position: int, token: int) -> Branch | None:
+        """The branch for `token` at `position`, if there is one; the branch is dropped either way."""
+        branch, self.branch = self.branch, None
+        if branch is not None and branch.position == position and branch.tokens[0] == token:
+            return branch
+        return None
 
     # -- blocks -------------------------------------------------------------------------------------------
 
@@ -287,16 +364,26 @@ class Sequence:
             return
         # takeover: the LLM's own top-1, which need not be among the candidates
         chosen = verdict.token if verdict.token is not None else self.proposals[q].ids[verdict.index]
+        branch = self.take_branch(q, chosen)
         self.commit(q, Commit.VERIFIED)
         self.rollback(q)
         self.tokens.append(chosen)
         self.unsent = q + 1
         st.picks_changed += 1
         self.commit(q + 1, Commit.VERIFIED)
+        if branch is not None and not self.done:
+            # drafted beside the rolled-back drafts: its drafts and cache become the sequence's own
+            self.cache = branch.cache
+            for pos, proposal in enumerate(branch.proposals, start=q + 1):
+                self._record_draft(pos, proposal)
+                self.tokens.append(proposal.token)
+            st.branches_adopted += 1
 
     def rollback(self, pos: int) -> None:
         """Forget every draft at or after `pos`: tokens, proposals, queued blocks and the SLM cache."""
         self.stats.rolled_back_tokens += len(self.tokens) - pos
+        if self.branch is not None and self.branch.position >= pos:
+            self.branch = None
         self.requeue_after(pos)
         del self.tokens[pos:]
         for p in [p for p in self.proposals if p >= pos]:
@@ -353,6 +440,8 @@ class Sequence:
         self.committed = upto
         for p in [p for p in self.proposals if p < upto]:
             del self.proposals[p]
+        if self.branch is not None and self.branch.position < upto:  # a verdict passed its position
+            self.branch = None
         if self.first_commit is None:
             self.first_commit = time.monotonic()
         piece = self.text.push(new)
@@ -365,6 +454,7 @@ class Sequence:
         if self.done:
             return
         self.done = True
+        self.branch = None
         if reason is not None:
             self.finish_reason = reason
         del self.tokens[self.committed:]

@@ -247,6 +247,8 @@ class Worker:
                              decode_chunk=ws.decode_chunk, draft_confidence=confidence,
                              draft_when_unsure=(o.draft_when_unsure if o.HasField("draft_when_unsure")
                                                 else ws.draft_when_unsure),
+                             branch_when_unsure=(o.branch_when_unsure if o.HasField("branch_when_unsure")
+                                                 else ws.branch_when_unsure),
                              temperature=temperature, top_p=top_p, seed=seed)
         return opts, mode_requested
 

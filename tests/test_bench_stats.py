@@ -870,9 +870,14 @@ def test_a_row_drafting_when_unsure_sends_it_and_keys_it():
     deployment = next(d for d in yaml.safe_load_all((Path(__file__).resolve().parent.parent / "deploy" /
                                                      "worker.yaml").read_text()) if d and d["kind"] == "Deployment")
     env = {e["name"]: e.get("value") for c in deployment["spec"]["template"]["spec"]["containers"] for e in c["env"]}
-    b16 = run_bench.ROWS["s2t-spec-tau10-b16-dwu"].options()
-    assert (b16["block_size"], b16["draft_when_unsure"]) == (16, True)
-    assert (int(env["S2T_WORKER__BLOCK_SIZE"]), env["S2T_WORKER__DRAFT_WHEN_UNSURE"]) == (16, "true")
+    b16 = run_bench.ROWS["s2t-spec-tau10-b16-dwu-br"].options()
+    assert (b16["block_size"], b16["draft_when_unsure"], b16["branch_when_unsure"]) == (16, True, True)
+    assert (int(env["S2T_WORKER__BLOCK_SIZE"]), env["S2T_WORKER__DRAFT_WHEN_UNSURE"],
+            env["S2T_WORKER__BRANCH_WHEN_UNSURE"]) == (16, "true", "true")
+    # branches are keyed only when on (drafting when unsure is their condition)
+    assert _key("s2t-spec-tau10-b16-dwu-br") != _key("s2t-spec-tau10-b16-dwu")
+    assert _key("s2t-spec-tau10-b16-dwu-br") == _key("s2t-spec-tau10-b16-dwu",
+                                                     _changed(("worker", "branch_when_unsure"), True))
 
 
 def test_the_pin_follows_the_cpu(monkeypatch):

@@ -90,6 +90,26 @@ def test_batch1_decode_step_equals_the_model_forward(engine):
     torch.testing.assert_close(lf[-1][0], full_logits(engine.lm.model, seq)[-1], rtol=0, atol=1e-10)
 
 
+def test_fork_copies_a_prefix_and_leaves_the_original_alone(engine):
+    """A branch's cache: the first n tokens of another, continued on its own."""
+    model = engine.lm.model
+    seq = list(range(3, 40))
+    cache = engine.new_cache()
+    engine.forward([cache], [seq], [[0]])
+    fork = cache.fork(20, room=5)
+    assert fork.length == 20 and cache.length == len(seq) and fork.capacity >= 25
+    branch = seq[:20] + [7, 8]
+    o = engine.forward([fork], [[7, 8]], [[0, 1]])[0]
+    torch.testing.assert_close(o, full_logits(model, branch)[20:], rtol=0, atol=1e-10)
+    # the original still continues its own tokens, in one batch with the fork
+    o, b = engine.forward([cache, fork], [[5], [9]], [[0], [0]])
+    torch.testing.assert_close(o[0], full_logits(model, seq + [5])[-1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(b[0], full_logits(model, branch + [9])[-1], rtol=0, atol=1e-10)
+    assert cache.fork(0).length == 0
+    with pytest.raises(ValueError, match="fork length"):
+        cache.fork(cache.length + 1)
+
+
 def test_forward_rejects_bad_offsets_and_empty_feeds(engine):
     with pytest.raises(ValueError):
         engine.forward([engine.new_cache()], [[]], [[0]])

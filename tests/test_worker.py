@@ -201,6 +201,42 @@ async def test_drafting_on_while_unsure_holds_the_blocks_after_the_unsure_one(ma
     assert max(len(r.positions) for r in seen) > 1
 
 
+@pytest.mark.parametrize("mode, by_request", [(pb.MODE_S2T, False), (pb.MODE_TAKEOVER, True)])
+async def test_branches_drafted_while_unsure_are_adopted_and_change_no_token(make_settings, tiny_models, mode,
+                                                                             by_request):
+    """branch_when_unsure (the worker's setting, or a request's option over the setting's false) with a strict gate (the tiny SLM is unsure everywhere) and a slow selector: while the
+    blocks in flight are unsure the worker also drafts the continuation after the second candidate at their
+    likeliest divergence; a verdict that picks it continues from those drafts. The tokens are the ones without
+    branches (the every-step loop's, for s2t); takeover's LLM token may be none of the candidates, and then no
+    branch matches."""
+    slm, llm = tiny_models
+    finals = []
+    for branches in (False, True):
+        settings = make_settings(**{"worker.max_inflight_blocks": 2, "worker.draft_confidence": 0.99,
+                                    "worker.draft_when_unsure": True,
+                                    "worker.branch_when_unsure": branches and not by_request})
+        option = {"branch_when_unsure": True} if branches and by_request else {}
+        async with Stack(settings) as stack:
+            expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids))
+            slow_compute(stack.core, 0.05)
+            deltas, final = await stack.stream(PROMPT, mode=mode, max_new_tokens=40, block_size=4, **option)
+            assert all(s.branch is None for s in stack.worker.scheduler.active)
+        assert_stream_is_committed_text(deltas, final)
+        if mode == pb.MODE_S2T:
+            assert list(final.token_ids) == expected
+        finals.append(final)
+    off, on = finals
+    assert list(off.token_ids) == list(on.token_ids)
+    assert off.stats.branch_drafted_tokens == off.stats.branches_adopted == 0
+    st = on.stats
+    assert st.unverified_tokens == 0 and st.picks_changed > 0 and st.branch_drafted_tokens > 0
+    assert st.branches_adopted <= st.picks_changed
+    if mode == pb.MODE_S2T:  # the tiny pair's changed picks are often the second candidate
+        assert st.branches_adopted > 0
+        # an adopted branch's drafts are not drafted again: fewer drafts, none of them past the length limit
+        assert st.drafted_tokens < off.stats.drafted_tokens + st.branch_drafted_tokens
+
+
 def test_divergence_odds_start_from_the_slm_doubt_and_learn():
     odds, key = DivergenceOdds(), ("selector", "always", 0.0)
     assert odds.p_diverge(key, 0.95) < odds.p_diverge(key, 0.55) < odds.p_diverge(key, 0.15)

@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17s2t/v1/generation.proto\x12\x06s2t.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"5\n\x0c\x43onversation\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.s2t.v1.ChatMessage\"\xc4\x03\n\x11GenerationOptions\x12\x1a\n\x04mode\x18\x01 \x01(\x0e\x32\x0c.s2t.v1.Mode\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x16\n\x0enum_candidates\x18\x03 \x01(\r\x12 \n\x07trigger\x18\x04 \x01(\x0e\x32\x0f.s2t.v1.Trigger\x12\x14\n\x0ctrigger_rate\x18\x05 \x01(\x02\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12+\n\rverify_policy\x18\x07 \x01(\x0e\x32\x14.s2t.v1.VerifyPolicy\x12\x1a\n\x12verify_deadline_ms\x18\x08 \x01(\r\x12\x15\n\rcommit_lag_ms\x18\t \x01(\r\x12\x1b\n\x13max_inflight_blocks\x18\n \x01(\r\x12\x1d\n\x10\x64raft_confidence\x18\x0b \x01(\x02H\x00\x88\x01\x01\x12\x1e\n\x11\x64raft_when_unsure\x18\x0f \x01(\x08H\x01\x88\x01\x01\x12\x13\n\x0btemperature\x18\x0c \x01(\x02\x12\r\n\x05top_p\x18\r \x01(\x02\x12\x0c\n\x04seed\x18\x0e \x01(\x04\x42\x13\n\x11_draft_confidenceB\x14\n\x12_draft_when_unsure\"\x9a\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12,\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32\x14.s2t.v1.ConversationH\x00\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.s2t.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05input\"\xa0\x01\n\x15GenerateStreamRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12,\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32\x14.s2t.v1.ConversationH\x00\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.s2t.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05input\"\x93\x05\n\x0fGenerationStats\x12$\n\x0emode_requested\x18\x01 \x01(\x0e\x32\x0c.s2t.v1.Mode\x12\x1f\n\tmode_used\x18\x02 \x01(\x0e\x32\x0c.s2t.v1.Mode\x12\x17\n\x0f\x64\x65graded_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x17\n\x0fverified_tokens\x18\x06 \x01(\r\x12\x19\n\x11unverified_tokens\x18\x07 \x01(\r\x12\x19\n\x11positions_checked\x18\x08 \x01(\r\x12\x15\n\rpicks_changed\x18\t \x01(\r\x12\x17\n\x0flocal_decisions\x18\n \x01(\r\x12\x16\n\x0eselector_calls\x18\x0b \x01(\r\x12\x19\n\x11selector_failures\x18\x0c \x01(\r\x12\x0f\n\x07resyncs\x18\r \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x0e \x01(\r\x12\x1a\n\x12rolled_back_tokens\x18\x0f \x01(\r\x12\x1b\n\x13triggered_positions\x18\x10 \x01(\r\x12\x0e\n\x06wall_s\x18\x11 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x12 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x13 \x01(\x01\x12\x1b\n\x13selector_bytes_sent\x18\x14 \x01(\x04\x12\x1f\n\x17selector_bytes_received\x18\x15 \x01(\x04\x12\x14\n\x0cllm_forwards\x18\x16 \x01(\r\x12\x1a\n\x12reranked_positions\x18\x17 \x01(\r\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x18 \x01(\t\x12\x0c\n\x04seed\x18\x19 \x01(\x04\"\x9c\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x14.s2t.v1.FinishReason\x12&\n\x05stats\x18\x05 \x01(\x0b\x32\x17.s2t.v1.GenerationStats\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"p\n\x16GenerateStreamResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.s2t.v1.TextDeltaH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.s2t.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent*p\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_GREEDY\x10\x01\x12\x0c\n\x08MODE_S2T\x10\x02\x12\x0c\n\x08MODE_LLM\x10\x03\x12\x12\n\x0eMODE_S2T_LOCAL\x10\x04\x12\x11\n\rMODE_TAKEOVER\x10\x05*o\n\x07Trigger\x12\x17\n\x13TRIGGER_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRIGGER_ALWAYS\x10\x01\x12\x13\n\x0fTRIGGER_ENTROPY\x10\x02\x12\x12\n\x0eTRIGGER_MARGIN\x10\x03\x12\x0e\n\nTRIGGER_KL\x10\x04*i\n\x0cVerifyPolicy\x12\x1d\n\x19VERIFY_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12VERIFY_POLICY_WAIT\x10\x01\x12\"\n\x1eVERIFY_POLICY_COMMIT_AFTER_LAG\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa5\x01\n\x11GenerationService\x12=\n\x08Generate\x12\x17.s2t.v1.GenerateRequest\x1a\x18.s2t.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.s2t.v1.GenerateStreamRequest\x1a\x1e.s2t.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17s2t/v1/generation.proto\x12\x06s2t.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"5\n\x0c\x43onversation\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.s2t.v1.ChatMessage\"\xfc\x03\n\x11GenerationOptions\x12\x1a\n\x04mode\x18\x01 \x01(\x0e\x32\x0c.s2t.v1.Mode\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x16\n\x0enum_candidates\x18\x03 \x01(\r\x12 \n\x07trigger\x18\x04 \x01(\x0e\x32\x0f.s2t.v1.Trigger\x12\x14\n\x0ctrigger_rate\x18\x05 \x01(\x02\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12+\n\rverify_policy\x18\x07 \x01(\x0e\x32\x14.s2t.v1.VerifyPolicy\x12\x1a\n\x12verify_deadline_ms\x18\x08 \x01(\r\x12\x15\n\rcommit_lag_ms\x18\t \x01(\r\x12\x1b\n\x13max_inflight_blocks\x18\n \x01(\r\x12\x1d\n\x10\x64raft_confidence\x18\x0b \x01(\x02H\x00\x88\x01\x01\x12\x1e\n\x11\x64raft_when_unsure\x18\x0f \x01(\x08H\x01\x88\x01\x01\x12\x1f\n\x12\x62ranch_when_unsure\x18\x10 \x01(\x08H\x02\x88\x01\x01\x12\x13\n\x0btemperature\x18\x0c \x01(\x02\x12\r\n\x05top_p\x18\r \x01(\x02\x12\x0c\n\x04seed\x18\x0e \x01(\x04\x42\x13\n\x11_draft_confidenceB\x14\n\x12_draft_when_unsureB\x15\n\x13_branch_when_unsure\"\x9a\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12,\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32\x14.s2t.v1.ConversationH\x00\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.s2t.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05input\"\xa0\x01\n\x15GenerateStreamRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12,\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32\x14.s2t.v1.ConversationH\x00\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.s2t.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05input\"\xcc\x05\n\x0fGenerationStats\x12$\n\x0emode_requested\x18\x01 \x01(\x0e\x32\x0c.s2t.v1.Mode\x12\x1f\n\tmode_used\x18\x02 \x01(\x0e\x32\x0c.s2t.v1.Mode\x12\x17\n\x0f\x64\x65graded_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x17\n\x0fverified_tokens\x18\x06 \x01(\r\x12\x19\n\x11unverified_tokens\x18\x07 \x01(\r\x12\x19\n\x11positions_checked\x18\x08 \x01(\r\x12\x15\n\rpicks_changed\x18\t \x01(\r\x12\x17\n\x0flocal_decisions\x18\n \x01(\r\x12\x16\n\x0eselector_calls\x18\x0b \x01(\r\x12\x19\n\x11selector_failures\x18\x0c \x01(\r\x12\x0f\n\x07resyncs\x18\r \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x0e \x01(\r\x12\x1a\n\x12rolled_back_tokens\x18\x0f \x01(\r\x12\x1b\n\x13triggered_positions\x18\x10 \x01(\r\x12\x0e\n\x06wall_s\x18\x11 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x12 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x13 \x01(\x01\x12\x1b\n\x13selector_bytes_sent\x18\x14 \x01(\x04\x12\x1f\n\x17selector_bytes_received\x18\x15 \x01(\x04\x12\x14\n\x0cllm_forwards\x18\x16 \x01(\r\x12\x1a\n\x12reranked_positions\x18\x17 \x01(\r\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x18 \x01(\t\x12\x0c\n\x04seed\x18\x19 \x01(\x04\x12\x1d\n\x15\x62ranch_drafted_tokens\x18\x1a \x01(\r\x12\x18\n\x10\x62ranches_adopted\x18\x1b \x01(\r\"\x9c\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x14.s2t.v1.FinishReason\x12&\n\x05stats\x18\x05 \x01(\x0b\x32\x17.s2t.v1.GenerationStats\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"p\n\x16GenerateStreamResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.s2t.v1.TextDeltaH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.s2t.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent*p\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_GREEDY\x10\x01\x12\x0c\n\x08MODE_S2T\x10\x02\x12\x0c\n\x08MODE_LLM\x10\x03\x12\x12\n\x0eMODE_S2T_LOCAL\x10\x04\x12\x11\n\rMODE_TAKEOVER\x10\x05*o\n\x07Trigger\x12\x17\n\x13TRIGGER_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRIGGER_ALWAYS\x10\x01\x12\x13\n\x0fTRIGGER_ENTROPY\x10\x02\x12\x12\n\x0eTRIGGER_MARGIN\x10\x03\x12\x0e\n\nTRIGGER_KL\x10\x04*i\n\x0cVerifyPolicy\x12\x1d\n\x19VERIFY_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12VERIFY_POLICY_WAIT\x10\x01\x12\"\n\x1eVERIFY_POLICY_COMMIT_AFTER_LAG\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa5\x01\n\x11GenerationService\x12=\n\x08Generate\x12\x17.s2t.v1.GenerateRequest\x1a\x18.s2t.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.s2t.v1.GenerateStreamRequest\x1a\x1e.s2t.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 's2t.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=1892
-  _globals['_MODE']._serialized_end=2004
-  _globals['_TRIGGER']._serialized_start=2006
-  _globals['_TRIGGER']._serialized_end=2117
-  _globals['_VERIFYPOLICY']._serialized_start=2119
-  _globals['_VERIFYPOLICY']._serialized_end=2224
-  _globals['_FINISHREASON']._serialized_start=2226
-  _globals['_FINISHREASON']._serialized_end=2321
+  _globals['_MODE']._serialized_start=2005
+  _globals['_MODE']._serialized_end=2117
+  _globals['_TRIGGER']._serialized_start=2119
+  _globals['_TRIGGER']._serialized_end=2230
+  _globals['_VERIFYPOLICY']._serialized_start=2232
+  _globals['_VERIFYPOLICY']._serialized_end=2337
+  _globals['_FINISHREASON']._serialized_start=2339
+  _globals['_FINISHREASON']._serialized_end=2434
   _globals['_CHATMESSAGE']._serialized_start=35
   _globals['_CHATMESSAGE']._serialized_end=79
   _globals['_CONVERSATION']._serialized_start=81
   _globals['_CONVERSATION']._serialized_end=134
   _globals['_GENERATIONOPTIONS']._serialized_start=137
-  _globals['_GENERATIONOPTIONS']._serialized_end=589
-  _globals['_GENERATEREQUEST']._serialized_start=592
-  _globals['_GENERATEREQUEST']._serialized_end=746
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=749
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=909
-  _globals['_GENERATIONSTATS']._serialized_start=912
-  _globals['_GENERATIONSTATS']._serialized_end=1571
-  _globals['_GENERATERESPONSE']._serialized_start=1574
-  _globals['_GENERATERESPONSE']._serialized_end=1730
-  _globals['_TEXTDELTA']._serialized_start=1732
-  _globals['_TEXTDELTA']._serialized_end=1776
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1778
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1890
-  _globals['_GENERATIONSERVICE']._serialized_start=2324
-  _globals['_GENERATIONSERVICE']._serialized_end=2489
+  _globals['_GENERATIONOPTIONS']._serialized_end=645
+  _globals['_GENERATEREQUEST']._serialized_start=648
+  _globals['_GENERATEREQUEST']._serialized_end=802
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=805
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=965
+  _globals['_GENERATIONSTATS']._serialized_start=968
+  _globals['_GENERATIONSTATS']._serialized_end=1684
+  _globals['_GENERATERESPONSE']._serialized_start=1687
+  _globals['_GENERATERESPONSE']._serialized_end=1843
+  _globals['_TEXTDELTA']._serialized_start=1845
+  _globals['_TEXTDELTA']._serialized_end=1889
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1891
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2003
+  _globals['_GENERATIONSERVICE']._serialized_start=2437
+  _globals['_GENERATIONSERVICE']._serialized_end=2602
 # @@protoc_insertion_point(module_scope)

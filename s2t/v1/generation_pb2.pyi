@@ -68,7 +68,7 @@ class Conversation(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerationOptions(_message.Message):
-    __slots__ = ("mode", "max_new_tokens", "num_candidates", "trigger", "trigger_rate", "block_size", "verify_policy", "verify_deadline_ms", "commit_lag_ms", "max_inflight_blocks", "draft_confidence", "draft_when_unsure", "temperature", "top_p", "seed")
+    __slots__ = ("mode", "max_new_tokens", "num_candidates", "trigger", "trigger_rate", "block_size", "verify_policy", "verify_deadline_ms", "commit_lag_ms", "max_inflight_blocks", "draft_confidence", "draft_when_unsure", "branch_when_unsure", "temperature", "top_p", "seed")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class GenerationOptions(_message.Message):
     MAX_INFLIGHT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     DRAFT_WHEN_UNSURE_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_WHEN_UNSURE_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -96,10 +97,11 @@ class GenerationOptions(_message.Message):
     max_inflight_blocks: int
     draft_confidence: float
     draft_when_unsure: bool
+    branch_when_unsure: bool
     temperature: float
     top_p: float
     seed: int
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., num_candidates: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., trigger_rate: _Optional[float] = ..., block_size: _Optional[int] = ..., verify_policy: _Optional[_Union[VerifyPolicy, str]] = ..., verify_deadline_ms: _Optional[int] = ..., commit_lag_ms: _Optional[int] = ..., max_inflight_blocks: _Optional[int] = ..., draft_confidence: _Optional[float] = ..., draft_when_unsure: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., num_candidates: _Optional[int] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., trigger_rate: _Optional[float] = ..., block_size: _Optional[int] = ..., verify_policy: _Optional[_Union[VerifyPolicy, str]] = ..., verify_deadline_ms: _Optional[int] = ..., commit_lag_ms: _Optional[int] = ..., max_inflight_blocks: _Optional[int] = ..., draft_confidence: _Optional[float] = ..., draft_when_unsure: _Optional[bool] = ..., branch_when_unsure: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "conversation", "options", "request_id")
@@ -126,7 +128,7 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("mode_requested", "mode_used", "degraded_reason", "prompt_tokens", "completion_tokens", "verified_tokens", "unverified_tokens", "positions_checked", "picks_changed", "local_decisions", "selector_calls", "selector_failures", "resyncs", "drafted_tokens", "rolled_back_tokens", "triggered_positions", "wall_s", "tokens_per_s", "time_to_first_token_s", "selector_bytes_sent", "selector_bytes_received", "llm_forwards", "reranked_positions", "adapter_version", "seed")
+    __slots__ = ("mode_requested", "mode_used", "degraded_reason", "prompt_tokens", "completion_tokens", "verified_tokens", "unverified_tokens", "positions_checked", "picks_changed", "local_decisions", "selector_calls", "selector_failures", "resyncs", "drafted_tokens", "rolled_back_tokens", "triggered_positions", "wall_s", "tokens_per_s", "time_to_first_token_s", "selector_bytes_sent", "selector_bytes_received", "llm_forwards", "reranked_positions", "adapter_version", "seed", "branch_drafted_tokens", "branches_adopted")
     MODE_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     MODE_USED_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,8 @@ class GenerationStats(_message.Message):
     RERANKED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_ADOPTED_FIELD_NUMBER: _ClassVar[int]
     mode_requested: Mode
     mode_used: Mode
     degraded_reason: str
@@ -177,7 +181,9 @@ class GenerationStats(_message.Message):
     reranked_positions: int
     adapter_version: str
     seed: int
-    def __init__(self, mode_requested: _Optional[_Union[Mode, str]] = ..., mode_used: _Optional[_Union[Mode, str]] = ..., degraded_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., unverified_tokens: _Optional[int] = ..., positions_checked: _Optional[int] = ..., picks_changed: _Optional[int] = ..., local_decisions: _Optional[int] = ..., selector_calls: _Optional[int] = ..., selector_failures: _Optional[int] = ..., resyncs: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., triggered_positions: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., selector_bytes_sent: _Optional[int] = ..., selector_bytes_received: _Optional[int] = ..., llm_forwards: _Optional[int] = ..., reranked_positions: _Optional[int] = ..., adapter_version: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    branch_drafted_tokens: int
+    branches_adopted: int
+    def __init__(self, mode_requested: _Optional[_Union[Mode, str]] = ..., mode_used: _Optional[_Union[Mode, str]] = ..., degraded_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., unverified_tokens: _Optional[int] = ..., positions_checked: _Optional[int] = ..., picks_changed: _Optional[int] = ..., local_decisions: _Optional[int] = ..., selector_calls: _Optional[int] = ..., selector_failures: _Optional[int] = ..., resyncs: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., triggered_positions: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., selector_bytes_sent: _Optional[int] = ..., selector_bytes_received: _Optional[int] = ..., llm_forwards: _Optional[int] = ..., reranked_positions: _Optional[int] = ..., adapter_version: _Optional[str] = ..., seed: _Optional[int] = ..., branch_drafted_tokens: _Optional[int] = ..., branches_adopted: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "stats")
