@@ -167,7 +167,7 @@ ROWS["s2t-entropy10-spec-dwu"] = Row("s2t-entropy10-spec-dwu", "s2t", "entropy",
 # unsure: blocks of 16 took 0.894x the time of blocks of 8, blocks of 32 1.082x that of 16)
 ROWS["s2t-spec-tau10-b16-dwu"] = Row("s2t-spec-tau10-b16-dwu", "s2t", "kl", 0.10, 16, 2, draft_when_unsure=True)
 # ... with the second candidate's continuation drafted beside, as deploy/worker.yaml now runs (worker.branch_when_unsure;
-# paired A/Bs: 0.949x the time on the split shape, 1.050x on shared cores)
+# paired A/Bs against s2t-spec-tau10-b16-dwu: 0.855x the time on the split shape, 0.973x on shared cores)
 ROWS["s2t-spec-tau10-b16-dwu-br"] = Row("s2t-spec-tau10-b16-dwu-br", "s2t", "kl", 0.10, 16, 2, draft_when_unsure=True,
                                         branch_when_unsure=True)
 # and its tau sweep, tau in {1, 5, 10, 20} %, at the default block size (tau 1 % and 10 % are in the grid above)
