@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -559,13 +560,13 @@ class Engine:
         ops, base = self._ops, self.base
         counts = [len(t) for t in tokens]
         starts = [c.length for c in caches]
-        offsets = [sum(counts[:b]) for b in range(len(counts) + 1)]  # sequence b's rows: offsets[b]:offsets[b + 1]
+        offsets = [0, *itertools.accumulate(counts)]  # sequence b's rows: offsets[b]:offsets[b + 1]
         n = offsets[-1]
         for c, s, k in zip(caches, starts, counts):
             c.reserve(s + k)
         flat = [token for t in tokens for token in t]
         hidden = base.embed_tokens(torch.tensor(flat, dtype=torch.long)).reshape(n, self.hidden_size)
-        positions = torch.cat([torch.arange(s, s + k) for s, k in zip(starts, counts)])
+        positions = torch.tensor([s + i for s, k in zip(starts, counts) for i in range(k)])
         cos, sin = base.rotary_emb(hidden, positions[None])
         cos, sin = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
         taps = [(c, t, a, b) for c, t, a, b in zip(caches, starts, offsets[:-1], offsets[1:]) if c.tap is not None]

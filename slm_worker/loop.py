@@ -137,10 +137,15 @@ class Scheduler:
             self._rr = (self._rr + self.max_batch_size) % len(ready)
             ready = (ready[self._rr:] + ready[:self._rr])[:self.max_batch_size]
         #    branch rows join only a forward that stays this small: it reads the weights once, so a second row
-        #    costs little, where rows beside many sequences' would slow every one of them
-        branches = [(s, b) for s in self.active if (b := s.branch_row()) is not None]
-        if len(ready) + len(branches) > BRANCH_FORWARD_ROWS:
-            branches = []
+        #    costs little, where rows beside many sequences' would slow every one of them. Asked only while they
+        #    can fit: a branch forks its request's KV cache, which a busy worker should not pay for.
+        branches = []
+        for seq in self.active if len(ready) < BRANCH_FORWARD_ROWS else ():
+            if (branch := seq.branch_row()) is not None:
+                branches.append((seq, branch))
+                if len(ready) + len(branches) > BRANCH_FORWARD_ROWS:
+                    branches = []
+                    break
         if not ready and not branches:
             self._wake.clear()
             await self._wake.wait()

@@ -125,6 +125,62 @@ inline void attend_head(const float* qh, const float* kh, const float* vh, int64
   for (int64_t j = 0; j < n; ++j) axpy(p[j] * inv, vh + j * D, oh, D);
 }
 
+// Where one query row's keys/values go and what it attends over: its cache's keys/values [kv_heads, cap, D] and
+// its position there (it attends over positions 0..pos).
+struct RowCache {
+  float* keys;
+  float* values;
+  int64_t cap;
+  int64_t pos;
+};
+
+// What rope_attend and rope_attend_batch share once their arguments are checked: rotate every row's q and k
+// heads with its own angles, write its k and v at its position, then attend each (row, query head).
+torch::Tensor rotate_write_attend(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                                  const std::vector<RowCache>& rows, int64_t heads, int64_t kv_heads, int64_t D,
+                                  double scale) {
+  const int64_t M = static_cast<int64_t>(rows.size()), width = (heads + 2 * kv_heads) * D, half = D / 2;
+  const float* in = qkv.data_ptr<float>();
+  // x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], with row r's angles
+  auto rotate = [&](int64_t r, const float* x, float* y) {
+    const float* c = cos.data_ptr<float>() + r * D;
+    const float* s = sin.data_ptr<float>() + r * D;
+    for (int64_t d = 0; d < half; ++d) {
+      y[d] = x[d] * c[d] + (-x[d + half]) * s[d];
+      y[d + half] = x[d + half] * c[d + half] + x[d] * s[d + half];
+    }
+  };
+  // every row's keys/values are in its cache before any row attends: a row reads the rows of its own sequence
+  // before it in this call
+  std::vector<float> q(M * heads * D);
+  int64_t longest = 0;
+  for (int64_t r = 0; r < M; ++r) {
+    const float* row = in + r * width;
+    const RowCache& c = rows[r];
+    for (int64_t h = 0; h < heads; ++h) rotate(r, row + h * D, q.data() + (r * heads + h) * D);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      rotate(r, row + (heads + g) * D, c.keys + (g * c.cap + c.pos) * D);
+      const float* v = row + (heads + kv_heads + g) * D;
+      std::copy(v, v + D, c.values + (g * c.cap + c.pos) * D);
+    }
+    longest = std::max(longest, c.pos + 1);
+  }
+  auto out = torch::empty({M, heads * D}, qkv.options());
+  float* o = out.data_ptr<float>();
+  const int64_t group = heads / kv_heads;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, M * heads, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(longest);
+    for (int64_t i = i0; i < i1; ++i) {
+      const RowCache& c = rows[i / heads];
+      const int64_t kv = (i % heads) / group;
+      attend_head(q.data() + i * D, c.keys + kv * c.cap * D, c.values + kv * c.cap * D, c.pos + 1, D, sc, p.data(),
+                  o + i * D);
+    }
+  });
+  return out;
+}
+
 // qkv [M, (heads + 2 kv_heads) * D], each row laid out [q heads | k heads | v heads]; cos, sin [M, D] (or [D]
 // for M = 1), row r's at position t + r; keys, values [kv_heads, capacity, D] with capacity >= t + M. Returns
 // the attention output [M, heads * D] (heads side by side, as o_proj reads it).
@@ -142,43 +198,9 @@ torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
   TORCH_CHECK(D % 2 == 0 && cos.numel() == M * D && sin.numel() == M * D, "rope_attend: cos/sin need ", M * D,
               " values (", M, " rows of ", D, ")");
   TORCH_CHECK(0 <= t && t + M <= cap, "rope_attend: position ", t + M - 1, " outside the cache's capacity ", cap);
-  const float* in = qkv.data_ptr<float>();
-  float* kc = keys.data_ptr<float>();
-  float* vc = values.data_ptr<float>();
-  const int64_t half = D / 2;
-  // x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], with row r's angles
-  auto rotate = [&](int64_t r, const float* x, float* y) {
-    const float* c = cos.data_ptr<float>() + r * D;
-    const float* s = sin.data_ptr<float>() + r * D;
-    for (int64_t d = 0; d < half; ++d) {
-      y[d] = x[d] * c[d] + (-x[d + half]) * s[d];
-      y[d + half] = x[d + half] * c[d + half] + x[d] * s[d + half];
-    }
-  };
-  // every row's keys/values are in the cache before any row attends: row r reads rows 0..r of this call
-  std::vector<float> q(M * heads * D);
-  for (int64_t r = 0; r < M; ++r) {
-    const float* row = in + r * width;
-    for (int64_t h = 0; h < heads; ++h) rotate(r, row + h * D, q.data() + (r * heads + h) * D);
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      rotate(r, row + (heads + g) * D, kc + (g * cap + t + r) * D);
-      const float* v = row + (heads + kv_heads + g) * D;
-      std::copy(v, v + D, vc + (g * cap + t + r) * D);
-    }
-  }
-  auto out = torch::empty({M, heads * D}, qkv.options());
-  float* o = out.data_ptr<float>();
-  const int64_t group = heads / kv_heads;
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, M * heads, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(t + M);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / heads, h = i % heads;
-      attend_head(q.data() + i * D, kc + (h / group) * cap * D, vc + (h / group) * cap * D, t + r + 1, D, sc,
-                  p.data(), o + i * D);
-    }
-  });
-  return out;
+  std::vector<RowCache> rows(M);
+  for (int64_t r = 0; r < M; ++r) rows[r] = {keys.data_ptr<float>(), values.data_ptr<float>(), cap, t + r};
+  return rotate_write_attend(qkv, cos, sin, rows, heads, kv_heads, D, scale);
 }
 
 // rope_attend for several sequences in one call (one thread team for all of them): rows
@@ -203,8 +225,8 @@ torch::Tensor rope_attend_batch(torch::Tensor qkv, torch::Tensor cos, torch::Ten
   const int64_t M = qkv.numel() / width;
   TORCH_CHECK(D % 2 == 0 && cos.numel() == M * D && sin.numel() == M * D, "rope_attend_batch: cos/sin need ",
               M * D, " values (", M, " rows of ", D, ")");
-  std::vector<int64_t> row_seq(M), row_pos(M);  // each row's sequence and position in its cache
-  int64_t r = 0, longest = 0;
+  std::vector<RowCache> rows;
+  rows.reserve(M);
   for (int64_t b = 0; b < B; ++b) {
     for (auto* p : {&keys[b], &values[b]}) check_f32_contiguous(*p, "rope_attend_batch's caches");
     TORCH_CHECK(keys[b].dim() == 3 && values[b].sizes() == keys[b].sizes() && keys[b].size(0) == kv_heads &&
@@ -213,52 +235,15 @@ torch::Tensor rope_attend_batch(torch::Tensor qkv, torch::Tensor cos, torch::Ten
     TORCH_CHECK(counts[b] >= 1 && 0 <= starts[b] && starts[b] + counts[b] <= keys[b].size(1),
                 "rope_attend_batch: sequence ", b, "'s rows ", starts[b], "..", starts[b] + counts[b] - 1,
                 " outside its cache's capacity ", keys[b].size(1));
-    for (int64_t i = 0; i < counts[b]; ++i, ++r) {
-      TORCH_CHECK(r < M, "rope_attend_batch: counts add up to more than qkv's ", M, " rows");
-      row_seq[r] = b;
-      row_pos[r] = starts[b] + i;
-    }
-    longest = std::max(longest, starts[b] + counts[b]);
-  }
-  TORCH_CHECK(r == M, "rope_attend_batch: counts add up to ", r, ", qkv has ", M, " rows");
-  const float* in = qkv.data_ptr<float>();
-  const int64_t half = D / 2;
-  auto rotate = [&](int64_t r, const float* x, float* y) {
-    const float* c = cos.data_ptr<float>() + r * D;
-    const float* s = sin.data_ptr<float>() + r * D;
-    for (int64_t d = 0; d < half; ++d) {
-      y[d] = x[d] * c[d] + (-x[d + half]) * s[d];
-      y[d + half] = x[d + half] * c[d + half] + x[d] * s[d + half];
-    }
-  };
-  std::vector<float> q(M * heads * D);
-  for (int64_t r = 0; r < M; ++r) {
-    const float* row = in + r * width;
-    const int64_t b = row_seq[r], cap = keys[b].size(1), pos = row_pos[r];
-    float* kc = keys[b].data_ptr<float>();
-    float* vc = values[b].data_ptr<float>();
-    for (int64_t h = 0; h < heads; ++h) rotate(r, row + h * D, q.data() + (r * heads + h) * D);
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      rotate(r, row + (heads + g) * D, kc + (g * cap + pos) * D);
-      const float* v = row + (heads + kv_heads + g) * D;
-      std::copy(v, v + D, vc + (g * cap + pos) * D);
+    for (int64_t i = 0; i < counts[b]; ++i) {
+      TORCH_CHECK(static_cast<int64_t>(rows.size()) < M, "rope_attend_batch: counts add up to more than qkv's ", M,
+                  " rows");
+      rows.push_back({keys[b].data_ptr<float>(), values[b].data_ptr<float>(), keys[b].size(1), starts[b] + i});
     }
   }
-  auto out = torch::empty({M, heads * D}, qkv.options());
-  float* o = out.data_ptr<float>();
-  const int64_t group = heads / kv_heads;
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, M * heads, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(longest);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / heads, h = i % heads, b = row_seq[r], cap = keys[b].size(1);
-      const float* kc = keys[b].data_ptr<float>();
-      const float* vc = values[b].data_ptr<float>();
-      attend_head(q.data() + i * D, kc + (h / group) * cap * D, vc + (h / group) * cap * D, row_pos[r] + 1, D, sc,
-                  p.data(), o + i * D);
-    }
-  });
-  return out;
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == M, "rope_attend_batch: counts add up to ", rows.size(),
+              ", qkv has ", M, " rows");
+  return rotate_write_attend(qkv, cos, sin, rows, heads, kv_heads, D, scale);
 }
 
 // gate_up [M, 2 I], each row [gate | up] -> [M, I]
