@@ -1,0 +1,185 @@
+"""Our batch-1 user path against llama.cpp, round by round in one sitting (issue #14): a ratio the drift cannot fake.
+
+The preset (bench/split_cores.py) measures llama.cpp once and each of our rows once, minutes apart; on this VM
+the box drifts 15-30 % between such runs, and "at least as fast as llama.cpp" held in some sittings and not in
+others. Here each round puts the two engines side by side on the same core(s), back to back, in ABBA order
+across rounds, so a slow spell falls on both:
+
+  - the 0.5B: `greedy` through the worker's gRPC API on GSM8K test problem r (end to end, the client's
+    latency, the prompt's prefill included) against `llama-bench -p 0 -n N -r 1` on the project's own GGUF;
+  - the 1.5B: `llm` through the worker's API (the selector's model generates), the same way.
+
+Per round the ratio is ours ÷ llama.cpp in tokens/s; the result is their geometric mean with a 95 % t interval
+of the mean log. Shape `split` pins the worker and llama.cpp's 0.5B to the first CPU and the selector and
+llama.cpp's 1.5B to the last, one thread each (as the preset's split rows); `shared` gives every process all
+CPUs. Our rows pay the prompt's prefill (llama-bench's tg rows do not), so the ratio is conservative for us.
+
+    python bench/llama_paired.py --name llama-paired-split --shape split --rounds 8 \
+        --llama-cpp ~/.cache/s2t/llama.cpp
+
+Writes bench/results/<name>.{json,md}, rewritten after every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import native_ref  # noqa: E402
+import run_bench  # noqa: E402
+from run_bench import Row, git_commit, machine, write_results  # noqa: E402
+from split_cores import START_TIMEOUT_S, Role, ServerProcess, free_port, set_flags  # noqa: E402
+from worker_ab import abba, paired_ratio  # noqa: E402
+
+from s2t.modes import Mode  # noqa: E402
+
+# our row and llama.cpp's, per model: the mode whose tokens that model makes, and the GGUF it runs
+PAIRS = ((Role.WORKER, Mode.GREEDY, "0.5b"), (Role.SELECTOR, Mode.LLM, "1.5b"))
+
+
+def paired_speed(ours: list[float], theirs: list[float]) -> dict:
+    """ours ÷ theirs in tokens/s per round (= their time ÷ ours for the same tokens): geometric mean and the 95 % t
+    interval of the mean log, as worker_ab pairs B's time over A's."""
+    return paired_ratio(theirs, ours)
+
+
+def markdown(payload: dict) -> str:
+    out = [f"# {payload['name']}", "", f"`{payload['command']}`", "",
+           f"{payload['date']} · commit {payload['commit']} · {payload['machine'].get('cpu', '')}", "",
+           f"Shape {payload['shape']}, {payload['max_new_tokens']} new tokens per request, batch 1; per round our "
+           f"row and llama.cpp's back to back on the same CPUs (ABBA order across rounds).", "",
+           "| model | ours | llama.cpp | rounds | ours tokens/s (mean) | llama.cpp tokens/s (mean) "
+           "| ours ÷ llama.cpp, paired (95 % t) |", "|---|---|---|---|---|---|---|"]
+    for row in payload["rows"]:
+        p = row["paired"]
+        ci = f" ({p['ci95'][0]:.3f}–{p['ci95'][1]:.3f})" if p["ci95"] else ""
+        out.append(f"| {row['label']} | `{row['ours']}` (CPUs {row['cpus']}) | llama-bench tg{payload['max_new_tokens']} "
+                   f"| {p['n']} | {sum(row['ours_tokens_per_s']) / p['n']:.2f} | "
+                   f"{sum(row['llama_tokens_per_s']) / p['n']:.2f} | **{p['geomean']:.3f}**{ci} |")
+    out += [""] + [f"- {n}" for n in payload["notes"]]
+    return "\n".join(out) + "\n"
+
+
+async def run(args, payload: dict, write) -> None:
+    import grpc
+    import yaml
+
+    from s2t import gsm8k
+    from s2t.config import load_settings
+    from s2t.model_store import fetch_gguf
+    from s2t.v1 import generation_pb2_grpc as gen_grpc
+
+    cpus = sorted(os.sched_getaffinity(0))
+    split = args.shape == "split"
+    if split and len(cpus) < 2:
+        raise SystemExit("llama_paired: the split shape needs two usable CPUs")
+    threads = 1 if split else len(cpus)
+    pins = {Role.WORKER: (cpus[0],), Role.SELECTOR: (cpus[-1],)} if split else {Role.WORKER: None,
+                                                                              Role.SELECTOR: None}
+    settings = load_settings(**{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+    bin_dir = native_ref.find_llama_cpp(args.llama_cpp)
+    ggufs = {role: fetch_gguf(settings.worker.model if role is Role.WORKER else settings.selector.model,
+                              settings.cache_dir) for role in Role}
+    selector_port = free_port()
+    user = [arg for s in args.set for arg in ("--set", s)]
+    selector_args = user + set_flags({"selector.runtime.threads": threads, "selector.grpc_port": selector_port}) + [
+        "serve-selector", "--no-ray"]
+    worker_args = user + set_flags({"worker.runtime.threads": threads, "worker.port": 0,
+                                    "worker.selector_address": f"127.0.0.1:{selector_port}"}) + [
+        "serve-worker", "--wait-for-selector", str(START_TIMEOUT_S)]
+    problems = gsm8k.load("test", 0, args.rounds)
+    servers: dict[Role, ServerProcess] = {}
+    try:
+        servers[Role.SELECTOR] = await ServerProcess.spawn(Role.SELECTOR, selector_args, pins[Role.SELECTOR])
+        servers[Role.WORKER] = await ServerProcess.spawn(Role.WORKER, worker_args, pins[Role.WORKER])
+        await asyncio.gather(*(server.serving() for server in servers.values()))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{servers[Role.WORKER].port}") as channel:
+            client = types.SimpleNamespace(stub=gen_grpc.GenerationServiceStub(channel))
+            rows = {role: {"label": f"{label} ({(settings.worker if role is Role.WORKER else settings.selector).model})",
+                           "ours": mode.value, "llama_gguf": ggufs[role].name,
+                           "cpus": list(pins[role]) if pins[role] else "all",
+                           "ours_tokens_per_s": [], "llama_tokens_per_s": [], "ours_tokens": [], "llama_commands": []}
+                    for role, mode, label in PAIRS}
+            # one untimed short request per mode first: a worker's first request pays one-off costs
+            for _, mode, _ in PAIRS:
+                await run_bench.run_service_row(client, Row(f"warm-{mode.value}", mode.value), problems[:1], 8, False)
+            for problem, order in zip(problems, abba(len(problems))):
+                for role, mode, _ in PAIRS:
+                    row = rows[role]
+                    for side in order:  # "a": ours first, "b": llama.cpp first
+                        if side == "a":
+                            [result], _ = await run_bench.run_service_row(client, Row(f"ours-{mode.value}", mode.value),
+                                                                           [problem], args.max_new, False)
+                            row["ours_tokens_per_s"].append(result["tokens"] / result["latency_s"])
+                            row["ours_tokens"].append(result["tokens"])
+                        else:
+                            r = await asyncio.to_thread(native_ref.llama_bench, bin_dir, ggufs[role], threads,
+                                                        pins[role], args.max_new, 1)
+                            row["llama_tokens_per_s"].append(r["tokens_per_s"])
+                            row["llama_commands"].append(r["command"])
+                    print(f"[llama-paired] round {problem['idx']} {row['label']}: ours "
+                          f"{row['ours_tokens_per_s'][-1]:.2f}, llama.cpp {row['llama_tokens_per_s'][-1]:.2f} tokens/s",
+                          file=sys.stderr, flush=True)
+                    row["paired"] = paired_speed(row["ours_tokens_per_s"], row["llama_tokens_per_s"])
+                payload["rows"] = list(rows.values())
+                write()
+    finally:
+        for role in (Role.WORKER, Role.SELECTOR):  # the worker first: it closes its sessions while the selector serves
+            if role in servers:
+                payload["processes"][role.value] = await servers[role].stop()
+        write()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="llama-paired")
+    ap.add_argument("--shape", default="split", choices=["split", "shared"])
+    ap.add_argument("--rounds", type=int, default=8, help="one GSM8K test problem per round, from test 0")
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--llama-cpp", type=Path, default=Path("~/.cache/s2t/llama.cpp").expanduser(),
+                    help="a llama.cpp build (bash bench/build_llama_cpp.sh) or its bin directory")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for both of our processes")
+    ap.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args(argv)
+    if args.rounds < 2 or args.max_new < 1:
+        ap.error("--rounds must be >= 2 (a paired interval needs two) and --max-new >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    payload = {"name": args.name,
+               "command": run_bench.command_line(Path(__file__).relative_to(ROOT).as_posix(),
+                                                 sys.argv[1:] if argv is None else argv),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine(),
+               "shape": args.shape, "rounds": args.rounds, "max_new_tokens": args.max_new, "settings": args.set,
+               "rows": [], "processes": {},
+               "notes": ["ours: completion tokens ÷ the client's latency of one request (prompt prefill included); "
+                         "llama.cpp: llama-bench's tg tokens/s of one repetition (no prompt)",
+                         "paired: exp(mean of log(ours ÷ llama.cpp)) over rounds, with a 95 % Student t interval of "
+                         "that mean log",
+                         "one untimed 8-token request per mode first (one-off costs of a worker's first request)"]}
+
+    def write() -> None:
+        write_results(args.results_dir, payload, markdown(payload))
+
+    t0 = time.monotonic()
+    try:
+        asyncio.run(run(args, payload, write))
+    finally:
+        payload["total_wall_s"] = round(time.monotonic() - t0, 1)
+        write()
+    print(markdown(payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

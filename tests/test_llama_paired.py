@@ -1,0 +1,39 @@
+"""bench/llama_paired.py: the paired ratio's direction, its arguments and its table (the servers it starts and the
+llama-bench it runs are split_cores' and native_ref's)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import llama_paired  # noqa: E402
+
+
+def test_the_paired_speed_is_ours_over_llama_cpp_round_by_round():
+    # ours 20 % faster in every round, whatever the round's own speed (a slow spell slows both)
+    p = llama_paired.paired_speed([12.0, 24.0, 6.0], [10.0, 20.0, 5.0])
+    assert p["n"] == 3 and p["geomean"] == pytest.approx(1.2) and p["ci95"] == pytest.approx([1.2, 1.2])
+    p = llama_paired.paired_speed([9.0, 11.0, 10.0, 10.5], [10.0, 10.0, 10.0, 10.0])
+    lo, hi = p["ci95"]
+    assert lo < p["geomean"] < hi and lo < 1 < hi
+
+
+def test_one_round_is_refused():
+    with pytest.raises(SystemExit):
+        llama_paired.parse_args(["--rounds", "1"])
+    args = llama_paired.parse_args(["--shape", "shared", "--set", "worker.block_size=4"])
+    assert (args.shape, args.rounds, args.set) == ("shared", 8, ["worker.block_size=4"])
+
+
+def test_the_table_gives_both_models_means_and_the_paired_ratio():
+    rows = [{"label": "0.5b (m)", "ours": "greedy", "cpus": [0], "ours_tokens_per_s": [30.0, 28.0],
+             "llama_tokens_per_s": [20.0, 20.0], "paired": llama_paired.paired_speed([30.0, 28.0], [20.0, 20.0])},
+            {"label": "1.5b (m)", "ours": "llm", "cpus": [1], "ours_tokens_per_s": [9.0, 9.0],
+             "llama_tokens_per_s": [10.0, 10.0], "paired": llama_paired.paired_speed([9.0, 9.0], [10.0, 10.0])}]
+    payload = {"name": "t", "command": "python bench/llama_paired.py", "date": "d", "commit": "c",
+               "machine": {"cpu": "cpu"}, "shape": "split", "max_new_tokens": 128, "rows": rows, "notes": ["n"]}
+    md = llama_paired.markdown(payload)
+    assert "| 0.5b (m) | `greedy` (CPUs [0]) | llama-bench tg128 | 2 | 29.00 | 20.00 | **1.449**" in md
+    assert "| 1.5b (m) | `llm` (CPUs [1]) | llama-bench tg128 | 2 | 9.00 | 10.00 | **0.900** (0.900–0.900) |" in md
