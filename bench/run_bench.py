@@ -313,6 +313,8 @@ async def generate_one(stack, row: Row, p: dict, max_new: int, concurrent: bool,
             "rolled_back_tokens": st.rolled_back_tokens, "drafted_tokens": st.drafted_tokens,
             "resyncs": st.resyncs, "triggered_positions": st.triggered_positions,
             "branch_drafted_tokens": st.branch_drafted_tokens, "branches_adopted": st.branches_adopted,
+            "branch_missed_position": st.branch_missed_position,
+            "branch_missed_candidate": st.branch_missed_candidate,
             "mode_used": pb.Mode.Name(st.mode_used), "text": r.text,
             "degraded": st.degraded_reason, "latency_s": round(time.monotonic() - sent, 3),
             "token_ids": list(r.token_ids), **({"seed": st.seed} if row.samples else {})}

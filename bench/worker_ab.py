@@ -67,6 +67,8 @@ def side_row(side: str, overrides: list[str], results: list[dict]) -> dict:
             "picks_changed": sum(r["picks_changed"] for r in results),
             "branches_adopted": sum(r.get("branches_adopted", 0) for r in results),
             "branch_drafted_tokens": sum(r.get("branch_drafted_tokens", 0) for r in results),
+            "branch_missed_position": sum(r.get("branch_missed_position", 0) for r in results),
+            "branch_missed_candidate": sum(r.get("branch_missed_candidate", 0) for r in results),
             "modes_used": sorted({r["mode_used"] for r in results})}
 
 
@@ -76,7 +78,7 @@ def markdown(payload: dict) -> str:
            f"Mode {payload['mode']}, {payload['problems']} problems × {payload['max_new_tokens']} new tokens, batch 1, "
            f"shape {payload['shape']}; each problem to both workers back to back (ABBA order).", "",
            "| worker | settings | tokens/s | per-problem tokens/s (95% t) | LLM forwards / token | resyncs | rolled back "
-           "| branches adopted / changed picks (branch drafts) |",
+           "| branches adopted / changed picks (missed: at another position, another candidate; branch drafts) |",
            "|---|---|---|---|---|---|---|---|"]
     for row in payload["rows"]:
         pp = row["tokens_per_s_per_problem"]
@@ -84,7 +86,8 @@ def markdown(payload: dict) -> str:
         out.append(f"| {row['side'].upper()} | {' '.join(row['overrides']) or 'as set for both'} | "
                    f"{row['tokens_per_s']:.2f} | {ci} | {row['llm_forwards_per_token']:.3f} | {row['resyncs']} | "
                    f"{row['rolled_back_tokens']} | {row.get('branches_adopted', 0)} / {row.get('picks_changed', '–')} "
-                   f"({row.get('branch_drafted_tokens', 0)}) |")
+                   f"({row.get('branch_missed_position', 0)}, {row.get('branch_missed_candidate', 0)}; "
+                   f"{row.get('branch_drafted_tokens', 0)}) |")
     def ratio(p: dict) -> str:
         return f"**{p['geomean']:.3f}**" + (f" (95% t: {p['ci95'][0]:.3f}–{p['ci95'][1]:.3f})" if p["ci95"] else "")
 

@@ -293,9 +293,16 @@ class Sequence:
         self.stats.branch_drafted_tokens += 1
 
     def take_branch(self, position: int, token: int) -> Branch | None:
-        """The branch for `token` at `position`, if there is one; the branch is dropped either way."""
+        """The branch for `token` at `position` (the verifier's changed pick), if there is one; the branch is dropped
+        either way, and a branch that missed is counted by why."""
         branch, self.branch = self.branch, None
-        if branch is not None and branch.position == position and branch.tokens[0] == token:
+        if branch is None:
+            return None
+        if branch.position != position:
+            self.stats.branch_missed_position += 1
+        elif branch.tokens[0] != token:
+            self.stats.branch_missed_candidate += 1
+        else:
             return branch
         return None
 

@@ -45,7 +45,9 @@ def test_a_run_without_a_difference_or_with_one_problem_is_refused():
 def test_the_table_shows_both_workers_and_the_paired_ratio():
     results = {side: [{"tokens": 128, "latency_s": t, "llm_forwards": 30, "resyncs": 0, "rolled_back_tokens": 5,
                        "picks_changed": 4, "branches_adopted": 1 if side == "b" else 0,
-                       "branch_drafted_tokens": 9 if side == "b" else 0, "mode_used": "MODE_S2T", "text": "x"}
+                       "branch_drafted_tokens": 9 if side == "b" else 0,
+                       "branch_missed_position": 1 if side == "b" else 0, "branch_missed_candidate": 0,
+                       "mode_used": "MODE_S2T", "text": "x"}
                       for t in times]
                for side, times in (("a", [16.0, 18.0]), ("b", [17.0, 18.5]))}
     payload = {"name": "t", "command": "python bench/worker_ab.py", "date": "d", "commit": "c",
@@ -56,7 +58,8 @@ def test_the_table_shows_both_workers_and_the_paired_ratio():
                "paired_same_text": worker_ab.paired_ratio([16.0, 18.0], [17.0, 18.5]), "notes": ["n"]}
     md = worker_ab.markdown(payload)
     assert "| A | as set for both | 7.53 |" in md and "| B | worker.selector_prefill=false | 7.21 |" in md
-    assert "| 10 | 0 / 8 (0) |" in md and "| 10 | 2 / 8 (18) |" in md  # rolled back; branches adopted / changed picks
+    # rolled back; branches adopted / changed picks (missed at another position, another candidate; branch drafts)
+    assert "| 10 | 0 / 8 (0, 0; 0) |" in md and "| 10 | 2 / 8 (2, 0; 18) |" in md
     assert "geometric mean **1.045**" in md and "identical outputs on 2 of 2 problems" in md
     assert "Over those" not in md  # every problem had the same tokens: one ratio
     payload["same_text"], payload["paired_same_text"] = 1, worker_ab.paired_ratio([16.0], [17.0])

@@ -128,7 +128,7 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("mode_requested", "mode_used", "degraded_reason", "prompt_tokens", "completion_tokens", "verified_tokens", "unverified_tokens", "positions_checked", "picks_changed", "local_decisions", "selector_calls", "selector_failures", "resyncs", "drafted_tokens", "rolled_back_tokens", "triggered_positions", "wall_s", "tokens_per_s", "time_to_first_token_s", "selector_bytes_sent", "selector_bytes_received", "llm_forwards", "reranked_positions", "adapter_version", "seed", "branch_drafted_tokens", "branches_adopted")
+    __slots__ = ("mode_requested", "mode_used", "degraded_reason", "prompt_tokens", "completion_tokens", "verified_tokens", "unverified_tokens", "positions_checked", "picks_changed", "local_decisions", "selector_calls", "selector_failures", "resyncs", "drafted_tokens", "rolled_back_tokens", "triggered_positions", "wall_s", "tokens_per_s", "time_to_first_token_s", "selector_bytes_sent", "selector_bytes_received", "llm_forwards", "reranked_positions", "adapter_version", "seed", "branch_drafted_tokens", "branches_adopted", "branch_missed_position", "branch_missed_candidate")
     MODE_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     MODE_USED_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,8 @@ class GenerationStats(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     BRANCH_DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_ADOPTED_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_MISSED_POSITION_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_MISSED_CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     mode_requested: Mode
     mode_used: Mode
     degraded_reason: str
@@ -183,7 +185,9 @@ class GenerationStats(_message.Message):
     seed: int
     branch_drafted_tokens: int
     branches_adopted: int
-    def __init__(self, mode_requested: _Optional[_Union[Mode, str]] = ..., mode_used: _Optional[_Union[Mode, str]] = ..., degraded_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., unverified_tokens: _Optional[int] = ..., positions_checked: _Optional[int] = ..., picks_changed: _Optional[int] = ..., local_decisions: _Optional[int] = ..., selector_calls: _Optional[int] = ..., selector_failures: _Optional[int] = ..., resyncs: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., triggered_positions: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., selector_bytes_sent: _Optional[int] = ..., selector_bytes_received: _Optional[int] = ..., llm_forwards: _Optional[int] = ..., reranked_positions: _Optional[int] = ..., adapter_version: _Optional[str] = ..., seed: _Optional[int] = ..., branch_drafted_tokens: _Optional[int] = ..., branches_adopted: _Optional[int] = ...) -> None: ...
+    branch_missed_position: int
+    branch_missed_candidate: int
+    def __init__(self, mode_requested: _Optional[_Union[Mode, str]] = ..., mode_used: _Optional[_Union[Mode, str]] = ..., degraded_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., unverified_tokens: _Optional[int] = ..., positions_checked: _Optional[int] = ..., picks_changed: _Optional[int] = ..., local_decisions: _Optional[int] = ..., selector_calls: _Optional[int] = ..., selector_failures: _Optional[int] = ..., resyncs: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., triggered_positions: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., selector_bytes_sent: _Optional[int] = ..., selector_bytes_received: _Optional[int] = ..., llm_forwards: _Optional[int] = ..., reranked_positions: _Optional[int] = ..., adapter_version: _Optional[str] = ..., seed: _Optional[int] = ..., branch_drafted_tokens: _Optional[int] = ..., branches_adopted: _Optional[int] = ..., branch_missed_position: _Optional[int] = ..., branch_missed_candidate: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "stats")
