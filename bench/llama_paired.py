@@ -12,7 +12,8 @@ across rounds, so a slow spell falls on both:
 Per round the ratio is ours ÷ llama.cpp in tokens/s; the result is their geometric mean with a 95 % t interval
 of the mean log. Shape `split` pins the worker and llama.cpp's 0.5B to the first CPU and the selector and
 llama.cpp's 1.5B to the last, one thread each (as the preset's split rows); `shared` gives every process all
-CPUs. Our rows pay the prompt's prefill (llama-bench's tg rows do not), so the ratio is conservative for us.
+CPUs. End to end our rows pay the prompt's prefill, which llama-bench's tg rows do not; the second ratio takes our
+tokens after the first one, over the time after it (the worker's own stats), which is what tg measures.
 
     python bench/llama_paired.py --name llama-paired-split --shape split --rounds 8 \
         --llama-cpp ~/.cache/s2t/llama.cpp
@@ -56,14 +57,22 @@ def markdown(payload: dict) -> str:
            f"{payload['date']} · commit {payload['commit']} · {payload['machine'].get('cpu', '')}", "",
            f"Shape {payload['shape']}, {payload['max_new_tokens']} new tokens per request, batch 1; per round our "
            f"row and llama.cpp's back to back on the same CPUs (ABBA order across rounds).", "",
-           "| model | ours | llama.cpp | rounds | ours tokens/s (mean) | llama.cpp tokens/s (mean) "
-           "| ours ÷ llama.cpp, paired (95 % t) |", "|---|---|---|---|---|---|---|"]
+           "| model | ours | llama.cpp | rounds | ours tokens/s, end to end (after the first token) "
+           "| llama.cpp tokens/s | ours ÷ llama.cpp, paired (95 % t) | the same after the first token |",
+           "|---|---|---|---|---|---|---|---|"]
+
+    def ratio(p: dict) -> str:
+        return f"**{p['geomean']:.3f}**" + (f" ({p['ci95'][0]:.3f}–{p['ci95'][1]:.3f})" if p["ci95"] else "")
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
     for row in payload["rows"]:
-        p = row["paired"]
-        ci = f" ({p['ci95'][0]:.3f}–{p['ci95'][1]:.3f})" if p["ci95"] else ""
-        out.append(f"| {row['label']} | `{row['ours']}` (CPUs {row['cpus']}) | llama-bench tg{payload['max_new_tokens']} "
-                   f"| {p['n']} | {sum(row['ours_tokens_per_s']) / p['n']:.2f} | "
-                   f"{sum(row['llama_tokens_per_s']) / p['n']:.2f} | **{p['geomean']:.3f}**{ci} |")
+        n = row["paired"]["n"]
+        out.append(f"| {row['label']} | `{row['ours']}` (CPUs {row['cpus']}) | "
+                   f"llama-bench tg{payload['max_new_tokens']} | {n} | {mean(row['ours_tokens_per_s']):.2f} "
+                   f"({mean(row['ours_decode_tokens_per_s']):.2f}) | {mean(row['llama_tokens_per_s']):.2f} | "
+                   f"{ratio(row['paired'])} | {ratio(row['paired_decode'])} |")
     out += [""] + [f"- {n}" for n in payload["notes"]]
     return "\n".join(out) + "\n"
 
@@ -103,10 +112,12 @@ async def run(args, payload: dict, write) -> None:
         await asyncio.gather(*(server.serving() for server in servers.values()))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{servers[Role.WORKER].port}") as channel:
             client = types.SimpleNamespace(stub=gen_grpc.GenerationServiceStub(channel))
-            rows = {role: {"label": f"{label} ({(settings.worker if role is Role.WORKER else settings.selector).model})",
+            model = {Role.WORKER: settings.worker.model, Role.SELECTOR: settings.selector.model}
+            rows = {role: {"label": f"{label} ({model[role]})",
                            "ours": mode.value, "llama_gguf": ggufs[role].name,
                            "cpus": list(pins[role]) if pins[role] else "all",
-                           "ours_tokens_per_s": [], "llama_tokens_per_s": [], "ours_tokens": [], "llama_commands": []}
+                           "ours_tokens_per_s": [], "ours_decode_tokens_per_s": [],
+                           "llama_tokens_per_s": [], "ours_tokens": [], "llama_commands": []}
                     for role, mode, label in PAIRS}
             # one untimed short request per mode first: a worker's first request pays one-off costs
             for _, mode, _ in PAIRS:
@@ -119,6 +130,9 @@ async def run(args, payload: dict, write) -> None:
                             [result], _ = await run_bench.run_service_row(client, Row(f"ours-{mode.value}", mode.value),
                                                                            [problem], args.max_new, False)
                             row["ours_tokens_per_s"].append(result["tokens"] / result["latency_s"])
+                            # after the first token, as the worker timed it: no prefill, like llama-bench's tg
+                            row["ours_decode_tokens_per_s"].append(
+                                (result["tokens"] - 1) / (result["wall_s"] - result["time_to_first_token_s"]))
                             row["ours_tokens"].append(result["tokens"])
                         else:
                             r = await asyncio.to_thread(native_ref.llama_bench, bin_dir, ggufs[role], threads,
@@ -129,6 +143,7 @@ async def run(args, payload: dict, write) -> None:
                           f"{row['ours_tokens_per_s'][-1]:.2f}, llama.cpp {row['llama_tokens_per_s'][-1]:.2f} tokens/s",
                           file=sys.stderr, flush=True)
                     row["paired"] = paired_speed(row["ours_tokens_per_s"], row["llama_tokens_per_s"])
+                    row["paired_decode"] = paired_speed(row["ours_decode_tokens_per_s"], row["llama_tokens_per_s"])
                 payload["rows"] = list(rows.values())
                 write()
     finally:
@@ -163,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
                "shape": args.shape, "rounds": args.rounds, "max_new_tokens": args.max_new, "settings": args.set,
                "rows": [], "processes": {},
                "notes": ["ours: completion tokens ÷ the client's latency of one request (prompt prefill included); "
-                         "llama.cpp: llama-bench's tg tokens/s of one repetition (no prompt)",
+                         "after the first token: (tokens - 1) ÷ (the worker's wall_s - time_to_first_token_s), as "
+                         "its stats report them; llama.cpp: llama-bench's tg tokens/s of one repetition (no prompt)",
                          "paired: exp(mean of log(ours ÷ llama.cpp)) over rounds, with a 95 % Student t interval of "
                          "that mean log",
                          "one untimed 8-token request per mode first (one-off costs of a worker's first request)"]}

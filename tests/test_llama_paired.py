@@ -28,12 +28,17 @@ def test_one_round_is_refused():
 
 
 def test_the_table_gives_both_models_means_and_the_paired_ratio():
-    rows = [{"label": "0.5b (m)", "ours": "greedy", "cpus": [0], "ours_tokens_per_s": [30.0, 28.0],
-             "llama_tokens_per_s": [20.0, 20.0], "paired": llama_paired.paired_speed([30.0, 28.0], [20.0, 20.0])},
-            {"label": "1.5b (m)", "ours": "llm", "cpus": [1], "ours_tokens_per_s": [9.0, 9.0],
-             "llama_tokens_per_s": [10.0, 10.0], "paired": llama_paired.paired_speed([9.0, 9.0], [10.0, 10.0])}]
+    def row(label, mode, cpus, ours, decode, theirs):
+        return {"label": label, "ours": mode, "cpus": cpus, "ours_tokens_per_s": ours,
+                "ours_decode_tokens_per_s": decode, "llama_tokens_per_s": theirs,
+                "paired": llama_paired.paired_speed(ours, theirs),
+                "paired_decode": llama_paired.paired_speed(decode, theirs)}
+
+    rows = [row("0.5b (m)", "greedy", [0], [30.0, 28.0], [32.0, 30.0], [20.0, 20.0]),
+            row("1.5b (m)", "llm", [1], [9.0, 9.0], [10.0, 10.0], [10.0, 10.0])]
     payload = {"name": "t", "command": "python bench/llama_paired.py", "date": "d", "commit": "c",
                "machine": {"cpu": "cpu"}, "shape": "split", "max_new_tokens": 128, "rows": rows, "notes": ["n"]}
     md = llama_paired.markdown(payload)
-    assert "| 0.5b (m) | `greedy` (CPUs [0]) | llama-bench tg128 | 2 | 29.00 | 20.00 | **1.449**" in md
-    assert "| 1.5b (m) | `llm` (CPUs [1]) | llama-bench tg128 | 2 | 9.00 | 10.00 | **0.900** (0.900–0.900) |" in md
+    assert "| 0.5b (m) | `greedy` (CPUs [0]) | llama-bench tg128 | 2 | 29.00 (31.00) | 20.00 | **1.449**" in md
+    assert ("| 1.5b (m) | `llm` (CPUs [1]) | llama-bench tg128 | 2 | 9.00 (10.00) | 10.00 | **0.900** (0.900–0.900) "
+            "| **1.000** (1.000–1.000) |") in md
