@@ -13,7 +13,8 @@ Per round the ratio is ours ÷ llama.cpp in tokens/s; the result is their geomet
 of the mean log. Shape `split` pins the worker and llama.cpp's 0.5B to the first CPU and the selector and
 llama.cpp's 1.5B to the last, one thread each (as the preset's split rows); `shared` gives every process all
 CPUs. End to end our rows pay the prompt's prefill, which llama-bench's tg rows do not; the second ratio takes our
-tokens after the first one, over the time after it (the worker's own stats), which is what tg measures.
+tokens after the stream's first delta, over the client's time from it to the last delta, which is what tg
+measures.
 
     python bench/llama_paired.py --name llama-paired-split --shape split --rounds 8 \
         --llama-cpp ~/.cache/s2t/llama.cpp
@@ -25,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import native_ref  # noqa: E402
 import run_bench  # noqa: E402
-from run_bench import Row, git_commit, machine, write_results  # noqa: E402
+from run_bench import git_commit, machine, write_results  # noqa: E402
 from split_cores import START_TIMEOUT_S, Role, ServerProcess, free_port, set_flags  # noqa: E402
 from worker_ab import abba, paired_ratio  # noqa: E402
 
@@ -50,6 +51,45 @@ def paired_speed(ours: list[float], theirs: list[float]) -> dict:
     """ours ÷ theirs in tokens/s per round (= their time ÷ ours for the same tokens): geometric mean and the 95 % t
     interval of the mean log, as worker_ab pairs B's time over A's."""
     return paired_ratio(theirs, ours)
+
+
+@dataclasses.dataclass(frozen=True)
+class Streamed:
+    """One streamed request as its client saw it."""
+
+    tokens: int  # completion tokens
+    latency_s: float  # from sending the request to the final message
+    first_tokens: int  # tokens in the first delta (mode llm commits a chunk of the selector's at once)
+    after_first_s: float  # from the first delta to the last
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """The tokens after the first delta over the time after it: no prompt prefill, as llama-bench's tg."""
+        return (self.tokens - self.first_tokens) / self.after_first_s
+
+
+async def stream_one(stub, mode: Mode, prompt: str, max_new: int) -> Streamed:
+    from s2t.v1 import generation_pb2 as pb
+
+    sent = time.monotonic()
+    first: tuple[float, int] | None = None
+    last = sent
+    final = None
+    request = pb.GenerateStreamRequest(prompt=prompt, options=pb.GenerationOptions(mode=mode.proto,
+                                                                                  max_new_tokens=max_new))
+    async for message in stub.GenerateStream(request):
+        if message.HasField("delta") and message.delta.token_ids:
+            last = time.monotonic()
+            if first is None:
+                first = (last, len(message.delta.token_ids))
+        elif message.HasField("final"):
+            final = message.final
+    done = time.monotonic()
+    if final is None or first is None:
+        raise RuntimeError(f"mode {mode.value}: the stream ended without {'a final message' if first else 'tokens'}")
+    if final.stats.mode_used != mode.proto:
+        raise RuntimeError(f"mode {mode.value} degraded: {final.stats.degraded_reason}")
+    return Streamed(final.stats.completion_tokens, done - sent, first[1], last - first[0])
 
 
 def markdown(payload: dict) -> str:
@@ -111,7 +151,7 @@ async def run(args, payload: dict, write) -> None:
         servers[Role.WORKER] = await ServerProcess.spawn(Role.WORKER, worker_args, pins[Role.WORKER])
         await asyncio.gather(*(server.serving() for server in servers.values()))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{servers[Role.WORKER].port}") as channel:
-            client = types.SimpleNamespace(stub=gen_grpc.GenerationServiceStub(channel))
+            stub = gen_grpc.GenerationServiceStub(channel)
             model = {Role.WORKER: settings.worker.model, Role.SELECTOR: settings.selector.model}
             rows = {role: {"label": f"{label} ({model[role]})",
                            "ours": mode.value, "llama_gguf": ggufs[role].name,
@@ -121,19 +161,16 @@ async def run(args, payload: dict, write) -> None:
                     for role, mode, label in PAIRS}
             # one untimed short request per mode first: a worker's first request pays one-off costs
             for _, mode, _ in PAIRS:
-                await run_bench.run_service_row(client, Row(f"warm-{mode.value}", mode.value), problems[:1], 8, False)
+                await stream_one(stub, mode, problems[0]["question"], 8)
             for problem, order in zip(problems, abba(len(problems))):
                 for role, mode, _ in PAIRS:
                     row = rows[role]
                     for side in order:  # "a": ours first, "b": llama.cpp first
                         if side == "a":
-                            [result], _ = await run_bench.run_service_row(client, Row(f"ours-{mode.value}", mode.value),
-                                                                           [problem], args.max_new, False)
-                            row["ours_tokens_per_s"].append(result["tokens"] / result["latency_s"])
-                            # after the first token, as the worker timed it: no prefill, like llama-bench's tg
-                            row["ours_decode_tokens_per_s"].append(
-                                (result["tokens"] - 1) / (result["wall_s"] - result["time_to_first_token_s"]))
-                            row["ours_tokens"].append(result["tokens"])
+                            timed = await stream_one(stub, mode, problem["question"], args.max_new)
+                            row["ours_tokens_per_s"].append(timed.tokens / timed.latency_s)
+                            row["ours_decode_tokens_per_s"].append(timed.decode_tokens_per_s)
+                            row["ours_tokens"].append(timed.tokens)
                         else:
                             r = await asyncio.to_thread(native_ref.llama_bench, bin_dir, ggufs[role], threads,
                                                         pins[role], args.max_new, 1)
@@ -178,8 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
                "shape": args.shape, "rounds": args.rounds, "max_new_tokens": args.max_new, "settings": args.set,
                "rows": [], "processes": {},
                "notes": ["ours: completion tokens ÷ the client's latency of one request (prompt prefill included); "
-                         "after the first token: (tokens - 1) ÷ (the worker's wall_s - time_to_first_token_s), as "
-                         "its stats report them; llama.cpp: llama-bench's tg tokens/s of one repetition (no prompt)",
+                         "after the first token: the tokens after the stream's first delta (mode llm's first delta "
+                         "is a chunk of the selector's) over the client's time from that delta to the last; llama.cpp: llama-bench's tg tokens/s of one repetition (no prompt)",
                          "paired: exp(mean of log(ours ÷ llama.cpp)) over rounds, with a 95 % Student t interval of "
                          "that mean log",
                          "one untimed 8-token request per mode first (one-off costs of a worker's first request)"]}

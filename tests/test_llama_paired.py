@@ -42,3 +42,27 @@ def test_the_table_gives_both_models_means_and_the_paired_ratio():
     assert "| 0.5b (m) | `greedy` (CPUs [0]) | llama-bench tg128 | 2 | 29.00 (31.00) | 20.00 | **1.449**" in md
     assert ("| 1.5b (m) | `llm` (CPUs [1]) | llama-bench tg128 | 2 | 9.00 (10.00) | 10.00 | **0.900** (0.900–0.900) "
             "| **1.000** (1.000–1.000) |") in md
+
+
+async def test_streamed_speed_counts_the_tokens_after_the_first_delta_over_the_time_after_it():
+    from s2t.modes import Mode
+    from s2t.v1 import generation_pb2 as pb
+
+    class Stub:
+        def __init__(self, mode_used):
+            self.mode_used, self.sent = mode_used, []
+
+        async def GenerateStream(self, request):
+            self.sent.append(request)
+            for ids in ([1] * 16, [], [2] * 16, [3] * 8):  # mode llm: a chunk first; an empty delta counts for nothing
+                yield pb.GenerateStreamResponse(delta=pb.TextDelta(text="x", token_ids=ids))
+            yield pb.GenerateStreamResponse(final=pb.GenerateResponse(
+                stats=pb.GenerationStats(completion_tokens=40, mode_used=self.mode_used)))
+
+    stub = Stub(pb.MODE_LLM)
+    timed = await llama_paired.stream_one(stub, Mode.LLM, "q", 40)
+    assert (timed.tokens, timed.first_tokens) == (40, 16) and timed.after_first_s >= 0 and timed.latency_s > 0
+    assert stub.sent[0].options.mode == pb.MODE_LLM and stub.sent[0].options.max_new_tokens == 40
+    assert llama_paired.Streamed(40, 5.0, 16, 2.0).decode_tokens_per_s == 12.0
+    with pytest.raises(RuntimeError, match="degraded"):  # a row that fell back to the SLM measures the wrong model
+        await llama_paired.stream_one(Stub(pb.MODE_GREEDY), Mode.LLM, "q", 40)
