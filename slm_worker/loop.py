@@ -14,8 +14,9 @@ Every active request is a `Sequence`; one `Scheduler` iteration, for all of them
                accepted (`draft_confidence`; see proposer.py) unless `draft_when_unsure`, which drafts on
                and holds the blocks after an unsure one until its verdict. Its top-1 is the next draft, its
                top-K the candidates a verifier may pick from. With `branch_when_unsure`, a sequence that
-               holds also drafts a branch (the continuation after its second candidate at its likeliest
-               divergence) as an extra row of a small forward, adopted in step 1 when the verdict picks it.
+               holds also drafts branches (the continuations after the verifier's likeliest other picks,
+               up to `max_branches`) as extra rows of a small forward, adopted in step 1 when the verdict
+               picks one.
 
 Mode greedy has no verifier: each draft commits at once (with temperature > 0 the draft is sampled, see
 sampling.py). Mode takeover runs like s2t, except that the selector's verdict may carry a token of its own (the
@@ -46,10 +47,11 @@ from .verifiers import Block, Verdict, VerdictKind
 
 log = logging.getLogger(__name__)
 
-# The most rows of a forward that branch rows may join (branch_when_unsure): one sequence and its branch. A second
-# session's row costs ~4 % of a one-row step of the 0.5B (bench/results/batched-decode-compiled.md: 28.7 against
-# 27.6 ms); beside many sessions' rows it would slow each of them by more than it can save.
-BRANCH_FORWARD_ROWS = 2
+# Branch rows (branch_when_unsure) join a forward only while it holds at most one sequence's draft row and, in all,
+# no more rows than one sequence and its branches (1 + worker.max_branches). A second row costs ~4 % of a one-row
+# step of the 0.5B (bench/results/batched-decode-compiled.md: 28.7 against 27.6 ms); beside many sessions' rows
+# they would slow each of them by more than they can save.
+BRANCH_FORWARD_SEQUENCES = 1
 
 __all__ = ["Event", "Scheduler", "Sequence", "run_llm"]
 
@@ -136,16 +138,16 @@ class Scheduler:
         if len(ready) > self.max_batch_size:
             self._rr = (self._rr + self.max_batch_size) % len(ready)
             ready = (ready[self._rr:] + ready[:self._rr])[:self.max_batch_size]
-        #    branch rows join only a forward that stays this small: it reads the weights once, so a second row
-        #    costs little, where rows beside many sequences' would slow every one of them. Asked only while they
+        #    branch rows join only a forward that stays this small: it reads the weights once, so a few more rows
+        #    cost little, where rows beside many sequences' would slow every one of them. Asked only while they
         #    can fit: a branch forks its request's KV cache, which a busy worker should not pay for.
         branches = []
-        for seq in self.active if len(ready) < BRANCH_FORWARD_ROWS else ():
-            if (branch := seq.branch_row()) is not None:
-                branches.append((seq, branch))
-                if len(ready) + len(branches) > BRANCH_FORWARD_ROWS:
-                    branches = []
-                    break
+        rows = 1 + max((s.opts.max_branches for s in self.active), default=0)
+        for seq in self.active if len(ready) <= BRANCH_FORWARD_SEQUENCES else ():
+            branches += [(seq, branch) for branch in seq.branch_rows()]
+            if len(ready) + len(branches) > rows:
+                branches = []
+                break
         if not ready and not branches:
             self._wake.clear()
             await self._wake.wait()
@@ -159,7 +161,7 @@ class Scheduler:
                 # a sampling request draws from its own generator and its own logits row: batching cannot change it
                 seq.add_proposal(propose(lg)[0], seq.sampler.sample(lg[0]) if seq.sampler is not None else None)
         for (seq, branch), lg in zip(branches, logits[len(ready):]):
-            if branch is seq.branch:  # not dropped meanwhile (a finish; verdicts are applied in step 1 only)
+            if any(b is branch for b in seq.branches):  # not dropped meanwhile (a finish; verdicts come in step 1)
                 seq.add_branch_proposal(branch, propose(lg)[0])
 
     async def _send(self, seq: Sequence, block: Block) -> None:

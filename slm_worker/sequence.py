@@ -41,9 +41,10 @@ class DecodeOptions:
     # Below draft_confidence: False = pause drafting until a verdict; True = draft on, send the unsure block at
     # once and hold the blocks after it until its verdict (Sequence.holding).
     draft_when_unsure: bool = False
-    # With draft_when_unsure: while the blocks in flight are unsure, draft the continuation after the SLM's second
-    # candidate at their likeliest divergence beside the drafts (Branch), adopted when the verdict picks it.
+    # With draft_when_unsure: while the blocks in flight are unsure, draft the continuations after the verifier's
+    # likeliest other picks beside the drafts (Branch), at most max_branches at once; one the verdict picks is adopted.
     branch_when_unsure: bool = False
+    max_branches: int = 1
     # Sampling (mode greedy only): temperature 0 is the argmax; top_p 0 or 1 is off; seed is the one resolved by
     # the server (never 0 when temperature > 0: the worker picks one for a request that leaves it unset).
     temperature: float = 0.0
@@ -117,7 +118,8 @@ class TextStream:
 
 @dataclasses.dataclass(eq=False)
 class Branch:
-    """A contingency: how the sequence goes on if its verifier picks `tokens[0]` at `position` instead of the draft.
+    """A contingency: how the sequence goes on if its verifier picks `tokens[0]` at `position` instead of the draft
+    (the candidate of that rank there).
 
     Invariants: tokens[i] sits at position + i; proposals[i] is the SLM's proposal at position + 1 + i, so
     tokens[i + 1] == proposals[i].token and len(proposals) == len(tokens) - 1. `cache` holds the sequence's
@@ -142,8 +144,9 @@ class Sequence:
         exist; tokens[unsent:] are drafts not yet in a block. A verdict is applied only at the head block.
       `proposals` holds what the SLM proposed at every drafted (uncommitted) position.
       The SLM cache holds tokens[:len(tokens) - 1] or all of them: the newest token is fed at the next forward.
-      `branch` (branch_when_unsure, see Branch), if any, sits at a drafted position >= committed with a
-        token that is not the draft there; it is dropped when a verdict passes or reaches its position.
+      `branches` (branch_when_unsure, see Branch), at most opts.max_branches, each sit at a drafted position
+        >= committed with a token that is not the draft there, no two on the same (position, token); a branch is
+        dropped when a verdict passes or reaches its position.
     """
 
     def __init__(self, request_id: str, session_id: str, prompt_ids: list[int], opts: DecodeOptions, engine,
@@ -161,7 +164,7 @@ class Sequence:
         self.unsent = self.prompt_len
         self.proposals: dict[int, Proposal] = {}
         self.blocks: collections.deque[Block] = collections.deque()
-        self.branch: Branch | None = None
+        self.branches: list[Branch] = []
         self.resyncs_at: collections.Counter[int] = collections.Counter()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.text = TextStream(tokenizer)
@@ -252,40 +255,42 @@ class Sequence:
 
     # -- the branch ---------------------------------------------------------------------------------------
 
-    def branch_row(self) -> Branch | None:
-        """The branch, if it wants a forward now; made when the blocks in flight turn unsure (holding).
+    def branch_rows(self) -> list[Branch]:
+        """The branches that want a forward now; made while the blocks in flight are unsure (holding), up to
+        opts.max_branches at once.
 
-        Its point is the position in flight where the first divergence is likeliest (P(accepted before) x
-        P(diverge there), from the odds the loop learns), its token the SLM's second candidate there: where the
-        selector's pick is not the SLM's top-1, it is the second 65 % of the time (bench/label_stats.py). It
-        drafts as far past its point as the sequence may draft past its committed tokens."""
+        Each goes on from one of the verifier's likeliest other picks in flight: candidate r at position p, with the
+        odds P(every checked draft before p accepted) x P(diverge at p) (DivergenceOdds) x P(the changed pick is the
+        candidate of rank r) (DivergenceOdds.p_rank), both learned from the verdicts. With one branch that is the second
+        candidate at the likeliest divergence: where the selector's pick is not the SLM's top-1, it is the second
+        65 % of the time (bench/label_stats.py). A branch drafts as far past its point as the sequence may draft
+        past its committed tokens."""
         if not (self.opts.branch_when_unsure and self.drafts_when_unsure) or self.done or self.cancelled:
-            return None
-        if self.branch is None:
-            if not self.holding() or (branch := self._make_branch()) is None:
-                return None
-            self.branch = branch
-        b = self.branch
+            return []
+        if len(self.branches) < self.opts.max_branches and self.holding():
+            taken = {(b.position, b.tokens[0]) for b in self.branches}
+            room = self.opts.block_size * self.opts.max_inflight_blocks + 1
+            for pos, rank in self._branch_points(self.opts.max_branches - len(self.branches), taken):
+                self.branches.append(Branch(pos, [self.proposals[pos].ids[rank]], self.cache.fork(pos, room)))
         lookahead = self.opts.block_size * self.opts.max_inflight_blocks
-        if (len(b.tokens) >= lookahead or b.position + len(b.tokens) >= self.prompt_len + self.opts.max_new_tokens
-                or b.tokens[-1] in self.stop_ids):
-            return None
-        return b
+        return [b for b in self.branches
+                if not (len(b.tokens) >= lookahead or b.tokens[-1] in self.stop_ids
+                        or b.position + len(b.tokens) >= self.prompt_len + self.opts.max_new_tokens)]
 
-    def _make_branch(self) -> Branch | None:
-        key, accepted, best, best_p = self.odds_key(), 1.0, None, 0.0
+    def _branch_points(self, n: int, taken: set[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The n likeliest (position, candidate rank) picks in flight other than the drafts, skipping `taken`."""
+        key, accepted, odds = self.odds_key(), 1.0, []
         for pos in range(self.committed, self.unsent):
             if not self.needs_check(pos):
                 continue
             d = self.odds.p_diverge(key, self.proposals[pos].probs[0])
-            if accepted * d > best_p:
-                best, best_p = pos, accepted * d
+            ids = self.proposals[pos].ids
+            for rank in range(1, min(self.opts.num_candidates, len(ids))):
+                if (pos, ids[rank]) not in taken:
+                    odds.append((accepted * d * self.odds.p_rank(key, rank), pos, rank))
             accepted *= 1.0 - d
-        if best is None or self.opts.num_candidates < 2:
-            return None
-        second = self.proposals[best].ids[1]
-        room = self.opts.block_size * self.opts.max_inflight_blocks + 1
-        return Branch(best, [second], self.cache.fork(best, room))
+        odds.sort(key=lambda o: -o[0])  # stable: ties go to the earlier position, then the higher candidate
+        return [(pos, rank) for _, pos, rank in odds[:n]]
 
     def add_branch_proposal(self, branch: Branch, proposal: Proposal) -> None:
         branch.proposals.append(proposal)
@@ -293,17 +298,17 @@ class Sequence:
         self.stats.branch_drafted_tokens += 1
 
     def take_branch(self, position: int, token: int) -> Branch | None:
-        """The branch for `token` at `position` (the verifier's changed pick), if there is one; the branch is dropped
-        either way, and a branch that missed is counted by why."""
-        branch, self.branch = self.branch, None
-        if branch is None:
+        """The branch for `token` at `position` (the verifier's changed pick), if there is one; every branch is
+        dropped either way, and a changed pick that branches were drafted for but missed is counted by why."""
+        branches, self.branches = self.branches, []
+        if not branches:
             return None
-        if branch.position != position:
-            self.stats.branch_missed_position += 1
-        elif branch.tokens[0] != token:
+        if (branch := next((b for b in branches if b.position == position and b.tokens[0] == token), None)):
+            return branch
+        if any(b.position == position for b in branches):
             self.stats.branch_missed_candidate += 1
         else:
-            return branch
+            self.stats.branch_missed_position += 1
         return None
 
     # -- blocks -------------------------------------------------------------------------------------------
@@ -371,6 +376,8 @@ class Sequence:
             return
         # takeover: the LLM's own top-1, which need not be among the candidates
         chosen = verdict.token if verdict.token is not None else self.proposals[q].ids[verdict.index]
+        if verdict.token is None:
+            self.odds.observe_pick(self.odds_key(verdict.source), verdict.index)
         branch = self.take_branch(q, chosen)
         self.commit(q, Commit.VERIFIED)
         self.rollback(q)
@@ -389,8 +396,7 @@ class Sequence:
     def rollback(self, pos: int) -> None:
         """Forget every draft at or after `pos`: tokens, proposals, queued blocks and the SLM cache."""
         self.stats.rolled_back_tokens += len(self.tokens) - pos
-        if self.branch is not None and self.branch.position >= pos:
-            self.branch = None
+        self.branches = [b for b in self.branches if b.position < pos]
         self.requeue_after(pos)
         del self.tokens[pos:]
         for p in [p for p in self.proposals if p >= pos]:
@@ -447,8 +453,7 @@ class Sequence:
         self.committed = upto
         for p in [p for p in self.proposals if p < upto]:
             del self.proposals[p]
-        if self.branch is not None and self.branch.position < upto:  # a verdict passed its position
-            self.branch = None
+        self.branches = [b for b in self.branches if b.position >= upto]  # a verdict passed the others' positions
         if self.first_commit is None:
             self.first_commit = time.monotonic()
         piece = self.text.push(new)
@@ -461,7 +466,7 @@ class Sequence:
         if self.done:
             return
         self.done = True
-        self.branch = None
+        self.branches = []
         if reason is not None:
             self.finish_reason = reason
         del self.tokens[self.committed:]

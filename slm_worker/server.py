@@ -248,7 +248,7 @@ class Worker:
                              draft_when_unsure=(o.draft_when_unsure if o.HasField("draft_when_unsure")
                                                 else ws.draft_when_unsure),
                              branch_when_unsure=(o.branch_when_unsure if o.HasField("branch_when_unsure")
-                                                 else ws.branch_when_unsure),
+                                                 else ws.branch_when_unsure), max_branches=ws.max_branches,
                              temperature=temperature, top_p=top_p, seed=seed)
         return opts, mode_requested
 

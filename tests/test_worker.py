@@ -201,9 +201,10 @@ async def test_drafting_on_while_unsure_holds_the_blocks_after_the_unsure_one(ma
     assert max(len(r.positions) for r in seen) > 1
 
 
-@pytest.mark.parametrize("mode, by_request", [(pb.MODE_S2T, False), (pb.MODE_TAKEOVER, True)])
+@pytest.mark.parametrize("mode, by_request, max_branches", [(pb.MODE_S2T, False, 1), (pb.MODE_TAKEOVER, True, 1),
+                                                           (pb.MODE_S2T, False, 3)])
 async def test_branches_drafted_while_unsure_are_adopted_and_change_no_token(make_settings, tiny_models, mode,
-                                                                             by_request):
+                                                                             by_request, max_branches):
     """branch_when_unsure (the worker's setting, or a request's option over the setting's false) with a strict gate (the tiny SLM is unsure everywhere) and a slow selector: while the
     blocks in flight are unsure the worker also drafts the continuation after the second candidate at their
     likeliest divergence; a verdict that picks it continues from those drafts. The tokens are the ones without
@@ -213,14 +214,14 @@ async def test_branches_drafted_while_unsure_are_adopted_and_change_no_token(mak
     finals = []
     for branches in (False, True):
         settings = make_settings(**{"worker.max_inflight_blocks": 2, "worker.draft_confidence": 0.99,
-                                    "worker.draft_when_unsure": True,
+                                    "worker.draft_when_unsure": True, "worker.max_branches": max_branches,
                                     "worker.branch_when_unsure": branches and not by_request})
         option = {"branch_when_unsure": True} if branches and by_request else {}
         async with Stack(settings) as stack:
             expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids))
             slow_compute(stack.core, 0.05)
             deltas, final = await stack.stream(PROMPT, mode=mode, max_new_tokens=40, block_size=4, **option)
-            assert all(s.branch is None for s in stack.worker.scheduler.active)
+            assert all(not s.branches for s in stack.worker.scheduler.active)
         assert_stream_is_committed_text(deltas, final)
         if mode == pb.MODE_S2T:
             assert list(final.token_ids) == expected
@@ -236,6 +237,38 @@ async def test_branches_drafted_while_unsure_are_adopted_and_change_no_token(mak
         assert st.branches_adopted > 0
         # an adopted branch's drafts are not drafted again: fewer drafts, none of them past the length limit
         assert st.drafted_tokens < off.stats.drafted_tokens + st.branch_drafted_tokens
+
+
+def test_pick_rank_odds_start_from_the_prior_and_learn():
+    odds, key = DivergenceOdds(), ("selector", "kl", 0.1)
+    assert odds.p_rank(key, 1) == pytest.approx(0.65) and odds.p_rank(key, 1) > odds.p_rank(key, 2) > 0
+    assert odds.p_rank(key, 12) == 0  # past the prior's ranks: only what is seen
+    for _ in range(40):
+        odds.observe_pick(key, 2)
+    assert odds.p_rank(key, 2) > 0.8 > odds.p_rank(key, 1)
+    assert sum(odds.p_rank(key, r) for r in range(1, 8)) == pytest.approx(1.0)
+    assert odds.p_rank(("selector", "always", 0.0), 1) == pytest.approx(0.65)  # another key keeps its own counts
+
+
+def test_branch_points_are_the_likeliest_other_picks_in_flight():
+    """Candidate r at position p ranks by P(all before p accepted) x P(diverge at p) x P(rank r); with one branch
+    that is the second candidate at the likeliest divergence."""
+    from types import SimpleNamespace
+
+    from slm_worker.sequence import Sequence
+
+    seq = Sequence.__new__(Sequence)
+    seq.odds = DivergenceOdds()
+    seq.opts = SimpleNamespace(num_candidates=3, trigger=None, trigger_rate=0.0, mode=None)
+    seq.committed, seq.unsent, seq.prompt_len = 10, 13, 5
+    seq.proposals = {10: SimpleNamespace(probs=[0.95, 0.04, 0.01], ids=[1, 2, 3]),  # a sure draft
+                     11: SimpleNamespace(probs=[0.45, 0.4, 0.15], ids=[4, 5, 6]),  # the likeliest divergence
+                     12: SimpleNamespace(probs=[0.55, 0.3, 0.15], ids=[7, 8, 9])}
+    seq.needs_check = lambda pos: True
+    seq.odds_key = lambda source=None: ("selector", "kl", 0.1)
+    assert seq._branch_points(1, set()) == [(11, 1)]
+    assert seq._branch_points(3, set()) == [(11, 1), (12, 1), (11, 2)]
+    assert seq._branch_points(2, {(11, 5)}) == [(12, 1), (11, 2)]  # a branch already drafted is not made again
 
 
 def test_divergence_odds_start_from_the_slm_doubt_and_learn():
