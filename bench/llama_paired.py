@@ -11,7 +11,7 @@ across rounds, so a slow spell falls on both:
 
 Per round the ratio is ours ÷ llama.cpp in tokens/s; the result is their geometric mean with a 95 % t interval
 of the mean log. Shape `split` pins the worker and llama.cpp's 0.5B to the first CPU and the selector and
-llama.cpp's 1.5B to the last, one thread each (as the preset's split rows); `shared` gives every process all
+llama.cpp's 1.5B to the second, one thread each (as the preset's split rows); `shared` gives every process all
 CPUs. End to end our rows pay the prompt's prefill, which llama-bench's tg rows do not; the second ratio takes our
 tokens after the stream's first delta, over the client's time from it to the last delta, which is what tg
 measures.
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import native_ref  # noqa: E402
 import run_bench  # noqa: E402
 from run_bench import git_commit, machine, write_results  # noqa: E402
-from split_cores import START_TIMEOUT_S, Role, ServerProcess, free_port, set_flags  # noqa: E402
+from split_cores import (Role, ServerProcess, Shape, free_port, selector_command, single_shape,  # noqa: E402
+                         worker_command)
 from worker_ab import abba, paired_ratio  # noqa: E402
 
 from s2t.modes import Mode  # noqa: E402
@@ -65,6 +65,9 @@ class Streamed:
     @property
     def decode_tokens_per_s(self) -> float:
         """The tokens after the first delta over the time after it: no prompt prefill, as llama-bench's tg."""
+        if self.tokens <= self.first_tokens:
+            raise RuntimeError(f"all {self.tokens} tokens came in the first delta: give --max-new more than one "
+                               "(mode llm's first delta is a whole worker.decode_chunk)")
         return (self.tokens - self.first_tokens) / self.after_first_s
 
 
@@ -126,24 +129,15 @@ async def run(args, payload: dict, write) -> None:
     from s2t.model_store import fetch_gguf
     from s2t.v1 import generation_pb2_grpc as gen_grpc
 
-    cpus = sorted(os.sched_getaffinity(0))
-    split = args.shape == "split"
-    if split and len(cpus) < 2:
-        raise SystemExit("llama_paired: the split shape needs two usable CPUs")
-    threads = 1 if split else len(cpus)
-    pins = {Role.WORKER: (cpus[0],), Role.SELECTOR: (cpus[-1],)} if split else {Role.WORKER: None,
-                                                                              Role.SELECTOR: None}
+    plan = single_shape(Shape(args.shape), "llama_paired")
+    threads, pins = plan.threads, {role: plan.cpus(role) for role in Role}
     settings = load_settings(**{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
     bin_dir = native_ref.find_llama_cpp(args.llama_cpp)
     ggufs = {role: fetch_gguf(settings.worker.model if role is Role.WORKER else settings.selector.model,
                               settings.cache_dir) for role in Role}
     selector_port = free_port()
-    user = [arg for s in args.set for arg in ("--set", s)]
-    selector_args = user + set_flags({"selector.runtime.threads": threads, "selector.grpc_port": selector_port}) + [
-        "serve-selector", "--no-ray"]
-    worker_args = user + set_flags({"worker.runtime.threads": threads, "worker.port": 0,
-                                    "worker.selector_address": f"127.0.0.1:{selector_port}"}) + [
-        "serve-worker", "--wait-for-selector", str(START_TIMEOUT_S)]
+    selector_args = selector_command(args.set, threads, selector_port)
+    worker_args = worker_command(args.set, threads, selector_port)
     problems = gsm8k.load("test", 0, args.rounds)
     servers: dict[Role, ServerProcess] = {}
     try:

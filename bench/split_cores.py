@@ -160,6 +160,33 @@ def plan_shapes(shapes: list[Shape], cpus: list[int], have_taskset: bool) -> tup
     return plans, notes
 
 
+def single_shape(shape: Shape, tool: str) -> ShapePlan:
+    """The one shape a paired tool (worker_ab, llama_paired) runs in, planned as the preset plans it; the tool
+    exits with plan_shapes' reason when this box cannot run it."""
+    plans, notes = plan_shapes([shape], sorted(os.sched_getaffinity(0)), shutil.which("taskset") is not None)
+    if not plans:
+        raise SystemExit(f"{tool}: {notes[0]}")
+    return plans[0]
+
+
+def selector_command(user_settings: list[str], threads: int, grpc_port: int, metrics_port: int | None = None
+                     ) -> list[str]:
+    """`s2t` arguments of a --no-ray selector with the user's --set overrides, `threads` torch threads, on
+    `grpc_port` (and a /metrics endpoint on `metrics_port`)."""
+    own = {"selector.runtime.threads": threads, "selector.grpc_port": grpc_port}
+    if metrics_port is not None:
+        own["selector.metrics_port"] = metrics_port
+    return [arg for s in user_settings for arg in ("--set", s)] + set_flags(own) + ["serve-selector", "--no-ray"]
+
+
+def worker_command(user_settings: list[str], threads: int, selector_port: int) -> list[str]:
+    """`s2t` arguments of a worker on a free port with the user's --set overrides (the worker's own last, so they
+    win), `threads` torch threads, talking to the selector on `selector_port`."""
+    return [arg for s in user_settings for arg in ("--set", s)] + set_flags(
+        {"worker.runtime.threads": threads, "worker.port": 0, "worker.selector_address": f"127.0.0.1:{selector_port}"}
+    ) + ["serve-worker", "--wait-for-selector", str(START_TIMEOUT_S)]
+
+
 # ---- statistics and parsing --------------------------------------------------------------------------------
 
 
@@ -518,12 +545,8 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
     from s2t.v1 import generation_pb2_grpc as gen_grpc
 
     selector_port, metrics_port = free_port(), free_port()
-    user = [arg for s in user_settings for arg in ("--set", s)]
-    selector_args = user + set_flags({"selector.runtime.threads": plan.threads, "selector.grpc_port": selector_port,
-                                      "selector.metrics_port": metrics_port}) + ["serve-selector", "--no-ray"]
-    worker_args = user + set_flags({"worker.runtime.threads": plan.threads, "worker.port": 0,
-                                    "worker.selector_address": f"127.0.0.1:{selector_port}"}) + [
-        "serve-worker", "--wait-for-selector", str(START_TIMEOUT_S)]
+    selector_args = selector_command(user_settings, plan.threads, selector_port, metrics_port)
+    worker_args = worker_command(user_settings, plan.threads, selector_port)
     servers: dict[Role, ServerProcess] = {}
     shape_processes = payload["processes"].setdefault(plan.shape.value, {})
     by_shape = payload["memory"].setdefault("by_shape", {})

@@ -11,7 +11,7 @@ settings do not change the algorithm (e.g. worker.selector_prefill), which the r
 
     python bench/worker_ab.py --name prefill-ab --problems 8 --max-new 128 --set-b worker.selector_prefill=false
 
-Shapes: `split` (default) pins the selector to the last usable CPU and both workers to the first, one thread
+Shapes: `split` (default) pins the selector to the second usable CPU and both workers to the first, one thread
 each, as bench/split_cores.py does; `shared` leaves every CPU to all three with one thread per CPU.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import sys
 import time
 import types
@@ -31,8 +30,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import run_bench  # noqa: E402
 from run_bench import Row, git_commit, machine, write_results  # noqa: E402
-from split_cores import (START_TIMEOUT_S, Role, ServerProcess, free_port, per_problem_speed, set_flags,  # noqa: E402
-                         t_interval)
+from split_cores import (Role, ServerProcess, Shape, free_port, per_problem_speed, selector_command,  # noqa: E402
+                         single_shape, t_interval, worker_command)
 
 from s2t.modes import Mode  # noqa: E402
 
@@ -108,26 +107,16 @@ async def run(args, payload: dict, write) -> None:
     from s2t import gsm8k
     from s2t.v1 import generation_pb2_grpc as gen_grpc
 
-    cpus = sorted(os.sched_getaffinity(0))
-    split = args.shape == "split"
-    if split and len(cpus) < 2:
-        raise SystemExit("worker_ab: the split shape needs two usable CPUs")
-    threads = 1 if split else len(cpus)
-    worker_cpus, selector_cpus = ((cpus[0],), (cpus[-1],)) if split else (None, None)
+    plan = single_shape(Shape(args.shape), "worker_ab")
     selector_port = free_port()
-    both = [arg for s in args.set for arg in ("--set", s)]
-    selector_args = both + set_flags({"selector.runtime.threads": threads, "selector.grpc_port": selector_port}) + [
-        "serve-selector", "--no-ray"]
+    selector_args = selector_command(args.set, plan.threads, selector_port)
     servers: dict[str, ServerProcess] = {}
     problems = gsm8k.load("test", 0, args.problems)
     try:
-        servers["selector"] = await ServerProcess.spawn(Role.SELECTOR, selector_args, selector_cpus)
+        servers["selector"] = await ServerProcess.spawn(Role.SELECTOR, selector_args, plan.cpus(Role.SELECTOR))
         for side in SIDES:
-            own = [arg for s in getattr(args, f"set_{side}") for arg in ("--set", s)]
-            worker_args = both + own + set_flags({"worker.runtime.threads": threads, "worker.port": 0,
-                                                  "worker.selector_address": f"127.0.0.1:{selector_port}"}) + [
-                "serve-worker", "--wait-for-selector", str(START_TIMEOUT_S)]
-            servers[side] = await ServerProcess.spawn(Role.WORKER, worker_args, worker_cpus)
+            worker_args = worker_command(args.set + getattr(args, f"set_{side}"), plan.threads, selector_port)
+            servers[side] = await ServerProcess.spawn(Role.WORKER, worker_args, plan.cpus(Role.WORKER))
         await asyncio.gather(*(server.serving() for server in servers.values()))
         row = Row(f"ab-{args.mode}", args.mode)
         results: dict[str, list[dict]] = {side: [] for side in SIDES}

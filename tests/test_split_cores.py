@@ -323,3 +323,18 @@ def test_the_per_problem_interval_holds_the_mean_when_every_problem_ran_at_the_s
     per_problem = row["tokens_per_s_per_problem"]
     lo, hi = per_problem["ci95"]
     assert lo <= per_problem["mean"] <= hi
+
+
+def test_paired_tools_plan_their_one_shape_as_the_preset_and_start_the_same_servers(monkeypatch):
+    monkeypatch.setattr(split_cores.os, "sched_getaffinity", lambda pid: {3})
+    with pytest.raises(SystemExit, match="worker_ab: split shape skipped: it needs 2 usable CPUs"):
+        split_cores.single_shape(split_cores.Shape.SPLIT, "worker_ab")
+    assert split_cores.single_shape(split_cores.Shape.SHARED, "t").threads == 1
+    selector = split_cores.selector_command(["selector.max_batch_size=4"], 1, 5000)
+    assert selector[:2] == ["--set", "selector.max_batch_size=4"] and selector[-2:] == ["serve-selector", "--no-ray"]
+    assert "selector.grpc_port=5000" in selector and not any("metrics_port" in a for a in selector)
+    assert "selector.metrics_port=5001" in split_cores.selector_command([], 1, 5000, 5001)
+    worker = split_cores.worker_command(["worker.block_size=4", "worker.block_size=16"], 2, 5000)
+    assert worker[:4] == ["--set", "worker.block_size=4", "--set", "worker.block_size=16"]  # the later one wins
+    assert "worker.selector_address=127.0.0.1:5000" in worker and "worker.runtime.threads=2" in worker
+    assert worker[-3:-1] == ["serve-worker", "--wait-for-selector"]
