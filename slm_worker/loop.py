@@ -142,12 +142,13 @@ class Scheduler:
         #    cost little, where rows beside many sequences' would slow every one of them. Asked only while they
         #    can fit: a branch forks its request's KV cache, which a busy worker should not pay for.
         branches = []
-        rows = 1 + max((s.opts.max_branches for s in self.active), default=0)
-        for seq in self.active if len(ready) <= BRANCH_FORWARD_SEQUENCES else ():
-            branches += [(seq, branch) for branch in seq.branch_rows()]
-            if len(ready) + len(branches) > rows:
-                branches = []
-                break
+        if len(ready) <= BRANCH_FORWARD_SEQUENCES:
+            rows = 1 + max((s.opts.max_branches for s in self.active), default=0)
+            for seq in self.active:
+                branches += [(seq, branch) for branch in seq.branch_rows()]
+                if len(ready) + len(branches) > rows:
+                    branches = []
+                    break
         if not ready and not branches:
             self._wake.clear()
             await self._wake.wait()

@@ -280,6 +280,7 @@ class Sequence:
     def _branch_points(self, n: int, taken: set[tuple[int, int]]) -> list[tuple[int, int]]:
         """The n likeliest (position, candidate rank) picks in flight other than the drafts, skipping `taken`."""
         key, accepted, odds = self.odds_key(), 1.0, []
+        rank_odds = [0.0] + [self.odds.p_rank(key, rank) for rank in range(1, self.opts.num_candidates)]
         for pos in range(self.committed, self.unsent):
             if not self.needs_check(pos):
                 continue
@@ -287,7 +288,7 @@ class Sequence:
             ids = self.proposals[pos].ids
             for rank in range(1, min(self.opts.num_candidates, len(ids))):
                 if (pos, ids[rank]) not in taken:
-                    odds.append((accepted * d * self.odds.p_rank(key, rank), pos, rank))
+                    odds.append((accepted * d * rank_odds[rank], pos, rank))
             accepted *= 1.0 - d
         odds.sort(key=lambda o: -o[0])  # stable: ties go to the earlier position, then the higher candidate
         return [(pos, rank) for _, pos, rank in odds[:n]]
