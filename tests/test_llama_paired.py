@@ -64,5 +64,7 @@ async def test_streamed_speed_counts_the_tokens_after_the_first_delta_over_the_t
     assert (timed.tokens, timed.first_tokens) == (40, 16) and timed.after_first_s >= 0 and timed.latency_s > 0
     assert stub.sent[0].options.mode == pb.MODE_LLM and stub.sent[0].options.max_new_tokens == 40
     assert llama_paired.Streamed(40, 5.0, 16, 2.0).decode_tokens_per_s == 12.0
+    with pytest.raises(RuntimeError, match="first delta"):  # a request shorter than one Decode chunk
+        llama_paired.Streamed(8, 1.0, 8, 0.0).decode_tokens_per_s
     with pytest.raises(RuntimeError, match="degraded"):  # a row that fell back to the SLM measures the wrong model
         await llama_paired.stream_one(Stub(pb.MODE_GREEDY), Mode.LLM, "q", 40)
