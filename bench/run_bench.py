@@ -307,7 +307,6 @@ async def generate_one(stack, row: Row, p: dict, max_new: int, concurrent: bool,
     st = r.stats
     return {"idx": p["idx"], "tokens": st.completion_tokens, "correct": gsm8k.is_correct(r.text, p["gold"]),
             "pred": gsm8k.extract(r.text), "gold": p["gold"], "wall_s": st.wall_s,
-            "time_to_first_token_s": st.time_to_first_token_s,
             "positions_checked": st.positions_checked, "picks_changed": st.picks_changed,
             "llm_forwards": st.llm_forwards, "bytes_sent": st.selector_bytes_sent,
             "bytes_received": st.selector_bytes_received, "unverified_tokens": st.unverified_tokens,
