@@ -55,12 +55,12 @@ def main() -> None:
     if not kernels._cpu_supports("int8_amx") or kernels.load_int8_amx_linear() is None:
         sys.exit(f"amx_layout_probe: int8_amx is not available here ({kernels.unavailable_reason('int8_amx')})")
     torch.set_num_threads(1)
-    # torch's builder rebuilds on a change of the source or the flags, not of what it includes: the header's
+    # torch's builder rebuilds on a change of the source or the flags, not of what it includes: the headers'
     # hash goes into the flags, as s2t/kernels does for its own builds
-    header = ROOT / "s2t" / "kernels" / "act_quant.h"
-    digest = hashlib.sha256(header.read_bytes()).hexdigest()[:16]
+    include = ROOT / "s2t" / "kernels"
+    digest = hashlib.sha256(b"".join((include / h).read_bytes() for h in ("act_quant.h", "amx_tiles.h"))).hexdigest()[:16]
     probe = load(name="s2t_probe_amx_b_layout", sources=[str(ROOT / "bench" / "kernels" / "amx_b_layout.cpp")],
-                 extra_cflags=[*kernels._AMX_INT8, f"-I{header.parent}", f"-DS2T_HEADERS_SHA256={digest}"],
+                 extra_cflags=[*kernels._AMX_INT8, f"-I{include}", f"-DS2T_HEADERS_SHA256={digest}"],
                  extra_ldflags=["-fopenmp"])
     rows = [int(r) for r in args.rows.split(",")]
     amx = wf._prepare_kernel("int8_amx")

@@ -14,32 +14,18 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "act_quant.h"
+#include "amx_tiles.h"
 
 namespace {
 
 constexpr int kTile = 16;        // outputs per band; at most this many activation rows per A tile
 constexpr int64_t kChunk = 64;   // inputs per tile row
 constexpr int64_t kRowAhead = 4;  // blocks the one-row path prefetches ahead (measured: 4 beat 0 and 16)
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool amx_permitted() {
-  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return permitted;
-}
 
 // C (tiles 0 and 5) and A (1, 2): mt rows; B (3, 4): 16 rows of kq.
 void configure(int mt) {

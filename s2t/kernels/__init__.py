@@ -16,7 +16,7 @@ Six builds of four kernels, serving four weight formats (s2t/weight_formats.py):
 - `int8_amx_linear` (int8_amx.cpp): int8_vnni's weights and activations on AMX tiles (Xeons since Sapphire
   Rapids), the format `int8_amx`: 16 weight rows times 16 activation rows per instruction, so a forward of
   a few to a few dozen rows costs about what one row does;
-Activation quantisation is shared (act_quant.h).
+Activation quantisation is shared (act_quant.h), and so is the AMX tile state (amx_tiles.h, with the bench probe bench/kernels/amx_b_layout.cpp).
 One more build serves no weight format: `decode_ops` (decode_ops.cpp, AVX2 and FMA), the small float32
 operations of a one-sequence decode step (residual add + RMSNorm, rotary + cache write + attention, silu * up) as
 one call each, for `Engine._decode_compiled`; `load_decode_ops()` returns the module or None.
@@ -131,7 +131,7 @@ _KERNELS = {
     "int4_vnni_avx2": _Kernel("int4_vnni", "s2t_int4_vnni_avx2", "int4_vnni.cpp", "int4_vnni_linear", _AVX2_F16C,
                               "AVX2, FMA and F16C", ("act_quant.h",)),
     "int8_amx": _Kernel("int8_amx", "s2t_int8_amx", "int8_amx.cpp", "int8_amx_linear", _AMX_INT8,
-                        "AMX (tile, int8) and AVX-512 VNNI", ("act_quant.h", "int8_args.h")),
+                        "AMX (tile, int8) and AVX-512 VNNI", ("act_quant.h", "amx_tiles.h", "int8_args.h")),
     # not a weight format: the batch-1 decode step's small operations (function "": the module itself)
     "decode_ops": _Kernel("decode_ops", "s2t_decode_ops", "decode_ops.cpp", "", _AVX2, "AVX2 and FMA"),
 }

@@ -26,39 +26,19 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "act_quant.h"
+#include "amx_tiles.h"
 #include "int8_args.h"
 
 namespace {
 
 constexpr int kTile = 16;        // weight rows per A tile; activation rows per B tile
 constexpr int64_t kChunk = 64;   // inputs per tile (a 64-byte tile row)
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool request_amx() {
-  constexpr long kArchReqXcompPerm = 0x1023;
-  constexpr long kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-
-bool amx_permitted() {
-  static const bool permitted = request_amx();
-  return permitted;
-}
 
 // Tile configuration is per thread: every parallel chunk loads it and releases the tiles when done.
 void configure_tiles() {
