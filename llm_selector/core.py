@@ -32,7 +32,7 @@ import torch
 from s2t.v1 import selector_pb2 as pb
 from s2t.config import SelectorSettings
 from s2t.runtime import Engine
-from s2t.triggers import ThresholdTable, kl_on_support
+from s2t.triggers import ThresholdTable, VocabLogProbs, kl_on_support_at
 
 from s2t.selection_log import ScoredPosition, SelectionLog, SelectorIdentity, SelectRecord
 from .metrics import QuotaKind, SelectorMethod, SelectorMetrics, SelectorOutcome
@@ -450,7 +450,7 @@ class SelectorCore:
     def _select_one(self, ticket: Ticket, logits: torch.Tensor) -> pb.SelectResponse:
         req, session = ticket.request, ticket.session
         session.tokens.extend(req.token_ids)
-        logp = torch.log_softmax(logits.double(), dim=-1)
+        logp = VocabLogProbs(logits)  # read at the candidates, the KL support and the top-1 only
         trigger = req.trigger
         threshold = 0.0
         if trigger.kind == pb.SELECT_TRIGGER_KL:
@@ -462,18 +462,17 @@ class SelectorCore:
             after = outcome == pb.SELECT_OUTCOME_DIVERGED
             if after and self.log is None:
                 break  # the reply stops at the first divergence; only the log wants the positions after it
-            cand = torch.tensor(list(pos.candidate_ids))
-            cand_logp = logp[j, cand]
-            index = int(torch.argmax(cand_logp))  # first maximum: ties go to the SLM's higher rank
+            # the first maximum: ties go to the SLM's higher rank
+            index = int(torch.argmax(logp.at(j, list(pos.candidate_ids))))
             # takeover: the LLM's own full-vocabulary top-1 decides, whether or not it is a candidate
-            top1 = int(torch.argmax(logp[j])) if req.takeover else -1
+            top1 = logp.top1(j) if req.takeover else -1
             if trigger.kind == pb.SELECT_TRIGGER_ALWAYS:
                 fired, value = True, 0.0
             elif trigger.kind == pb.SELECT_TRIGGER_WORKER:
                 fired, value = pos.worker_triggered, 0.0
             else:
-                value = kl_on_support(list(pos.candidate_ids) + list(pos.support_ids),
-                                      list(pos.candidate_probs) + list(pos.support_probs), logp[j])
+                value = kl_on_support_at(list(pos.candidate_probs) + list(pos.support_probs),
+                                         logp.at(j, list(pos.candidate_ids) + list(pos.support_ids)))
                 fired = value > threshold
             diverged = fired and (top1 != pos.candidate_ids[0] if req.takeover else index != 0)
             if self.log is not None:
@@ -493,19 +492,19 @@ class SelectorCore:
         return pb.SelectResponse(session_id=req.session_id, step=req.step, outcome=outcome, selections=selections,
                                  session_length=len(session.tokens))
 
-    def _log_select(self, req: pb.SelectRequest, logp: torch.Tensor, threshold: float, outcome: int,
+    def _log_select(self, req: pb.SelectRequest, logp: VocabLogProbs, threshold: float, outcome: int,
                     scored: list[tuple[int, int, bool, float, bool]]) -> None:
         """Queue the request's record for the selection log: every position scored, also those after the
         first divergence. Never fails the request: the log is a by-product of serving."""
         try:
             positions = []
             for j, index, diverged, value, after in scored:
-                pos, row = req.positions[j], logp[j]
-                top1 = int(torch.argmax(row))
+                pos = req.positions[j]
+                top1 = logp.top1(j)
                 positions.append(ScoredPosition(
                     position=pos.position, candidate_ids=list(pos.candidate_ids),
-                    slm_probs=list(pos.candidate_probs), llm_probs=row[list(pos.candidate_ids)].exp().tolist(),
-                    llm_top1=top1, llm_top1_prob=float(row[top1].exp()), index=index, diverged=diverged,
+                    slm_probs=list(pos.candidate_probs), llm_probs=logp.at(j, list(pos.candidate_ids)).exp().tolist(),
+                    llm_top1=top1, llm_top1_prob=float(logp.at(j, [top1]).exp()), index=index, diverged=diverged,
                     after_divergence=after, trigger_value=value, worker_triggered=pos.worker_triggered,
                     worker_trigger_value=pos.worker_trigger_value))
             self.log.write(SelectRecord(

@@ -7,7 +7,8 @@ from s2t import gsm8k
 from s2t.calibration import calibrate, read_calibration, recall, thresholds, write_calibration
 from s2t.config import load_settings
 from s2t.runtime import Engine, load_model
-from s2t.triggers import LocalTrigger, Proposal, ThresholdTable, propose
+from s2t.triggers import (LocalTrigger, Proposal, ThresholdTable, VocabLogProbs, kl_on_support, kl_on_support_at,
+                          propose)
 
 
 def test_flags_beat_environment_beat_yaml_beat_defaults(tmp_path, monkeypatch):
@@ -89,6 +90,26 @@ def test_propose_reads_top64_entropy_and_margin():
     assert p.margin == pytest.approx(0.2, abs=1e-6)
     probs = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     assert p.entropy == pytest.approx(float(-(probs * probs.log()).sum()), abs=1e-5)
+
+
+def test_vocab_log_probs_read_the_log_softmax_at_the_ids_asked_for():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 1000) * 4
+    logits[2, 7] = logits[2, 11] = logits[2].max() + 1  # a tie: the first maximum wins, as in the log-softmax
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    ids = [3, 999, 0, 11, 7]
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        rows = VocabLogProbs(logits.to(dtype))
+        for row in range(5):
+            got = rows.at(row, ids)
+            assert got.dtype == torch.float64
+            assert torch.allclose(got, reference[row, ids], rtol=0, atol=tolerance)
+            assert rows.top1(row) == int(torch.argmax(reference[row]))
+    assert VocabLogProbs(logits).top1(2) == 7
+    # the KL trigger reads the same value from the ids alone as from the full row
+    probs = torch.softmax(torch.randn(5).double(), -1).tolist()
+    assert kl_on_support_at(probs, VocabLogProbs(logits).at(1, ids)) == pytest.approx(
+        kl_on_support(ids, probs, reference[1]), rel=1e-9)
 
 
 def test_quantile_thresholds_hit_their_rates_and_recall():
