@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from .runtime import Engine
-from .triggers import Proposal, kl_on_support, propose
+from .triggers import Proposal, VocabLogProbs, kl_on_support_at, propose
 
 RATES = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
 
@@ -90,12 +90,13 @@ def greedy_trajectories(engine: Engine, prompts: list[list[int]], max_new_tokens
     return out
 
 
-def teacher_logprobs(engine: Engine, prompt: list[int], generated: list[int]) -> torch.Tensor:
-    """LLM log-probabilities [len(generated), vocab] at each generated position, in one forward."""
+def teacher_logprobs(engine: Engine, prompt: list[int], generated: list[int]) -> VocabLogProbs:
+    """LLM log-probabilities at each generated position (rows 0..len(generated)-1), in one forward; read as the
+    selector reads them, so the calibrated KL thresholds are defined on the values it computes."""
     seq = list(prompt) + list(generated)
     want = list(range(len(prompt) - 1, len(seq) - 1))
     logits = engine.forward([engine.new_cache()], [seq[:-1] if len(seq) > len(prompt) else seq], [want])[0]
-    return torch.log_softmax(logits.double(), dim=-1)
+    return VocabLogProbs(logits)
 
 
 def thresholds(values: list[float], high_fires: bool) -> dict[str, float]:
@@ -132,9 +133,8 @@ def calibrate(slm: Engine, llm: Engine | None, prompts: list[list[int]], max_new
             entropy.append(p.entropy)
             margin.append(p.margin)
             if teacher is not None:
-                kl.append(kl_on_support(p.ids, p.probs, teacher[step]))
-                cand = torch.tensor(p.ids[:num_candidates])
-                divergent.append(int(torch.argmax(teacher[step, cand])) != 0)
+                kl.append(kl_on_support_at(p.probs, teacher.at(step, p.ids)))
+                divergent.append(int(torch.argmax(teacher.at(step, p.ids[:num_candidates]))) != 0)
     out = {
         "slm": slm.lm.name, "llm": llm.lm.name if llm is not None else None, "vocab_sha256": slm.lm.vocab_sha256,
         "data": f"GSM8K train, {len(prompts)} problems", "max_new_tokens": max_new_tokens,
