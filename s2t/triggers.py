@@ -115,11 +115,12 @@ class VocabLogProbs:
     the logits' own dtype, then logit - normaliser in float64 at the ids asked for.
 
     A Select reads ~72 ids a position (candidates, KL support, the LLM's top-1). The full float64 log-softmax
-    this replaces cost ~1 ms a position on one core (0.5 s and 1.2 GB of temporaries for a batch of 512
-    positions); the float32 normaliser costs a third of that and nothing the size of the logits. It is within
-    ~1e-6 of the float64 one: the KL trigger renormalises on its support, so its value does not depend on it
-    (bar the KL_P_FLOOR cut), the candidates' argmax never does, and the logged probabilities move by ~1e-6
-    relative. Models computing in float64 (the exact test references) keep a float64 normaliser.
+    this replaces cost ~0.3-1 ms a position on one core (0.5 s and 1.2 GB of temporaries for a batch of 512
+    positions); the float32 normaliser costs a fifth to a half of that and nothing the size of the logits
+    (bench/select_logprobs.py). It is within ~1e-6 of the float64 one: the KL trigger renormalises on its
+    support, so its value does not depend on it (bar the KL_P_FLOOR cut), the candidates' argmax never does,
+    and the logged probabilities move by ~1e-6 relative. Models computing in float64 (the exact test
+    references) keep a float64 normaliser.
     """
 
     def __init__(self, logits: torch.Tensor):
