@@ -2,9 +2,9 @@
 take, against `VocabLogProbs` (each row's normaliser in the logits' dtype, log-probabilities at the ids read).
 
 Part 1, decisions: the SLM's greedy trajectories on the first N GSM8K test problems (`s2t.calibration`'s
-`greedy_trajectories`, the proposals of every step), each scored by the LLM in one forward as `s2t calibrate`
-does, then at every position both ways: the candidates' argmax, the KL trigger value, and whether the trigger
-fires at each calibrated rate's threshold (`selector.kl_thresholds`).
+`greedy_trajectories`, the proposals of every step), each scored by the LLM in one forward by `s2t calibrate`'s
+own `teacher_logprobs`, then at every position both ways: the candidates' argmax, the KL trigger value, and
+whether the trigger fires at each calibrated rate's threshold (`selector.kl_thresholds`).
 Part 2, cost: the two computations alone on random float32 [n, vocab] logits at several position counts, one
 thread, best of `--repeats`.
 
@@ -32,11 +32,11 @@ def decisions(problems: int, max_new: int, num_candidates: int, threads: int) ->
     import torch
 
     from s2t import gsm8k
-    from s2t.calibration import greedy_trajectories
+    from s2t.calibration import greedy_trajectories, teacher_logprobs
     from s2t.config import load_settings
     from s2t.prompts import chat_prompt_ids
     from s2t.runtime import Engine, load_model
-    from s2t.triggers import VocabLogProbs, kl_on_support, kl_on_support_at
+    from s2t.triggers import kl_on_support, kl_on_support_at
 
     settings = load_settings()
     slm = Engine(load_model(settings.worker.model, settings.cache_dir, settings.worker.runtime.weight_formats, threads))
@@ -48,9 +48,8 @@ def decisions(problems: int, max_new: int, num_candidates: int, threads: int) ->
     out = dict(positions=0, argmax_differs=0, max_relative_kl_difference=0.0,
                trigger_flips={f"{r:g}": 0 for r in thresholds}, nearest_relative_distance_to_a_threshold=float("inf"))
     for prompt, (generated, proposals) in zip(prompts, greedy_trajectories(slm, prompts, max_new, slm.lm.stop_ids)):
-        seq = list(prompt) + list(generated)
-        logits = llm.forward([llm.new_cache()], [seq[:-1]], [list(range(len(prompt) - 1, len(seq) - 1))])[0]
-        full, read = torch.log_softmax(logits.double(), dim=-1), VocabLogProbs(logits)
+        read = teacher_logprobs(llm, prompt, generated)  # s2t calibrate's forward; its logits, read both ways
+        full = torch.log_softmax(read.logits.double(), dim=-1)
         for step, p in enumerate(proposals):
             out["positions"] += 1
             cands = p.ids[:num_candidates]
