@@ -124,7 +124,8 @@ class SelectorCore:
         from s2t.runtime import load_model
 
         sel = settings.selector
-        lm = load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats, sel.runtime.threads)
+        lm = load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats, sel.runtime.threads,
+                        sel.runtime.device)
         calibration = read_calibration(settings.calibration_file()) or {}
         selection_log = None
         if sel.log_enabled:
@@ -148,7 +149,7 @@ class SelectorCore:
             max_decode_tokens=s.max_decode_tokens,
             kl_thresholds=self.kl.as_dict(),
             weight_formats=self.engine.lm.plan.describe(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
-            accepts_prefill=True)
+            accepts_prefill=True, device=str(self.engine.device))
 
     def problem(self) -> str | None:
         """Why this selector should not serve, or None: Ray Serve restarts a replica whose check_health raises."""

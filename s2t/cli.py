@@ -82,7 +82,7 @@ def cmd_calibrate(args) -> None:
     problems = gsm8k.load("train", 0, args.problems)
     prompts = [chat_prompt_ids(slm.lm.tokenizer, ws.system_prompt, p["question"]) for p in problems]
     llm = None if args.no_llm else Engine(load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats,
-                                                    sel.runtime.threads))
+                                                    sel.runtime.threads, sel.runtime.device))
     result = calibrate(slm, llm, [list(p) for p in prompts], args.max_new_tokens, ws.warmup_steps,
                        ws.num_candidates, log=lambda m: print(m, file=sys.stderr))
     path = Path(args.output) if args.output else settings.calibration_file()

@@ -39,6 +39,19 @@ class RuntimeSettings(_Section):
         "'auto' never picks), or five comma-separated formats for calls of "
         "1, 2-4, 5-8, 9-16 and more rows",
     )
+    device: str = Field(
+        "cpu",
+        description="where the model runs: 'cpu', or 'cuda' / 'cuda:N' (an NVIDIA GPU; the selector only). On a GPU "
+        "weight_formats 'auto' and 'bf16' mean bf16 weights, 'fp32' float32, 'native' the checkpoint's dtype; the "
+        "int8/int4 formats are CPU kernels",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {v!r}")
+        return v
 
 
 class TriggerThresholds(_Section):
@@ -188,6 +201,15 @@ class WorkerSettings(_Section):
     def _worker_id(cls, v: str | None) -> str | None:
         if v is not None and not WORKER_ID_PATTERN.fullmatch(v):
             raise ValueError("worker_id must be 1 to 128 letters, digits or ._:@/+-")
+        return v
+
+    @field_validator("runtime")
+    @classmethod
+    def _worker_on_cpu(cls, v: RuntimeSettings) -> RuntimeSettings:
+        # The worker's draft steps, S2T-Local's tree scoring and its adapters' training are CPU code (kernels,
+        # tensors built on the host); only the selector's forwards run on a GPU.
+        if v.device != "cpu":
+            raise ValueError(f"device {v.device!r}: the worker runs on the CPU only (selector.runtime.device may be a GPU)")
         return v
 
 

@@ -50,8 +50,13 @@ class LoadedModel:
         """Rows of the output layer: valid token ids are [0, vocab_size)."""
         return self.model.get_output_embeddings().out_features
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def describe(self) -> dict:
-        return {"model": self.name, "path": str(self.path), "weight_formats": self.plan.describe(),
+        return {"model": self.name, "path": str(self.path), "device": str(self.device),
+                "weight_formats": self.plan.describe(),
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "cpu_capability": cpu_capability(),
                 "threads": torch.get_num_threads(), "load_s": round(self.load_s, 2),
                 "weight_gb": round(self.weight_bytes / 1e9, 3)}
@@ -101,15 +106,44 @@ def stop_ids_of(model: nn.Module, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def load_model(spec: str, cache_dir: Path, weight_formats: str = "auto", threads: int = 0) -> LoadedModel:
-    """Load a registry model or a local transformers directory for inference with the given weight plan."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# On a GPU a model computes in one dtype with torch's own kernels: what each weight_formats value means there
+# (None: the checkpoint's dtype). The other formats are CPU kernels.
+GPU_DTYPES: dict[str, torch.dtype | None] = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                                              "native": None}
+
+
+def gpu_dtype(device: str, weight_formats: str) -> torch.dtype | None:
+    """The dtype a model on `device` (a CUDA device) computes in for `weight_formats`; ValueError, naming what
+    is wrong, where torch sees no such device or the format is a CPU kernel."""
+    if weight_formats not in GPU_DTYPES:
+        raise ValueError(f"weight_formats {weight_formats!r} are CPU kernels; on {device} use one of {sorted(GPU_DTYPES)}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return GPU_DTYPES[weight_formats]
+
+
+def load_model(spec: str, cache_dir: Path, weight_formats: str = "auto", threads: int = 0,
+               device: str = "cpu") -> LoadedModel:
+    """Load a registry model or a local transformers directory for inference with the given weight plan, on
+    the CPU or on a CUDA device (RuntimeSettings.device)."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     set_threads(threads)
     t0 = time.perf_counter()
     path = resolve_model(spec, cache_dir)
+    if device != "cpu":
+        dtype = gpu_dtype(device, weight_formats)
+        # straight onto the device (accelerate's loader), never a host copy of the whole model first
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa",
+                                                     device_map={"": device})
+        model.eval().requires_grad_(False)
+        # the plan only names what computes here (torch's own kernels in that dtype): no format is applied
+        return _loaded(model, path, FormatPlan.uniform({torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, "native")), t0)
     plan = resolve_plan(weight_formats, path)
     # bf16 everywhere when the plan is bf16 alone; otherwise fp32 activations around the chosen kernels.
     formats = set(plan.formats)
@@ -130,6 +164,12 @@ def load_model(spec: str, cache_dir: Path, weight_formats: str = "auto", threads
     if dtype is not None:
         model.to(dtype)
     release_free_memory()
+    return _loaded(model, path, plan, t0)
+
+
+def _loaded(model: nn.Module, path: Path, plan: FormatPlan, t0: float) -> LoadedModel:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     manifest = read_manifest(path)
     name = manifest["name"] if manifest else path.name
@@ -152,15 +192,16 @@ class KVCache:
     Invariant: tap[:length] belongs to the same tokens as keys/values[:length].
     """
 
-    __slots__ = ("keys", "values", "length", "capacity", "_shape", "dtype", "first_layer", "tap_layer", "tap",
-                 "_hidden")
+    __slots__ = ("keys", "values", "length", "capacity", "_shape", "dtype", "device", "first_layer", "tap_layer",
+                 "tap", "_hidden")
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, first_layer: int = 0,
-                 tap_layer: int | None = None, hidden_size: int = 0):
+                 tap_layer: int | None = None, hidden_size: int = 0, device: torch.device | str = "cpu"):
         if not 0 <= first_layer < num_layers:
             raise ValueError(f"first_layer {first_layer} outside [0, {num_layers})")
         self._shape = (num_layers - first_layer, num_kv_heads, head_dim)
         self.dtype = dtype
+        self.device = torch.device(device)
         self.first_layer = first_layer
         self.tap_layer = tap_layer
         self._hidden = hidden_size
@@ -177,14 +218,14 @@ class KVCache:
         cap = max(total, 2 * self.capacity, 64)
         for store in (self.keys, self.values):
             for i in range(layers):
-                new = torch.empty(heads, cap, dim, dtype=self.dtype)
+                new = torch.empty(heads, cap, dim, dtype=self.dtype, device=self.device)
                 if i < len(store):
                     new[:, : self.length] = store[i][:, : self.length]
                     store[i] = new
                 else:
                     store.append(new)
         if self.tap_layer is not None:
-            tap = torch.empty(cap, self._hidden, dtype=self.dtype)
+            tap = torch.empty(cap, self._hidden, dtype=self.dtype, device=self.device)
             if self.tap is not None:
                 tap[: self.length] = self.tap[: self.length]
             self.tap = tap
@@ -202,7 +243,7 @@ class KVCache:
             raise ValueError(f"fork length {length} outside [0, {self.length}]")
         layers, heads, dim = self._shape
         other = KVCache(self.first_layer + layers, heads, dim, self.dtype, first_layer=self.first_layer,
-                        tap_layer=self.tap_layer, hidden_size=self._hidden)
+                        tap_layer=self.tap_layer, hidden_size=self._hidden, device=self.device)
         other.reserve(max(length + room, 1))
         for src, dst in ((self.keys, other.keys), (self.values, other.values)):
             for s, d in zip(src, dst):
@@ -312,6 +353,8 @@ class Engine:
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv_dtype = lm.compute_dtype
+        # Where the weights, caches and activations live. Logits come back on the CPU either way (forward).
+        self.device = lm.device
         self.base = lm.model.base_model
         self.head = lm.model.get_output_embeddings()
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
@@ -342,7 +385,7 @@ class Engine:
         # the format the plan picks for that many rows (`_steps_for`).
         self._ops = None
         self._steps: dict[int, list[_LayerStep] | None] = {}  # per row-count bucket of the plan, built on first use
-        if self.fast_decode and self.kv_dtype == torch.float32:
+        if self.fast_decode and self.kv_dtype == torch.float32 and self.device.type == "cpu":
             self._final_norm = _norm_weight(self.base.norm)
             if self._final_norm is not None and _silu_mlp(cfg) and self._steps_for(1) is not None:
                 self._ops = kernels.load_decode_ops()
@@ -355,7 +398,7 @@ class Engine:
         at `tap_layer` when one is set."""
         tap = self.tap_layer if first_layer == 0 else None
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype, first_layer=first_layer,
-                       tap_layer=tap, hidden_size=self.hidden_size)
+                       tap_layer=tap, hidden_size=self.hidden_size, device=self.device)
 
     def set_tap(self, layer: int | None) -> None:
         """From now on, new drafting caches keep the hidden state entering `layer` (None: stop tapping). Caches
@@ -379,7 +422,7 @@ class Engine:
 
     def forward(self, caches: list[KVCache], tokens: list[list[int]], want: list[list[int]]) -> list[torch.Tensor]:
         """Append tokens[b] to caches[b] and return logits [len(want[b]), vocab] for each b (float32, or
-        float64 for a float64 model).
+        float64 for a float64 model), on the CPU whatever device the model runs on.
 
         want[b] holds offsets into tokens[b]: offset i yields the next-token logits after tokens[b][i].
         Sequences are grouped by the number of new tokens so that padding (which the linear layers compute
@@ -432,8 +475,11 @@ class Engine:
         attending to the base (drafting) cache, which holds those layers' keys/values of the prefix already
         (the adapter has no weights there, so base and scorer agree on them); then new tokens — entering at
         layer S from the base cache's tap, never recomputed below it — and candidates go through [S, N) on
-        the scorer's cache with the adapter. Results equal the unsplit forward up to rounding.
+        the scorer's cache with the adapter. Results equal the unsplit forward up to rounding. CPU only: S2T-Local
+        scores on the worker, which runs on the CPU (RuntimeSettings.device).
         """
+        if self.device.type != "cpu":
+            raise ValueError(f"S2T-Local scoring runs on the CPU, not on {self.device}")
         out: list[list[torch.Tensor] | None] = [None] * len(jobs)
         for split in sorted({j.cache.first_layer for j in jobs}):
             idx = [i for i, j in enumerate(jobs) if j.cache.first_layer == split]
@@ -487,11 +533,12 @@ class Engine:
         base = self.base
         t = cache.length
         cache.reserve(t + 1)
-        hidden = base.embed_tokens(torch.tensor([[token]], dtype=torch.long))  # [1, 1, H]
-        position = torch.tensor([[t]], dtype=torch.long)
+        dev = self.device
+        hidden = base.embed_tokens(torch.tensor([[token]], dtype=torch.long, device=dev))  # [1, 1, H]
+        position = torch.tensor([[t]], dtype=torch.long, device=dev)
         cos, sin = base.rotary_emb(hidden, position)
         cos, sin = cos[:, None], sin[:, None]  # [1, 1, 1, D], broadcast over heads
-        mask = torch.ones(1, 1, 1, t + 1, dtype=torch.bool)
+        mask = torch.ones(1, 1, 1, t + 1, dtype=torch.bool, device=dev)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         for i, layer in enumerate(base.layers):
             if i == cache.tap_layer and cache.tap is not None:
@@ -529,7 +576,9 @@ class Engine:
         return self._output_logits(self.head(base.norm(hidden)[0]))
 
     def _output_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The head's output as the direct steps return it: at least float32, soft-capped where the model is."""
+        """The head's output as every forward returns it: on the CPU (copied in the head's dtype, half the bytes
+        of float32 for a bf16 model on a GPU, and exact), at least float32, soft-capped where the model is."""
+        logits = logits.cpu()
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -647,6 +696,8 @@ class Engine:
         kv = torch.arange(max(s + n for s, n in zip(starts, counts)))[None, None, :]
         # Row b, query i sees keys 0..start_b+i; padded queries (i >= count_b) see what their last real query sees.
         mask = (kv <= positions[:, :, None])[:, None]
+        # built on the host, then one copy each to a GPU (no-ops on the CPU)
+        ids, positions, mask = ids.to(self.device), positions.to(self.device), mask.to(self.device)
         batch_cache = _BatchCache(caches, starts, counts)
         self._tap_rows = (caches, starts, counts)
         try:
@@ -658,14 +709,12 @@ class Engine:
             c.length = s + n
         rows = [(b, i) for b, w in enumerate(want) for i in w]
         if not rows:
-            return [hidden.new_zeros(0, self.vocab_size) for _ in caches]
+            return [torch.zeros(0, self.vocab_size, dtype=torch.promote_types(hidden.dtype, torch.float32))
+                    for _ in caches]
         for w, n in zip(want, counts):
             _check_want(w, n)
         picked = hidden[[b for b, _ in rows], [i for _, i in rows]]
-        logits = self.head(picked)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = self._output_logits(self.head(picked))
         out, k = [], 0
         for w in want:
             out.append(logits[k:k + len(w)])

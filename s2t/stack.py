@@ -106,4 +106,5 @@ class LocalStack:
     def describe(self) -> dict:
         info = self.worker.selector_info
         return {"worker": self.worker.lm.describe(), "selector": {
-            "model": info.model_name, "weight_formats": info.weight_formats, "cpu_capability": info.cpu_capability}}
+            "model": info.model_name, "weight_formats": info.weight_formats, "cpu_capability": info.cpu_capability,
+            "device": info.device}}

@@ -154,7 +154,7 @@ class GetSelectorInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetSelectorInfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "vocab_sha256", "max_candidates", "max_positions", "max_context_tokens", "max_decode_tokens", "kl_thresholds", "weight_formats", "cpu_capability", "accepts_prefill")
+    __slots__ = ("model_name", "vocab_size", "vocab_sha256", "max_candidates", "max_positions", "max_context_tokens", "max_decode_tokens", "kl_thresholds", "weight_formats", "cpu_capability", "accepts_prefill", "device")
     class KlThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class GetSelectorInfoResponse(_message.Message):
     WEIGHT_FORMATS_FIELD_NUMBER: _ClassVar[int]
     CPU_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     vocab_sha256: str
@@ -184,4 +185,5 @@ class GetSelectorInfoResponse(_message.Message):
     weight_formats: str
     cpu_capability: str
     accepts_prefill: bool
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_sha256: _Optional[str] = ..., max_candidates: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_decode_tokens: _Optional[int] = ..., kl_thresholds: _Optional[_Mapping[str, float]] = ..., weight_formats: _Optional[str] = ..., cpu_capability: _Optional[str] = ..., accepts_prefill: _Optional[bool] = ...) -> None: ...
+    device: str
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_sha256: _Optional[str] = ..., max_candidates: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_decode_tokens: _Optional[int] = ..., kl_thresholds: _Optional[_Mapping[str, float]] = ..., weight_formats: _Optional[str] = ..., cpu_capability: _Optional[str] = ..., accepts_prefill: _Optional[bool] = ..., device: _Optional[str] = ...) -> None: ...
