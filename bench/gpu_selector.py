@@ -1,0 +1,220 @@
+"""The selector on a GPU (`selector.runtime.device: cuda`): what one selector replica answers per second.
+
+The paper's selector is a large model on GPUs serving many edge workers. This measures `SelectorCore` (the
+selector's whole logic: admission, batching, the forward, the KL trigger and the candidates' argmax, the
+session cut; no gRPC transport) on a CUDA device, for models of two shapes with random bf16 weights: the
+embedded selector's (Qwen2.5-Coder-1.5B) and the paper's (Qwen2.5-32B). Random weights decide nothing a user
+would read, but a forward reads and computes the same bytes whatever the weights are, so the timings are the
+shapes'. For each count of sessions: every session is prefilled with `--context` tokens (a Select without
+positions, all at once), then `--rounds` rounds in which every session sends one Select of `--block` new
+tokens, each a position with `--k` candidates and a 64-id KL support, the KL trigger at rate 0.1 (a worker's
+default request), all at once so that the selector batches them as it batches concurrent workers.
+
+    python bench/gpu_selector.py --name gpu-selector-h200 --shapes 1.5b,32b --sessions 1,4,16,64
+
+Per shape and session count: the round's wall time (the batch's latency, what each worker waits), the
+forward's share of it (Engine.forward, its logits copied back to the host), Selects and positions per second,
+and the GPU memory at its peak. Writes <out>/<name>.json and .md (default bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Shapes from the models' config.json (Qwen/Qwen2.5-Coder-1.5B-Instruct, Qwen/Qwen2.5-32B-Instruct).
+SHAPES = {
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    # for a check of this script on a machine without a GPU (--device cpu --shapes tiny)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
+}
+KL_RATE = 0.1
+SUPPORT = 64  # the worker's top-64 for the KL trigger: the K candidates and the rest as support_ids
+
+
+def random_model(shape: str, device: str, seed: int):
+    """A Qwen2 causal LM of `shape` with random bf16 weights, built on `device`, wrapped as a LoadedModel."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from s2t.runtime import LoadedModel
+    from s2t.weight_formats import FormatPlan, held_weight_bytes
+
+    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                      attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.eval().requires_grad_(False)
+    return LoadedModel(name=f"random-qwen2-{shape}", path=Path("/dev/null"), model=model, tokenizer=None,
+                       vocab_sha256="random", plan=FormatPlan.uniform("bf16"), compute_dtype=torch.bfloat16,
+                       stop_ids=(), load_s=time.perf_counter() - t0, weight_bytes=held_weight_bytes(model))
+
+
+def select_request(pb, session: str, step: int, length: int, tokens: list[int], k: int, vocab: int,
+                   rng: random.Random):
+    positions = []
+    for i in range(len(tokens)):
+        support = rng.sample(range(vocab), SUPPORT)
+        weights = sorted((rng.random() ** 3 for _ in support), reverse=True)
+        total = sum(weights)
+        probs = [w / total for w in weights]
+        positions.append(pb.CandidatePosition(position=length + i + 1, candidate_ids=support[:k],
+                                              candidate_probs=probs[:k], support_ids=support[k:],
+                                              support_probs=probs[k:]))
+    return pb.SelectRequest(session_id=session, step=step, prefix_length=length, token_ids=tokens,
+                            positions=positions, trigger=pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_KL,
+                                                                              kl_rate=KL_RATE))
+
+
+def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int) -> dict:
+    import torch
+
+    from llm_selector.core import SelectorCore
+    from s2t.config import load_settings
+    from s2t.runtime import Engine
+    from s2t.v1 import selector_pb2 as pb
+
+    settings = load_settings(**{"selector.log_enabled": False, "selector.max_batch_size": max(sessions, 1),
+                                "selector.max_sessions": 4 * sessions + 8, "selector.kv_budget_mb": 1 << 17,
+                                "selector.max_queued_requests": 4 * sessions + 64,
+                                "selector.kl_thresholds": {KL_RATE: 0.5}})
+    engine = Engine(lm)
+    forward_s: list[float] = []
+    inner = engine.forward
+
+    def timed_forward(*args):
+        t = time.perf_counter()
+        out = inner(*args)  # returns host logits: the device's work is done when it returns
+        forward_s.append(time.perf_counter() - t)
+        return out
+
+    engine.forward = timed_forward
+    core = SelectorCore(engine, settings.selector)
+    rng = random.Random(seed)
+    vocab = lm.vocab_size
+    state = {f"s{i}": [0, 0] for i in range(sessions)}  # session -> [length, next step]
+
+    async def one_round(block_tokens: int, with_positions: bool) -> float:
+        requests = []
+        for sid, (length, step) in state.items():
+            tokens = [rng.randrange(vocab) for _ in range(block_tokens)]
+            req = (select_request(pb, sid, step, length, tokens, k, vocab, rng) if with_positions else
+                   pb.SelectRequest(session_id=sid, step=step, prefix_length=length, token_ids=tokens,
+                                    trigger=pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_KL, kl_rate=KL_RATE)))
+            requests.append(req)
+        t = time.perf_counter()
+        replies = await asyncio.gather(*[core.handle(r, "select") for r in requests])
+        wall = time.perf_counter() - t
+        for sid, reply in zip(state, replies):
+            state[sid] = [reply.session_length, state[sid][1] + 1]
+        return wall
+
+    on_gpu = engine.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    prefill_s = asyncio.run(one_round(context, False))
+    asyncio.run(one_round(block, True))  # warm-up: first use of this batch shape
+    forward_s.clear()
+    walls = [asyncio.run(one_round(block, True)) for _ in range(rounds)]
+    forwards = list(forward_s)
+    wall = statistics.median(walls)
+    forward = statistics.median(forwards) if forwards else 0.0
+    result = dict(sessions=sessions, context=context, block=block, k=k, rounds=rounds,
+                  prefill_s=round(prefill_s, 4), prefill_tokens_per_s=round(sessions * context / prefill_s, 1),
+                  round_ms_median=round(1000 * wall, 2), round_ms_all=[round(1000 * w, 2) for w in walls],
+                  forward_ms_median=round(1000 * forward, 2), forwards_per_round=len(forwards) / rounds,
+                  other_ms_median=round(1000 * (wall - sum(forwards) / rounds), 2),
+                  selects_per_s=round(sessions / wall, 1), positions_per_s=round(sessions * block / wall, 1),
+                  diverged=core.counters["diverged"], peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+                  kv_gib=round(core.sessions.kv_bytes() / 2**30, 3))
+    core.close()
+    del core, engine
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return result
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# {report['name']}", "", f"Command: `{report['command']}`  ",
+             f"Date: {report['date']}; commit {report['commit']}  ",
+             f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}  ",
+             f"Each session: a {report['context']}-token prefill, then Selects of {report['block']} new tokens, "
+             f"K = {report['k']}, KL trigger (rate {KL_RATE}) over a {SUPPORT}-id support; random bf16 weights; "
+             "SelectorCore without the gRPC transport; medians over the rounds.", "",
+             "| shape | weights GiB | sessions | round (batch latency) ms | forward ms | rest ms | Selects/s | "
+             "positions/s | prefill tokens/s | peak GPU GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for shape in report["shapes"]:
+        for r in shape["runs"]:
+            lines.append(f"| {shape['shape']} | {shape['weight_gib']} | {r['sessions']} | {r['round_ms_median']} | "
+                         f"{r['forward_ms_median']} | {r['other_ms_median']} | {r['selects_per_s']} | "
+                         f"{r['positions_per_s']} | {r['prefill_tokens_per_s']} | {r['peak_gpu_gib']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--name", default="gpu-selector")
+    ap.add_argument("--shapes", default="1.5b,32b")
+    ap.add_argument("--sessions", default="1,4,16,64")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--block", type=int, default=8)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--commit", default="", help="the commit measured (the device's copy has no git history)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(min(8, torch.get_num_threads()))  # the host side: the logits' reading
+    report = dict(name=args.name, command="python bench/gpu_selector.py " + " ".join(sys.argv[1:]),
+                  date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), commit=args.commit,
+                  device=torch.cuda.get_device_name(args.device) if args.device != "cpu" else "cpu", torch=torch.__version__,
+                  transformers=transformers.__version__, context=args.context, block=args.block, k=args.k,
+                  host_threads=torch.get_num_threads(), shapes=[])
+    args.out.mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes.split(","):
+        lm = random_model(shape, args.device, seed=0)
+        entry = dict(shape=shape, weight_gib=round(lm.weight_bytes / 2**30, 2), build_s=round(lm.load_s, 1), runs=[])
+        report["shapes"].append(entry)
+        for n in (int(x) for x in args.sessions.split(",")):
+            run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n)
+            entry["runs"].append(run)
+            print(json.dumps({"shape": shape, **run}), flush=True)
+            (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+            (args.out / f"{args.name}.md").write_text(markdown(report))
+        del lm
+        gc.collect()
+        if args.device != "cpu":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
