@@ -68,6 +68,9 @@ def random_model(shape: str, device: str, seed: int):
     finally:
         torch.set_default_dtype(default)
     model.eval().requires_grad_(False)
+    with torch.no_grad():  # drawn here, whatever the constructor left (it may skip initialisation)
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     return LoadedModel(name=f"random-qwen2-{shape}", path=Path("/dev/null"), model=model, tokenizer=None,
                        vocab_sha256="random", plan=FormatPlan.uniform("bf16"), compute_dtype=torch.bfloat16,
                        stop_ids=(), load_s=time.perf_counter() - t0, weight_bytes=held_weight_bytes(model))
