@@ -88,6 +88,25 @@ def main() -> None:
                           ("transformers one token", lambda: hf(one_id))]:
             fn()
             print(f"{label}: {timed(fn, args.repeats):.2f} ms", flush=True)
+        # a Select's context grows with every block: each forward's attention has a new key length
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        for label, backends in [("default attention backends", None), ("without cuDNN attention", no_cudnn)]:
+            for c in caches:
+                c.crop(args.context)
+            times = []
+            for _ in range(12):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                if backends is None:
+                    engine.forward(caches, new, [list(range(args.block)) for _ in new])
+                else:
+                    with sdpa_kernel(backends):
+                        engine.forward(caches, new, [list(range(args.block)) for _ in new])
+                torch.cuda.synchronize()
+                times.append(round(1000 * (time.perf_counter() - t), 1))
+            print(f"engine block, growing context, {label}: {times} ms", flush=True)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

@@ -92,7 +92,8 @@ def select_request(pb, session: str, step: int, length: int, tokens: list[int], 
                                                                               kl_rate=KL_RATE))
 
 
-def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int) -> dict:
+def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int, no_cudnn: bool = False
+            ) -> dict:
     import torch
 
     from llm_selector.core import SelectorCore
@@ -113,6 +114,13 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
         out = inner(*args)  # returns host logits: the device's work is done when it returns
         forward_s.append(time.perf_counter() - t)
         return out
+
+    if no_cudnn:  # cuDNN's attention plans per shape, and every Select has a new key length
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def timed_forward(*args, _timed=timed_forward):
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                return _timed(*args)
 
     engine.forward = timed_forward
     core = SelectorCore(engine, settings.selector)
@@ -145,7 +153,7 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     forwards = list(forward_s)
     wall = statistics.median(walls)
     forward = statistics.median(forwards) if forwards else 0.0
-    result = dict(sessions=sessions, context=context, block=block, k=k, rounds=rounds,
+    result = dict(sessions=sessions, attention="without cuDNN" if no_cudnn else "default", context=context, block=block, k=k, rounds=rounds,
                   prefill_s=round(prefill_s, 4), prefill_tokens_per_s=round(sessions * context / prefill_s, 1),
                   round_ms_median=round(1000 * wall, 2), round_ms_all=[round(1000 * w, 2) for w in walls],
                   forward_ms_median=round(1000 * forward, 2), forwards_per_round=len(forwards) / rounds,
@@ -168,12 +176,13 @@ def markdown(report: dict) -> str:
              f"Each session: a {report['context']}-token prefill, then Selects of {report['block']} new tokens, "
              f"K = {report['k']}, KL trigger (rate {KL_RATE}) over a {SUPPORT}-id support; random bf16 weights; "
              "SelectorCore without the gRPC transport; medians over the rounds.", "",
-             "| shape | weights GiB | sessions | round (batch latency) ms | forward ms | rest ms | Selects/s | "
-             "positions/s | prefill tokens/s | peak GPU GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | weights GiB | sessions | attention | round (batch latency) ms | slowest round ms | forward ms | "
+             "rest ms | Selects/s | positions/s | prefill tokens/s | peak GPU GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape in report["shapes"]:
         for r in shape["runs"]:
-            lines.append(f"| {shape['shape']} | {shape['weight_gib']} | {r['sessions']} | {r['round_ms_median']} | "
+            lines.append(f"| {shape['shape']} | {shape['weight_gib']} | {r['sessions']} | {r['attention']} | "
+                         f"{r['round_ms_median']} | {max(r['round_ms_all'])} | "
                          f"{r['forward_ms_median']} | {r['other_ms_median']} | {r['selects_per_s']} | "
                          f"{r['positions_per_s']} | {r['prefill_tokens_per_s']} | {r['peak_gpu_gib']} |")
     return "\n".join(lines) + "\n"
@@ -189,6 +198,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--attention", default="default", help="comma-separated: default, no-cudnn (each run per session count)")
     ap.add_argument("--commit", default="", help="the commit measured (the device's copy has no git history)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -207,8 +217,8 @@ def main() -> None:
         lm = random_model(shape, args.device, seed=0)
         entry = dict(shape=shape, weight_gib=round(lm.weight_bytes / 2**30, 2), build_s=round(lm.load_s, 1), runs=[])
         report["shapes"].append(entry)
-        for n in (int(x) for x in args.sessions.split(",")):
-            run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n)
+        for n, attention in ((int(x), a) for x in args.sessions.split(",") for a in args.attention.split(",")):
+            run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n, no_cudnn=attention == "no-cudnn")
             entry["runs"].append(run)
             print(json.dumps({"shape": shape, **run}), flush=True)
             (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
