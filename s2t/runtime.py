@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
 from .weight_formats import (BUCKETS, FormatPlan, apply_plan, cpu_capability, format_available, fuse_outputs,
@@ -333,6 +334,11 @@ COMPILED_MAX_ROWS = int(os.environ.get("S2T_COMPILED_MAX_ROWS", "32"))
 # token each gain 1.41x (0.5B) and 1.22x (1.5B) at 100 sessions, two threads, the same Xeon
 # (bench/results/batched-decode-compiled-128.md); measured up to 100.
 COMPILED_MAX_BATCH_ROWS = int(os.environ.get("S2T_COMPILED_MAX_BATCH_ROWS", "128"))
+# Attention on a GPU, without cuDNN's: it builds a plan per shape, and every Select attends over a key length
+# of its own (its session's context so far). On an H200 (torch 2.11) one session's Selects of 8 tokens on the
+# 1.5B shape took 49 ms a round without it against 691 (rounds up to 1.9 s) with it, and 32B-shape ones 85
+# against 136 ms (bench/results/gpu-selector-h200.md); torch picks among the rest per call.
+CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Engine:
@@ -428,6 +434,12 @@ class Engine:
         Sequences are grouped by the number of new tokens so that padding (which the linear layers compute
         like real rows) stays small: a 150-token prefill does not run 50 one-token decodes 150 times over.
         """
+        if self.device.type == "cuda":
+            with sdpa_kernel(CUDA_ATTENTION):
+                return self._forward(caches, tokens, want)
+        return self._forward(caches, tokens, want)
+
+    def _forward(self, caches: list[KVCache], tokens: list[list[int]], want: list[list[int]]) -> list[torch.Tensor]:
         if any(len(t) < 1 for t in tokens):
             raise ValueError("every sequence in a forward needs at least one new token")
         # Proposals come from the base model: no S2T-Local adapter is active here (O(1) if none is).
