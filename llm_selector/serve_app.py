@@ -146,6 +146,19 @@ def _refuse_tls(settings: Settings) -> None:
                           "front of the proxy, or run the selector with --no-ray")
 
 
+def _replica_gpus(settings: Settings) -> int:
+    """GPUs each replica asks Ray for: one where the model runs on a GPU. Ray hides every GPU from an actor that
+    asks for none (CUDA_VISIBLE_DEVICES is emptied), and shows a replica only the one it was given, as cuda:0,
+    so a device index other than 0 would name a GPU the replica cannot see."""
+    device = settings.selector.runtime.device
+    if device == "cpu":
+        return 0
+    if device not in ("cuda", "cuda:0"):
+        raise ConfigError(f"bad setting selector.runtime.device = {device!r}: under Ray Serve each replica is given "
+                          "one GPU of its own, which it sees as 'cuda'; use 'cuda' (or run with --no-ray)")
+    return 1
+
+
 def build_app(settings: Settings):
     """The bound application; options come from the settings (a serve config file may override them).
 
@@ -153,13 +166,14 @@ def build_app(settings: Settings):
     `selector.auth_tokens`. `selector.tls` is refused: the proxy cannot serve TLS (see the module docstring)."""
     sel = settings.selector
     _refuse_tls(settings)
+    gpus = _replica_gpus(settings)
     from ray.serve.config import RequestRouterConfig
     from ray.serve.schema import LoggingConfig
 
     deployment = SelectorDeployment.options(
         num_replicas=sel.num_replicas,
         max_ongoing_requests=sel.max_ongoing_requests,
-        ray_actor_options={"num_cpus": sel.replica_num_cpus},
+        ray_actor_options={"num_cpus": sel.replica_num_cpus, "num_gpus": gpus},
         request_router_config=RequestRouterConfig(
             request_router_class=CONSISTENT_HASH_ROUTER,
             request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 0}),

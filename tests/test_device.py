@@ -98,3 +98,17 @@ def test_a_selector_on_a_gpu_selects_as_on_the_cpu(make_settings, tiny_pair):
     for a, b in zip(on_cpu, on_gpu):
         assert b.outcome == a.outcome and b.session_length == a.session_length
         assert [(s.position, s.index) for s in b.selections] == [(s.position, s.index) for s in a.selections]
+
+
+def test_a_ray_serve_replica_asks_for_the_gpu_its_model_runs_on(make_settings):
+    """Ray hides every GPU from an actor that asks for none, and shows a replica only its own, as cuda:0."""
+    from llm_selector import serve_app
+    from s2t.config import ConfigError
+
+    def gpus(device: str) -> float:
+        deployment = serve_app.build_app(make_settings(**{"selector.runtime.device": device}))._bound_deployment
+        return deployment.ray_actor_options["num_gpus"]
+
+    assert gpus("cpu") == 0 and gpus("cuda") == 1 and gpus("cuda:0") == 1
+    with pytest.raises(ConfigError, match=r"selector\.runtime\.device = 'cuda:1': under Ray Serve each replica"):
+        gpus("cuda:1")
