@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import kernels
 from .weight_formats import (BUCKETS, FormatPlan, apply_plan, cpu_capability, format_available, fuse_outputs,
                              fused_row_function, held_weight_bytes, measure_plan, release_free_memory, row_function)
+from .config import ConfigError
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash, weights_sha256
 from .rerank import adapter_scope, set_active_adapter, tree_inputs
@@ -114,15 +115,18 @@ GPU_DTYPES: dict[str, torch.dtype | None] = {"auto": torch.bfloat16, "bf16": tor
 
 
 def gpu_dtype(device: str, weight_formats: str) -> torch.dtype | None:
-    """The dtype a model on `device` (a CUDA device) computes in for `weight_formats`; ValueError, naming what
-    is wrong, where torch sees no such device or the format is a CPU kernel."""
+    """The dtype a model on `device` (a CUDA device) computes in for `weight_formats`; ConfigError, naming the
+    runtime setting, where torch sees no such device or the format is a CPU kernel."""
     if weight_formats not in GPU_DTYPES:
-        raise ValueError(f"weight_formats {weight_formats!r} are CPU kernels; on {device} use one of {sorted(GPU_DTYPES)}")
+        raise ConfigError(f"bad setting runtime.weight_formats = {weight_formats!r} with runtime.device = {device!r}: "
+                          f"those formats are CPU kernels; on a GPU use one of {sorted(GPU_DTYPES)}")
     if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
+        raise ConfigError(f"bad setting runtime.device = {device!r}: this torch ({torch.__version__}) sees no CUDA "
+                          "device (a GPU needs a CUDA build of torch; the project's pin installs the CPU wheel)")
     index = torch.device(device).index
     if index is not None and index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(f"bad setting runtime.device = {device!r}: torch sees {torch.cuda.device_count()} CUDA "
+                          "device(s)")
     return GPU_DTYPES[weight_formats]
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm_selector.core import SelectorCore
-from s2t.config import load_settings
+from s2t.config import ConfigError, load_settings
 from s2t.runtime import Engine, load_model
 from s2t.v1 import selector_pb2 as pb
 
@@ -29,13 +29,14 @@ def test_device_setting_names_the_field_and_keeps_the_worker_on_the_cpu():
 
 
 def test_a_gpu_refuses_cpu_kernel_formats_and_a_missing_device(tiny_pair):
-    with pytest.raises(ValueError, match=r"weight_formats 'int8_vnni' are CPU kernels"):
+    with pytest.raises(ConfigError, match=r"runtime\.weight_formats = 'int8_vnni' with runtime\.device = 'cuda': "
+                                          r"those formats are CPU kernels"):
         load_model(str(tiny_pair[1]), tiny_pair[1].parent, "int8_vnni", device="cuda")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"device 'cuda'.*sees no CUDA device"):
+        with pytest.raises(ConfigError, match=r"runtime\.device = 'cuda': this torch .* sees no CUDA device"):
             load_model(str(tiny_pair[1]), tiny_pair[1].parent, "native", device="cuda")
     else:
-        with pytest.raises(ValueError, match=r"CUDA device\(s\)"):
+        with pytest.raises(ConfigError, match=r"CUDA device\(s\)"):
             load_model(str(tiny_pair[1]), tiny_pair[1].parent, "native", device=f"cuda:{torch.cuda.device_count()}")
 
 
@@ -103,7 +104,6 @@ def test_a_selector_on_a_gpu_selects_as_on_the_cpu(make_settings, tiny_pair):
 def test_a_ray_serve_replica_asks_for_the_gpu_its_model_runs_on(make_settings):
     """Ray hides every GPU from an actor that asks for none, and shows a replica only its own, as cuda:0."""
     from llm_selector import serve_app
-    from s2t.config import ConfigError
 
     def gpus(device: str) -> float:
         deployment = serve_app.build_app(make_settings(**{"selector.runtime.device": device}))._bound_deployment
