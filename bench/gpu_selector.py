@@ -14,14 +14,16 @@ default request), all at once so that the selector batches them as it batches co
 
 Per shape and session count: the round's wall time (the batch's latency, what each worker waits), the
 forward's share of it (Engine.forward, its logits copied back to the host), Selects and positions per second,
-and the GPU memory at its peak. Writes <out>/<name>.json and .md (default bench/results/).
+and the GPU memory at its peak. With random weights the KL trigger fires and the pick differs almost everywhere,
+so nearly every Select diverges at its first position: the forward is the same work as with real weights (every
+new token is computed), but the host's reading after it stops at the first divergence, so the "rest" column is
+a lower bound of what real requests cost there. Writes <out>/<name>.json and .md (default bench/results/).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import gc
 import json
 import random
