@@ -47,7 +47,7 @@ def main() -> None:
     import torch
     from transformers import DynamicCache
 
-    from gpu_selector import random_model
+    from gpu_selector import attention_backends, random_model
     from s2t.runtime import Engine
 
     print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} threads={torch.get_num_threads()}", flush=True)
@@ -89,23 +89,17 @@ def main() -> None:
             fn()
             print(f"{label}: {timed(fn, args.repeats):.2f} ms", flush=True)
         # a Select's context grows with every block: each forward's attention has a new key length
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        for label, backends in [("default attention backends", None), ("without cuDNN attention", no_cudnn)]:
+        for label, cudnn in [("default attention backends", True), ("without cuDNN attention", False)]:
             for c in caches:
                 c.crop(args.context)
             times = []
-            for _ in range(12):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                if backends is None:
+            with attention_backends(cudnn):
+                for _ in range(12):
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
                     engine.forward(caches, new, [list(range(args.block)) for _ in new])
-                else:
-                    with sdpa_kernel(backends):
-                        engine.forward(caches, new, [list(range(args.block)) for _ in new])
-                torch.cuda.synchronize()
-                times.append(round(1000 * (time.perf_counter() - t), 1))
+                    torch.cuda.synchronize()
+                    times.append(round(1000 * (time.perf_counter() - t), 1))
             print(f"engine block, growing context, {label}: {times} ms", flush=True)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile

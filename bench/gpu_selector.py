@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import random
@@ -48,6 +49,23 @@ SHAPES = {
 }
 KL_RATE = 0.1
 SUPPORT = 64  # the worker's top-64 for the KL trigger: the K candidates and the rest as support_ids
+
+
+@contextlib.contextmanager
+def attention_backends(cudnn: bool):
+    """Within: the engine's attention on a GPU as its own (s2t.runtime.CUDA_ATTENTION, without cuDNN's), or with
+    cuDNN's allowed too, which is torch's default choice (and how the engine ran before commit bafdb36)."""
+    from torch.nn.attention import SDPBackend
+
+    from s2t import runtime
+
+    own = runtime.CUDA_ATTENTION
+    if cudnn:
+        runtime.CUDA_ATTENTION = [SDPBackend.CUDNN_ATTENTION, *own]
+    try:
+        yield
+    finally:
+        runtime.CUDA_ATTENTION = own
 
 
 def random_model(shape: str, device: str, seed: int):
@@ -94,7 +112,7 @@ def select_request(pb, session: str, step: int, length: int, tokens: list[int], 
                                                                               kl_rate=KL_RATE))
 
 
-def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int, no_cudnn: bool = False
+def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int, cudnn: bool = False
             ) -> dict:
     import torch
 
@@ -116,13 +134,6 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
         out = inner(*args)  # returns host logits: the device's work is done when it returns
         forward_s.append(time.perf_counter() - t)
         return out
-
-    if no_cudnn:  # cuDNN's attention plans per shape, and every Select has a new key length
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        def timed_forward(*args, _timed=timed_forward):
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-                return _timed(*args)
 
     engine.forward = timed_forward
     core = SelectorCore(engine, settings.selector)
@@ -148,14 +159,15 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     on_gpu = engine.device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    prefill_s = asyncio.run(one_round(context, False))
-    asyncio.run(one_round(block, True))  # warm-up: first use of this batch shape
-    forward_s.clear()
-    walls = [asyncio.run(one_round(block, True)) for _ in range(rounds)]
+    with attention_backends(cudnn):
+        prefill_s = asyncio.run(one_round(context, False))
+        asyncio.run(one_round(block, True))  # warm-up: first use of this batch shape
+        forward_s.clear()
+        walls = [asyncio.run(one_round(block, True)) for _ in range(rounds)]
     forwards = list(forward_s)
     wall = statistics.median(walls)
     forward = statistics.median(forwards) if forwards else 0.0
-    result = dict(sessions=sessions, attention="without cuDNN" if no_cudnn else "default", context=context, block=block, k=k, rounds=rounds,
+    result = dict(sessions=sessions, attention="default" if cudnn else "without cuDNN", context=context, block=block, k=k, rounds=rounds,
                   prefill_s=round(prefill_s, 4), prefill_tokens_per_s=round(sessions * context / prefill_s, 1),
                   round_ms_median=round(1000 * wall, 2), round_ms_all=[round(1000 * w, 2) for w in walls],
                   forward_ms_median=round(1000 * forward, 2), forwards_per_round=len(forwards) / rounds,
@@ -200,7 +212,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--attention", default="default", help="comma-separated: default, no-cudnn (each run per session count)")
+    ap.add_argument("--attention", default="no-cudnn",
+                    help="comma-separated, each run per session count: no-cudnn (the engine's own choice), default "
+                         "(torch's default, cuDNN's attention allowed)")
     ap.add_argument("--commit", default="", help="the commit measured (the device's copy has no git history)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -220,7 +234,7 @@ def main() -> None:
         entry = dict(shape=shape, weight_gib=round(lm.weight_bytes / 2**30, 2), build_s=round(lm.load_s, 1), runs=[])
         report["shapes"].append(entry)
         for n, attention in ((int(x), a) for x in args.sessions.split(",") for a in args.attention.split(",")):
-            run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n, no_cudnn=attention == "no-cudnn")
+            run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n, cudnn=attention == "default")
             entry["runs"].append(run)
             print(json.dumps({"shape": shape, **run}), flush=True)
             (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
