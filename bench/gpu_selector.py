@@ -112,8 +112,8 @@ def select_request(pb, session: str, step: int, length: int, tokens: list[int], 
                                                                               kl_rate=KL_RATE))
 
 
-def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int, cudnn: bool = False
-            ) -> dict:
+def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int, cudnn: bool = False,
+            graphs: bool = True, max_len: int = 1024) -> dict:
     import torch
 
     from llm_selector.core import SelectorCore
@@ -121,8 +121,10 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     from s2t.runtime import Engine
     from s2t.v1 import selector_pb2 as pb
 
+    # max_sessions bounds the KV pool of the graphed path (as many sessions as fit the budget at max_len tokens)
     settings = load_settings(**{"selector.log_enabled": False, "selector.max_batch_size": max(sessions, 1),
-                                "selector.max_sessions": 4 * sessions + 8, "selector.kv_budget_mb": 1 << 17,
+                                "selector.max_sessions": sessions + 8, "selector.kv_budget_mb": 1 << 17,
+                                "selector.runtime.cuda_graphs": graphs, "selector.runtime.cuda_graph_max_len": max_len,
                                 "selector.max_queued_requests": 4 * sessions + 64,
                                 "selector.kl_thresholds": {KL_RATE: 0.5}})
     engine = Engine(lm)
@@ -167,7 +169,9 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     forwards = list(forward_s)
     wall = statistics.median(walls)
     forward = statistics.median(forwards) if forwards else 0.0
-    result = dict(sessions=sessions, attention="default" if cudnn else "without cuDNN", context=context, block=block, k=k, rounds=rounds,
+    graphed = engine.graphed
+    result = dict(sessions=sessions, attention="default" if cudnn else "without cuDNN",
+                  graphs=graphed.replays if graphed is not None else None, context=context, block=block, k=k, rounds=rounds,
                   prefill_s=round(prefill_s, 4), prefill_tokens_per_s=round(sessions * context / prefill_s, 1),
                   round_ms_median=round(1000 * wall, 2), round_ms_all=[round(1000 * w, 2) for w in walls],
                   forward_ms_median=round(1000 * forward, 2), forwards_per_round=len(forwards) / rounds,
@@ -190,12 +194,15 @@ def markdown(report: dict) -> str:
              f"Each session: a {report['context']}-token prefill, then Selects of {report['block']} new tokens, "
              f"K = {report['k']}, KL trigger (rate {KL_RATE}) over a {SUPPORT}-id support; random bf16 weights; "
              "SelectorCore without the gRPC transport; medians over the rounds.", "",
-             "| shape | weights GiB | sessions | attention | round (batch latency) ms | slowest round ms | forward ms | "
-             "rest ms | Selects/s | positions/s | prefill tokens/s | peak GPU GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "The graphs column: CUDA graph replays over the measured and warm-up rounds (runtime.cuda_graphs; "
+             "'off': the ordinary forward).", "",
+             "| shape | weights GiB | sessions | attention | graphs | round (batch latency) ms | slowest round ms | "
+             "forward ms | rest ms | Selects/s | positions/s | prefill tokens/s | peak GPU GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape in report["shapes"]:
         for r in shape["runs"]:
-            lines.append(f"| {shape['shape']} | {shape['weight_gib']} | {r['sessions']} | {r['attention']} | "
+            graphs = "off" if r.get("graphs") is None else r["graphs"]
+            lines.append(f"| {shape['shape']} | {shape['weight_gib']} | {r['sessions']} | {r['attention']} | {graphs} | "
                          f"{r['round_ms_median']} | {max(r['round_ms_all'])} | "
                          f"{r['forward_ms_median']} | {r['other_ms_median']} | {r['selects_per_s']} | "
                          f"{r['positions_per_s']} | {r['prefill_tokens_per_s']} | {r['peak_gpu_gib']} |")
@@ -215,6 +222,9 @@ def main() -> None:
     ap.add_argument("--attention", default="no-cudnn",
                     help="comma-separated, each run per session count: no-cudnn (the engine's own choice), default "
                          "(torch's default, cuDNN's attention allowed)")
+    ap.add_argument("--graphs", default="on", help="comma-separated, each run per session count: on, off "
+                    "(selector.runtime.cuda_graphs)")
+    ap.add_argument("--max-len", type=int, default=1024, help="selector.runtime.cuda_graph_max_len")
     ap.add_argument("--commit", default="", help="the commit measured (the device's copy has no git history)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -233,8 +243,10 @@ def main() -> None:
         lm = random_model(shape, args.device, seed=0)
         entry = dict(shape=shape, weight_gib=round(lm.weight_bytes / 2**30, 2), build_s=round(lm.load_s, 1), runs=[])
         report["shapes"].append(entry)
-        for n, attention in ((int(x), a) for x in args.sessions.split(",") for a in args.attention.split(",")):
-            run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n, cudnn=attention == "default")
+        for n, attention, graphs in ((int(x), a, g) for x in args.sessions.split(",") for a in args.attention.split(",")
+                                     for g in args.graphs.split(",")):
+            run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n, cudnn=attention == "default",
+                          graphs=graphs == "on", max_len=args.max_len)
             entry["runs"].append(run)
             print(json.dumps({"shape": shape, **run}), flush=True)
             (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")

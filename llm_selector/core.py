@@ -102,6 +102,19 @@ class SelectorCore:
         self.kl = ThresholdTable(kl_thresholds if kl_thresholds is not None else settings.kl_thresholds, "KL")
         self.sessions = SessionStore(engine, settings.max_sessions, settings.session_idle_ttl_s,
                                      settings.kv_budget_mb << 20)
+        runtime = settings.runtime
+        if engine.device.type == "cuda" and runtime.cuda_graphs and engine.fast_decode and engine.kv_pool is None:
+            # The pool holds the budget's keys/values up front (as many sessions as fit at cuda_graph_max_len
+            # tokens each), so a pooled session costs its slot in the store's accounting (PooledKVCache.nbytes).
+            per_token = 2 * engine.num_layers * engine.num_kv_heads * engine.head_dim * engine.kv_dtype.itemsize
+            slots = min(settings.max_sessions, self.sessions.kv_budget_bytes // (per_token * runtime.cuda_graph_max_len))
+            if slots >= 1:
+                engine.use_kv_pool(slots, runtime.cuda_graph_max_len, capture=True)
+                log.info("CUDA graphs over a KV pool of %d sessions × %d tokens (%.2f GiB)", slots,
+                         runtime.cuda_graph_max_len, engine.kv_pool.nbytes / 2**30)
+            else:
+                log.warning("no CUDA graphs: selector.kv_budget_mb does not hold one session of "
+                            "runtime.cuda_graph_max_len = %d tokens", runtime.cuda_graph_max_len)
         self.quotas = WorkerQuotas(settings.quota)
         self.metrics.memory_budget(engine.lm.weight_bytes, self.sessions.kv_budget_bytes)
         self.counters = {"select": 0, "decode": 0, "replayed": 0, "failed_precondition": 0, "positions": 0,

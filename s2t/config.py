@@ -46,6 +46,16 @@ class RuntimeSettings(_Section):
         "int8/int4 formats are CPU kernels",
     )
 
+    cuda_graphs: bool = Field(
+        True,
+        description="on a GPU: keep up to min(max_sessions, kv_budget_mb / cuda_graph_max_len tokens' keys and "
+        "values) sessions' caches in one preallocated pool and run their forwards of up to 16 new tokens each, "
+        "up to 64 sessions at once, as replays of captured CUDA graphs (s2t/cuda_graphs.py); other forwards, "
+        "and sessions past the pool, run as before",
+    )
+    cuda_graph_max_len: int = Field(2048, ge=16, description="on a GPU with cuda_graphs: the tokens of context a "
+                                    "pooled session has room for; a longer one moves to a cache of its own")
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, v: str) -> str:

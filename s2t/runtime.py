@@ -402,11 +402,33 @@ class Engine:
         self.tap_layer: int | None = None  # new caches record the hidden state entering this layer
         self._tap_hook = None
         self._tap_rows: tuple | None = None  # (caches, starts, counts) while Engine.forward runs
+        # A KV pool and the graphed forwards over it (use_kv_pool; a selector on a GPU), or None.
+        self.kv_pool = None
+        self.graphed = None
+
+    def use_kv_pool(self, slots: int, max_len: int, capture: bool) -> None:
+        """From now on, new caches take a slot of a pool of `slots` × `max_len` tokens while one is free, and
+        forwards of pooled caches that fit its buckets run as s2t.cuda_graphs.GraphedForward: replays of captured
+        CUDA graphs (`capture`, a GPU), or eagerly (what the tests compare). Caches made before keep theirs."""
+        if not self.fast_decode:
+            raise ValueError("graphed forwards compute Qwen2/Llama-shaped decoder layers only")
+        from s2t.cuda_graphs import GraphedForward, KVPool
+
+        self.kv_pool = KVPool(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device,
+                              slots, max_len)
+        self.graphed = GraphedForward(self, self.kv_pool, capture)
 
     def new_cache(self, first_layer: int = 0) -> KVCache:
         """A cache for layers [first_layer, N) (a split scorer's); drafting caches (first_layer 0) are tapped
-        at `tap_layer` when one is set."""
+        at `tap_layer` when one is set, or take a slot of the KV pool where there is one (use_kv_pool)."""
         tap = self.tap_layer if first_layer == 0 else None
+        if self.kv_pool is not None and first_layer == 0 and tap is None:
+            slot = self.kv_pool.take()
+            if slot is not None:
+                from s2t.cuda_graphs import PooledKVCache
+
+                return PooledKVCache(self.kv_pool, slot, self.num_layers, self.num_kv_heads, self.head_dim,
+                                     self.kv_dtype, self.device)
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype, first_layer=first_layer,
                        tap_layer=tap, hidden_size=self.hidden_size, device=self.device)
 
@@ -449,6 +471,10 @@ class Engine:
         # Proposals come from the base model: no S2T-Local adapter is active here (O(1) if none is).
         set_active_adapter(self.lm.model, None)
         rows = sum(len(t) for t in tokens)
+        if self.graphed is not None and self.graphed.accepts(caches, [len(t) for t in tokens]):
+            for w, t in zip(want, tokens):
+                _check_want(w, len(t))
+            return self.graphed.forward(caches, tokens, want)
         if self.fast_decode and all(c.first_layer == 0 for c in caches):
             # one pass over the weights for every sequence's rows: a batch of decodes (sessions of one worker or
             # selector) or one sequence's few new tokens (a Select block)

@@ -99,6 +99,9 @@ def test_a_selector_on_a_gpu_selects_as_on_the_cpu(make_settings, tiny_pair):
     for a, b in zip(on_cpu, on_gpu):
         assert b.outcome == a.outcome and b.session_length == a.session_length
         assert [(s.position, s.index) for s in b.selections] == [(s.position, s.index) for s in a.selections]
+    # blocks of 5-14 tokens: the GPU selector's forwards were replays of its CUDA graphs, over its KV pool
+    assert cores[0].engine.graphed is None and cores[1].engine.graphed.replays >= 1
+    assert cores[1].engine.kv_pool.slots == settings.selector.max_sessions
 
 
 def test_a_ray_serve_replica_asks_for_the_gpu_its_model_runs_on(make_settings):
