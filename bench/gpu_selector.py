@@ -113,7 +113,7 @@ def select_request(pb, session: str, step: int, length: int, tokens: list[int], 
 
 
 def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int, cudnn: bool = False,
-            graphs: bool = True, max_len: int = 1024) -> dict:
+            graphs: bool = True, max_len: int = 1024, read_on_device: bool = True) -> dict:
     import torch
 
     from llm_selector.core import SelectorCore
@@ -133,12 +133,15 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
 
     def timed_forward(*args):
         t = time.perf_counter()
-        out = inner(*args)  # returns host logits: the device's work is done when it returns
+        out = inner(*args)
+        if engine.device.type == "cuda":  # logits read on the device stay there: wait for the device's work
+            torch.cuda.synchronize(engine.device)
         forward_s.append(time.perf_counter() - t)
         return out
 
     engine.forward = timed_forward
     core = SelectorCore(engine, settings.selector)
+    core.read_on_device = read_on_device and engine.device.type != "cpu"
     rng = random.Random(seed)
     vocab = lm.vocab_size
     state = {f"s{i}": [0, 0] for i in range(sessions)}  # session -> [length, next step]
@@ -171,7 +174,8 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     forward = statistics.median(forwards) if forwards else 0.0
     graphed = engine.graphed
     result = dict(sessions=sessions, attention="default" if cudnn else "without cuDNN",
-                  graphs=graphed.replays if graphed is not None else None, context=context, block=block, k=k, rounds=rounds,
+                  graphs=graphed.replays if graphed is not None else None,
+                  logprobs="on the device" if core.read_on_device else "on the host", context=context, block=block, k=k, rounds=rounds,
                   prefill_s=round(prefill_s, 4), prefill_tokens_per_s=round(sessions * context / prefill_s, 1),
                   round_ms_median=round(1000 * wall, 2), round_ms_all=[round(1000 * w, 2) for w in walls],
                   forward_ms_median=round(1000 * forward, 2), forwards_per_round=len(forwards) / rounds,
@@ -195,14 +199,16 @@ def markdown(report: dict) -> str:
              f"K = {report['k']}, KL trigger (rate {KL_RATE}) over a {SUPPORT}-id support; random bf16 weights; "
              "SelectorCore without the gRPC transport; medians over the rounds.", "",
              "The graphs column: CUDA graph replays over the measured and warm-up rounds (runtime.cuda_graphs; "
-             "'off': the ordinary forward).", "",
-             "| shape | weights GiB | sessions | attention | graphs | round (batch latency) ms | slowest round ms | "
+             "'off': the ordinary forward). Log-probs: where the Selects' log-probabilities were read "
+             "(SelectorCore.read_on_device; 'on the host': the [rows, vocab] logits copied to the CPU first).", "",
+             "| shape | weights GiB | sessions | attention | graphs | log-probs | round (batch latency) ms | slowest round ms | "
              "forward ms | rest ms | Selects/s | positions/s | prefill tokens/s | peak GPU GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape in report["shapes"]:
         for r in shape["runs"]:
             graphs = "off" if r.get("graphs") is None else r["graphs"]
             lines.append(f"| {shape['shape']} | {shape['weight_gib']} | {r['sessions']} | {r['attention']} | {graphs} | "
+                         f"{r.get('logprobs', 'on the host')} | "
                          f"{r['round_ms_median']} | {max(r['round_ms_all'])} | "
                          f"{r['forward_ms_median']} | {r['other_ms_median']} | {r['selects_per_s']} | "
                          f"{r['positions_per_s']} | {r['prefill_tokens_per_s']} | {r['peak_gpu_gib']} |")
@@ -224,6 +230,8 @@ def main() -> None:
                          "(torch's default, cuDNN's attention allowed)")
     ap.add_argument("--graphs", default="on", help="comma-separated, each run per session count: on, off "
                     "(selector.runtime.cuda_graphs)")
+    ap.add_argument("--read", default="device", help="comma-separated, each run per session count: device, host "
+                    "(where the Selects' log-probabilities are read: SelectorCore.read_on_device)")
     ap.add_argument("--max-len", type=int, default=1024, help="selector.runtime.cuda_graph_max_len")
     ap.add_argument("--commit", default="", help="the commit measured (the device's copy has no git history)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -243,10 +251,11 @@ def main() -> None:
         lm = random_model(shape, args.device, seed=0)
         entry = dict(shape=shape, weight_gib=round(lm.weight_bytes / 2**30, 2), build_s=round(lm.load_s, 1), runs=[])
         report["shapes"].append(entry)
-        for n, attention, graphs in ((int(x), a, g) for x in args.sessions.split(",") for a in args.attention.split(",")
-                                     for g in args.graphs.split(",")):
+        for n, attention, graphs, read in ((int(x), a, g, r) for x in args.sessions.split(",")
+                                           for a in args.attention.split(",") for g in args.graphs.split(",")
+                                           for r in args.read.split(",")):
             run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n, cudnn=attention == "default",
-                          graphs=graphs == "on", max_len=args.max_len)
+                          graphs=graphs == "on", max_len=args.max_len, read_on_device=read == "device")
             entry["runs"].append(run)
             print(json.dumps({"shape": shape, **run}), flush=True)
             (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -32,7 +32,7 @@ import torch
 from s2t.v1 import selector_pb2 as pb
 from s2t.config import SelectorSettings
 from s2t.runtime import Engine
-from s2t.triggers import ThresholdTable, VocabLogProbs, kl_on_support_at
+from s2t.triggers import GatheredLogProbs, ThresholdTable, VocabLogProbs, kl_on_support_at
 
 from s2t.selection_log import ScoredPosition, SelectionLog, SelectorIdentity, SelectRecord
 from .metrics import QuotaKind, SelectorMethod, SelectorMetrics, SelectorOutcome
@@ -102,6 +102,9 @@ class SelectorCore:
         self.kl = ThresholdTable(kl_thresholds if kl_thresholds is not None else settings.kl_thresholds, "KL")
         self.sessions = SessionStore(engine, settings.max_sessions, settings.session_idle_ttl_s,
                                      settings.kv_budget_mb << 20)
+        # Read the Selects' log-probabilities where the logits are (engine.forward_logprobs) rather than copying
+        # [rows, vocab] logits to the host: on a GPU. (On the CPU they are there already.)
+        self.read_on_device = engine.device.type != "cpu"
         runtime = settings.runtime
         if engine.device.type == "cuda" and runtime.cuda_graphs and engine.fast_decode and engine.kv_pool is None:
             # The pool holds the budget's keys/values up front (as many sessions as fit at cuda_graph_max_len
@@ -455,16 +458,22 @@ class SelectorCore:
         for t in tickets:
             if t.request.prefix_length < len(t.session.tokens):
                 t.session.crop(t.request.prefix_length)
-        logits = self.engine.forward(
-            [t.session.cache for t in tickets], [list(t.request.token_ids) for t in tickets],
-            [[p.position - t.request.prefix_length - 1 for p in t.request.positions] for t in tickets])
+        caches = [t.session.cache for t in tickets]
+        tokens = [list(t.request.token_ids) for t in tickets]
+        want = [[p.position - t.request.prefix_length - 1 for p in t.request.positions] for t in tickets]
+        if not self.read_on_device:
+            logps = [VocabLogProbs(lg) for lg in self.engine.forward(caches, tokens, want)]
+        else:  # read on the GPU at what the selection needs: the candidates and the KL support (and the top-1)
+            ids = [[list(p.candidate_ids) + list(p.support_ids) for p in t.request.positions] for t in tickets]
+            logps = self.engine.forward_logprobs(caches, tokens, want, ids)
         self.counters["forwards"] += 1
-        return [self._select_one(t, lg) for t, lg in zip(tickets, logits)]
+        return [self._select_one(t, lp) for t, lp in zip(tickets, logps)]
 
-    def _select_one(self, ticket: Ticket, logits: torch.Tensor) -> pb.SelectResponse:
+    def _select_one(self, ticket: Ticket, logp: VocabLogProbs | GatheredLogProbs) -> pb.SelectResponse:
+        """The reply to one Select from the log-probabilities at its positions (read at the candidates, the KL
+        support and the top-1 only)."""
         req, session = ticket.request, ticket.session
         session.tokens.extend(req.token_ids)
-        logp = VocabLogProbs(logits)  # read at the candidates, the KL support and the top-1 only
         trigger = req.trigger
         threshold = 0.0
         if trigger.kind == pb.SELECT_TRIGGER_KL:
@@ -506,7 +515,7 @@ class SelectorCore:
         return pb.SelectResponse(session_id=req.session_id, step=req.step, outcome=outcome, selections=selections,
                                  session_length=len(session.tokens))
 
-    def _log_select(self, req: pb.SelectRequest, logp: VocabLogProbs, threshold: float, outcome: int,
+    def _log_select(self, req: pb.SelectRequest, logp: VocabLogProbs | GatheredLogProbs, threshold: float, outcome: int,
                     scored: list[tuple[int, int, bool, float, bool]]) -> None:
         """Queue the request's record for the selection log: every position scored, also those after the
         first divergence. Never fails the request: the log is a by-product of serving."""

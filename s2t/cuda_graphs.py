@@ -156,8 +156,7 @@ class GraphedForward:
         cols = [i for w in want for i in w]
         engine = self.engine
         if not rows:
-            return [torch.zeros(0, engine.vocab_size, dtype=torch.promote_types(out.dtype, torch.float32))
-                    for _ in caches]
+            return [engine._no_logits(out.dtype) for _ in caches]
         logits = engine._output_logits(engine.head(out[rows, cols]))
         return list(logits.split([len(w) for w in want]))
 

@@ -27,6 +27,7 @@ from .config import ConfigError
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash, weights_sha256
 from .rerank import adapter_scope, set_active_adapter, tree_inputs
+from .triggers import GatheredLogProbs
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +403,9 @@ class Engine:
         self.tap_layer: int | None = None  # new caches record the hidden state entering this layer
         self._tap_hook = None
         self._tap_rows: tuple | None = None  # (caches, starts, counts) while Engine.forward runs
+        # Set only while forward_logprobs runs its forward (one at a time, on the compute thread): the head's
+        # output stays on the device, where its log-probabilities are read.
+        self._logits_on_device = False
         # A KV pool and the graphed forwards over it (use_kv_pool; a selector on a GPU), or None.
         self.kv_pool = None
         self.graphed = None
@@ -617,10 +621,30 @@ class Engine:
         cache.length = t + 1
         return self._output_logits(self.head(base.norm(hidden)[0]))
 
+    def forward_logprobs(self, caches: list[KVCache], tokens: list[list[int]], want: list[list[int]],
+                         ids: list[list[list[int]]]) -> list[GatheredLogProbs]:
+        """Engine.forward, with the logits read where they are computed: per sequence b, the log-softmax at
+        ids[b][i] (and the top-1) for the row of offset want[b][i]. On a GPU only those numbers come back to
+        the host, not [rows, vocab] logits."""
+        self._logits_on_device = True
+        try:
+            logits = self.forward(caches, tokens, want)
+        finally:
+            self._logits_on_device = False
+        gathered = GatheredLogProbs(torch.cat(logits), [row for rows in ids for row in rows])
+        return gathered.split([len(w) for w in want])
+
+    def _no_logits(self, dtype: torch.dtype) -> torch.Tensor:
+        """A sequence's logits when none are wanted: [0, vocab], where _output_logits would put them."""
+        return torch.zeros(0, self.vocab_size, dtype=torch.promote_types(dtype, torch.float32),
+                           device=self.device if self._logits_on_device else "cpu")
+
     def _output_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The head's output as every forward returns it: on the CPU (copied in the head's dtype, half the bytes
-        of float32 for a bf16 model on a GPU, and exact), at least float32, soft-capped where the model is."""
-        logits = logits.cpu()
+        of float32 for a bf16 model on a GPU, and exact), at least float32, soft-capped where the model is.
+        Within forward_logprobs they stay on the device."""
+        if not self._logits_on_device:
+            logits = logits.cpu()
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -751,8 +775,7 @@ class Engine:
             c.length = s + n
         rows = [(b, i) for b, w in enumerate(want) for i in w]
         if not rows:
-            return [torch.zeros(0, self.vocab_size, dtype=torch.promote_types(hidden.dtype, torch.float32))
-                    for _ in caches]
+            return [self._no_logits(hidden.dtype) for _ in caches]
         for w, n in zip(want, counts):
             _check_want(w, n)
         picked = hidden[[b for b, _ in rows], [i for _, i in rows]]

@@ -7,7 +7,7 @@ from s2t import gsm8k
 from s2t.calibration import calibrate, read_calibration, recall, thresholds, write_calibration
 from s2t.config import load_settings
 from s2t.runtime import Engine, load_model
-from s2t.triggers import (LocalTrigger, Proposal, ThresholdTable, VocabLogProbs, kl_on_support, kl_on_support_at,
+from s2t.triggers import (GatheredLogProbs, LocalTrigger, Proposal, ThresholdTable, VocabLogProbs, kl_on_support, kl_on_support_at,
                           propose)
 
 
@@ -110,6 +110,28 @@ def test_vocab_log_probs_read_the_log_softmax_at_the_ids_asked_for():
     probs = torch.softmax(torch.randn(5).double(), -1).tolist()
     assert kl_on_support_at(probs, VocabLogProbs(logits).at(1, ids)) == pytest.approx(
         kl_on_support(ids, probs, reference[1]), rel=1e-9)
+
+
+def test_gathered_log_probs_read_what_vocab_log_probs_read():
+    """The GPU selector's reading (GatheredLogProbs: only the ids asked for, and the top-1, leave the device) gives
+    VocabLogProbs' numbers, split into per-sequence views of consecutive rows."""
+    torch.manual_seed(1)
+    logits = torch.randn(5, 1000) * 4
+    logits[2, 7] = logits[2, 11] = logits[2].max() + 1  # a tie: the first maximum, as VocabLogProbs
+    ids = [[3, 999, 0], [11, 7], [5, 11], [], [1, 2, 3, 4]]
+    for dtype in (torch.float32, torch.float64):
+        full, gathered = VocabLogProbs(logits.to(dtype)), GatheredLogProbs(logits.to(dtype), ids)
+        first, second = gathered.split([2, 3])
+        for row, view, r in ((0, first, 0), (1, first, 1), (2, second, 0), (3, second, 1), (4, second, 2)):
+            top1 = full.top1(row)
+            assert view.top1(r) == top1 and (row != 2 or top1 == 7)
+            asked = ids[row] + [top1] + ids[row][:1]  # any order, repeats, the top-1 whether asked for or not
+            got = view.at(r, asked)
+            assert got.dtype == torch.float64 and torch.equal(got, full.at(row, asked))
+        with pytest.raises(KeyError, match="id 999 at row 1 was not asked for"):
+            first.at(1, [999])
+    with pytest.raises(ValueError, match="2 rows of ids for 5 rows"):
+        GatheredLogProbs(logits, ids[:2])
 
 
 def test_quantile_thresholds_hit_their_rates_and_recall():

@@ -104,6 +104,55 @@ def test_a_selector_on_a_gpu_selects_as_on_the_cpu(make_settings, tiny_pair):
     assert cores[1].engine.kv_pool.slots == settings.selector.max_sessions
 
 
+class _Records:
+    """A stand-in selection log that keeps what it is given."""
+
+    healthy = True
+
+    def __init__(self):
+        self.records = []
+
+    def write(self, record):
+        self.records.append(record.model_copy(update={"ts": 0.0}))
+
+
+def test_reading_log_probs_on_the_device_answers_and_logs_as_on_the_host(make_settings, tiny_pair):
+    """A GPU selector reads its Selects' log-probabilities where the logits are (Engine.forward_logprobs); the
+    same reading, forced on the CPU, gives the same replies and selection-log records as the host's: KL and
+    worker triggers, takeover, positions after a divergence (logged only), a prefill without positions batched
+    with the rest."""
+    settings = make_settings(**{"selector.log_enabled": False})
+    lm = load_model(str(tiny_pair[1]), tiny_pair[1].parent, "native")
+    cores = [SelectorCore(Engine(lm), settings.selector) for _ in range(2)]
+    cores[1].read_on_device = True
+    for c in cores:
+        c.log = _Records()
+    rng = random.Random(11)
+    requests = []
+    for i in range(5):
+        context = [rng.randrange(259) for _ in range(4 + 3 * i)]
+        positions = []
+        for p in range(2, len(context) + 1) if i != 2 else ():
+            ids = rng.sample(range(259), 12)
+            weights = sorted((rng.random() for _ in ids), reverse=True)
+            probs = [w / sum(weights) for w in weights]
+            positions.append(pb.CandidatePosition(position=p, candidate_ids=ids[:4], candidate_probs=probs[:4],
+                                                  support_ids=ids[4:], support_probs=probs[4:],
+                                                  worker_triggered=rng.random() < 0.3))
+        kind = (pb.SELECT_TRIGGER_KL, pb.SELECT_TRIGGER_WORKER)[i % 2]
+        requests.append(pb.SelectRequest(session_id=f"d{i}", step=0, prefix_length=0, token_ids=context,
+                                         positions=positions, takeover=i == 3,
+                                         trigger=pb.SelectTriggerSpec(kind=kind, kl_rate=0.1)))
+
+    async def all_at_once(core):
+        return await asyncio.gather(*[core.handle(r, "select") for r in requests])
+
+    host, device = (asyncio.run(all_at_once(c)) for c in cores)
+    assert [r.SerializeToString() for r in device] == [r.SerializeToString() for r in host]
+    assert any(r.outcome == pb.SELECT_OUTCOME_DIVERGED for r in host)
+    assert len(cores[1].log.records) == len(requests) and cores[1].log.records == cores[0].log.records
+
+
 def test_a_ray_serve_replica_asks_for_the_gpu_its_model_runs_on(make_settings):
     """Ray hides every GPU from an actor that asks for none, and shows a replica only its own, as cuda:0."""
     from llm_selector import serve_app
