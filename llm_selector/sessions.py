@@ -73,6 +73,7 @@ class SessionStore:
     def reset(self, session: Session) -> None:
         """Drop a session's state for a full-context restart (the Session object and its ordering stay)."""
         session.crop(0)
+        session.cache = None  # its KV pool slot, if it had one, is free for the new cache (PooledKVCache)
         session.cache = self.engine.new_cache()
 
     def remove(self, session_id: str) -> bool:

@@ -107,3 +107,14 @@ def test_captured_graphs_on_a_gpu_equal_the_cpu_path(tiny_pair, llm):
     _conversation((plain, pooled), 1e-5, random.Random(3))
     assert pooled.graphed.replays == 9
     assert pooled.kv_pool.keys[0].device.type == "cuda"
+
+
+def test_a_reset_session_takes_its_own_slot_again(llm):
+    from llm_selector.sessions import SessionStore
+
+    _, pooled = _pair(llm, slots=1, max_len=32)
+    store = SessionStore(pooled, max_sessions=4, idle_ttl_s=60.0, kv_budget_bytes=1 << 30)
+    session = store.create("a")
+    assert isinstance(session.cache, PooledKVCache)
+    store.reset(session)  # a full-context restart: the old cache's slot is given back before the new one is made
+    assert isinstance(session.cache, PooledKVCache) and not pooled.kv_pool.free
