@@ -1,5 +1,7 @@
 """Configuration precedence, GSM8K answer scoring, trigger tables and calibration on the tiny pair."""
 
+import random
+
 import pytest
 import torch
 
@@ -132,6 +134,49 @@ def test_gathered_log_probs_read_what_vocab_log_probs_read():
             first.at(1, [999])
     with pytest.raises(ValueError, match="2 rows of ids for 5 rows"):
         GatheredLogProbs(logits, ids[:2])
+
+
+def test_log_prob_tables_and_the_batched_selection_read_what_one_position_reads():
+    """A Select's positions are read as one table (VocabLogProbs.table / GatheredLogProbs.table) and scored at
+    once (kl_on_support_rows, the candidates' argmax): the same picks and trigger values as the per-position
+    forms, with ragged K and supports, ties, and teacher probabilities under the KL floor."""
+    from llm_selector.core import _picks_and_kl
+    from s2t.v1 import selector_pb2 as pb
+
+    torch.manual_seed(2)
+    rng = random.Random(2)
+    logits = torch.randn(6, 500) * 6
+    logits[1, 40] = logits[1, 41] = logits[1].max() + 1  # a tie between two candidates: the first wins
+    logits[4, :] = -80.0
+    logits[4, 9] = 40.0  # one id takes all the mass: the rest are under KL_P_FLOOR
+    positions, ids = [], []
+    for row, k in enumerate((3, 5, 1, 8, 4, 2)):
+        cands = [40, 41, 7][:k] if row == 1 else rng.sample(range(500), k)
+        support = [i for i in rng.sample(range(500), rng.choice((0, 3, 10))) if i not in cands]
+        if row == 4:
+            cands, support = [9, 10, 11, 12], [13]
+        probs = [rng.random() for _ in cands + support]
+        probs[-1] = 0.0  # a zero student probability leaves the support too
+        total = sum(probs)
+        probs = [q / total for q in probs]
+        positions.append(pb.CandidatePosition(position=row + 1, candidate_ids=cands, candidate_probs=probs[:len(cands)],
+                                              support_ids=support, support_probs=probs[len(cands):]))
+        ids.append(cands + support)
+    full = VocabLogProbs(logits)
+    gathered = GatheredLogProbs(logits, ids)
+    table = full.table(list(range(6)), ids)
+    assert torch.equal(gathered.table(list(range(6)), ids), table)
+    assert torch.equal(gathered.table([2, 0], [ids[2], ids[0][::-1]]), full.table([2, 0], [ids[2], ids[0][::-1]]))
+    for row, row_ids in enumerate(ids):
+        assert torch.equal(table[row, :len(row_ids)], full.at(row, row_ids))
+        assert torch.isneginf(table[row, len(row_ids):]).all()
+    picks, values = _picks_and_kl(positions, table, kl=True)
+    for j, pos in enumerate(positions):
+        assert picks[j] == int(torch.argmax(full.at(j, list(pos.candidate_ids))))
+        expected = kl_on_support_at(list(pos.candidate_probs) + list(pos.support_probs), full.at(j, ids[j]))
+        assert values[j] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert picks[1] == 0 and values[4] == 0.0  # the tie; nothing of position 4's support is kept but id 9
+    assert _picks_and_kl(positions, table, kl=False) == (picks, [])
 
 
 def test_quantile_thresholds_hit_their_rates_and_recall():
