@@ -113,7 +113,7 @@ def select_request(pb, session: str, step: int, length: int, tokens: list[int], 
 
 
 def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int, cudnn: bool = False,
-            graphs: bool = True, max_len: int = 1024, read_on_device: bool = True) -> dict:
+            graphs: bool = True, max_len: int = 1024, read_on_device: bool = True, kl_threshold: float = 0.5) -> dict:
     import torch
 
     from llm_selector.core import SelectorCore
@@ -126,7 +126,7 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
                                 "selector.max_sessions": sessions + 8, "selector.kv_budget_mb": 1 << 17,
                                 "selector.runtime.cuda_graphs": graphs, "selector.runtime.cuda_graph_max_len": max_len,
                                 "selector.max_queued_requests": 4 * sessions + 64,
-                                "selector.kl_thresholds": {KL_RATE: 0.5}})
+                                "selector.kl_thresholds": {KL_RATE: kl_threshold}})
     engine = Engine(lm)
     forward_s: list[float] = []
     inner = engine.forward
@@ -175,7 +175,8 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     graphed = engine.graphed
     result = dict(sessions=sessions, attention="default" if cudnn else "without cuDNN",
                   graphs=graphed.replays if graphed is not None else None,
-                  logprobs="on the device" if core.read_on_device else "on the host", context=context, block=block, k=k, rounds=rounds,
+                  logprobs="on the device" if core.read_on_device else "on the host", kl_threshold=kl_threshold,
+                  context=context, block=block, k=k, rounds=rounds,
                   prefill_s=round(prefill_s, 4), prefill_tokens_per_s=round(sessions * context / prefill_s, 1),
                   round_ms_median=round(1000 * wall, 2), round_ms_all=[round(1000 * w, 2) for w in walls],
                   forward_ms_median=round(1000 * forward, 2), forwards_per_round=len(forwards) / rounds,
@@ -232,6 +233,9 @@ def main() -> None:
                     "(selector.runtime.cuda_graphs)")
     ap.add_argument("--read", default="device", help="comma-separated, each run per session count: device, host "
                     "(where the Selects' log-probabilities are read: SelectorCore.read_on_device)")
+    ap.add_argument("--kl-threshold", type=float, default=0.5,
+                    help="the KL trigger's threshold at the requests' rate; one no KL reaches (1e9) accepts every "
+                         "block, so the host reads every position, as for a worker whose picks the selector keeps")
     ap.add_argument("--max-len", type=int, default=1024, help="selector.runtime.cuda_graph_max_len")
     ap.add_argument("--commit", default="", help="the commit measured (the device's copy has no git history)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -255,7 +259,8 @@ def main() -> None:
                                            for a in args.attention.split(",") for g in args.graphs.split(",")
                                            for r in args.read.split(",")):
             run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n, cudnn=attention == "default",
-                          graphs=graphs == "on", max_len=args.max_len, read_on_device=read == "device")
+                          graphs=graphs == "on", max_len=args.max_len, read_on_device=read == "device",
+                          kl_threshold=args.kl_threshold)
             entry["runs"].append(run)
             print(json.dumps({"shape": shape, **run}), flush=True)
             (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
