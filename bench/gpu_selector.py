@@ -192,12 +192,20 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     return result
 
 
+def _threshold(report: dict) -> str:
+    """The runs' KL threshold: 0.5 fires at almost every position with random weights (Selects diverge early);
+    one no KL reaches accepts every block, read whole."""
+    values = {r.get("kl_threshold", 0.5) for shape in report["shapes"] for r in shape["runs"]}
+    return ", ".join(f"{v:g}" for v in sorted(values)) + (" (every block accepted)" if min(values) >= 1e6 else "")
+
+
 def markdown(report: dict) -> str:
     lines = [f"# {report['name']}", "", f"Command: `{report['command']}`  ",
              f"Date: {report['date']}; commit {report['commit']}  ",
              f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}  ",
              f"Each session: a {report['context']}-token prefill, then Selects of {report['block']} new tokens, "
-             f"K = {report['k']}, KL trigger (rate {KL_RATE}) over a {SUPPORT}-id support; random bf16 weights; "
+             f"K = {report['k']}, KL trigger (rate {KL_RATE}, threshold {_threshold(report)}) over a {SUPPORT}-id "
+             "support; random bf16 weights; "
              "SelectorCore without the gRPC transport; medians over the rounds.", "",
              "The graphs column: CUDA graph replays over the measured and warm-up rounds (runtime.cuda_graphs; "
              "'off': the ordinary forward). Log-probs: where the Selects' log-probabilities were read "
