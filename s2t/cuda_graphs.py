@@ -20,11 +20,14 @@ tests/test_cuda_graphs.py checks them against the ordinary path (eagerly on the 
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
 
 from s2t.runtime import KVCache, _rotate_half
+
+log = logging.getLogger(__name__)
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)  # sequences per graphed forward, padded up to the next of these
 WIDTHS = (1, 2, 4, 8, 16)  # new tokens per sequence (a Select block), padded up to the next of these
@@ -120,6 +123,8 @@ class GraphedForward:
         self.replays = 0
 
     def accepts(self, caches: list[KVCache], counts: list[int]) -> bool:
+        if not counts:
+            return False
         width = _bucket(max(counts), WIDTHS)
         return (width is not None and len(caches) <= BATCHES[-1]
                 and all(isinstance(c, PooledKVCache) and c.pool is self.pool and c.length + width <= self.pool.max_len
@@ -167,21 +172,30 @@ class GraphedForward:
             inputs = torch.zeros(batch, 2 * width + 1, dtype=torch.long, device=dev)
             inputs[:, width:2 * width] = torch.arange(width, device=dev)
             inputs[:, 2 * width] = self.pool.scratch
-            if not self.capture:
-                self._graphs[key] = (None, inputs, None)
-            else:
-                # warm up on a side stream (lazy initialisations, kernel selection), then capture (torch's recipe)
-                stream = torch.cuda.Stream(dev)
-                stream.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        self._body(inputs, width, keys)
-                torch.cuda.current_stream(dev).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._mempool):
-                    out = self._body(inputs, width, keys)
-                self._graphs[key] = (graph, inputs, out)
+            graph = out = None
+            if self.capture:
+                try:
+                    graph, out = self._capture(inputs, width, keys)
+                except RuntimeError as e:  # out of memory, say: this bucket runs eagerly, its requests are served
+                    log.warning("CUDA graph capture for %d sessions × %d new tokens × %d keys failed; that shape "
+                                "runs without a graph: %s", batch, width, keys, e)
+                    graph = out = None
+            self._graphs[key] = (graph, inputs, out)
         return self._graphs[key]
+
+    def _capture(self, inputs: torch.Tensor, width: int, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (lazy initialisations, kernel selection), then capture (torch's recipe)."""
+        dev = self.engine.device
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._body(inputs, width, keys)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            out = self._body(inputs, width, keys)
+        return graph, out
 
     def _body(self, inputs: torch.Tensor, width: int, kv_len: int) -> torch.Tensor:
         """The decoder over inputs' rows (tokens [B, W], positions [B, W], slot [B]) attending to the first

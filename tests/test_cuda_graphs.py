@@ -118,3 +118,22 @@ def test_a_reset_session_takes_its_own_slot_again(llm):
     assert isinstance(session.cache, PooledKVCache)
     store.reset(session)  # a full-context restart: the old cache's slot is given back before the new one is made
     assert isinstance(session.cache, PooledKVCache) and not pooled.kv_pool.free
+
+
+def test_a_failed_capture_leaves_that_shape_to_run_without_a_graph(llm, monkeypatch, caplog):
+    """A capture that fails (out of memory, say) costs that bucket its graph, not its requests."""
+    plain, pooled = _pair(llm)
+    graphed = pooled.graphed
+    graphed.capture = True  # as on a GPU, where this capture fails
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(graphed, "_capture", out_of_memory)
+    rng = random.Random(6)
+    caches = [[e.new_cache() for _ in range(2)] for e in (plain, pooled)]
+    _same((plain, pooled), caches, [[rng.randrange(259) for _ in range(n)] for n in (20, 30)], [[19], [29]], 1e-10)
+    for _ in range(2):
+        _same((plain, pooled), caches, [[1, 2, 3], [4, 5]], [[0, 2], [1]], 1e-10)
+    assert "CUDA graph capture for 2 sessions × 4 new tokens × 96 keys failed" in caplog.text  # max_len 96
+    assert graphed.replays == 0 and caplog.text.count("capture for") == 1  # tried once per shape
