@@ -2,7 +2,7 @@
 
 The paper's selector is a large model on GPUs serving many edge workers. This measures `SelectorCore` (the
 selector's whole logic: admission, batching, the forward, the KL trigger and the candidates' argmax, the
-session cut; no gRPC transport) on a CUDA device, for models of two shapes with random bf16 weights: the
+session cut; with `--transport grpc` its gRPC server too, the workers played by a process of its own) on a CUDA device, for models of two shapes with random bf16 weights: the
 embedded selector's (Qwen2.5-Coder-1.5B) and the paper's (Qwen2.5-32B). Random weights decide nothing a user
 would read, but a forward reads and computes the same bytes whatever the weights are, so the timings are the
 shapes'. For each count of sessions: every session is prefilled with `--context` tokens (a Select without
@@ -112,8 +112,71 @@ def select_request(pb, session: str, step: int, length: int, tokens: list[int], 
                                                                               kl_rate=KL_RATE))
 
 
+def _round_requests(pb, state: dict, block_tokens: int, with_positions: bool, k: int, vocab: int,
+                    rng: random.Random) -> list:
+    """One Select per session: `block_tokens` new tokens, each a position (or none: a prefill)."""
+    requests = []
+    for sid, (length, step) in state.items():
+        tokens = [rng.randrange(vocab) for _ in range(block_tokens)]
+        requests.append(select_request(pb, sid, step, length, tokens, k, vocab, rng) if with_positions else
+                        pb.SelectRequest(session_id=sid, step=step, prefix_length=length, token_ids=tokens,
+                                         trigger=pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_KL, kl_rate=KL_RATE)))
+    return requests
+
+
+def _rounds(send, pb, sessions: int, context: int, block: int, k: int, rounds: int, vocab: int, seed: int):
+    """The prefill round, a warm-up round and `rounds` measured ones, each every session's Select at once through
+    `send` (a list of requests -> their replies); returns (prefill seconds, measured walls, their
+    time.monotonic() windows)."""
+    rng = random.Random(seed)
+    state = {f"s{i}": [0, 0] for i in range(sessions)}  # session -> [length, next step]
+
+    async def one_round(block_tokens: int, with_positions: bool) -> tuple[float, float]:
+        requests = _round_requests(pb, state, block_tokens, with_positions, k, vocab, rng)
+        t = time.monotonic()
+        replies = await send(requests)
+        end = time.monotonic()
+        for sid, reply in zip(state, replies):
+            state[sid] = [reply.session_length, state[sid][1] + 1]
+        return t, end
+
+    async def all_rounds():
+        t, end = await one_round(context, False)
+        await one_round(block, True)  # warm-up: first use of this batch shape
+        windows = [await one_round(block, True) for _ in range(rounds)]
+        return end - t, [b - a for a, b in windows], windows
+
+    return all_rounds()
+
+
+def _grpc_clients(port: int, sessions: int, context: int, block: int, k: int, rounds: int, vocab: int, seed: int,
+                  conn) -> None:
+    """A process of its own playing `sessions` workers, one gRPC channel each, against the selector on `port`."""
+    import grpc
+
+    from s2t.v1 import selector_pb2 as pb
+    from s2t.v1 import selector_pb2_grpc as pb_grpc
+
+    async def main():
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(sessions)]
+        stubs = [pb_grpc.SelectorServiceStub(c) for c in channels]
+
+        async def send(requests):
+            return await asyncio.gather(*[stub.Select(r) for stub, r in zip(stubs, requests)])
+
+        try:
+            return await _rounds(send, pb, sessions, context, block, k, rounds, vocab, seed)
+        finally:
+            for c in channels:
+                await c.close()
+
+    conn.send(asyncio.run(main()))
+    conn.close()
+
+
 def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int, cudnn: bool = False,
-            graphs: bool = True, max_len: int = 1024, read_on_device: bool = True, kl_threshold: float = 0.5) -> dict:
+            graphs: bool = True, max_len: int = 1024, read_on_device: bool = True, kl_threshold: float = 0.5,
+            transport: str = "in-process") -> dict:
     import torch
 
     from llm_selector.core import SelectorCore
@@ -128,52 +191,58 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
                                 "selector.max_queued_requests": 4 * sessions + 64,
                                 "selector.kl_thresholds": {KL_RATE: kl_threshold}})
     engine = Engine(lm)
-    forward_s: list[float] = []
+    forward_s: list[tuple[float, float]] = []  # (time.monotonic() at its start, seconds)
     inner = engine.forward
 
     def timed_forward(*args):
-        t = time.perf_counter()
+        t = time.monotonic()
         out = inner(*args)
         if engine.device.type == "cuda":  # logits read on the device stay there: wait for the device's work
             torch.cuda.synchronize(engine.device)
-        forward_s.append(time.perf_counter() - t)
+        forward_s.append((t, time.monotonic() - t))
         return out
 
     engine.forward = timed_forward
     core = SelectorCore(engine, settings.selector)
     core.read_on_device = read_on_device and engine.device.type != "cpu"
-    rng = random.Random(seed)
     vocab = lm.vocab_size
-    state = {f"s{i}": [0, 0] for i in range(sessions)}  # session -> [length, next step]
 
-    async def one_round(block_tokens: int, with_positions: bool) -> float:
-        requests = []
-        for sid, (length, step) in state.items():
-            tokens = [rng.randrange(vocab) for _ in range(block_tokens)]
-            req = (select_request(pb, sid, step, length, tokens, k, vocab, rng) if with_positions else
-                   pb.SelectRequest(session_id=sid, step=step, prefix_length=length, token_ids=tokens,
-                                    trigger=pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_KL, kl_rate=KL_RATE)))
-            requests.append(req)
-        t = time.perf_counter()
-        replies = await asyncio.gather(*[core.handle(r, "select") for r in requests])
-        wall = time.perf_counter() - t
-        for sid, reply in zip(state, replies):
-            state[sid] = [reply.session_length, state[sid][1] + 1]
-        return wall
+    async def in_process(requests):
+        return await asyncio.gather(*[core.handle(r, "select") for r in requests])
+
+    async def over_grpc():
+        """The selector's gRPC server here (as `s2t serve-selector --no-ray` runs it), its clients in a process
+        of their own: requests and replies are serialised, sent over loopback TCP and parsed."""
+        import multiprocessing
+
+        from llm_selector.grpc_server import serve
+
+        server, port = await serve(core, "127.0.0.1", 0)
+        receive, send_back = multiprocessing.get_context("spawn").Pipe(duplex=False)
+        clients = multiprocessing.get_context("spawn").Process(
+            target=_grpc_clients, args=(port, sessions, context, block, k, rounds, vocab, seed, send_back))
+        clients.start()
+        try:
+            return await asyncio.to_thread(receive.recv)
+        finally:
+            await asyncio.to_thread(clients.join)
+            await server.stop(None)
 
     on_gpu = engine.device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     with attention_backends(cudnn):
-        prefill_s = asyncio.run(one_round(context, False))
-        asyncio.run(one_round(block, True))  # warm-up: first use of this batch shape
-        forward_s.clear()
-        walls = [asyncio.run(one_round(block, True)) for _ in range(rounds)]
-    forwards = list(forward_s)
+        if transport == "grpc":
+            prefill_s, walls, windows = asyncio.run(over_grpc())
+        else:
+            prefill_s, walls, windows = asyncio.run(_rounds(in_process, pb, sessions, context, block, k, rounds,
+                                                            vocab, seed))
+    # the measured rounds' forwards: those that started within a round's window
+    forwards = [d for t, d in forward_s if any(a <= t <= b for a, b in windows)]
     wall = statistics.median(walls)
     forward = statistics.median(forwards) if forwards else 0.0
     graphed = engine.graphed
-    result = dict(sessions=sessions, attention="default" if cudnn else "without cuDNN",
+    result = dict(sessions=sessions, attention="default" if cudnn else "without cuDNN", transport=transport,
                   graphs=graphed.replays if graphed is not None else None,
                   logprobs="on the device" if core.read_on_device else "on the host", kl_threshold=kl_threshold,
                   context=context, block=block, k=k, rounds=rounds,
@@ -206,18 +275,21 @@ def markdown(report: dict) -> str:
              f"Each session: a {report['context']}-token prefill, then Selects of {report['block']} new tokens, "
              f"K = {report['k']}, KL trigger (rate {KL_RATE}, threshold {_threshold(report)}) over a {SUPPORT}-id "
              "support; random bf16 weights; "
-             "SelectorCore without the gRPC transport; medians over the rounds.", "",
+             "medians over the rounds.", "",
              "The graphs column: CUDA graph replays over the measured and warm-up rounds (runtime.cuda_graphs; "
              "'off': the ordinary forward). Log-probs: where the Selects' log-probabilities were read "
-             "(SelectorCore.read_on_device; 'on the host': the [rows, vocab] logits copied to the CPU first).", "",
-             "| shape | weights GiB | sessions | attention | graphs | log-probs | round (batch latency) ms | slowest round ms | "
+             "(SelectorCore.read_on_device; 'on the host': the [rows, vocab] logits copied to the CPU first). "
+             "Transport: 'in-process', SelectorCore.handle called directly; 'grpc', the selector's gRPC server "
+             "(as `s2t serve-selector --no-ray`) with the sessions' clients in another process, one channel "
+             "each, over loopback TCP.", "",
+             "| shape | weights GiB | sessions | attention | graphs | log-probs | transport | round (batch latency) ms | slowest round ms | "
              "forward ms | rest ms | Selects/s | positions/s | prefill tokens/s | peak GPU GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape in report["shapes"]:
         for r in shape["runs"]:
             graphs = "off" if r.get("graphs") is None else r["graphs"]
             lines.append(f"| {shape['shape']} | {shape['weight_gib']} | {r['sessions']} | {r['attention']} | {graphs} | "
-                         f"{r.get('logprobs', 'on the host')} | "
+                         f"{r.get('logprobs', 'on the host')} | {r.get('transport', 'in-process')} | "
                          f"{r['round_ms_median']} | {max(r['round_ms_all'])} | "
                          f"{r['forward_ms_median']} | {r['other_ms_median']} | {r['selects_per_s']} | "
                          f"{r['positions_per_s']} | {r['prefill_tokens_per_s']} | {r['peak_gpu_gib']} |")
@@ -244,6 +316,8 @@ def main() -> None:
     ap.add_argument("--kl-threshold", type=float, default=0.5,
                     help="the KL trigger's threshold at the requests' rate; one no KL reaches (1e9) accepts every "
                          "block, so the host reads every position, as for a worker whose picks the selector keeps")
+    ap.add_argument("--transport", default="in-process", help="comma-separated, each run per session count: "
+                    "in-process (SelectorCore.handle), grpc (the gRPC server, clients in another process)")
     ap.add_argument("--max-len", type=int, default=1024, help="selector.runtime.cuda_graph_max_len")
     ap.add_argument("--commit", default="", help="the commit measured (the device's copy has no git history)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -263,12 +337,12 @@ def main() -> None:
         lm = random_model(shape, args.device, seed=0)
         entry = dict(shape=shape, weight_gib=round(lm.weight_bytes / 2**30, 2), build_s=round(lm.load_s, 1), runs=[])
         report["shapes"].append(entry)
-        for n, attention, graphs, read in ((int(x), a, g, r) for x in args.sessions.split(",")
-                                           for a in args.attention.split(",") for g in args.graphs.split(",")
-                                           for r in args.read.split(",")):
+        for n, attention, graphs, read, transport in (
+                (int(x), a, g, r, t) for x in args.sessions.split(",") for a in args.attention.split(",")
+                for g in args.graphs.split(",") for r in args.read.split(",") for t in args.transport.split(",")):
             run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n, cudnn=attention == "default",
                           graphs=graphs == "on", max_len=args.max_len, read_on_device=read == "device",
-                          kl_threshold=args.kl_threshold)
+                          kl_threshold=args.kl_threshold, transport=transport)
             entry["runs"].append(run)
             print(json.dumps({"shape": shape, **run}), flush=True)
             (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
