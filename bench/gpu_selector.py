@@ -203,7 +203,9 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
         return out
 
     engine.forward = timed_forward
-    core = SelectorCore(engine, settings.selector)
+    started = time.monotonic()
+    core = SelectorCore(engine, settings.selector)  # on a GPU: the KV pool and, with cuda_graph_warmup, the graphs
+    core_s = time.monotonic() - started
     core.read_on_device = read_on_device and engine.device.type != "cpu"
     vocab = lm.vocab_size
 
@@ -245,7 +247,7 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     result = dict(sessions=sessions, attention="default" if cudnn else "without cuDNN", transport=transport,
                   graphs=graphed.replays if graphed is not None else None,
                   logprobs="on the device" if core.read_on_device else "on the host", kl_threshold=kl_threshold,
-                  context=context, block=block, k=k, rounds=rounds,
+                  selector_start_s=round(core_s, 2), context=context, block=block, k=k, rounds=rounds,
                   prefill_s=round(prefill_s, 4), prefill_tokens_per_s=round(sessions * context / prefill_s, 1),
                   round_ms_median=round(1000 * wall, 2), round_ms_all=[round(1000 * w, 2) for w in walls],
                   forward_ms_median=round(1000 * forward, 2), forwards_per_round=len(forwards) / rounds,

@@ -142,6 +142,10 @@ class SelectorCore:
                 engine.use_kv_pool(slots, runtime.cuda_graph_max_len, capture=True)
                 log.info("CUDA graphs over a KV pool of %d sessions × %d tokens (%.2f GiB)", slots,
                          runtime.cuda_graph_max_len, engine.kv_pool.nbytes / 2**30)
+                if runtime.cuda_graph_warmup:
+                    started = time.monotonic()
+                    count = engine.graphed.capture_all(settings.max_batch_size)
+                    log.info("captured %d CUDA graphs in %.1f s", count, time.monotonic() - started)
             else:
                 log.warning("no CUDA graphs: selector.kv_budget_mb does not hold one session of "
                             "runtime.cuda_graph_max_len = %d tokens", runtime.cuda_graph_max_len)

@@ -55,6 +55,9 @@ class RuntimeSettings(_Section):
     )
     cuda_graph_max_len: int = Field(2048, ge=16, description="on a GPU with cuda_graphs: the tokens of context a "
                                     "pooled session has room for; a longer one moves to a cache of its own")
+    cuda_graph_warmup: bool = Field(True, description="on a GPU with cuda_graphs: capture every graph a batch of "
+                                    "up to max_batch_size sessions can use at start-up, instead of on each "
+                                    "shape's first use (which delays that batch by a capture)")
 
     @field_validator("device")
     @classmethod

@@ -137,3 +137,13 @@ def test_a_failed_capture_leaves_that_shape_to_run_without_a_graph(llm, monkeypa
         _same((plain, pooled), caches, [[1, 2, 3], [4, 5]], [[0, 2], [1]], 1e-10)
     assert "CUDA graph capture for 2 sessions × 4 new tokens × 96 keys failed" in caplog.text  # max_len 96
     assert graphed.replays == 0 and caplog.text.count("capture for") == 1  # tried once per shape
+
+
+def test_graphs_made_at_start_up_serve_every_later_forward(llm):
+    """capture_all makes every bucket's graph a batch of up to max_batch sequences can use; the forwards after
+    it use them and add none."""
+    plain, pooled = _pair(llm)
+    assert pooled.graphed.capture_all(3) == 3 * len(cuda_graphs.WIDTHS)  # batches of 1, 2, 4; keys up to 96
+    made = set(pooled.graphed._graphs)
+    _conversation((plain, pooled), 1e-10, random.Random(8))
+    assert set(pooled.graphed._graphs) == made
