@@ -169,9 +169,9 @@ class GraphedForward:
 
     def capture_all(self, max_batch: int) -> int:
         """Make every bucket's graph for forwards of up to `max_batch` sequences now (at start-up), so that no
-        request waits for a capture: a first use otherwise costs a capture, ~3 forwards' worth of host time (a
-        round of the 32B's shape took 290-360 ms instead of ~100 when its batch split into new shapes). Returns
-        how many there are."""
+        request waits for a capture: a first use otherwise costs a capture, ~3 forwards' worth of host time (rounds
+        of the 32B's shape took 290-364 ms against medians of 106-195 when their batches split into new sizes,
+        bench/results/gpu-selector-grpc-h200.md). Returns how many there are."""
         from s2t.runtime import CUDA_ATTENTION
 
         top = _bucket(max_batch, BATCHES) or BATCHES[-1]
