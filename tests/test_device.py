@@ -151,6 +151,11 @@ def test_reading_log_probs_on_the_device_answers_and_logs_as_on_the_host(make_se
     assert [r.SerializeToString() for r in device] == [r.SerializeToString() for r in host]
     assert any(r.outcome == pb.SELECT_OUTCOME_DIVERGED for r in host)
     assert len(cores[1].log.records) == len(requests) and cores[1].log.records == cores[0].log.records
+    # a batch of nothing but a prefill (no positions: nothing to read)
+    alone = pb.SelectRequest(session_id="p", step=0, prefix_length=0, token_ids=[5, 6, 7],
+                             trigger=pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_KL, kl_rate=0.1))
+    host, device = (asyncio.run(c.handle(alone, "select")) for c in cores)
+    assert device == host and device.session_length == 3
 
 
 def test_a_ray_serve_replica_asks_for_the_gpu_its_model_runs_on(make_settings):
