@@ -27,7 +27,7 @@ import weakref
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from s2t.runtime import KVCache, _rotate_half
+from s2t.runtime import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -233,32 +233,14 @@ class GraphedForward:
         mask = seen[:, None, None].expand(batch, 1, groups, width, kv_len).reshape(batch, 1, groups * width, kv_len)
         where = (slots[:, None, None], torch.arange(kv_heads, device=ids.device)[None, :, None], positions[:, None, :])
         for i, layer in enumerate(base.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv_proj, gate_up_proj = engine._fused[i]
-            x = layer.input_layernorm(hidden)
-            if qkv_proj is not None:
-                qkv = qkv_proj(x).view(batch, width, heads + 2 * kv_heads, dim).transpose(1, 2)
-                qk = qkv[:, :heads + kv_heads]
-                qk = qk * cos + _rotate_half(qk) * sin
-                q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
-            else:
-                q = attn.q_proj(x).view(batch, width, heads, dim).transpose(1, 2)
-                k = attn.k_proj(x).view(batch, width, kv_heads, dim).transpose(1, 2)
-                v = attn.v_proj(x).view(batch, width, kv_heads, dim).transpose(1, 2)
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
+            q, k, v = engine._rotated_qkv(i, layer.input_layernorm(hidden), cos, sin)
             pool.keys[i].index_put_(where, k)  # [B, kv, W, D] at (slot, head, position)
             pool.values[i].index_put_(where, v)
             keys = pool.keys[i][:, :, :kv_len].index_select(0, slots)  # [B, kv, kv_len, D]
             values = pool.values[i][:, :, :kv_len].index_select(0, slots)
             q = q.reshape(batch, kv_heads, groups * width, dim)
-            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-            o = o.reshape(batch, heads, width, dim).transpose(1, 2).reshape(batch, width, heads * dim)
-            hidden = hidden + attn.o_proj(o)
-            x = layer.post_attention_layernorm(hidden)
-            if gate_up_proj is not None:
-                gate, up = gate_up_proj(x).chunk(2, dim=-1)
-                hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
-            else:
-                hidden = hidden + mlp(x)
+            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                                 scale=layer.self_attn.scaling)
+            hidden = engine._finish_layer(i, hidden, o.reshape(batch, heads, width, dim).transpose(1, 2)
+                                          .reshape(batch, width, heads * dim))
         return base.norm(hidden)

@@ -589,37 +589,47 @@ class Engine:
         for i, layer in enumerate(base.layers):
             if i == cache.tap_layer and cache.tap is not None:
                 cache.tap[t] = hidden[0, 0]
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv_proj, gate_up_proj = self._fused[i]
-            x = layer.input_layernorm(hidden)
-            if qkv_proj is not None:
-                # heads laid out [q heads | k heads | v heads]: the rotary embedding turns q and k in one go
-                qkv = qkv_proj(x).view(1, heads + 2 * kv_heads, 1, dim)
-                qk = qkv[:, :heads + kv_heads]
-                qk = qk * cos + _rotate_half(qk) * sin
-                q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
-            else:
-                q = attn.q_proj(x).view(1, 1, heads, dim).transpose(1, 2)
-                k = attn.k_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
-                v = attn.v_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
+            q, k, v = self._rotated_qkv(i, layer.input_layernorm(hidden), cos, sin)
             cache.keys[i][:, t:t + 1] = k[0]
             cache.values[i][:, t:t + 1] = v[0]
             keys, values = cache.keys[i][None, :, :t + 1], cache.values[i][None, :, :t + 1]
             if kv_heads != heads:
                 q = q.reshape(1, kv_heads, heads // kv_heads, dim)
-            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-            o = o.reshape(1, heads, 1, dim).transpose(1, 2).reshape(1, 1, heads * dim)
-            hidden = hidden + attn.o_proj(o)
-            x = layer.post_attention_layernorm(hidden)
-            if gate_up_proj is not None:
-                gate, up = gate_up_proj(x).chunk(2, dim=-1)
-                hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
-            else:
-                hidden = hidden + mlp(x)
+            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                                 scale=layer.self_attn.scaling)
+            hidden = self._finish_layer(i, hidden, o.reshape(1, heads, 1, dim).transpose(1, 2).reshape(1, 1, heads * dim))
         cache.length = t + 1
         return self._output_logits(self.head(base.norm(hidden)[0]))
+
+    def _rotated_qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder layer i's queries [B, heads, W, D] and keys and values [B, kv heads, W, D] for its normed input
+        x [B, W, H], q and k turned by the rotary embedding (cos, sin broadcast over heads): one product where
+        the layer's q/k/v are fused (Engine._fused), the heads laid out [q | k | v] so q and k turn in one go."""
+        attn, (qkv_proj, _) = self.base.layers[i].self_attn, self._fused[i]
+        batch, width = x.shape[:2]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if qkv_proj is not None:
+            qkv = qkv_proj(x).view(batch, width, heads + 2 * kv_heads, dim).transpose(1, 2)
+            qk = qkv[:, :heads + kv_heads]
+            qk = qk * cos + _rotate_half(qk) * sin
+            return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
+        q = attn.q_proj(x).view(batch, width, heads, dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, width, kv_heads, dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch, width, kv_heads, dim).transpose(1, 2)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def _finish_layer(self, i: int, hidden: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The residual stream after decoder layer i, from the one before it and its attention's output
+        o [B, W, heads * D]: the output projection, then the post-attention norm and the MLP (gate and up in one
+        product where fused), each added to the stream."""
+        layer, (_, gate_up_proj) = self.base.layers[i], self._fused[i]
+        hidden = hidden + layer.self_attn.o_proj(o)
+        x = layer.post_attention_layernorm(hidden)
+        if gate_up_proj is not None:
+            gate, up = gate_up_proj(x).chunk(2, dim=-1)
+            return hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return hidden + layer.mlp(x)
 
     def forward_logprobs(self, caches: list[KVCache], tokens: list[list[int]], want: list[list[int]],
                          ids: list[list[list[int]]]) -> list[GatheredLogProbs]:
