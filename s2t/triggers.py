@@ -160,11 +160,11 @@ class GatheredLogProbs:
         normaliser = torch.logsumexp(logits, dim=-1).double()[:, None]
         top1 = torch.argmax(logits, dim=-1, keepdim=True)
         values = torch.cat([logits.gather(1, index.to(logits.device)), logits.gather(1, top1)], dim=1)
-        values = (values.double() - normaliser).cpu()  # one copy to the host, with the top-1's after the ids
-        self._table = values[:, :-1]
+        # one copy to the host; column -1 is the top-1's log-probability, the columns before it the ids asked for
+        self._values = (values.double() - normaliser).cpu()
+        self._table = self._values[:, :-1]
         if pad is not None:
             self._table.masked_fill_(pad, float("-inf"))
-        self._top1_logp = values[:, -1]
         self._top1 = top1[:, 0].cpu().tolist()
         self._asked = ids_by_row
         self._columns: dict[int, dict[int, int]] = {}  # row -> id -> column, built when `at` needs it
@@ -187,17 +187,12 @@ class GatheredLogProbs:
         if r not in self._columns:
             self._columns[r] = {token: c for c, token in enumerate(self._asked[r])}
         columns, top1 = self._columns[r], self._top1[r]
-        if all(i in columns for i in ids):
-            return self._table[r, [columns[i] for i in ids]]
         picked = []
         for i in ids:
-            if i in columns:
-                picked.append(self._table[r, columns[i]])
-            elif i == top1:
-                picked.append(self._top1_logp[r])
-            else:
+            if i not in columns and i != top1:
                 raise KeyError(f"id {i} at row {row} was not asked for when the log-probabilities were read")
-        return torch.stack(picked) if picked else torch.zeros(0, dtype=torch.float64)
+            picked.append(columns[i] if i in columns else -1)
+        return self._values[r, picked]
 
     def top1(self, row: int) -> int:
         """The vocabulary's argmax at `row` (the first maximum)."""
