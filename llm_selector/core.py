@@ -31,6 +31,7 @@ import torch
 
 from s2t.v1 import selector_pb2 as pb
 from s2t.config import SelectorSettings
+from s2t.cuda_graphs import KVPool
 from s2t.runtime import Engine
 from s2t.triggers import GatheredLogProbs, ThresholdTable, VocabLogProbs, kl_on_support_rows
 
@@ -136,8 +137,9 @@ class SelectorCore:
         if engine.device.type == "cuda" and runtime.cuda_graphs and engine.fast_decode and engine.kv_pool is None:
             # The pool holds the budget's keys/values up front (as many sessions as fit at cuda_graph_max_len
             # tokens each), so a pooled session costs its slot in the store's accounting (PooledKVCache.nbytes).
-            per_token = 2 * engine.num_layers * engine.num_kv_heads * engine.head_dim * engine.kv_dtype.itemsize
-            slots = min(settings.max_sessions, self.sessions.kv_budget_bytes // (per_token * runtime.cuda_graph_max_len))
+            slot = KVPool.slot_size(engine.num_layers, engine.num_kv_heads, engine.head_dim, engine.kv_dtype,
+                                    runtime.cuda_graph_max_len)
+            slots = min(settings.max_sessions, self.sessions.kv_budget_bytes // slot)
             if slots >= 1:
                 engine.use_kv_pool(slots, runtime.cuda_graph_max_len, capture=True)
                 log.info("CUDA graphs over a KV pool of %d sessions × %d tokens (%.2f GiB)", slots,

@@ -51,8 +51,12 @@ class KVPool:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.slots, self.max_len, self.scratch = slots, max_len, slots
         self.free = list(range(slots - 1, -1, -1))  # taken from the end: slot 0 first
-        size = torch.tensor([], dtype=dtype).element_size()
-        self.slot_bytes = 2 * num_layers * num_kv_heads * max_len * head_dim * size
+        self.slot_bytes = self.slot_size(num_layers, num_kv_heads, head_dim, dtype, max_len)
+
+    @staticmethod
+    def slot_size(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, max_len: int) -> int:
+        """Bytes of one slot: the keys and values of max_len tokens in every layer."""
+        return 2 * num_layers * num_kv_heads * max_len * head_dim * dtype.itemsize
 
     @property
     def nbytes(self) -> int:
