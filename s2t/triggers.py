@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
+import numpy as np
 import torch
 
 SUPPORT = 64
@@ -209,15 +210,27 @@ class GatheredLogProbs:
 
 def _padded_index(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ids as a [rows, max width] index (padding: id 0) and the padding's mask (None where there is none)."""
-    width = max((len(i) for i in ids), default=0)
-    if all(len(i) == width for i in ids):
-        return torch.tensor(ids, dtype=torch.long).reshape(len(ids), width), None
-    index = torch.zeros(len(ids), width, dtype=torch.long)
-    pad = torch.ones(len(ids), width, dtype=torch.bool)
-    for r, row in enumerate(ids):
-        index[r, :len(row)] = torch.tensor(row, dtype=torch.long)
-        pad[r, :len(row)] = False
-    return index, pad
+    return padded_rows(ids, torch.long)
+
+
+_NUMPY_DTYPES = {torch.long: np.int64, torch.float64: np.float64}
+
+
+def padded_rows(rows: list, dtype: torch.dtype, fill: float = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Python sequences of numbers as one [len(rows), max width] tensor of `dtype` (torch.long or float64),
+    padded with `fill`, and the padding's mask (None where every row is as wide). Converted through numpy,
+    whose reading of Python lists is ~4× torch.tensor's: 512 rows × 72 ids (a batch of 64 Selects' positions)
+    take ~0.9 ms against ~4 on one core here."""
+    width = max((len(r) for r in rows), default=0)
+    np_dtype = _NUMPY_DTYPES[dtype]
+    if all(len(r) == width for r in rows):
+        return torch.from_numpy(np.array(rows, dtype=np_dtype).reshape(len(rows), width)), None
+    out = np.full((len(rows), width), fill, dtype=np_dtype)
+    pad = np.ones((len(rows), width), dtype=bool)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+        pad[i, :len(row)] = False
+    return torch.from_numpy(out), torch.from_numpy(pad)
 
 
 def _pad_rows(rows: list[torch.Tensor], fill: float = float("-inf")) -> torch.Tensor:

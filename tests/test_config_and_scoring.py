@@ -140,7 +140,7 @@ def test_log_prob_tables_and_the_batched_selection_read_what_one_position_reads(
     """A Select's positions are read as one table (VocabLogProbs.table / GatheredLogProbs.table) and scored at
     once (kl_on_support_rows, the candidates' argmax): the same picks and trigger values as the per-position
     forms, with ragged K and supports, ties, and teacher probabilities under the KL floor."""
-    from llm_selector.core import _picks_and_kl
+    from llm_selector.core import SelectRows, _picks_and_kl
     from s2t.v1 import selector_pb2 as pb
 
     torch.manual_seed(2)
@@ -170,13 +170,31 @@ def test_log_prob_tables_and_the_batched_selection_read_what_one_position_reads(
     for row, row_ids in enumerate(ids):
         assert torch.equal(table[row, :len(row_ids)], full.at(row, row_ids))
         assert torch.isneginf(table[row, len(row_ids):]).all()
-    picks, values = _picks_and_kl(positions, table, kl=True)
+    rows = SelectRows(ids, [list(p.candidate_probs) + list(p.support_probs) for p in positions],
+                      [len(p.candidate_ids) for p in positions])
+    [(picks, values)] = _picks_and_kl([rows], [True], [table])
     for j, pos in enumerate(positions):
         assert picks[j] == int(torch.argmax(full.at(j, list(pos.candidate_ids))))
         expected = kl_on_support_at(list(pos.candidate_probs) + list(pos.support_probs), full.at(j, ids[j]))
         assert values[j] == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert picks[1] == 0 and values[4] == 0.0  # the tie; nothing of position 4's support is kept but id 9
-    assert _picks_and_kl(positions, table, kl=False) == (picks, [])
+    assert _picks_and_kl([rows], [False], [table]) == [(picks, [])]
+
+    # A batch (the selector scores all its requests' positions at once): requests of other widths, with and
+    # without the KL trigger, a prefill (no positions) between them; each scored as it is alone.
+    def part(lo: int, hi: int) -> SelectRows:
+        return SelectRows(rows.ids[lo:hi], rows.probs[lo:hi], rows.candidates[lo:hi])
+
+    spans = [(0, 2), (2, 2), (2, 3), (3, 6)]  # the rows of `logits` each request's positions are at
+    parts = [part(lo, hi) for lo, hi in spans]
+    tables = [full.table(list(range(lo, hi)), r.ids) if r.ids else None for (lo, hi), r in zip(spans, parts)]
+    kl = [True, True, False, True]
+    batch = _picks_and_kl(parts, kl, tables)
+    for r, k, t, got in zip(parts, kl, tables, batch):
+        assert got == (_picks_and_kl([r], [k], [t])[0] if r.ids else ([], []))
+    assert [p for got in batch for p in got[0]] == picks
+    assert batch[0][1] + batch[3][1] == pytest.approx(values[:2] + values[3:], rel=1e-12, abs=1e-15)
+    assert batch[2][1] == [] and _picks_and_kl([SelectRows([], [], [])], [True], [None]) == [([], [])]
 
 
 def test_quantile_thresholds_hit_their_rates_and_recall():
