@@ -176,7 +176,9 @@ def _grpc_clients(port: int, sessions: int, context: int, block: int, k: int, ro
 
 def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, seed: int, cudnn: bool = False,
             graphs: bool = True, max_len: int = 1024, read_on_device: bool = True, kl_threshold: float = 0.5,
-            transport: str = "in-process") -> dict:
+            transport: str = "in-process", profile: Path | None = None) -> dict:
+    """One shape and session count; with `profile`, cProfile's top functions of the measured rounds' host work
+    are written to that file."""
     import torch
 
     from llm_selector.core import SelectorCore
@@ -209,8 +211,36 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     core.read_on_device = read_on_device and engine.device.type != "cpu"
     vocab = lm.vocab_size
 
+    profiles = None
+    if profile is not None:  # the measured rounds' host work: the event loop's thread and the compute's
+        import cProfile
+
+        profiles = {"event loop (admission, batching, replies)": cProfile.Profile(),
+                    "compute thread (SelectorCore.compute_select, the forward within it)": cProfile.Profile()}
+        loop_profile, compute_profile = profiles.values()
+        compute, sends = core.compute_select, []
+
+        def profiled_compute(tickets):
+            if len(sends) <= 2:  # the prefill and the warm-up round are not measured
+                return compute(tickets)
+            compute_profile.enable()
+            try:
+                return compute(tickets)
+            finally:
+                compute_profile.disable()
+
+        core.compute_select = profiled_compute
+
     async def in_process(requests):
-        return await asyncio.gather(*[core.handle(r, "select") for r in requests])
+        if profiles is None:
+            return await asyncio.gather(*[core.handle(r, "select") for r in requests])
+        sends.append(None)
+        if len(sends) > 2:
+            loop_profile.enable()
+        try:
+            return await asyncio.gather(*[core.handle(r, "select") for r in requests])
+        finally:
+            loop_profile.disable()
 
     async def over_grpc():
         """The selector's gRPC server here (as `s2t serve-selector --no-ray` runs it), its clients in a process
@@ -239,6 +269,8 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
         else:
             prefill_s, walls, windows = asyncio.run(_rounds(in_process, pb, sessions, context, block, k, rounds,
                                                             vocab, seed))
+    if profiles is not None:
+        _write_profiles(profiles, profile, rounds)
     # the measured rounds' forwards: those that started within a round's window
     forwards = [d for t, d in forward_s if any(a <= t <= b for a, b in windows)]
     wall = statistics.median(walls)
@@ -261,6 +293,20 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     if on_gpu:
         torch.cuda.empty_cache()
     return result
+
+
+def _write_profiles(profiles: dict, path: Path, rounds: int) -> None:
+    """Per thread, its functions with the most time of their own and the most cumulative time, per round."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    for thread, profile in profiles.items():
+        stats = pstats.Stats(profile, stream=out)
+        out.write(f"## {thread}: {stats.total_tt / rounds * 1000:.2f} ms a round under cProfile ({rounds} rounds)\n")
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(25)
+    path.write_text(out.getvalue())
 
 
 def _threshold(report: dict) -> str:
@@ -321,6 +367,8 @@ def main() -> None:
     ap.add_argument("--transport", default="in-process", help="comma-separated, each run per session count: "
                     "in-process (SelectorCore.handle), grpc (the gRPC server, clients in another process)")
     ap.add_argument("--max-len", type=int, default=1024, help="selector.runtime.cuda_graph_max_len")
+    ap.add_argument("--profile", action="store_true", help="in-process runs: write cProfile's account of the "
+                    "measured rounds' host work to <out>/<name>-<shape>-<sessions>.profile.txt (the rounds run slower)")
     ap.add_argument("--commit", default="", help="the commit measured (the device's copy has no git history)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -344,7 +392,9 @@ def main() -> None:
                 for g in args.graphs.split(",") for r in args.read.split(",") for t in args.transport.split(",")):
             run = measure(lm, n, args.context, args.block, args.k, args.rounds, seed=n, cudnn=attention == "default",
                           graphs=graphs == "on", max_len=args.max_len, read_on_device=read == "device",
-                          kl_threshold=args.kl_threshold, transport=transport)
+                          kl_threshold=args.kl_threshold, transport=transport,
+                          profile=args.out / f"{args.name}-{shape}-{n}.profile.txt"
+                          if args.profile and transport == "in-process" else None)
             entry["runs"].append(run)
             print(json.dumps({"shape": shape, **run}), flush=True)
             (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
