@@ -215,13 +215,18 @@ def measure(lm, sessions: int, context: int, block: int, k: int, rounds: int, se
     if profile is not None:  # the measured rounds' host work: the event loop's thread and the compute's
         import cProfile
 
-        profiles = {"event loop (admission, batching, replies)": cProfile.Profile(),
-                    "compute thread (SelectorCore.compute_select, the forward within it)": cProfile.Profile()}
-        loop_profile, compute_profile = profiles.values()
+        # From Python 3.12 cProfile is a sys.monitoring tool: one at a time, and it sees every thread.
+        per_thread = sys.version_info < (3, 12)
+        profiles = {"event loop (admission, batching, replies)" if per_thread else
+                    "every thread (the event loop's admission, batching, replies; the compute thread's "
+                    "SelectorCore.compute_select)": cProfile.Profile()}
+        if per_thread:
+            profiles["compute thread (SelectorCore.compute_select, the forward within it)"] = cProfile.Profile()
+        loop_profile, compute_profile = [*profiles.values(), None][:2]
         compute, sends = core.compute_select, []
 
         def profiled_compute(tickets):
-            if len(sends) <= 2:  # the prefill and the warm-up round are not measured
+            if len(sends) <= 2 or compute_profile is None:  # the prefill and the warm-up round are not measured
                 return compute(tickets)
             compute_profile.enable()
             try:
