@@ -557,8 +557,8 @@ class SelectorCore:
         self.counters["forwards"] += 1
         # per request [positions, width]: position j's candidates, then its support; -inf padded
         tables = [lp.table(list(range(len(i))), i) if i else None for lp, i in zip(logps, ids)]
-        scores = _picks_and_kl([t.rows for t in tickets], [t.request.trigger.kind == pb.SELECT_TRIGGER_KL for t in tickets],
-                               tables)  # the whole batch's positions at once
+        kl = [t.request.trigger.kind == pb.SELECT_TRIGGER_KL for t in tickets]
+        scores = _picks_and_kl([t.rows for t in tickets], kl, tables)  # the whole batch's positions at once
         return [self._select_one(t, lp, table, picks, values)
                 for t, lp, table, (picks, values) in zip(tickets, logps, tables, scores)]
 
