@@ -82,6 +82,49 @@ def test_concurrent_sessions_share_one_batch_and_each_gets_its_own_pick(core, ti
         assert reply.selections[0].index == expected_index(llm, context, cands)
 
 
+def test_a_mixed_batch_answers_each_select_as_it_is_answered_alone(core, make_settings, tiny_pair):
+    """The selector scores a batch's positions at once (one argmax, one KL over the KL requests' rows): a batch
+    of Selects with every trigger kind, a takeover, ragged K and supports, several positions and a prefill gets,
+    request by request, the reply each gets on a selector of its own."""
+    rng = random.Random(5)
+
+    def positions(start: int, n: int, k: int, support: int, probs: bool) -> list:
+        out = []
+        for j in range(n):
+            ids = rng.sample(range(259), k + support)
+            weights = [rng.random() for _ in ids]
+            total = sum(weights)
+            extra = dict(candidate_probs=[w / total for w in weights[:k]],
+                         support_probs=[w / total for w in weights[k:]]) if probs else {}
+            out.append(position(start + j, ids[:k], support_ids=ids[k:], worker_triggered=j % 2 == 1, **extra))
+        return out
+
+    kl = pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_KL, kl_threshold=0.05)
+    shapes = [  # (trigger, positions (count, K, support), probabilities, takeover)
+        (kl, (3, 4, 6), True, False), (ALWAYS, (2, 3, 0), False, False), (kl, (1, 2, 9), True, False),
+        (pb.SelectTriggerSpec(kind=pb.SELECT_TRIGGER_WORKER), (4, 5, 2), True, False), (None, None, False, False),
+        (kl, (4, 8, 3), True, True), (ALWAYS, (1, 1, 0), False, True)]
+    requests = []
+    for i, (trigger, shape, probs, takeover) in enumerate(shapes):
+        context = [rng.randrange(259) for _ in range(5 + i)]
+        block = [rng.randrange(259) for _ in range(shape[0] if shape else 3)]
+        requests.append(pb.SelectRequest(
+            session_id=f"m{i}", step=0, prefix_length=0, token_ids=context + block, takeover=takeover,
+            positions=positions(len(context), *shape, probs) if shape else [], trigger=trigger or ALWAYS))
+
+    async def all_at_once(selector):
+        return await asyncio.gather(*[selector.handle(r, "select") for r in requests])
+
+    together = asyncio.run(all_at_once(core))
+    assert core.counters["batches"] == 1 and core.counters["batched_sessions"] == len(requests)
+    assert any(r.outcome == pb.SELECT_OUTCOME_DIVERGED for r in together)
+    assert any(len(r.selections) > 1 for r in together)
+    settings = make_settings(**{"selector.log_enabled": False})
+    for request, reply in zip(requests, together):
+        alone = SelectorCore(Engine(load_model(str(tiny_pair[1]), tiny_pair[1].parent, "native")), settings.selector)
+        assert run(alone, request) == reply, request.session_id
+
+
 def test_divergence_stops_the_reply_and_cuts_the_session(core, tiny_models):
     _, llm = tiny_models
     context = [10, 20, 30, 40]
@@ -294,6 +337,31 @@ def test_bad_select_requests_name_the_field(core, field, mutate):
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.message.startswith(field), e.value.message
     assert "bad" not in core.sessions  # nothing was created or lost
+
+
+# A bad value past the first position: the selector checks a request's ids and probabilities all at once and
+# walks the positions only to name the bad one.
+LATER_BAD = [
+    ("positions[2].support_ids[1]", lambda r: r.positions[2].support_ids.extend([10, 151_936])),
+    ("positions[1].candidate_ids[0]", lambda r: r.positions[1].candidate_ids.__setitem__(0, -3)),
+    ("positions[2].candidate_probs[1]", lambda r: r.positions[2].candidate_probs.__setitem__(1, 1.01)),
+    ("positions[1].candidate_probs[0]", lambda r: r.positions[1].candidate_probs.__setitem__(0, float("nan"))),
+]
+
+
+@pytest.mark.parametrize("field,mutate", LATER_BAD, ids=[f"{i}-{f}" for i, (f, _) in enumerate(LATER_BAD)])
+def test_bad_values_past_the_first_position_are_named(core, field, mutate):
+    req = pb.SelectRequest(session_id="bad", step=0, prefix_length=0, token_ids=[1, 2, 3, 4],
+                           positions=[position(2 + j, [4 + 2 * j, 5 + 2 * j], candidate_probs=[0.6, 0.3])
+                                      for j in range(3)], trigger=ALWAYS)
+    assert run(core, req).outcome in (pb.SELECT_OUTCOME_ACCEPTED, pb.SELECT_OUTCOME_DIVERGED)  # valid as built
+    req.step, req.session_id = 0, "bad2"
+    mutate(req)
+    with pytest.raises(SelectorError) as e:
+        run(core, req)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.message.startswith(field), e.value.message
+    assert "bad2" not in core.sessions  # nothing was created or lost
 
 
 def test_bad_decode_requests_name_the_field(core):
