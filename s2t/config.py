@@ -266,7 +266,7 @@ class SelectorSettings(_Section):
     reply_cache_steps: int = Field(16, ge=1, description="replies kept per session for idempotent retries")
     step_gap_wait_s: float = Field(1.0, ge=0, description="how long a request waits for an earlier step")
     max_batch_size: int = Field(32, ge=1, description="sessions per LLM forward (requests that arrive while one runs join the next)")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long an idle selector waits for more sessions before a batch")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="at most how long an idle selector waits, before a batch, for the sessions it served in its last busy spell to send their next requests (not at all once they have, or for other sessions)")
     max_queued_requests: int = Field(256, ge=1, description="per replica: requests waiting for a batch beyond which the selector answers RESOURCE_EXHAUSTED with a retry-after-ms hint (back-pressure)")
     max_ongoing_requests: int = Field(512, ge=1, description="per replica, Ray Serve back-pressure")
     quota: QuotaSettings = QuotaSettings()

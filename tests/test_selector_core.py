@@ -386,3 +386,50 @@ def test_health_reports_a_dead_selection_log_writer(make_settings):
     core.log._thread = alive
     core.close()
     assert core.problem() is None  # closed on purpose: not a fault
+
+
+def test_an_idle_selector_waits_only_for_the_sessions_of_its_last_busy_spell(make_settings, tiny_pair):
+    """batch_wait_timeout_s bounds how long an idle selector waits for the sessions it served in its last busy
+    spell; it does not wait when they have all sent their next request, when one went away, or for a lone
+    session. With a wait of 60 s, a request that waited it would not finish within the 30 s each round is
+    given (a hang check, not a timing threshold: the rule decides between no wait and a minute)."""
+    settings = make_settings(**{"selector.log_enabled": False, "selector.batch_wait_timeout_s": 60.0})
+    core = SelectorCore(Engine(load_model(str(tiny_pair[1]), tiny_pair[1].parent, "native")), settings.selector)
+    lengths: dict[str, int] = {}
+
+    def select(sid: str, step: int) -> pb.SelectRequest:
+        block = [(7 * step + len(sid)) % 250 + 1, 3]
+        context = lengths.get(sid, 0)
+        tokens = block if context else [1, 2, 3] + block
+        return pb.SelectRequest(session_id=sid, step=step, prefix_length=context, token_ids=tokens,
+                                positions=[position(context + len(tokens), [4, 5])], trigger=ALWAYS)
+
+    async def send(sid: str, step: int, delay: float = 0.0):
+        await asyncio.sleep(delay)
+        reply = await core.handle(select(sid, step), "select")
+        lengths[sid] = reply.session_length
+        return reply
+
+    def round_of(*sends) -> tuple[int, int]:
+        """(batches, sessions batched) for these sends, all started at once."""
+        batches, sessions = core.counters["batches"], core.counters["batched_sessions"]
+
+        async def together():
+            await asyncio.wait_for(asyncio.gather(*sends), timeout=30)
+
+        asyncio.run(together())
+        return core.counters["batches"] - batches, core.counters["batched_sessions"] - sessions
+
+    # a lone session: the first request (no spell before) and the next ones go at once
+    for step in range(3):
+        assert round_of(send("lone", step)) == (1, 1)
+    assert core.close_session("lone").existed
+    # three sessions arriving together share a batch
+    assert round_of(send("a", 0), send("b", 0), send("c", 0)) == (1, 3)
+    # the selector waits for c (served in its last spell), which comes 0.3 s after a and b: still one batch
+    assert round_of(send("a", 1), send("b", 1), send("c", 1, delay=0.3)) == (1, 3)
+    # c went away: a and b do not wait for it
+    assert core.close_session("c").existed
+    assert round_of(send("a", 2), send("b", 2)) == (1, 2)
+    # a newcomer does not make the selector wait; the spell's sessions come together again
+    assert round_of(send("a", 3), send("b", 3), send("d", 0)) == (1, 3)
