@@ -332,11 +332,17 @@ def test_bad_select_requests_name_the_field(core, field, mutate):
     req = pb.SelectRequest(session_id="bad", step=0, prefix_length=0, token_ids=[1, 2, 3],
                            positions=[position(3, [4, 5])], trigger=ALWAYS)
     mutate(req)
+    assert_refused_naming(core, req, field)
+
+
+def assert_refused_naming(core, req, field: str) -> None:
+    """req is refused as INVALID_ARGUMENT, the message starting with the bad field's name, and its session was
+    neither created nor lost."""
     with pytest.raises(SelectorError) as e:
         run(core, req)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.message.startswith(field), e.value.message
-    assert "bad" not in core.sessions  # nothing was created or lost
+    assert req.session_id not in core.sessions
 
 
 # A bad value past the first position: the selector checks a request's ids and probabilities all at once and
@@ -355,13 +361,9 @@ def test_bad_values_past_the_first_position_are_named(core, field, mutate):
                            positions=[position(2 + j, [4 + 2 * j, 5 + 2 * j], candidate_probs=[0.6, 0.3])
                                       for j in range(3)], trigger=ALWAYS)
     assert run(core, req).outcome in (pb.SELECT_OUTCOME_ACCEPTED, pb.SELECT_OUTCOME_DIVERGED)  # valid as built
-    req.step, req.session_id = 0, "bad2"
+    req.session_id = "bad2"  # a new session: the bad request must not create it
     mutate(req)
-    with pytest.raises(SelectorError) as e:
-        run(core, req)
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.message.startswith(field), e.value.message
-    assert "bad2" not in core.sessions  # nothing was created or lost
+    assert_refused_naming(core, req, field)
 
 
 def test_bad_decode_requests_name_the_field(core):
