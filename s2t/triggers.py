@@ -100,15 +100,10 @@ def kl_on_support(ids: list[int], student_probs: list[float], teacher_logp: torc
 
 
 def kl_on_support_at(student_probs: list[float], teacher_logp_at_ids: torch.Tensor) -> float:
-    """kl_on_support with the teacher's log-probabilities already read at the support's ids, in their order."""
-    p_s = torch.tensor(student_probs, dtype=torch.float64)
-    p_l = teacher_logp_at_ids.double().exp()
-    keep = (p_l > KL_P_FLOOR) & (p_s > 0)
-    if not bool(keep.any()):
-        return 0.0
-    p_s, p_l = p_s[keep], p_l[keep]
-    p_s, p_l = p_s / p_s.sum(), p_l / p_l.sum()
-    return float((p_s * (p_s.log() - p_l.log())).sum())
+    """kl_on_support with the teacher's log-probabilities already read at the support's ids, in their order:
+    kl_on_support_rows for one position."""
+    p_s = torch.tensor([student_probs], dtype=torch.float64)
+    return float(kl_on_support_rows(p_s, teacher_logp_at_ids.double()[None])[0])
 
 
 class VocabLogProbs:
@@ -237,9 +232,10 @@ def _pad_rows(rows: list[torch.Tensor], fill: float = float("-inf")) -> torch.Te
 
 
 def kl_on_support_rows(student_probs: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """kl_on_support_at for many positions at once: student_probs and teacher_logp [positions, width] (float64),
-    a position's support in its row, padded with student probability 0 (or teacher -inf). The same statistic,
-    summed in another order (within ~1e-15 relative of the one-position form)."""
+    """kl_on_support for many positions at once: student_probs and teacher_logp [positions, width] (float64),
+    a position's support in its row, padded with student probability 0 (or teacher -inf); teacher
+    probabilities at or below KL_P_FLOOR and zero student probabilities leave the support, and a position with
+    nothing left scores 0."""
     p_l = teacher_logp.exp()
     keep = (p_l > KL_P_FLOOR) & (student_probs > 0)
     zero = torch.zeros((), dtype=torch.float64)
@@ -248,4 +244,4 @@ def kl_on_support_rows(student_probs: torch.Tensor, teacher_logp: torch.Tensor) 
     p_s = p_s / p_s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     p_l = p_l / p_l.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     terms = torch.where(keep, p_s * (p_s.log() - p_l.log()), zero)
-    return terms.sum(dim=1)  # 0 for a position nothing of which is kept, as kl_on_support_at
+    return terms.sum(dim=1)

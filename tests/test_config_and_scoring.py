@@ -1,5 +1,6 @@
 """Configuration precedence, GSM8K answer scoring, trigger tables and calibration on the tiny pair."""
 
+import math
 import random
 
 import pytest
@@ -9,7 +10,7 @@ from s2t import gsm8k
 from s2t.calibration import calibrate, read_calibration, recall, thresholds, write_calibration
 from s2t.config import load_settings
 from s2t.runtime import Engine, load_model
-from s2t.triggers import (GatheredLogProbs, LocalTrigger, Proposal, ThresholdTable, VocabLogProbs, kl_on_support, kl_on_support_at,
+from s2t.triggers import (KL_P_FLOOR, GatheredLogProbs, LocalTrigger, Proposal, ThresholdTable, VocabLogProbs, kl_on_support, kl_on_support_at,
                           propose)
 
 
@@ -175,7 +176,13 @@ def test_log_prob_tables_and_the_batched_selection_read_what_one_position_reads(
     [(picks, values)] = _picks_and_kl([rows], [True], [table])
     for j, pos in enumerate(positions):
         assert picks[j] == int(torch.argmax(full.at(j, list(pos.candidate_ids))))
-        expected = kl_on_support_at(list(pos.candidate_probs) + list(pos.support_probs), full.at(j, ids[j]))
+        # the paper's statistic written out: both sides renormalised on the ids kept (teacher above the floor,
+        # student above 0), then sum p_s log(p_s / p_l); 0 where nothing is kept
+        p_s = list(pos.candidate_probs) + list(pos.support_probs)
+        p_l = full.at(j, ids[j]).exp().tolist()
+        kept = [(s_, l_) for s_, l_ in zip(p_s, p_l) if l_ > KL_P_FLOOR and s_ > 0]
+        total_s, total_l = sum(s_ for s_, _ in kept), sum(l_ for _, l_ in kept)
+        expected = sum(s_ / total_s * math.log((s_ / total_s) / (l_ / total_l)) for s_, l_ in kept)
         assert values[j] == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert picks[1] == 0 and values[4] == 0.0  # the tie; nothing of position 4's support is kept but id 9
     assert _picks_and_kl([rows], [False], [table]) == [(picks, [])]
