@@ -45,8 +45,6 @@ class DecodeOptions:
     # likeliest other picks beside the drafts (Branch), at most max_branches at once; one the verdict picks is adopted.
     branch_when_unsure: bool = False
     max_branches: int = 1
-    # Close a block as soon as none is in flight (worker.send_when_idle).
-    send_when_idle: bool = False
     # Sampling (mode greedy only): temperature 0 is the argmax; top_p 0 or 1 is off; seed is the one resolved by
     # the server (never 0 when temperature > 0: the worker picks one for a request that leaves it unset).
     temperature: float = 0.0
@@ -322,8 +320,7 @@ class Sequence:
         pending = len(self.tokens) - self.unsent
         if self.done or not self.running.verified or pending <= 0 or self.holding():
             return None
-        if (pending < self.opts.block_size and not self.drafting_stopped() and not self.unsure()
-                and not (self.opts.send_when_idle and self.running.selector_verified and not self.blocks)):
+        if pending < self.opts.block_size and not self.drafting_stopped() and not self.unsure():
             return None  # a block closes early when drafting pauses, so the verdict it waits for comes
         start, end = self.unsent, min(len(self.tokens), self.unsent + self.opts.block_size)
         self.unsent = end

@@ -249,7 +249,6 @@ class Worker:
                                                 else ws.draft_when_unsure),
                              branch_when_unsure=(o.branch_when_unsure if o.HasField("branch_when_unsure")
                                                  else ws.branch_when_unsure), max_branches=ws.max_branches,
-                             send_when_idle=ws.send_when_idle,
                              temperature=temperature, top_p=top_p, seed=seed)
         return opts, mode_requested
 
