@@ -32,6 +32,10 @@ same; to those each row adds:
     the row: Δ s2t_selector_forward_seconds_sum (every batched compute, Select and Decode) per committed token, and
     as a share of the row's wall time. The scrape after a row waits until the forward count has stopped moving,
     so a speculative block the selector was still computing when the last reply came is counted in its row.
+  - the worker's drafting, scraped from its Prometheus endpoint (worker.metrics_port) the same way: its SLM
+    forwards per committed token (what the edge pays per token: 1 for greedy, more where drafts are rolled back)
+    and Δ s2t_worker_forward_seconds_sum as a share of the row's wall time (near 1: drafting keeps the worker's
+    compute busy, and what s2t loses against greedy is the drafts a verdict threw away, not waiting).
 
 `ratios` compares tokens/s within each shape (s2t ÷ greedy, s2t ÷ llm, llm ÷ greedy) and each mode across shapes
 (split ÷ shared). `memory.by_shape` holds each process's peak RSS (VmHWM of /proc/<pid>/status, read just before
@@ -96,6 +100,10 @@ START_TIMEOUT_S = 900.0
 STOP_GRACE_S = 30.0
 # The selector's histogram of batched computes (llm_selector/metrics.py): `_sum` is its busy time.
 FORWARD_SECONDS = "s2t_selector_forward_seconds"
+# The worker's histogram of drafting forwards and the rows they fed (slm_worker/metrics.py): `_sum` is how busy
+# drafting kept its compute.
+WORKER_FORWARD_SECONDS = "s2t_worker_forward_seconds"
+WORKER_FORWARD_ROWS = "s2t_worker_forward_rows_total"
 # The scrape after a row: the forward count must stay put for this long (longer than one forward of the real
 # selector on 2 cores), checked at most SETTLE_TRIES times.
 SETTLE_S = 1.0
@@ -179,12 +187,16 @@ def selector_command(user_settings: list[str], threads: int, grpc_port: int, met
     return [arg for s in user_settings for arg in ("--set", s)] + set_flags(own) + ["serve-selector", "--no-ray"]
 
 
-def worker_command(user_settings: list[str], threads: int, selector_port: int) -> list[str]:
+def worker_command(user_settings: list[str], threads: int, selector_port: int, metrics_port: int | None = None
+                   ) -> list[str]:
     """`s2t` arguments of a worker on a free port with the user's --set overrides (the worker's own last, so they
-    win), `threads` torch threads, talking to the selector on `selector_port`."""
-    return [arg for s in user_settings for arg in ("--set", s)] + set_flags(
-        {"worker.runtime.threads": threads, "worker.port": 0, "worker.selector_address": f"127.0.0.1:{selector_port}"}
-    ) + ["serve-worker", "--wait-for-selector", str(START_TIMEOUT_S)]
+    win), `threads` torch threads, talking to the selector on `selector_port` (and a /metrics endpoint on
+    `metrics_port`)."""
+    own = {"worker.runtime.threads": threads, "worker.port": 0, "worker.selector_address": f"127.0.0.1:{selector_port}"}
+    if metrics_port is not None:
+        own["worker.metrics_port"] = metrics_port
+    return [arg for s in user_settings for arg in ("--set", s)] + set_flags(own) + [
+        "serve-worker", "--wait-for-selector", str(START_TIMEOUT_S)]
 
 
 # ---- statistics and parsing --------------------------------------------------------------------------------
@@ -279,6 +291,28 @@ class SelectorBusy:
         return SelectorBusy(self.seconds - before.seconds, self.forwards - before.forwards,
                             {m: self.seconds_by_method.get(m, 0.0) - before.seconds_by_method.get(m, 0.0)
                              for m in sorted(methods)})
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerBusy:
+    """The worker's drafting forwards at one moment: their seconds on its compute thread, their count, and the
+    rows they fed (requests' drafts, branches')."""
+
+    seconds: float
+    forwards: float
+    draft_rows: float
+    branch_rows: float
+
+    @classmethod
+    def parse(cls, exposition: str) -> "WorkerBusy":
+        rows = samples_by_label(exposition, WORKER_FORWARD_ROWS, "row")
+        return cls(sample_total(exposition, f"{WORKER_FORWARD_SECONDS}_sum"),
+                   sample_total(exposition, f"{WORKER_FORWARD_SECONDS}_count"),
+                   rows.get("draft", 0.0), rows.get("branch", 0.0))
+
+    def since(self, before: "WorkerBusy") -> "WorkerBusy":
+        return WorkerBusy(self.seconds - before.seconds, self.forwards - before.forwards,
+                          self.draft_rows - before.draft_rows, self.branch_rows - before.branch_rows)
 
 
 def exposition(metrics_port: int) -> str:
@@ -478,10 +512,11 @@ def per_problem_speed(per_problem: list[float], method: str) -> dict:
 
 
 def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, busy: SelectorBusy,
-              max_new: int, worker_defaults: dict, variant: Row | None = None) -> dict:
-    """run_bench's speed row (same fields, same meaning), with this benchmark's shape, per-problem interval and
-    selector busy time. `variant`: an s2t row of run_bench.ROWS sent with its own options (--s2t-variants)
-    instead of the worker's defaults."""
+              max_new: int, worker_defaults: dict, variant: Row | None = None, worker: WorkerBusy | None = None
+              ) -> dict:
+    """run_bench's speed row (same fields, same meaning), with this benchmark's shape, per-problem interval,
+    selector busy time and (`worker`) the worker's drafting forwards. `variant`: an s2t row of run_bench.ROWS
+    sent with its own options (--s2t-variants) instead of the worker's defaults."""
     row = variant or Row(plan.row_name(mode), mode.value)
     out = run_bench.summarize(row, "speed", results, wall, {"max_new_tokens": max_new})
     tokens = out["tokens"]
@@ -497,6 +532,11 @@ def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, bus
         worker_threads=plan.threads, selector_threads=plan.threads,
         worker_cpus=list(plan.worker_cpus) if plan.worker_cpus else "all",
         selector_cpus=list(plan.selector_cpus) if plan.selector_cpus else "all")
+    if worker is not None:  # llm mode drafts nothing: its SLM forwards are none
+        out.update(worker_busy_s=worker.seconds, worker_forwards=int(worker.forwards),
+                   worker_draft_rows=int(worker.draft_rows), worker_branch_rows=int(worker.branch_rows),
+                   worker_forwards_per_token=worker.forwards / tokens if tokens else 0.0,
+                   worker_busy_share=worker.seconds / wall if wall else 0.0)
     if variant is not None:
         out.update(variant=variant.name.removeprefix("split-"), options="the row's own (run_bench.ROWS)",
                    num_candidates=variant.k or worker_defaults["num_candidates"])
@@ -544,9 +584,9 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
     from s2t.v1 import generation_pb2 as gen_pb
     from s2t.v1 import generation_pb2_grpc as gen_grpc
 
-    selector_port, metrics_port = free_port(), free_port()
+    selector_port, metrics_port, worker_metrics_port = free_port(), free_port(), free_port()
     selector_args = selector_command(user_settings, plan.threads, selector_port, metrics_port)
-    worker_args = worker_command(user_settings, plan.threads, selector_port)
+    worker_args = worker_command(user_settings, plan.threads, selector_port, worker_metrics_port)
     servers: dict[Role, ServerProcess] = {}
     shape_processes = payload["processes"].setdefault(plan.shape.value, {})
     by_shape = payload["memory"].setdefault("by_shape", {})
@@ -584,10 +624,13 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
                 request = Row(name, mode.value) if variant is None else dataclasses.replace(variant, name=name)
                 print(f"[split-cores] {name}: {len(problems)} problems, one at a time ...", file=sys.stderr, flush=True)
                 before = await asyncio.to_thread(scrape, metrics_port)
+                worker_before = WorkerBusy.parse(await asyncio.to_thread(exposition, worker_metrics_port))
                 results, wall = await run_bench.run_service_row(client, request, problems, max_new, False)
                 busy = (await settled_scrape(metrics_port)).since(before)
+                drafting = WorkerBusy.parse(await asyncio.to_thread(exposition, worker_metrics_port)).since(
+                    worker_before)
                 row = speed_row(plan, mode, results, wall, busy, max_new, worker_defaults,
-                                None if variant is None else request)
+                                None if variant is None else request, drafting)
                 if variant is not None:
                     greedy = next((r["tokens_per_s"] for r in payload["rows"] if r["shape"] == plan.shape.value
                                    and r["request_mode"] == Mode.GREEDY.value and not r.get("variant")), None)
@@ -604,7 +647,8 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
                     payload["notes"].append(f"{name}: some requests degraded (modes used {row['modes_used']}); "
                                             f"see details")
                 print(f"[split-cores]   {row['tokens_per_s']:.2f} tok/s, {row['tokens']} tokens in {wall:.1f} s, "
-                      f"selector busy {row['selector_busy_share']:.0%} of it", file=sys.stderr, flush=True)
+                      f"selector busy {row['selector_busy_share']:.0%} of it, the worker's drafting "
+                      f"{row['worker_busy_share']:.0%}", file=sys.stderr, flush=True)
                 write_results()
     finally:
         for role, server in servers.items():
@@ -774,6 +818,11 @@ def reference_ratios(payload: dict) -> dict:
 # ---- the results files -------------------------------------------------------------------------------------
 
 
+def worker_cell(row: dict, field: str, spec: str) -> str:
+    """A worker column's cell; "–" for rows written before the worker's forwards were recorded."""
+    return format(row[field], spec) if field in row else "–"
+
+
 def markdown(payload: dict) -> str:
     m = payload["machine"]
     md = [f"# {payload['name']}\n\n", f"Command: `{payload['command']}`  \n",
@@ -783,15 +832,18 @@ def markdown(payload: dict) -> str:
           f"Problems: GSM8K test 0..{payload['problems'] - 1}, batch 1, at most {payload['max_new_tokens']} "
           f"tokens each\n\n",
           "| row | shape | CPUs worker / selector | n | tokens | wall s | tokens/s | per-problem tok/s (95% t CI) | "
-          "LLM forwards/token | selector busy s/token | selector busy share | rolled back | changed/token |\n",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"]
+          "LLM forwards/token | selector busy s/token | selector busy share | SLM forwards/token | worker drafting "
+          "share | rolled back | changed/token |\n",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"]
     for r in payload["rows"]:
         pp = r["tokens_per_s_per_problem"]
         ci = "–" if pp["ci95"] is None else f"{pp['ci95'][0]:.2f}–{pp['ci95'][1]:.2f}"
         md.append(f"| {r['mode']} | {r['shape']} | {r['worker_cpus']} / {r['selector_cpus']} | {r['n']} | "
                   f"{r['tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.2f} | {pp['mean']:.2f} ({ci}) | "
                   f"{r['llm_forwards_per_token']:.3f} | {r['selector_busy_s_per_token']:.4f} | "
-                  f"{r['selector_busy_share']:.1%} | {r['rolled_back_tokens']} | {r['changed_per_token']:.3f} |\n")
+                  f"{r['selector_busy_share']:.1%} | {worker_cell(r, 'worker_forwards_per_token', '.3f')} | "
+                  f"{worker_cell(r, 'worker_busy_share', '.1%')} | {r['rolled_back_tokens']} | "
+                  f"{r['changed_per_token']:.3f} |\n")
     if payload.get("stream_read") or payload.get("native_rows"):
         md += ["\n## The same box otherwise: streaming read, the engine alone, and llama.cpp on the same GGUF "
                "files\n\n",

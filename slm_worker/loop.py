@@ -33,6 +33,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from typing import Callable
 
 from s2t.modes import Mode
 from s2t.runtime import Engine
@@ -69,6 +70,9 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._rr = 0  # round-robin offset when more sequences want a forward than fit in a batch
+        # Told of every drafting forward: (seconds on the compute thread, request rows, branch rows). The worker's
+        # metrics (s2t_worker_forward_*): how busy drafting keeps its compute.
+        self.on_forward: Callable[[float, int, int], None] | None = None
 
     def start(self) -> None:
         if self._task is None:
@@ -155,8 +159,10 @@ class Scheduler:
             return
         feeds = [s.feed() for s in ready] + [b.feed() for _, b in branches]
         caches = [s.cache for s in ready] + [b.cache for _, b in branches]
-        logits = await asyncio.get_running_loop().run_in_executor(
-            self.engine.executor, self.engine.forward, caches, feeds, [[len(f) - 1] for f in feeds])
+        logits, seconds = await asyncio.get_running_loop().run_in_executor(
+            self.engine.executor, self._timed_forward, caches, feeds)
+        if self.on_forward is not None:
+            self.on_forward(seconds, len(ready), len(branches))
         for seq, lg in zip(ready, logits):
             if not seq.cancelled:
                 # a sampling request draws from its own generator and its own logits row: batching cannot change it
@@ -164,6 +170,13 @@ class Scheduler:
         for (seq, branch), lg in zip(branches, logits[len(ready):]):
             if any(b is branch for b in seq.branches):  # not dropped meanwhile (a finish; verdicts come in step 1)
                 seq.add_branch_proposal(branch, propose(lg)[0])
+
+    def _timed_forward(self, caches: list, feeds: list[list[int]]) -> tuple[list, float]:
+        """The drafting forward (each row's logits at its last fed token), and its seconds, on the compute thread:
+        timed there, so a busy event loop does not count as compute."""
+        started = time.perf_counter()
+        logits = self.engine.forward(caches, feeds, [[len(f) - 1] for f in feeds])
+        return logits, time.perf_counter() - started
 
     async def _send(self, seq: Sequence, block: Block) -> None:
         """Hand a block to the sequence's verifier; the verdict lands on the block when it comes."""

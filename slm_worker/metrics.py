@@ -27,6 +27,7 @@ TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TOKENS_PER_S_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 RPC_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+FORWARD_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class RequestOutcome(enum.Enum):
@@ -35,6 +36,13 @@ class RequestOutcome(enum.Enum):
     COMPLETED = "completed"  # finished (end of turn or length) with the verifier it asked for throughout
     DEGRADED = "degraded"  # finished, but (part of) it ran without that verifier: see s2t_worker_fallbacks_total
     CANCELLED = "cancelled"  # the client went away before the final response
+
+
+class ForwardRow(enum.Enum):
+    """What a row of the decode loop's SLM forward drafts for (the `row` label of s2t_worker_forward_rows_total)."""
+
+    DRAFT = "draft"  # a request's next draft (its prompt, the first time)
+    BRANCH = "branch"  # a branch's next draft (worker.branch_when_unsure): a continuation the verifier may pick
 
 
 class FallbackReason(enum.Enum):
@@ -144,6 +152,13 @@ class WorkerMetrics:
         self.selector_rpc = Histogram("s2t_worker_selector_rpc_seconds", "selector RPC attempts (a call may resend its "
                                       "step), by RPC and outcome (ok or the gRPC status)", ("method", "outcome"),
                                       buckets=RPC_BUCKETS_S, registry=r)
+        self.forward = Histogram("s2t_worker_forward_seconds", "the decode loop's SLM forwards, one a step for every "
+                                 "request drafting then (and their branches): seconds on the engine's compute thread. "
+                                 "_sum over wall time is how busy drafting keeps the worker's compute; with "
+                                 "rolled_back_tokens_total, how much of it a verifier threw away",
+                                 buckets=FORWARD_BUCKETS_S, registry=r)
+        self.forward_rows = Counter("s2t_worker_forward_rows", "rows of those forwards, by what they draft for: a "
+                                    "request's next draft, or a branch's", ("row",), registry=r)
         active = Gauge("s2t_worker_active_requests", "requests in flight (admitted, final response not yet sent)",
                        registry=r)
         active.set_function(lambda: float(active_requests()))
@@ -171,6 +186,13 @@ class WorkerMetrics:
         if stats.completion_tokens:  # a request that produced nothing has no first token and no rate
             self.time_to_first_token.labels(mode).observe(stats.time_to_first_token_s)
             self.tokens_per_second.labels(mode).observe(stats.tokens_per_s)
+
+    def forward_done(self, seconds: float, drafts: int, branches: int) -> None:
+        """One SLM forward of the decode loop: `drafts` requests' rows and `branches` branch rows."""
+        self.forward.observe(seconds)
+        self.forward_rows.labels(ForwardRow.DRAFT.value).inc(drafts)
+        if branches:
+            self.forward_rows.labels(ForwardRow.BRANCH.value).inc(branches)
 
     def request_cancelled(self, stats: gen_pb.GenerationStats) -> None:
         """The client went away before the final response: only the count (its tokens never reached anyone)."""

@@ -95,6 +95,7 @@ class Worker:
         self.metrics = WorkerMetrics(active_requests=lambda: self.active,
                                      adapter_version=lambda: getattr(self.adapters.current(), "version", None))
         self.selector.on_attempt = self.metrics.selector_attempt
+        self.scheduler.on_forward = self.metrics.forward_done
 
     async def start(self, wait_for_selector_s: float = 0.0) -> None:
         self.scheduler.start()

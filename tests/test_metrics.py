@@ -125,6 +125,13 @@ async def test_counters_equal_the_sums_of_the_responses_stats(make_settings):
     assert total(worker, "s2t_worker_selector_rpc_seconds_count") == select_calls + decode_calls
     assert value(worker, "s2t_worker_active_requests") == 0
     assert not any(n == "s2t_worker_adapter_info" for n, _ in worker)  # no adapter configured
+    # the SLM's drafting forwards: one request at a time, so one row each, one per drafted token (llm mode's
+    # tokens are the selector's); no branches without branch_when_unsure
+    drafted = sum(f.stats.drafted_tokens for f in (greedy, *s2t))
+    assert value(worker, "s2t_worker_forward_rows_total", row="draft") == drafted
+    assert value(worker, "s2t_worker_forward_seconds_count") == drafted
+    assert 0 < value(worker, "s2t_worker_forward_seconds_sum") < sum(f.stats.wall_s for f in (greedy, *s2t))
+    assert value(worker, "s2t_worker_forward_rows_total", row="branch") == 0
 
     # the selector's side of the same traffic
     assert value(selector, "s2t_selector_requests_total", method="select", outcome="ok") == select_calls

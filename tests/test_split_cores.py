@@ -215,6 +215,13 @@ def test_both_shapes_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path):
         assert s2t["selector_busy_s"] > 0 and s2t["selector_busy_s_by_method"]["select"] > 0
         assert s2t["llm_positions_per_token"] > 0
         assert s2t["trigger"] == "kl" and s2t["block_size"] == 8  # the worker's defaults, reported
+        # the worker's drafting forwards: one a committed token for greedy, at least that for s2t, none for llm
+        assert greedy["worker_forwards"] == greedy["worker_draft_rows"] == greedy["tokens"]
+        assert greedy["worker_forwards_per_token"] == 1 and 0 < greedy["worker_busy_share"] < 1
+        assert llm["worker_forwards"] == llm["worker_busy_s"] == 0
+        # (a forward that was in flight when a request finished drafts for nobody: at most one a request)
+        assert s2t["drafted_tokens"] <= s2t["worker_draft_rows"] == s2t["worker_forwards"] <= s2t["drafted_tokens"] + 2
+        assert s2t["worker_busy_s"] > 0 and s2t["worker_branch_rows"] == 0
         # the ratios are the rows' tokens/s
         tps = {m.value: rows[plan.row_name(m)]["tokens_per_s"] for m in split_cores.ROW_MODES}
         assert payload["ratios"][plan.shape.value] == {"s2t/greedy": tps["s2t"] / tps["greedy"],
@@ -338,3 +345,5 @@ def test_paired_tools_plan_their_one_shape_as_the_preset_and_start_the_same_serv
     assert worker[:4] == ["--set", "worker.block_size=4", "--set", "worker.block_size=16"]  # the later one wins
     assert "worker.selector_address=127.0.0.1:5000" in worker and "worker.runtime.threads=2" in worker
     assert worker[-3:-1] == ["serve-worker", "--wait-for-selector"]
+    assert not any("metrics_port" in a for a in worker)
+    assert "worker.metrics_port=5002" in split_cores.worker_command([], 1, 5000, 5002)

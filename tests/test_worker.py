@@ -222,6 +222,11 @@ async def test_branches_drafted_while_unsure_are_adopted_and_change_no_token(mak
             slow_compute(stack.core, 0.05)
             deltas, final = await stack.stream(PROMPT, mode=mode, max_new_tokens=40, block_size=4, **option)
             assert all(not s.branches for s in stack.worker.scheduler.active)
+            # every branch draft came from a branch row of a forward (a row whose branch a verdict dropped during
+            # the forward drafts nothing)
+            registry = stack.worker.metrics.registry
+            branch_rows = registry.get_sample_value("s2t_worker_forward_rows_total", {"row": "branch"}) or 0
+            assert branch_rows >= final.stats.branch_drafted_tokens and (branch_rows > 0) == branches
         assert_stream_is_committed_text(deltas, final)
         if mode == pb.MODE_S2T:
             assert list(final.token_ids) == expected
