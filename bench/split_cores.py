@@ -998,6 +998,9 @@ def main(argv: list[str] | None = None) -> dict:
                                    "tokens_per_s_per_problem.ci95 is a Student t interval of the per-problem mean",
                                    "selector busy = Δ s2t_selector_forward_seconds_sum (Select and Decode) over the "
                                    "row, from the selector's /metrics",
+                                   "SLM forwards/token and worker drafting share = Δ s2t_worker_forward_seconds "
+                                   "(_count per committed token, _sum over the row's wall time), from the worker's "
+                                   "/metrics: 1 forward a token for greedy, more where a verdict threw drafts away",
                                    "peak RSS = VmHWM of /proc/<pid>/status just before the process was stopped "
                                    "(GB = 2^30 bytes); selector_weight_files_gb is the stored size, not the "
                                    "in-memory one",

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import run_bench  # noqa: E402
 from run_bench import Row, git_commit, machine, write_results  # noqa: E402
-from split_cores import (Role, ServerProcess, Shape, free_port, per_problem_speed, selector_command,  # noqa: E402
-                         single_shape, t_interval, worker_command)
+from split_cores import (Role, ServerProcess, Shape, WorkerBusy, exposition, free_port,  # noqa: E402
+                         per_problem_speed, selector_command, single_shape, t_interval, worker_command)
 
 from s2t.modes import Mode  # noqa: E402
 
@@ -53,11 +53,16 @@ def paired_ratio(a_times: list[float], b_times: list[float]) -> dict:
             "per_problem": [round(math.exp(v), 4) for v in logs]}
 
 
-def side_row(side: str, overrides: list[str], results: list[dict]) -> dict:
+def side_row(side: str, overrides: list[str], results: list[dict], drafting: WorkerBusy | None = None) -> dict:
+    """A side's totals; `drafting`: its worker's drafting forwards over the timed requests (split_cores.WorkerBusy),
+    which only that side's requests run on."""
     tokens = sum(r["tokens"] for r in results)
     wall = sum(r["latency_s"] for r in results)
     per_problem = [r["tokens"] / r["latency_s"] for r in results]
-    return {"side": side, "overrides": overrides, "n": len(results), "tokens": tokens,
+    own = {} if drafting is None else {
+        "slm_forwards_per_token": drafting.forwards / tokens, "branch_rows": int(drafting.branch_rows),
+        "drafting_share": drafting.seconds / wall}
+    return {"side": side, "overrides": overrides, "n": len(results), "tokens": tokens, **own,
             "latency_s": round(wall, 2), "tokens_per_s": tokens / wall,
             "tokens_per_s_per_problem": per_problem_speed(per_problem, "tokens / the client's latency"),
             "llm_forwards_per_token": sum(r["llm_forwards"] for r in results) / tokens,
@@ -71,19 +76,28 @@ def side_row(side: str, overrides: list[str], results: list[dict]) -> dict:
             "modes_used": sorted({r["mode_used"] for r in results})}
 
 
+def drafting(row: dict) -> str:
+    """The SLM forwards cell; "–" for results written before the workers' forwards were scraped."""
+    if "slm_forwards_per_token" not in row:
+        return "–"
+    return f"{row['slm_forwards_per_token']:.3f} ({row['drafting_share']:.0%})"
+
+
 def markdown(payload: dict) -> str:
     out = [f"# {payload['name']}", "", f"`{payload['command']}`", "",
            f"{payload['date']} · commit {payload['commit']} · {payload['machine'].get('cpu', '')}", "",
            f"Mode {payload['mode']}, {payload['problems']} problems × {payload['max_new_tokens']} new tokens, batch 1, "
            f"shape {payload['shape']}; each problem to both workers back to back (ABBA order).", "",
-           "| worker | settings | tokens/s | per-problem tokens/s (95% t) | LLM forwards / token | resyncs | rolled back "
+           "| worker | settings | tokens/s | per-problem tokens/s (95% t) | LLM forwards / token | SLM forwards / token "
+           "(drafting share of the time) | resyncs | rolled back "
            "| branches adopted / changed picks (missed: at another position, another candidate; branch drafts) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|"]
     for row in payload["rows"]:
         pp = row["tokens_per_s_per_problem"]
         ci = f"{pp['mean']:.2f} ({pp['ci95'][0]:.2f}–{pp['ci95'][1]:.2f})" if pp["ci95"] else f"{pp['mean']:.2f}"
         out.append(f"| {row['side'].upper()} | {' '.join(row['overrides']) or 'as set for both'} | "
-                   f"{row['tokens_per_s']:.2f} | {ci} | {row['llm_forwards_per_token']:.3f} | {row['resyncs']} | "
+                   f"{row['tokens_per_s']:.2f} | {ci} | {row['llm_forwards_per_token']:.3f} | {drafting(row)} | "
+                   f"{row['resyncs']} | "
                    f"{row['rolled_back_tokens']} | {row.get('branches_adopted', 0)} / {row.get('picks_changed', '–')} "
                    f"({row.get('branch_missed_position', 0)}, {row.get('branch_missed_candidate', 0)}; "
                    f"{row.get('branch_drafted_tokens', 0)}) |")
@@ -110,12 +124,14 @@ async def run(args, payload: dict, write) -> None:
     plan = single_shape(Shape(args.shape), "worker_ab")
     selector_port = free_port()
     selector_args = selector_command(args.set, plan.threads, selector_port)
+    metrics_ports = {side: free_port() for side in SIDES}
     servers: dict[str, ServerProcess] = {}
     problems = gsm8k.load("test", 0, args.problems)
     try:
         servers["selector"] = await ServerProcess.spawn(Role.SELECTOR, selector_args, plan.cpus(Role.SELECTOR))
         for side in SIDES:
-            worker_args = worker_command(args.set + getattr(args, f"set_{side}"), plan.threads, selector_port)
+            worker_args = worker_command(args.set + getattr(args, f"set_{side}"), plan.threads, selector_port,
+                                         metrics_ports[side])
             servers[side] = await ServerProcess.spawn(Role.WORKER, worker_args, plan.cpus(Role.WORKER))
         await asyncio.gather(*(server.serving() for server in servers.values()))
         row = Row(f"ab-{args.mode}", args.mode)
@@ -127,13 +143,20 @@ async def run(args, payload: dict, write) -> None:
             # one request on each side first, not timed: both workers' first request pays one-off costs
             for side in SIDES:
                 await run_bench.run_service_row(clients[side], row, problems[:1], 8, False)
+
+            async def drafting_now(side: str) -> WorkerBusy:
+                return WorkerBusy.parse(await asyncio.to_thread(exposition, metrics_ports[side]))
+
+            drafting_before = {side: await drafting_now(side) for side in SIDES}
             for problem, order in zip(problems, abba(len(problems))):
                 for side in order:
                     [result], _ = await run_bench.run_service_row(clients[side], row, [problem], args.max_new, False)
                     results[side].append(result)
                     print(f"[worker-ab] problem {problem['idx']} {side.upper()}: {result['tokens']} tokens in "
                           f"{result['latency_s']:.2f} s", file=sys.stderr, flush=True)
-                payload["rows"] = [side_row(side, getattr(args, f"set_{side}"), results[side]) for side in SIDES]
+                drafted = {side: (await drafting_now(side)).since(drafting_before[side]) for side in SIDES}
+                payload["rows"] = [side_row(side, getattr(args, f"set_{side}"), results[side], drafted[side])
+                                   for side in SIDES]
                 pairs = list(zip(results["a"], results["b"]))
                 payload["paired"] = paired_ratio([a["latency_s"] for a, _ in pairs], [b["latency_s"] for _, b in pairs])
                 same = [(a, b) for a, b in pairs if a["text"] == b["text"]]
