@@ -512,11 +512,10 @@ def per_problem_speed(per_problem: list[float], method: str) -> dict:
 
 
 def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, busy: SelectorBusy,
-              max_new: int, worker_defaults: dict, variant: Row | None = None, worker: WorkerBusy | None = None
-              ) -> dict:
+              worker: WorkerBusy, max_new: int, worker_defaults: dict, variant: Row | None = None) -> dict:
     """run_bench's speed row (same fields, same meaning), with this benchmark's shape, per-problem interval,
-    selector busy time and (`worker`) the worker's drafting forwards. `variant`: an s2t row of run_bench.ROWS
-    sent with its own options (--s2t-variants) instead of the worker's defaults."""
+    selector busy time and the worker's drafting forwards. `variant`: an s2t row of run_bench.ROWS sent with
+    its own options (--s2t-variants) instead of the worker's defaults."""
     row = variant or Row(plan.row_name(mode), mode.value)
     out = run_bench.summarize(row, "speed", results, wall, {"max_new_tokens": max_new})
     tokens = out["tokens"]
@@ -531,12 +530,12 @@ def speed_row(plan: ShapePlan, mode: Mode, results: list[dict], wall: float, bus
         selector_busy_share=busy.seconds / wall if wall else 0.0,
         worker_threads=plan.threads, selector_threads=plan.threads,
         worker_cpus=list(plan.worker_cpus) if plan.worker_cpus else "all",
-        selector_cpus=list(plan.selector_cpus) if plan.selector_cpus else "all")
-    if worker is not None:  # llm mode drafts nothing: its SLM forwards are none
-        out.update(worker_busy_s=worker.seconds, worker_forwards=int(worker.forwards),
-                   worker_draft_rows=int(worker.draft_rows), worker_branch_rows=int(worker.branch_rows),
-                   worker_forwards_per_token=worker.forwards / tokens if tokens else 0.0,
-                   worker_busy_share=worker.seconds / wall if wall else 0.0)
+        selector_cpus=list(plan.selector_cpus) if plan.selector_cpus else "all",
+        # llm mode drafts nothing: its SLM forwards are none
+        worker_busy_s=worker.seconds, worker_forwards=int(worker.forwards),
+        worker_draft_rows=int(worker.draft_rows), worker_branch_rows=int(worker.branch_rows),
+        worker_forwards_per_token=worker.forwards / tokens if tokens else 0.0,
+        worker_busy_share=worker.seconds / wall if wall else 0.0)
     if variant is not None:
         out.update(variant=variant.name.removeprefix("split-"), options="the row's own (run_bench.ROWS)",
                    num_candidates=variant.k or worker_defaults["num_candidates"])
@@ -629,8 +628,8 @@ async def run_shape(plan: ShapePlan, user_settings: list[str], settings, problem
                 busy = (await settled_scrape(metrics_port)).since(before)
                 drafting = WorkerBusy.parse(await asyncio.to_thread(exposition, worker_metrics_port)).since(
                     worker_before)
-                row = speed_row(plan, mode, results, wall, busy, max_new, worker_defaults,
-                                None if variant is None else request, drafting)
+                row = speed_row(plan, mode, results, wall, busy, drafting, max_new, worker_defaults,
+                                None if variant is None else request)
                 if variant is not None:
                     greedy = next((r["tokens_per_s"] for r in payload["rows"] if r["shape"] == plan.shape.value
                                    and r["request_mode"] == Mode.GREEDY.value and not r.get("variant")), None)
@@ -818,11 +817,6 @@ def reference_ratios(payload: dict) -> dict:
 # ---- the results files -------------------------------------------------------------------------------------
 
 
-def worker_cell(row: dict, field: str, spec: str) -> str:
-    """A worker column's cell; "–" for rows written before the worker's forwards were recorded."""
-    return format(row[field], spec) if field in row else "–"
-
-
 def markdown(payload: dict) -> str:
     m = payload["machine"]
     md = [f"# {payload['name']}\n\n", f"Command: `{payload['command']}`  \n",
@@ -841,8 +835,8 @@ def markdown(payload: dict) -> str:
         md.append(f"| {r['mode']} | {r['shape']} | {r['worker_cpus']} / {r['selector_cpus']} | {r['n']} | "
                   f"{r['tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.2f} | {pp['mean']:.2f} ({ci}) | "
                   f"{r['llm_forwards_per_token']:.3f} | {r['selector_busy_s_per_token']:.4f} | "
-                  f"{r['selector_busy_share']:.1%} | {worker_cell(r, 'worker_forwards_per_token', '.3f')} | "
-                  f"{worker_cell(r, 'worker_busy_share', '.1%')} | {r['rolled_back_tokens']} | "
+                  f"{r['selector_busy_share']:.1%} | {r['worker_forwards_per_token']:.3f} | "
+                  f"{r['worker_busy_share']:.1%} | {r['rolled_back_tokens']} | "
                   f"{r['changed_per_token']:.3f} |\n")
     if payload.get("stream_read") or payload.get("native_rows"):
         md += ["\n## The same box otherwise: streaming read, the engine alone, and llama.cpp on the same GGUF "

@@ -53,16 +53,15 @@ def paired_ratio(a_times: list[float], b_times: list[float]) -> dict:
             "per_problem": [round(math.exp(v), 4) for v in logs]}
 
 
-def side_row(side: str, overrides: list[str], results: list[dict], drafting: WorkerBusy | None = None) -> dict:
+def side_row(side: str, overrides: list[str], results: list[dict], drafting: WorkerBusy) -> dict:
     """A side's totals; `drafting`: its worker's drafting forwards over the timed requests (split_cores.WorkerBusy),
     which only that side's requests run on."""
     tokens = sum(r["tokens"] for r in results)
     wall = sum(r["latency_s"] for r in results)
     per_problem = [r["tokens"] / r["latency_s"] for r in results]
-    own = {} if drafting is None else {
-        "slm_forwards_per_token": drafting.forwards / tokens, "branch_rows": int(drafting.branch_rows),
-        "drafting_share": drafting.seconds / wall}
-    return {"side": side, "overrides": overrides, "n": len(results), "tokens": tokens, **own,
+    return {"side": side, "overrides": overrides, "n": len(results), "tokens": tokens,
+            "slm_forwards_per_token": drafting.forwards / tokens, "branch_rows": int(drafting.branch_rows),
+            "drafting_share": drafting.seconds / wall,
             "latency_s": round(wall, 2), "tokens_per_s": tokens / wall,
             "tokens_per_s_per_problem": per_problem_speed(per_problem, "tokens / the client's latency"),
             "llm_forwards_per_token": sum(r["llm_forwards"] for r in results) / tokens,
@@ -74,13 +73,6 @@ def side_row(side: str, overrides: list[str], results: list[dict], drafting: Wor
             "branch_missed_position": sum(r.get("branch_missed_position", 0) for r in results),
             "branch_missed_candidate": sum(r.get("branch_missed_candidate", 0) for r in results),
             "modes_used": sorted({r["mode_used"] for r in results})}
-
-
-def drafting(row: dict) -> str:
-    """The SLM forwards cell; "–" for results written before the workers' forwards were scraped."""
-    if "slm_forwards_per_token" not in row:
-        return "–"
-    return f"{row['slm_forwards_per_token']:.3f} ({row['drafting_share']:.0%})"
 
 
 def markdown(payload: dict) -> str:
@@ -96,7 +88,8 @@ def markdown(payload: dict) -> str:
         pp = row["tokens_per_s_per_problem"]
         ci = f"{pp['mean']:.2f} ({pp['ci95'][0]:.2f}–{pp['ci95'][1]:.2f})" if pp["ci95"] else f"{pp['mean']:.2f}"
         out.append(f"| {row['side'].upper()} | {' '.join(row['overrides']) or 'as set for both'} | "
-                   f"{row['tokens_per_s']:.2f} | {ci} | {row['llm_forwards_per_token']:.3f} | {drafting(row)} | "
+                   f"{row['tokens_per_s']:.2f} | {ci} | {row['llm_forwards_per_token']:.3f} | "
+                   f"{row['slm_forwards_per_token']:.3f} ({row['drafting_share']:.0%}) | "
                    f"{row['resyncs']} | "
                    f"{row['rolled_back_tokens']} | {row.get('branches_adopted', 0)} / {row.get('picks_changed', '–')} "
                    f"({row.get('branch_missed_position', 0)}, {row.get('branch_missed_candidate', 0)}; "

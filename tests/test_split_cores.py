@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import native_ref  # noqa: E402
 import split_cores  # noqa: E402
-from split_cores import SelectorBusy, Shape  # noqa: E402
+from split_cores import SelectorBusy, Shape, WorkerBusy  # noqa: E402
 
 from s2t.modes import Mode  # noqa: E402
 
@@ -326,7 +326,8 @@ def test_the_per_problem_interval_holds_the_mean_when_every_problem_ran_at_the_s
     plan = split_cores.ShapePlan(Shape.SHARED, None, None, 2)
     results = [{"idx": i, "tokens": 8, "correct": False, "latency_s": 0.039, "mode_used": "MODE_GREEDY",
                 "degraded": ""} for i in range(2)]
-    row = split_cores.speed_row(plan, Mode.GREEDY, results, 0.078, SelectorBusy(0.0, 0.0, {}), 8, {})
+    row = split_cores.speed_row(plan, Mode.GREEDY, results, 0.078, SelectorBusy(0.0, 0.0, {}),
+                                WorkerBusy(0.07, 16.0, 16.0, 0.0), 8, {})
     per_problem = row["tokens_per_s_per_problem"]
     lo, hi = per_problem["ci95"]
     assert lo <= per_problem["mean"] <= hi

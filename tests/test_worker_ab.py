@@ -54,7 +54,8 @@ def test_the_table_shows_both_workers_and_the_paired_ratio():
     payload = {"name": "t", "command": "python bench/worker_ab.py", "date": "d", "commit": "c",
                "machine": {"cpu": "cpu"}, "mode": "s2t", "shape": "split", "problems": 2, "max_new_tokens": 128,
                "rows": [worker_ab.side_row(s, [] if s == "a" else ["worker.selector_prefill=false"], results[s],
-                                           WorkerBusy(17.0, 320.0, 300.0, 20.0) if s == "b" else None)
+                                           WorkerBusy(17.0, 320.0, 300.0, 20.0) if s == "b" else
+                                           WorkerBusy(30.0, 256.0, 256.0, 0.0))
                         for s in ("a", "b")],
                "paired": worker_ab.paired_ratio([16.0, 18.0], [17.0, 18.5]), "same_text": 2,
                "paired_same_text": worker_ab.paired_ratio([16.0, 18.0], [17.0, 18.5]), "notes": ["n"]}
@@ -63,7 +64,7 @@ def test_the_table_shows_both_workers_and_the_paired_ratio():
     # rolled back; branches adopted / changed picks (missed at another position, another candidate; branch drafts)
     assert "| 10 | 0 / 8 (0, 0; 0) |" in md and "| 10 | 2 / 8 (2, 0; 18) |" in md
     # the SLM's forwards per token and its drafting share of the time, where the worker's metrics were scraped
-    assert "| 0.234 | – | 0 |" in md and "| 0.234 | 1.250 (48%) | 0 |" in md
+    assert "| 0.234 | 1.000 (88%) | 0 |" in md and "| 0.234 | 1.250 (48%) | 0 |" in md
     assert "geometric mean **1.045**" in md and "identical outputs on 2 of 2 problems" in md
     assert "Over those" not in md  # every problem had the same tokens: one ratio
     payload["same_text"], payload["paired_same_text"] = 1, worker_ab.paired_ratio([16.0], [17.0])
