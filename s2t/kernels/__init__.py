@@ -123,13 +123,13 @@ _AMX_INT8 = (*_AVX512_VNNI, "-mamx-tile", "-mamx-int8")
 _KERNELS = {
     "int8_avx2": _Kernel("int8_avx2", "s2t_int8_gemv", "int8_gemv.cpp", "int8_linear", _AVX2, "AVX2 and FMA"),
     "int8_vnni": _Kernel("int8_vnni", "s2t_int8_vnni", "int8_vnni.cpp", "int8_vnni_linear", _AVX512_VNNI,
-                         "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h", "int8_args.h")),
+                         "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h", "int8_args.h", "prefetch.h")),
     "int8_vnni_avx2": _Kernel("int8_vnni", "s2t_int8_vnni_avx2", "int8_vnni.cpp", "int8_vnni_linear", _AVX2,
-                              "AVX2 and FMA", ("act_quant.h", "int8_args.h")),
+                              "AVX2 and FMA", ("act_quant.h", "int8_args.h", "prefetch.h")),
     "int4_vnni": _Kernel("int4_vnni", "s2t_int4_vnni", "int4_vnni.cpp", "int4_vnni_linear", _AVX512_VNNI,
-                         "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h",)),
+                         "AVX-512 (F, BW, VL) with VNNI", ("act_quant.h", "prefetch.h")),
     "int4_vnni_avx2": _Kernel("int4_vnni", "s2t_int4_vnni_avx2", "int4_vnni.cpp", "int4_vnni_linear", _AVX2_F16C,
-                              "AVX2, FMA and F16C", ("act_quant.h",)),
+                              "AVX2, FMA and F16C", ("act_quant.h", "prefetch.h")),
     "int8_amx": _Kernel("int8_amx", "s2t_int8_amx", "int8_amx.cpp", "int8_amx_linear", _AMX_INT8,
                         "AMX (tile, int8) and AVX-512 VNNI", ("act_quant.h", "amx_tiles.h", "int8_args.h")),
     # not a weight format: the batch-1 decode step's small operations (function "": the module itself)

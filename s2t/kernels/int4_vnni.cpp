@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "act_quant.h"
+#include "prefetch.h"
 
 namespace {
 
@@ -55,7 +56,8 @@ constexpr int kRows = 4;  // output rows per tile
 // sx * the group's sum of xq (the offsets' multiplier).
 template <int R, int MT>
 inline void tile(const int8_t* xq, const float* sx, const float* xs, const uint8_t* w, const at::Half* d,
-                 const at::Half* mn, float* y, int64_t Kp, int64_t N, int64_t n0, int64_t m0, bool prefetch) {
+                 const at::Half* mn, float* y, int64_t Kp, int64_t N, int64_t n0, int64_t m0,
+                 const Prefetch& pf) {
   const int64_t nb = Kp / kBlock, ng = Kp / kGroup, row_bytes = Kp / 2;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   // lanes 0-7 take the chunk's first group step, 8-15 its second
@@ -77,7 +79,7 @@ inline void tile(const int8_t* xq, const float* sx, const float* xs, const uint8
     }
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w + (n0 + r) * row_bytes + b * (kBlock / 2);
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(row + R * row_bytes), _MM_HINT_T0);
+      if (pf.covers(r)) _mm_prefetch(reinterpret_cast<const char*>(row + pf.ahead), _MM_HINT_T0);
       // the block's 4 group steps and offsets, float16 -> float32
       const int64_t g0 = (n0 + r) * ng + b * 4;
       const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(d + g0)));
@@ -114,7 +116,8 @@ constexpr int kRows = 2;
 
 template <int R, int MT>
 inline void tile(const int8_t* xq, const float* sx, const float* xs, const uint8_t* w, const at::Half* d,
-                 const at::Half* mn, float* y, int64_t Kp, int64_t N, int64_t n0, int64_t m0, bool prefetch) {
+                 const at::Half* mn, float* y, int64_t Kp, int64_t N, int64_t n0, int64_t m0,
+                 const Prefetch& pf) {
   const int64_t nb = Kp / kBlock, ng = Kp / kGroup, row_bytes = Kp / 2;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -134,7 +137,7 @@ inline void tile(const int8_t* xq, const float* sx, const float* xs, const uint8
     }
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w + (n0 + r) * row_bytes + b * (kBlock / 2);
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(row + R * row_bytes), _MM_HINT_T0);
+      if (pf.covers(r)) _mm_prefetch(reinterpret_cast<const char*>(row + pf.ahead), _MM_HINT_T0);
       const int64_t g0 = (n0 + r) * ng + b * 4;
       const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(d + g0)));
       const __m128 mn4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn + g0)));
@@ -167,9 +170,11 @@ inline void tile(const int8_t* xq, const float* sx, const float* xs, const uint8
 template <int R>
 inline void rows_for(const int8_t* xq, const float* sx, const float* xs, const uint8_t* w, const at::Half* d,
                      const at::Half* mn, float* y, int64_t M, int64_t Kp, int64_t N, int64_t n0) {
+  const int passes = static_cast<int>((M + 1) / 2);
+  Prefetch pf{0, passes, kPrefetchBands * R * (Kp / 2)};
   int64_t m0 = 0;
-  for (; m0 + 2 <= M; m0 += 2) tile<R, 2>(xq, sx, xs, w, d, mn, y, Kp, N, n0, m0, m0 == 0);
-  for (; m0 < M; ++m0) tile<R, 1>(xq, sx, xs, w, d, mn, y, Kp, N, n0, m0, m0 == 0);
+  for (; m0 + 2 <= M; m0 += 2, ++pf.pass) tile<R, 2>(xq, sx, xs, w, d, mn, y, Kp, N, n0, m0, pf);
+  for (; m0 < M; ++m0, ++pf.pass) tile<R, 1>(xq, sx, xs, w, d, mn, y, Kp, N, n0, m0, pf);
 }
 
 }  // namespace
