@@ -85,8 +85,12 @@ inline void scale_into(const int32_t* cbuf, const float* sxb, __m512 acc[kTile])
 // The 16 weight rows of the block kAhead blocks on in the order this thread reads them (row tile by row tile,
 // each left to right), two cache lines each, into L1. Sixteen short rows read side by side defeat the
 // hardware prefetcher (as int8_vnni's four do, int8_gemv.cpp): measured on the 1.5B's gate/up shape at one
-// row, without this the kernel streamed 4.1 GB/s against int8_vnni's 10.7.
-constexpr int64_t kAhead = 8;
+// row, without this the kernel streamed 4.1 GB/s against int8_vnni's 10.7. How far: 4 blocks (the 16 rows'
+// next 8 KB) rather than 8, which over-fetched. One thread, matrices of the 1.5B cycled from memory, ms at 1 / 5 / 8
+// rows, 8 -> 4 blocks ahead (2 and 3 within 3 % of 4; 6, 16 and 24 slower): gate/up 2.56 / 2.59 / 2.62 -> 2.36 / 2.38 /
+// 2.44, down 1.00 / 1.04 / 1.05 -> 0.96 / 1.00 / 1.00, lm_head 20.5 / 21.0 / 21.0 -> 19.1 / 19.7 / 19.8 (README,
+// issue #14).
+constexpr int64_t kAhead = 4;
 
 inline void prefetch_ahead(const uint8_t* u, int64_t Kp, int64_t nb, int64_t t, int64_t t_end, int64_t b) {
   const int64_t at = t * nb + b + kAhead, tile = at / nb;
