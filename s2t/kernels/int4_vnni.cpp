@@ -171,7 +171,7 @@ template <int R>
 inline void rows_for(const int8_t* xq, const float* sx, const float* xs, const uint8_t* w, const at::Half* d,
                      const at::Half* mn, float* y, int64_t M, int64_t Kp, int64_t N, int64_t n0) {
   const int passes = static_cast<int>((M + 1) / 2);
-  Prefetch pf{0, passes, kPrefetchBands * R * (Kp / 2)};
+  Prefetch pf{0, passes, prefetch_bands(passes) * R * (Kp / 2)};
   int64_t m0 = 0;
   for (; m0 + 2 <= M; m0 += 2, ++pf.pass) tile<R, 2>(xq, sx, xs, w, d, mn, y, Kp, N, n0, m0, pf);
   for (; m0 < M; ++m0, ++pf.pass) tile<R, 1>(xq, sx, xs, w, d, mn, y, Kp, N, n0, m0, pf);
