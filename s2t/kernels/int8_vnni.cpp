@@ -62,8 +62,13 @@ inline void tile(const int8_t* xq, const float* sx, const float* corr, const int
       __m512i w[R];
       for (int r = 0; r < R; ++r) {
         const uint8_t* row = u + (n0 + r) * Kp + k;
-        // short interleaved rows defeat the hardware prefetcher (see int8_gemv.cpp): fetch a later tile's
-        if (pf.covers(r)) _mm_prefetch(reinterpret_cast<const char*>(row + pf.ahead), _MM_HINT_T0);
+        // short interleaved rows defeat the hardware prefetcher (see int8_gemv.cpp): fetch a later tile's, into L2
+        // (T1: more lines in flight than L1's fill buffers allow), except in a lone pass of two rows, where it
+        // gained nothing (prefetch.h has the figures)
+        if (pf.covers(r)) {
+          if (MT == 2 && pf.passes == 1) _mm_prefetch(reinterpret_cast<const char*>(row + pf.ahead), _MM_HINT_T0);
+          else _mm_prefetch(reinterpret_cast<const char*>(row + pf.ahead), _MM_HINT_T1);
+        }
         w[r] = _mm512_loadu_si512(row);
       }
       for (int m = 0; m < MT; ++m) {

@@ -21,7 +21,10 @@ struct Prefetch {
   bool covers(int r) const { return r % passes == pass; }
 };
 // Bands ahead: two when a band has several passes (at 8 rows, 4 passes, one band ahead left the 1.5B's gate/up at
-// 3.53 ms against 3.00), one for a single pass, as before (one or two rows: the user's one-row step unchanged).
+// 3.53 ms against 3.00), one for a single pass, as before. The AVX-512 int8_vnni fetches into L2 (prefetcht1)
+// rather than L1, more lines in flight than L1's fill buffers allow: forwards of 3-4 rows 0.89-0.96x, one row
+// 0.98-0.99x (within noise). A lone pass of two rows keeps T0: T1 measured 1.00-1.03x there, as noisy, so
+// nothing to gain. Figures in the README (issue #14, bench/results/t1-ab-*).
 inline int64_t prefetch_bands(int passes) { return passes > 1 ? 2 : 1; }
 
 }  // namespace
