@@ -147,10 +147,14 @@ def main(argv: list[str]) -> None:
                  "after_over_before": round(statistics.median(ms[("after", m)]) / statistics.median(ms[("before", m)]), 3)}
                 for m in rows]
     payload = results_header(args.name, "bench/kernel_ab.py", argv)
-    payload.update(base=rev, model=args.model, plan=engine.lm.plan.describe(), threads=1, rounds=args.rounds,
+    # 'after' is this checkout's kernels, which may not be committed yet
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "s2t/kernels"], capture_output=True,
+                           text=True).stdout.strip()
+    after = f"commit {payload['commit']}" + (" with uncommitted kernel changes" if dirty else "")
+    payload.update(base=rev, after=after, model=args.model, plan=engine.lm.plan.describe(), threads=1, rounds=args.rounds,
                    prompt_tokens=PROMPT_TOKENS, identical_outputs=identical, rows=out_rows)
     md = [f"# {args.name}", "", f"`taskset -c 1 {payload['command']}`", "",
-          f"{payload['date']} · before: the kernels at {rev[:12]}, after: commit {payload['commit']} · "
+          f"{payload['date']} · before: the kernels at {rev[:12]}, after: {after} · "
           f"{payload['machine'].get('cpu', '')}", "",
           f"{args.model}, plan {payload['plan']}; one forward of M new tokens after a {PROMPT_TOKENS}-token prompt, "
           f"logits at every new position, one thread, both builds interleaved call by call on the same weights; "
