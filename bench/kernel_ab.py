@@ -15,7 +15,7 @@ builds' outputs were bit for bit the same on the model's first layer's weights.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -62,15 +62,12 @@ class Switch:
 
 
 def build_base(kernel_name: str, rev: str, into: Path):
-    """The kernel `kernel_name` (a key of s2t.kernels._KERNELS) built from `rev`'s sources in `into`."""
-    from torch.utils.cpp_extension import load
-
+    """The kernel `kernel_name` (a key of s2t.kernels._KERNELS) built from `rev`'s sources in `into`, by the
+    project's own builder under another extension name (its includes resolve beside the source, in `into`)."""
     spec = kernels._KERNELS[kernel_name]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(into.glob("*.h")))).hexdigest()[:16]
-    module = load(name=f"{spec.module}_base_{rev[:12]}", sources=[str(into / spec.source)],
-                  extra_cflags=[*spec.flags, f"-I{into}", f"-DS2T_HEADERS_SHA256={digest}"],
-                  extra_ldflags=["-fopenmp"], verbose=False)
-    return getattr(module, spec.function)
+    return kernels._build(dataclasses.replace(
+        spec, module=f"{spec.module}_base_{rev[:12]}", source=str(into / spec.source),
+        headers=tuple(str(into / h) for h in spec.headers if (into / h).exists())))
 
 
 def main(argv: list[str]) -> None:

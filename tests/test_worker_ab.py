@@ -63,7 +63,7 @@ def test_the_table_shows_both_workers_and_the_paired_ratio():
     assert "| A | as set for both | 7.53 |" in md and "| B | worker.selector_prefill=false | 7.21 |" in md
     # rolled back; branches adopted / changed picks (missed at another position, another candidate; branch drafts)
     assert "| 10 | 0 / 8 (0, 0; 0) |" in md and "| 10 | 2 / 8 (2, 0; 18) |" in md
-    # the SLM's forwards per token and its drafting share of the time, where the worker's metrics were scraped
+    # the SLM's forwards per token and its drafting share of the time, from the worker's metrics
     assert "| 0.234 | 1.000 (88%) | 0 |" in md and "| 0.234 | 1.250 (48%) | 0 |" in md
     assert "geometric mean **1.045**" in md and "identical outputs on 2 of 2 problems" in md
     assert "Over those" not in md  # every problem had the same tokens: one ratio
