@@ -408,11 +408,14 @@ class ServerProcess:
     forward_output: asyncio.Task | None = None
 
     @classmethod
-    async def spawn(cls, role: Role, cli_args: list[str], cpus: tuple[int, ...] | None) -> "ServerProcess":
+    async def spawn(cls, role: Role, cli_args: list[str], cpus: tuple[int, ...] | None, tree: Path = ROOT,
+                    env: dict[str, str] | None = None) -> "ServerProcess":
+        """`tree`: the source tree whose code it runs (its working directory, first on the import path); `env`:
+        variables set on top of ours."""
         pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
         process = await asyncio.create_subprocess_exec(
             *pin, sys.executable, "-c", "from s2t.cli import main; main()", *cli_args,
-            cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+            cwd=tree, stdout=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
         return cls(role, process, cpus)
 
     async def serving(self, timeout_s: float = START_TIMEOUT_S) -> int:

@@ -11,6 +11,10 @@ settings do not change the algorithm (e.g. worker.selector_prefill), which the r
 
     python bench/worker_ab.py --name prefill-ab --problems 8 --max-new 128 --set-b worker.selector_prefill=false
 
+Or A/B a code change: `--a-rev REV` runs worker A on git revision REV's code (its tracked files, exported once
+to ~/.cache/s2t/worker-ab/<commit>/, with a torch extension directory of its own for its kernels' builds), and
+worker B (and the selector) on this tree's, uncommitted changes included.
+
 Shapes: `split` (default) pins the selector to the second usable CPU and both workers to the first, one thread
 each, as bench/split_cores.py does; `shared` leaves every CPU to all three with one thread per CPU.
 """
@@ -20,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import shutil
+import subprocess
 import sys
 import time
 import types
@@ -36,6 +42,21 @@ from split_cores import (Role, ServerProcess, Shape, WorkerBusy, exposition, fre
 from s2t.modes import Mode  # noqa: E402
 
 SIDES = ("a", "b")
+
+
+def checkout(commit: str) -> tuple[Path, dict[str, str]]:
+    """The tracked files of `commit` (a full hash), exported (git archive) to a directory kept for the next run,
+    and the environment a process running them needs: a torch extension directory of their own, so their kernels
+    are built from their sources and never replace the .so files this tree's processes have loaded."""
+    base = Path.home() / ".cache" / "s2t" / "worker-ab" / commit[:12]
+    tree, done = base / "tree", base / "tree.complete"
+    if not done.exists():
+        shutil.rmtree(tree, ignore_errors=True)
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        done.touch()
+    return tree, {"TORCH_EXTENSIONS_DIR": str(base / "torch-extensions")}
 
 
 def abba(n: int) -> list[tuple[str, str]]:
@@ -120,12 +141,14 @@ async def run(args, payload: dict, write) -> None:
     metrics_ports = {side: free_port() for side in SIDES}
     servers: dict[str, ServerProcess] = {}
     problems = gsm8k.load("test", 0, args.problems)
+    trees = {"a": checkout(args.a_rev_commit) if args.a_rev else (ROOT, {}), "b": (ROOT, {})}
     try:
         servers["selector"] = await ServerProcess.spawn(Role.SELECTOR, selector_args, plan.cpus(Role.SELECTOR))
         for side in SIDES:
             worker_args = worker_command(args.set + getattr(args, f"set_{side}"), plan.threads, selector_port,
                                          metrics_ports[side])
-            servers[side] = await ServerProcess.spawn(Role.WORKER, worker_args, plan.cpus(Role.WORKER))
+            tree, env = trees[side]
+            servers[side] = await ServerProcess.spawn(Role.WORKER, worker_args, plan.cpus(Role.WORKER), tree, env)
         await asyncio.gather(*(server.serving() for server in servers.values()))
         row = Row(f"ab-{args.mode}", args.mode)
         results: dict[str, list[dict]] = {side: [] for side in SIDES}
@@ -148,7 +171,7 @@ async def run(args, payload: dict, write) -> None:
                     print(f"[worker-ab] problem {problem['idx']} {side.upper()}: {result['tokens']} tokens in "
                           f"{result['latency_s']:.2f} s", file=sys.stderr, flush=True)
                 drafted = {side: (await drafting_now(side)).since(drafting_before[side]) for side in SIDES}
-                payload["rows"] = [side_row(side, getattr(args, f"set_{side}"), results[side], drafted[side])
+                payload["rows"] = [side_row(side, side_label(args, side), results[side], drafted[side])
                                    for side in SIDES]
                 pairs = list(zip(results["a"], results["b"]))
                 payload["paired"] = paired_ratio([a["latency_s"] for a, _ in pairs], [b["latency_s"] for _, b in pairs])
@@ -168,6 +191,12 @@ async def run(args, payload: dict, write) -> None:
         write()
 
 
+def side_label(args: argparse.Namespace, side: str) -> list[str]:
+    """What sets a side apart: its own settings, and for A the revision whose code it runs (--a-rev)."""
+    code = {"a": [f"code of {args.a_rev_commit[:12]}"], "b": ["this tree's code"]} if args.a_rev else {}
+    return code.get(side, []) + getattr(args, f"set_{side}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="worker-ab")
@@ -178,12 +207,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for all three processes")
     ap.add_argument("--set-a", action="append", default=[], metavar="KEY=VALUE", help="worker A only")
     ap.add_argument("--set-b", action="append", default=[], metavar="KEY=VALUE", help="worker B only")
+    ap.add_argument("--a-rev", metavar="REV", help="worker A runs git revision REV's code (B this tree's)")
     ap.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
     if args.problems < 2 or args.max_new < 1:
         ap.error("--problems must be >= 2 (a paired interval needs two) and --max-new >= 1")
-    if not (args.set_a or args.set_b):
-        ap.error("give worker A or B a setting of its own (--set-a / --set-b): otherwise there is nothing to compare")
+    if not (args.set_a or args.set_b or args.a_rev):
+        ap.error("give worker A or B a setting of its own (--set-a / --set-b) or A another revision's code "
+                 "(--a-rev): otherwise there is nothing to compare")
+    args.a_rev_commit = None
+    if args.a_rev:
+        found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{args.a_rev}^{{commit}}"],
+                               capture_output=True, text=True)
+        if found.returncode:
+            ap.error(f"--a-rev {args.a_rev}: not a commit here ({found.stderr.strip()})")
+        args.a_rev_commit = found.stdout.strip()
     return args
 
 
@@ -194,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  sys.argv[1:] if argv is None else argv),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine(),
                "mode": args.mode, "shape": args.shape, "problems": args.problems, "max_new_tokens": args.max_new,
-               "settings": {"both": args.set, "a": args.set_a, "b": args.set_b},
+               "settings": {"both": args.set, "a": args.set_a, "b": args.set_b}, "a_rev": args.a_rev_commit,
                "rows": [], "paired": None, "same_text": 0, "paired_same_text": None, "details": {}, "processes": {},
                "notes": ["latency_s: the client's time from sending a request to its final reply",
                          "paired: exp(mean of log(B time / A time)) over problems, with a 95 % Student t interval "

@@ -1,6 +1,7 @@
 """bench/worker_ab.py's pairing: the ABBA order and the paired ratio (the servers it starts are split_cores')."""
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +71,24 @@ def test_the_table_shows_both_workers_and_the_paired_ratio():
     payload["same_text"], payload["paired_same_text"] = 1, worker_ab.paired_ratio([16.0], [17.0])
     assert "identical outputs on 1 of 2 problems" in worker_ab.markdown(payload)
     assert "Over those 1 alone (the same tokens on both sides): **1.062**." in worker_ab.markdown(payload)
+
+
+def test_worker_a_may_run_another_revisions_code(tmp_path, monkeypatch):
+    """--a-rev: A's worker runs that commit's tracked files, exported once to a directory of their own, with
+    a torch extension directory of their own (its kernels are built from its sources, not loaded from ours)."""
+    with pytest.raises(SystemExit):
+        worker_ab.parse_args(["--a-rev", "no-such-revision"])
+    args = worker_ab.parse_args(["--a-rev", "HEAD"])  # enough to compare: nothing else differs
+    head = subprocess.run(["git", "-C", str(worker_ab.ROOT), "rev-parse", "HEAD"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    assert args.a_rev_commit == head
+    assert worker_ab.side_label(args, "a") == [f"code of {head[:12]}"]
+    assert worker_ab.side_label(args, "b") == ["this tree's code"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tree, env = worker_ab.checkout(head)
+    assert tree.is_relative_to(tmp_path) and Path(env["TORCH_EXTENSIONS_DIR"]).is_relative_to(tmp_path)
+    tracked = subprocess.run(["git", "-C", str(worker_ab.ROOT), "show", f"{head}:slm_worker/loop.py"], check=True,
+                             capture_output=True).stdout
+    assert (tree / "slm_worker" / "loop.py").read_bytes() == tracked
+    (tree / "slm_worker" / "loop.py").write_text("kept")  # exported once: the next run reuses the directory
+    assert worker_ab.checkout(head)[0] == tree and (tree / "slm_worker" / "loop.py").read_text() == "kept"
