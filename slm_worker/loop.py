@@ -70,7 +70,6 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._rr = 0  # round-robin offset when more sequences want a forward than fit in a batch
-        self._drafting = False  # step 4's forward is running on the compute thread (the loop awaits it)
         # Told of every drafting forward: (seconds on the compute thread, request rows, branch rows). The worker's
         # metrics (s2t_worker_forward_*): how busy drafting keeps its compute.
         self.on_forward: Callable[[float, int, int], None] | None = None
@@ -124,10 +123,13 @@ class Scheduler:
                 self.active = []
 
     async def _iteration(self) -> None:
-        # 1-2. settle what arrived, then send the blocks that are ready (verdicts that come during step 4's forward
-        #      are settled as they come, up to a divergence: _record)
+        # 1-2. settle what arrived, then send the blocks that are ready (settling again: a block may need none)
         for seq in self.active:
-            await self._settle_and_send(seq)
+            seq.settle()
+            while (block := seq.next_block()) is not None:
+                if block.verdict is None:
+                    await self._send(seq, block)
+            seq.settle()
         # 3. retire finished and cancelled sequences
         for seq in [s for s in self.active if s.done or s.cancelled]:
             self.active.remove(seq)
@@ -157,16 +159,12 @@ class Scheduler:
             return
         feeds = [s.feed() for s in ready] + [b.feed() for _, b in branches]
         caches = [s.cache for s in ready] + [b.cache for _, b in branches]
-        self._drafting = True
-        try:
-            logits, seconds = await asyncio.get_running_loop().run_in_executor(
-                self.engine.executor, self._timed_forward, caches, feeds)
-        finally:
-            self._drafting = False
+        logits, seconds = await asyncio.get_running_loop().run_in_executor(
+            self.engine.executor, self._timed_forward, caches, feeds)
         if self.on_forward is not None:
             self.on_forward(seconds, len(ready), len(branches))
         for seq, lg in zip(ready, logits):
-            if not (seq.cancelled or seq.done):  # done: a verdict settled during the forward ended the request
+            if not seq.cancelled:
                 # a sampling request draws from its own generator and its own logits row: batching cannot change it
                 seq.add_proposal(propose(lg)[0], seq.sampler.sample(lg[0]) if seq.sampler is not None else None)
         for (seq, branch), lg in zip(branches, logits[len(ready):]):
@@ -180,32 +178,18 @@ class Scheduler:
         logits = self.engine.forward(caches, feeds, [[len(f) - 1] for f in feeds])
         return logits, time.perf_counter() - started
 
-    async def _settle_and_send(self, seq: Sequence, drafting: bool = False) -> None:
-        """Apply the verdicts that came (Sequence.settle), then send the blocks that are ready, settling again (a
-        block may need no verifier)."""
-        seq.settle(drafting)
-        while (block := seq.next_block()) is not None:
-            if block.verdict is None:
-                await self._send(seq, block)
-        seq.settle(drafting)
-
     async def _send(self, seq: Sequence, block: Block) -> None:
         """Hand a block to the sequence's verifier; the verdict lands on the block when it comes."""
         if seq.running.selector_verified and self.call_budget is not None and not await self.call_budget.try_take():
             block.verdict = Verdict(VerdictKind.OVER_BUDGET)  # the SLM's drafts stand, counted as local decisions
             return
-        self.spawn(self._record(seq, block, seq.verifier.send(seq, block)), seq.trace_context)
+        self.spawn(self._record(block, seq.verifier.send(seq, block)), seq.trace_context)
 
-    async def _record(self, seq: Sequence, block: Block, verdict) -> None:
+    async def _record(self, block: Block, verdict) -> None:
         try:
             block.verdict = await verdict
         finally:
             self.wake()
-        if self._drafting and not seq.cancelled:
-            # The loop waits on a forward (~40 ms for the 0.5B on a core): settle now rather than after it, so
-            # the tokens reach the client and the drafts held back behind this block (Sequence.holding) reach
-            # a selector that would otherwise idle until the forward ends
-            await self._settle_and_send(seq, drafting=True)
 
 
 async def run_llm(seq: Sequence, selector: SelectorClient | None, scheduler: Scheduler) -> None:

@@ -337,13 +337,9 @@ class Sequence:
             return pos - self.prompt_len >= self.opts.warmup_steps
         return self.proposals[pos].triggered
 
-    def settle(self, drafting: bool = False) -> None:
-        """Apply the verdicts of the blocks at the head of the queue, in position order. `drafting`: a forward is
-        writing this sequence's SLM cache, so stop at the first divergence (a rollback crops that cache and may
-        swap in a branch's); every other verdict only commits or requeues, which a forward does not see."""
+    def settle(self) -> None:
+        """Apply the verdicts of the blocks at the head of the queue, in position order."""
         while self.blocks and self.blocks[0].verdict is not None and not self.done:
-            if drafting and self.blocks[0].verdict.kind is VerdictKind.DIVERGED:
-                return
             block = self.blocks.popleft()
             self.apply(block, block.verdict)
             if self.verifier is not None:

@@ -201,44 +201,6 @@ async def test_drafting_on_while_unsure_holds_the_blocks_after_the_unsure_one(ma
     assert max(len(r.positions) for r in seen) > 1
 
 
-async def test_a_verdict_during_a_forward_releases_the_held_block_at_once(make_settings, tiny_models):
-    """draft_when_unsure with a strict gate (the tiny SLM is unsure everywhere, so the drafts after a block in
-    flight are held) and slow SLM forwards: a verdict that accepts, arriving while a forward runs, is settled
-    when it comes and the held drafts go to the selector then, not after the forward; a divergence waits for
-    the forward (it rolls back the cache the forward writes), so the tokens are still the every-step loop's."""
-    import threading
-
-    slm, llm = tiny_models
-    settings = make_settings(**{"worker.max_inflight_blocks": 3, "worker.draft_confidence": 0.99,
-                                "worker.draft_when_unsure": True})
-    async with Stack(settings) as stack:
-        expected = reference_s2t(slm, llm, prompt_ids(stack), 40, 8, set(stack.worker.lm.stop_ids))
-        scheduler = stack.worker.scheduler
-        engine, forwarding, sent_during_forward = scheduler.engine, threading.Event(), []
-        forward, send = engine.forward, scheduler._send
-
-        def slow_forward(*args):
-            forwarding.set()
-            try:
-                time.sleep(0.1)  # a real SLM forward on a core is ~40 ms: the selector answers meanwhile
-                return forward(*args)
-            finally:
-                forwarding.clear()
-
-        async def recording_send(seq, block):
-            sent_during_forward.append(forwarding.is_set())
-            await send(seq, block)
-
-        engine.forward, scheduler._send = slow_forward, recording_send
-        slow_compute(stack.core, 0.15)  # a verdict comes during the forward after the one its block was sent before
-        deltas, final = await stack.stream(PROMPT, mode=pb.MODE_S2T, max_new_tokens=40, block_size=4)
-    assert list(final.token_ids) == expected
-    assert_stream_is_committed_text(deltas, final)
-    st = final.stats
-    assert st.picks_changed > 0 and st.unverified_tokens == 0
-    assert any(sent_during_forward) and not all(sent_during_forward)
-
-
 @pytest.mark.parametrize("mode, by_request, max_branches", [(pb.MODE_S2T, False, 1), (pb.MODE_TAKEOVER, True, 1),
                                                            (pb.MODE_S2T, False, 3)])
 async def test_branches_drafted_while_unsure_are_adopted_and_change_no_token(make_settings, tiny_models, mode,
