@@ -157,11 +157,6 @@ class Scheduler:
             self._wake.clear()
             await self._wake.wait()
             return
-        # the tasks steps 1-2 woke (Select calls, client streams' writes) take their Python steps now, before the
-        # forward rather than during it: on a worker's one core the event loop's work while the compute thread runs
-        # costs the forward more than the same work between forwards (README, issue #14). (Not before the wait
-        # above: a verdict's wake() during this yield would be cleared there and lost.)
-        await asyncio.sleep(0)
         feeds = [s.feed() for s in ready] + [b.feed() for _, b in branches]
         caches = [s.cache for s in ready] + [b.cache for _, b in branches]
         logits, seconds = await asyncio.get_running_loop().run_in_executor(
