@@ -80,7 +80,7 @@ def test_worker_a_may_run_another_revisions_code(tmp_path, monkeypatch):
         worker_ab.parse_args(["--a-rev", "no-such-revision"])
     args = worker_ab.parse_args(["--a-rev", "HEAD"])  # enough to compare: nothing else differs
     head = subprocess.run(["git", "-C", str(worker_ab.ROOT), "rev-parse", "HEAD"], check=True,
-                           capture_output=True, text=True).stdout.strip()
+                          capture_output=True, text=True).stdout.strip()
     assert args.a_rev_commit == head
     assert worker_ab.side_label(args, "a") == [f"code of {head[:12]}"]
     assert worker_ab.side_label(args, "b") == ["this tree's code"]
