@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run_bench import results_header, write_results  # noqa: E402
+from run_bench import commit_of, results_header, write_results  # noqa: E402
 
 from s2t import kernels  # noqa: E402
 
@@ -81,8 +81,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", args.base], check=True, capture_output=True,
-                         text=True).stdout.strip()
+    try:
+        rev = commit_of(args.base)
+    except ValueError as e:
+        ap.error(f"--base: {e}")
     torch.set_num_threads(1)
     switches = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,8 +150,8 @@ def main(argv: list[str]) -> None:
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "s2t/kernels"], capture_output=True,
                            text=True).stdout.strip()
     after = f"commit {payload['commit']}" + (" with uncommitted kernel changes" if dirty else "")
-    payload.update(base=rev, after=after, model=args.model, plan=engine.lm.plan.describe(), threads=1, rounds=args.rounds,
-                   prompt_tokens=PROMPT_TOKENS, identical_outputs=identical, rows=out_rows)
+    payload.update(base=rev, after=after, model=args.model, plan=engine.lm.plan.describe(), threads=1,
+                   rounds=args.rounds, prompt_tokens=PROMPT_TOKENS, identical_outputs=identical, rows=out_rows)
     md = [f"# {args.name}", "", f"`taskset -c 1 {payload['command']}`", "",
           f"{payload['date']} · before: the kernels at {rev[:12]}, after: {after} · "
           f"{payload['machine'].get('cpu', '')}", "",

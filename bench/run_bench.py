@@ -736,6 +736,16 @@ def git_commit() -> str:
         return ""
 
 
+def commit_of(rev: str) -> str:
+    """The full hash of the commit git revision `rev` names here (bench/kernel_ab.py's base, bench/worker_ab.py's
+    --a-rev); ValueError saying why where it names none."""
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], capture_output=True,
+                           text=True, cwd=Path(__file__).parent)
+    if found.returncode:
+        raise ValueError(f"{rev!r} is not a commit in this repository")
+    return found.stdout.strip()
+
+
 def table(rows: list[dict]) -> str:
     head = ("| mode | kind | n | accuracy (95% CI) | tokens/s | wall s | LLM positions/token | changed/token | "
             "LLM forwards/token | bytes/token | unverified |\n|---|---|---|---|---|---|---|---|---|---|---|\n")

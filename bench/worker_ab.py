@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import run_bench  # noqa: E402
-from run_bench import Row, git_commit, machine, write_results  # noqa: E402
+from run_bench import Row, commit_of, git_commit, machine, write_results  # noqa: E402
 from split_cores import (Role, ServerProcess, Shape, WorkerBusy, exposition, free_port,  # noqa: E402
                          per_problem_speed, selector_command, single_shape, t_interval, worker_command)
 
@@ -217,11 +217,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "(--a-rev): otherwise there is nothing to compare")
     args.a_rev_commit = None
     if args.a_rev:
-        found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{args.a_rev}^{{commit}}"],
-                               capture_output=True, text=True)
-        if found.returncode:
-            ap.error(f"--a-rev {args.a_rev}: not a commit here ({found.stderr.strip()})")
-        args.a_rev_commit = found.stdout.strip()
+        try:
+            args.a_rev_commit = commit_of(args.a_rev)
+        except ValueError as e:
+            ap.error(f"--a-rev: {e}")
     return args
 
 
