@@ -22,6 +22,11 @@ agreement@1 for a given learned w, whatever the bins learn.
 And, per set, where the LLM's choice falls when it is not the SLM's top-1: the share of those disagreements
 that pick one of the SLM's next 1, 2 or 3 candidates: how much a worker that drafted ahead on the SLM's next
 candidates at that position would have prepared (issue #14's split shape; see the README).
+
+And, over every logged disagreement, how well the SLM's own probabilities predict which candidate the LLM
+picks: per tenth of the second candidate's share of the other candidates' probability (q, the prior of the
+worker's DivergenceOdds.p_pick), how often the pick is the second; and the mean log-likelihood per pick of q
+against one share per candidate rank (the rank's share of all disagreements, whatever the probabilities).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,6 +44,7 @@ sys.path.insert(0, str(BENCH.parent))
 
 from distill.groups import LabelBy, candidate_entropy, read_groups, top_positions  # noqa: E402
 from s2t.rerank import contenders  # noqa: E402
+from slm_worker.proposer import DivergenceOdds  # noqa: E402
 
 TAUS = (0.01, 0.05, 0.10, 0.20)
 PRIOR_WEIGHTS = (1.0, 0.65, 0.4, 0.2)
@@ -48,6 +55,29 @@ def reachable(group, prior_weight: float) -> bool:
     """Whether some bin scores in [0, 1] rank the LLM's choice first under score = bins + w log p_SLM: it is
     one of the candidates the serving scorer would score (no probabilities: no prior, the bins alone decide)."""
     return not group.slm_probs or group.target in contenders(group.slm_probs, prior_weight)
+
+
+def pick_calibration(groups: list) -> dict:
+    """Where the LLM's choice is not the SLM's top-1: per tenth of the second candidate's share q, the picks,
+    the share that picked the second and the mean q; and the log-likelihood per pick of q and of rank shares."""
+    picks = [g for g in groups if g.target != 0 and len(g.slm_probs) > 1]
+    if not picks:
+        return {"picks": 0}
+    ranks = collections.Counter(g.target for g in picks)
+    bins = [[0, 0, 0.0] for _ in range(DivergenceOdds.BINS)]  # [picks, picked the second, sum of q]
+    ll_share = ll_rank = 0.0
+    for g in picks:
+        q = DivergenceOdds.candidate_share(g.slm_probs, 1)
+        cell = bins[min(int(q * DivergenceOdds.BINS), DivergenceOdds.BINS - 1)]
+        cell[0] += 1
+        cell[1] += g.target == 1
+        cell[2] += q
+        ll_share += math.log(max(DivergenceOdds.candidate_share(g.slm_probs, g.target), 1e-9))
+        ll_rank += math.log(ranks[g.target] / len(picks))
+    return {"picks": len(picks),
+            "second_by_share": [{"share_from": b / DivergenceOdds.BINS, "picks": n, "picked_second": k / n,
+                                 "mean_share": t / n} for b, (n, k, t) in enumerate(bins) if n],
+            "loglik_per_pick": {"slm_share": ll_share / len(picks), "rank_share": ll_rank / len(picks)}}
 
 
 def label_stats(groups: list, taus=TAUS) -> dict:
@@ -84,6 +114,7 @@ def label_stats(groups: list, taus=TAUS) -> dict:
         "target_index": {str(k): targets[k] / n for k in sorted(targets)[:8]},
         "mean_candidate_entropy": sum(candidate_entropy(g) for g in groups) / n,
         "by_tau": rows,
+        "pick_calibration": pick_calibration(groups),
     }
 
 
@@ -108,6 +139,17 @@ def markdown(stats: dict, command: str) -> str:
                  "where it is the SLM's 2nd (1), 2nd or 3rd (2), 2nd to 4th (3) candidate.\n")
     lines.append("\nThe LLM's choice by candidate index (share of all positions): "
                  + ", ".join(f"{k}: {v:.2%}" for k, v in stats["target_index"].items()) + ".\n")
+    cal = stats["pick_calibration"]
+    if cal["picks"]:
+        ll = cal["loglik_per_pick"]
+        lines.append(f"\nWhich candidate, over the {cal['picks']:,} disagreements: by the second candidate's share q "
+                     "of the other candidates' SLM probability, how often the LLM picked the second. Log-likelihood "
+                     f"per pick: {ll['slm_share']:.3f} nats predicting each candidate by its share, {ll['rank_share']:.3f} "
+                     "by its rank's share of all disagreements.\n\n| q | picks | picked the second | mean q |\n"
+                     "|---|---|---|---|\n")
+        for b in cal["second_by_share"]:
+            lines.append(f"| {b['share_from']:.1f}–{b['share_from'] + 0.1:.1f} | {b['picks']:,} | "
+                         f"{b['picked_second']:.1%} | {b['mean_share']:.3f} |\n")
     return "".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -48,6 +49,20 @@ def test_rates_coverage_and_overlap():
     # where the disagreements go: kl's top half holds picks of the 2nd candidate (index 1) and the 3rd (index 2)
     assert rows["kl", 0.5]["disagreements_within_next"] == {"1": 0.5, "2": 1.0, "3": 1.0}
     assert rows["entropy", 0.25]["disagreements_within_next"] == {"1": 0.0, "2": 0.0, "3": 0.0}  # none there
+
+
+def test_which_candidate_the_llm_picks_by_the_slm_share():
+    groups = [_group("a", 0.0, [0.5, 0.45, 0.05], 1),  # the second holds 90 % of the rest: picked
+              _group("a", 0.0, [0.5, 0.4, 0.1], 2),  # 80 %: the third picked
+              _group("b", 0.0, [0.5, 0.42, 0.08], 1),  # 84 %: picked
+              _group("b", 0.0, [0.9, 0.05, 0.05], 0)]  # no disagreement: not counted
+    cal = label_stats.label_stats(groups, taus=(0.5,))["pick_calibration"]
+    assert cal["picks"] == 3
+    assert [(b["share_from"], b["picks"], b["picked_second"]) for b in cal["second_by_share"]] == [
+        (0.8, 2, pytest.approx(0.5)), (0.9, 1, 1.0)]
+    assert cal["loglik_per_pick"]["slm_share"] == pytest.approx(math.log(0.9 * 0.2 * 0.84) / 3)
+    assert cal["loglik_per_pick"]["rank_share"] == pytest.approx(math.log((2 / 3) ** 2 * (1 / 3)) / 3)
+    assert "| 0.8–0.9 | 2 | 50.0% |" in label_stats.markdown(label_stats.label_stats(groups, taus=(0.5,)), "cmd")
 
 
 def test_no_positions_is_an_error():
