@@ -24,9 +24,9 @@ that pick one of the SLM's next 1, 2 or 3 candidates: how much a worker that dra
 candidates at that position would have prepared (issue #14's split shape; see the README).
 
 And, over every logged disagreement, how well the SLM's own probabilities predict which candidate the LLM
-picks: per tenth of the second candidate's share of the other candidates' probability (q, the prior of the
-worker's DivergenceOdds.p_pick), how often the pick is the second; and the mean log-likelihood per pick of q
-against one share per candidate rank (the rank's share of all disagreements, whatever the probabilities).
+picks: per tenth of the second candidate's share of the other candidates' probability (q), how often the pick is
+the second; and the mean log-likelihood per pick of q against one share per candidate rank (the rank's share of
+all disagreements, whatever the probabilities, as the worker's DivergenceOdds.p_rank ranks its branches).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ sys.path.insert(0, str(BENCH.parent))
 
 from distill.groups import LabelBy, candidate_entropy, read_groups, top_positions  # noqa: E402
 from s2t.rerank import contenders  # noqa: E402
-from slm_worker.proposer import DivergenceOdds  # noqa: E402
 
 TAUS = (0.01, 0.05, 0.10, 0.20)
 PRIOR_WEIGHTS = (1.0, 0.65, 0.4, 0.2)
@@ -57,6 +56,16 @@ def reachable(group, prior_weight: float) -> bool:
     return not group.slm_probs or group.target in contenders(group.slm_probs, prior_weight)
 
 
+BINS = 10
+
+
+def candidate_share(probs: list[float], rank: int) -> float:
+    """q: the SLM's probability of its candidate of `rank` (1 = its second) over that of all its candidates but the
+    first (`probs`: the candidates' probabilities, best first)."""
+    rest = sum(probs[1:])
+    return probs[rank] / rest if rest > 0 else 1.0 / max(len(probs) - 1, 1)
+
+
 def pick_calibration(groups: list) -> dict:
     """Where the LLM's choice is not the SLM's top-1: per tenth of the second candidate's share q, the picks,
     the share that picked the second and the mean q; and the log-likelihood per pick of q and of rank shares."""
@@ -64,18 +73,18 @@ def pick_calibration(groups: list) -> dict:
     if not picks:
         return {"picks": 0}
     ranks = collections.Counter(g.target for g in picks)
-    bins = [[0, 0, 0.0] for _ in range(DivergenceOdds.BINS)]  # [picks, picked the second, sum of q]
+    bins = [[0, 0, 0.0] for _ in range(BINS)]  # [picks, picked the second, sum of q]
     ll_share = ll_rank = 0.0
     for g in picks:
-        q = DivergenceOdds.candidate_share(g.slm_probs, 1)
-        cell = bins[min(int(q * DivergenceOdds.BINS), DivergenceOdds.BINS - 1)]
+        q = candidate_share(g.slm_probs, 1)
+        cell = bins[min(int(q * BINS), BINS - 1)]
         cell[0] += 1
         cell[1] += g.target == 1
         cell[2] += q
-        ll_share += math.log(max(DivergenceOdds.candidate_share(g.slm_probs, g.target), 1e-9))
+        ll_share += math.log(max(candidate_share(g.slm_probs, g.target), 1e-9))
         ll_rank += math.log(ranks[g.target] / len(picks))
     return {"picks": len(picks),
-            "second_by_share": [{"share_from": b / DivergenceOdds.BINS, "picks": n, "picked_second": k / n,
+            "second_by_share": [{"share_from": b / BINS, "picks": n, "picked_second": k / n,
                                  "mean_share": t / n} for b, (n, k, t) in enumerate(bins) if n],
             "loglik_per_pick": {"slm_share": ll_share / len(picks), "rank_share": ll_rank / len(picks)}}
 

@@ -261,10 +261,10 @@ class Sequence:
 
         Each goes on from one of the verifier's likeliest other picks in flight: candidate r at position p, with the
         odds P(every checked draft before p accepted) x P(diverge at p) (DivergenceOdds) x P(the changed pick is the
-        candidate of rank r, given p's candidate probabilities) (DivergenceOdds.p_pick), both learned from the
-        verdicts. With one branch that is the second candidate at the likeliest divergence, weighed by how much of
-        the other candidates' probability the second holds there. A branch drafts as far past its point as the
-        sequence may draft past its committed tokens."""
+        candidate of rank r) (DivergenceOdds.p_rank), both learned from the verdicts. With one branch that is the second
+        candidate at the likeliest divergence: where the selector's pick is not the SLM's top-1, it is the second
+        65 % of the time (bench/label_stats.py). A branch drafts as far past its point as the sequence may draft
+        past its committed tokens."""
         if not (self.opts.branch_when_unsure and self.drafts_when_unsure) or self.done or self.cancelled:
             return []
         if len(self.branches) < self.opts.max_branches and self.holding():
@@ -280,14 +280,15 @@ class Sequence:
     def _branch_points(self, n: int, taken: set[tuple[int, int]]) -> list[tuple[int, int]]:
         """The n likeliest (position, candidate rank) picks in flight other than the drafts, skipping `taken`."""
         key, accepted, odds = self.odds_key(), 1.0, []
+        rank_odds = [0.0] + [self.odds.p_rank(key, rank) for rank in range(1, self.opts.num_candidates)]
         for pos in range(self.committed, self.unsent):
             if not self.needs_check(pos):
                 continue
             d = self.odds.p_diverge(key, self.proposals[pos].probs[0])
-            ids, probs = self.proposals[pos].ids, self.proposals[pos].probs[:self.opts.num_candidates]
+            ids = self.proposals[pos].ids
             for rank in range(1, min(self.opts.num_candidates, len(ids))):
                 if (pos, ids[rank]) not in taken:
-                    odds.append((accepted * d * self.odds.p_pick(key, probs, rank), pos, rank))
+                    odds.append((accepted * d * rank_odds[rank], pos, rank))
             accepted *= 1.0 - d
         odds.sort(key=lambda o: -o[0])  # stable: ties go to the earlier position, then the higher candidate
         return [(pos, rank) for _, pos, rank in odds[:n]]
@@ -377,8 +378,7 @@ class Sequence:
         # takeover: the LLM's own top-1, which need not be among the candidates
         chosen = verdict.token if verdict.token is not None else self.proposals[q].ids[verdict.index]
         if verdict.token is None:
-            self.odds.observe_pick(self.odds_key(verdict.source), self.proposals[q].probs[:self.opts.num_candidates],
-                                   verdict.index)
+            self.odds.observe_pick(self.odds_key(verdict.source), verdict.index)
         branch = self.take_branch(q, chosen)
         self.commit(q, Commit.VERIFIED)
         self.rollback(q)

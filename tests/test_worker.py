@@ -244,23 +244,20 @@ async def test_branches_drafted_while_unsure_are_adopted_and_change_no_token(mak
         assert st.drafted_tokens < off.stats.drafted_tokens + st.branch_drafted_tokens
 
 
-def test_pick_odds_start_from_the_slm_share_of_the_other_candidates_and_learn():
+def test_pick_rank_odds_start_from_the_prior_and_learn():
     odds, key = DivergenceOdds(), ("selector", "kl", 0.1)
-    probs = [0.5, 0.3, 0.15, 0.05]  # the second holds 60 % of what the others hold, the third 30 %, the fourth 10 %
-    assert [odds.p_pick(key, probs, r) for r in (1, 2, 3)] == pytest.approx([0.6, 0.3, 0.1])
-    assert odds.p_pick(key, [0.9, 0.0, 0.0], 1) == pytest.approx(0.5)  # no probability beyond the first: even
-    for _ in range(40):  # this verifier picks the third where the SLM gives it 30 % of the rest
-        odds.observe_pick(key, probs, 2)
-    assert odds.p_pick(key, probs, 2) > 0.9 and odds.p_pick(key, probs, 1) < 0.1
-    # learned per tenth of the share: a second candidate holding 90 % of the rest keeps its prior
-    assert odds.p_pick(key, [0.5, 0.45, 0.05], 1) == pytest.approx(0.9)
-    assert odds.p_pick(("selector", "always", 0.0), probs, 2) == pytest.approx(0.3)  # another key: its own counts
+    assert odds.p_rank(key, 1) == pytest.approx(0.65) and odds.p_rank(key, 1) > odds.p_rank(key, 2) > 0
+    assert odds.p_rank(key, 12) == 0  # past the prior's ranks: only what is seen
+    for _ in range(40):
+        odds.observe_pick(key, 2)
+    assert odds.p_rank(key, 2) > 0.8 > odds.p_rank(key, 1)
+    assert sum(odds.p_rank(key, r) for r in range(1, 8)) == pytest.approx(1.0)
+    assert odds.p_rank(("selector", "always", 0.0), 1) == pytest.approx(0.65)  # another key keeps its own counts
 
 
 def test_branch_points_are_the_likeliest_other_picks_in_flight():
-    """Candidate r at position p ranks by P(all before p accepted) x P(diverge at p) x P(the pick is candidate r,
-    from the SLM's share of the other candidates there); with one branch that is the second candidate at the
-    likeliest divergence."""
+    """Candidate r at position p ranks by P(all before p accepted) x P(diverge at p) x P(rank r); with one branch
+    that is the second candidate at the likeliest divergence."""
     from types import SimpleNamespace
 
     from slm_worker.sequence import Sequence
@@ -275,11 +272,8 @@ def test_branch_points_are_the_likeliest_other_picks_in_flight():
     seq.needs_check = lambda pos: True
     seq.odds_key = lambda source=None: ("selector", "kl", 0.1)
     assert seq._branch_points(1, set()) == [(11, 1)]
-    # the odds: (11, 1) .95 x .55 x .4/.55; (11, 2) .95 x .55 x .15/.55; (12, 1) .95 x .45 x .45 x .3/.45
-    assert seq._branch_points(3, set()) == [(11, 1), (11, 2), (12, 1)]
-    assert seq._branch_points(2, {(11, 5)}) == [(11, 2), (12, 1)]  # a branch already drafted is not made again
-    seq.proposals[11] = SimpleNamespace(probs=[0.45, 0.5, 0.05], ids=[4, 5, 6])  # its third is now unlikely
-    assert seq._branch_points(3, set()) == [(11, 1), (12, 1), (12, 2)]
+    assert seq._branch_points(3, set()) == [(11, 1), (12, 1), (11, 2)]
+    assert seq._branch_points(2, {(11, 5)}) == [(12, 1), (11, 2)]  # a branch already drafted is not made again
 
 
 def test_divergence_odds_start_from_the_slm_doubt_and_learn():
