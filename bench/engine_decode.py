@@ -55,7 +55,8 @@ def run(role: str, problems: int, max_new: int, overrides: list[str]) -> dict:
 
     settings = load_settings(**{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in overrides)})
     section = settings.worker if role == "worker" else settings.selector
-    lm = load_model(section.model, settings.cache_dir, section.runtime.weight_formats, section.runtime.threads)
+    lm = load_model(section.model, settings.cache_dir, section.runtime.weight_formats, section.runtime.threads,
+                    huge_pages=section.runtime.huge_pages)
     engine = Engine(lm)
     prompts = [chat_prompt_ids(lm.tokenizer, settings.worker.system_prompt, p["question"])
                for p in gsm8k.load("test", 0, problems)]

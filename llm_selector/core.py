@@ -211,7 +211,7 @@ class SelectorCore:
 
         sel = settings.selector
         lm = load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats, sel.runtime.threads,
-                        sel.runtime.device)
+                        sel.runtime.device, sel.runtime.huge_pages)
         calibration = read_calibration(settings.calibration_file()) or {}
         selection_log = None
         if sel.log_enabled:

@@ -39,6 +39,12 @@ class RuntimeSettings(_Section):
         "'auto' never picks), or five comma-separated formats for calls of "
         "1, 2-4, 5-8, 9-16 and more rows",
     )
+    huge_pages: bool = Field(
+        True,
+        description="on the CPU: keep the formatted weights in one mapping that Linux is asked to back with 2 MB "
+        "pages (madvise; a decode step streams every weight, and 4 KB pages cost a TLB miss each 4 KB); the same "
+        "numbers either way, and a no-op where transparent huge pages are off",
+    )
     device: str = Field(
         "cpu",
         description="where the model runs: 'cpu', or 'cuda' / 'cuda:N' (an NVIDIA GPU; the selector only). On a GPU "

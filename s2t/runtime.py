@@ -22,7 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
 from .weight_formats import (BUCKETS, FormatPlan, apply_plan, cpu_capability, format_available, fuse_outputs,
-                             fused_row_function, held_weight_bytes, measure_plan, release_free_memory, row_function)
+                             fused_row_function, held_weight_bytes, measure_plan, release_free_memory, row_function,
+                             weights_on_huge_pages)
 from .config import ConfigError
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash, weights_sha256
@@ -47,6 +48,8 @@ class LoadedModel:
     weights_sha256: str = ""
     # bytes of the weights as held in memory, every format copy included (weight_formats.held_weight_bytes)
     weight_bytes: int = 0
+    # RuntimeSettings.huge_pages: the first Engine moves the formatted weights onto 2 MB pages
+    huge_pages: bool = True
 
     @property
     def vocab_size(self) -> int:
@@ -132,9 +135,9 @@ def gpu_dtype(device: str, weight_formats: str) -> torch.dtype | None:
 
 
 def load_model(spec: str, cache_dir: Path, weight_formats: str = "auto", threads: int = 0,
-               device: str = "cpu") -> LoadedModel:
+               device: str = "cpu", huge_pages: bool = True) -> LoadedModel:
     """Load a registry model or a local transformers directory for inference with the given weight plan, on
-    the CPU or on a CUDA device (RuntimeSettings.device)."""
+    the CPU or on a CUDA device (RuntimeSettings.device); `huge_pages`: RuntimeSettings.huge_pages."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -170,7 +173,9 @@ def load_model(spec: str, cache_dir: Path, weight_formats: str = "auto", threads
     if dtype is not None:
         model.to(dtype)
     release_free_memory()
-    return _loaded(model, path, plan, t0)
+    lm = _loaded(model, path, plan, t0)
+    lm.huge_pages = huge_pages
+    return lm
 
 
 def _loaded(model: nn.Module, path: Path, plan: FormatPlan, t0: float) -> LoadedModel:
@@ -390,6 +395,11 @@ class Engine:
                  fuse_outputs([l.mlp.gate_proj, l.mlp.up_proj]) if _gated_mlp(l.mlp) else None)
                 for l in self.base.layers]
             lm.model.__dict__["_s2t_fused_decode"] = self._fused
+        # ... and the weights, fused or not, on 2 MB pages (weights_on_huge_pages): once per model, after the
+        # fusion (which makes new storages) and before any step holds them
+        if lm.huge_pages and self.device.type == "cpu" and not lm.model.__dict__.get("_s2t_huge_pages"):
+            weights_on_huge_pages([lm.model, *(layer for pair in self._fused for layer in pair if layer is not None)])
+            lm.model.__dict__["_s2t_huge_pages"] = True
         # ... and, in float32 with the small operations compiled (kernels/decode_ops.cpp), each layer as eight
         # calls (two norms, four products, the attention, silu * up) instead of several dozen torch operations;
         # so do one sequence's forwards of a few new tokens (a selector's Select block), with each product in

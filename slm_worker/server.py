@@ -71,7 +71,8 @@ class Worker:
         describes, which the worker builds and shuts down itself (None: tracing is off)."""
         self.settings = settings
         ws = settings.worker
-        self.lm = lm or load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads)
+        self.lm = lm or load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads,
+                                   huge_pages=ws.runtime.huge_pages)
         self.engine = Engine(self.lm)
         self._owns_tracer_provider = tracer_provider is None
         self.tracer_provider = (tracer_provider if tracer_provider is not None

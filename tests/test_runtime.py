@@ -1,6 +1,7 @@
 """The model runtime: ragged batched forwards with per-sequence caches equal a full recomputation."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -354,3 +355,64 @@ def test_page_out_never_changes_what_a_tensor_holds(tmp_path):
     page_out(mapped[100:])  # unaligned start: only whole pages inside are advised
     assert torch.equal(mapped, torch.arange(5 * 4096, dtype=torch.float32))
     page_out(torch.empty(0))
+
+
+def _mapping_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    lines, inside = open("/proc/self/smaps").read().splitlines(), False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_weights_on_huge_pages_move_big_storages_and_change_no_number():
+    """q/k/v-shaped int8 layers fused (a storage over the 2 MB huge page, shared by four tensors), a small layer
+    and a native one: the big storage moves into the huge-page mapping, shared as before, every output the same
+    bit for bit; the small storage and the native weight stay where they were."""
+    from s2t.weight_formats import HUGE_PAGE, weights_on_huge_pages
+
+    fmt = "int8_vnni" if "int8_vnni" in available_formats() else "int8"
+    torch.manual_seed(0)
+    layers = [FormattedLinear(nn.Linear(1024, n, bias=False), FormatPlan.uniform(fmt)) for n in (2048, 512, 512)]
+    fused = fuse_outputs(layers, rows=1)
+    small = FormattedLinear(nn.Linear(256, 256, bias=False), FormatPlan.uniform(fmt))
+    native = nn.Linear(1024, 1024, bias=False)  # 4 MB, but possibly a view of a checkpoint's mapping: not moved
+    part = lambda layer: layer.weights[fmt][0]  # noqa: E731
+    assert part(fused).untyped_storage().nbytes() >= HUGE_PAGE > part(small).untyped_storage().nbytes()
+    x = torch.randn(3, 1024)
+    before = [m(x) for m in (fused, *layers)] + [small(x[:, :256])]
+    small_at, native_at = part(small).data_ptr(), native.weight.data_ptr()
+    moved = weights_on_huge_pages([fused, *layers, small, native])
+    # one storage moved, now in a mapping of its bytes plus a huge page of room to align them
+    assert moved == part(fused).untyped_storage().nbytes() - HUGE_PAGE
+    after = [m(x) for m in (fused, *layers)] + [small(x[:, :256])]
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+    assert {part(m).untyped_storage().data_ptr() for m in (fused, *layers)} == {part(fused).untyped_storage().data_ptr()}
+    assert part(fused).data_ptr() % HUGE_PAGE == 0  # the mapping's first huge page starts the first storage
+    assert part(small).data_ptr() == small_at and native.weight.data_ptr() == native_at
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():  # a kernel with THP: the hint is set
+        assert "hg" in _mapping_flags(part(fused).data_ptr())
+    assert weights_on_huge_pages([small, native]) == 0
+
+
+def test_an_engine_moves_its_model_once_and_only_when_asked(tiny_pair, monkeypatch):
+    import s2t.runtime as runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "weights_on_huge_pages", lambda modules: calls.append(list(modules)) or 0)
+    fmt = "int8_vnni" if "int8_vnni" in available_formats() else "int8"
+    lm = load_model(str(tiny_pair[0]), tiny_pair[0].parent, weight_formats=fmt)
+    assert lm.huge_pages
+    first = Engine(lm)
+    Engine(lm)  # a second engine over the same model: moved already
+    (modules,) = calls
+    assert modules[0] is lm.model and len(modules) == 1 + 2 * len(first._fused)  # the model, then the fused layers
+    calls.clear()
+    Engine(load_model(str(tiny_pair[0]), tiny_pair[0].parent, weight_formats=fmt, huge_pages=False))
+    assert calls == []
