@@ -10,6 +10,11 @@ new position as a verification asks. One thread; run it under `taskset -c 1`.
 
 --path model-forward adds, per plan, the same forwards through transformers' model forward (the engine's
 direct and compiled steps turned off) beside the engine's own choice (--path engine), on the same weights.
+
+--huge-pages off,on loads each plan twice, its formatted weights on 4 KB pages and on 2 MB pages
+(runtime.huge_pages), and interleaves the two like plans:
+
+    taskset -c 1 python bench/forward_rows.py --name huge-pages-1.5b --plan auto --huge-pages off,on --rows 1,4,8
 """
 
 from __future__ import annotations
@@ -50,16 +55,23 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--path", action="append", choices=PATHS,
                     help="how each plan's forwards run (repeatable; default: engine)")
+    ap.add_argument("--huge-pages", default="on", help="'on', 'off' or 'off,on': the formatted weights on 2 MB pages "
+                    "(runtime.huge_pages); both loads each plan twice")
     args = ap.parse_args(argv)
+    huge = {"on": [True], "off": [False], "off,on": [False, True], "on,off": [True, False]}.get(args.huge_pages)
+    if huge is None:
+        ap.error(f"--huge-pages: expected 'on', 'off' or 'off,on', not {args.huge_pages!r}")
     rows = [int(r) for r in args.rows.split(",")]
     paths = args.path or ["engine"]
     engines, switches = {}, {}
     for i, spec in enumerate(args.plan):
-        engine = Engine(load_model(args.model, Path.home() / ".cache/s2t/models", spec, threads=1))
-        print(f"plan {spec!r}: {engine.lm.plan.describe()}, {engine.lm.weight_bytes / 2**30:.2f} GiB held", flush=True)
-        for path in paths:
-            key = f"{i}: {spec}" + (f" ({path})" if len(paths) > 1 else "")
-            engines[key], switches[key] = engine, path_switch(engine, path)
+        for on in huge:
+            engine = Engine(load_model(args.model, Path.home() / ".cache/s2t/models", spec, threads=1, huge_pages=on))
+            print(f"plan {spec!r}: {engine.lm.plan.describe()}, {engine.lm.weight_bytes / 2**30:.2f} GiB held", flush=True)
+            for path in paths:
+                key = (f"{i}: {spec}" + (f" ({path})" if len(paths) > 1 else "")
+                       + (f" (huge pages {'on' if on else 'off'})" if len(huge) > 1 else ""))
+                engines[key], switches[key] = engine, path_switch(engine, path)
     vocab = next(iter(engines.values())).lm.vocab_size
     prompt = [(1000 + i) % vocab for i in range(PROMPT_TOKENS)]
     caches = {}
@@ -90,7 +102,7 @@ def main(argv: list[str]) -> None:
                              "ms_per_row": round(med / m, 1), "vs_first_plan": round(base / med, 3)})
             print(f"M={m:3d} {key:50s} {med:8.1f} ms (min {min(ms[(key, m)]):.1f}) x{base / med:.2f}", flush=True)
     payload = results_header(args.name, "bench/forward_rows.py", argv)
-    payload.update(model=args.model, threads=1, rounds=args.rounds, prompt_tokens=PROMPT_TOKENS,
+    payload.update(model=args.model, threads=1, rounds=args.rounds, prompt_tokens=PROMPT_TOKENS, huge_pages=args.huge_pages,
                    plans={k: {"plan": e.lm.plan.describe(), "weight_gib": round(e.lm.weight_bytes / 2**30, 3)}
                           for k, e in engines.items()},
                    rows=out_rows)
