@@ -555,7 +555,7 @@ def page_out(t: torch.Tensor) -> None:
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 _MADV_HUGEPAGE = 14
 _ARENA_ALIGN = 64  # each moved storage starts on a cache line (the kernels' loads)
-_TRIM_EVERY = 128 << 20
+_TRIM_EVERY = 128 << 20  # bytes moved between two malloc_trim calls (each walks the heap: ~1 ms)
 
 
 def weights_on_huge_pages(modules: Iterable[nn.Module]) -> int:
@@ -566,9 +566,9 @@ def weights_on_huge_pages(modules: Iterable[nn.Module]) -> int:
     Why: a decode step streams every weight once, and on 4 KB pages that is a TLB miss and a page walk every
     4 KB (375,000 of them per step for the 1.5B's 1.5 GB). torch's allocator hands out 4 KB pages unless
     THP_MEM_ALLOC_ENABLE is set before its first allocation, and Linux's default (`madvise`) gives huge
-    pages only where asked. Measured on the 2-core Xeon, one thread, median of 21 forwards after a 100-token
-    prompt (THP_MEM_ALLOC_ENABLE=0 / 1 on the same code, twice each): the 0.5B's one-row step 38.5-38.7 ->
-    35.4-36.1 ms, four rows 44.7-44.9 -> 42.2-42.9 ms (README, issue #14).
+    pages only where asked. Measured on the 2-core Xeon, one thread, both settings interleaved in one process
+    (bench/forward_rows.py --huge-pages off,on): the 0.5B's one-row step 39.0 -> 33.9 ms, the 1.5B's 110.2 ->
+    101.3 ms, 1.04-1.12x at 2-16 rows (README, issue #14).
 
     Storages smaller than a huge page stay where they are. Each moved tensor keeps its identity (set_ onto the
     mapping, same offset, sizes and strides), so views that share a storage (fused layers) still share it,
