@@ -48,15 +48,13 @@ from s2t.rerank import contenders  # noqa: E402
 TAUS = (0.01, 0.05, 0.10, 0.20)
 PRIOR_WEIGHTS = (1.0, 0.65, 0.4, 0.2)
 BRANCHES = (1, 2, 3)
+BINS = 10  # tenths of the second candidate's share q (pick_calibration)
 
 
 def reachable(group, prior_weight: float) -> bool:
     """Whether some bin scores in [0, 1] rank the LLM's choice first under score = bins + w log p_SLM: it is
     one of the candidates the serving scorer would score (no probabilities: no prior, the bins alone decide)."""
     return not group.slm_probs or group.target in contenders(group.slm_probs, prior_weight)
-
-
-BINS = 10
 
 
 def candidate_share(probs: list[float], rank: int) -> float:

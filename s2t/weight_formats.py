@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -506,13 +506,20 @@ def held_weight_bytes(model: nn.Module) -> int:
         add(t)
     for module in model.modules():
         if isinstance(module, FormattedLinear):
-            for weight in module.weights.values():
-                for part in weight if isinstance(weight, tuple) else (weight,):
-                    if isinstance(part, torch.Tensor):
-                        add(part)
+            for part in format_tensors(module):
+                add(part)
             if module.bias is not None:
                 add(module.bias)
     return total
+
+
+def format_tensors(layer: FormattedLinear, skip: Iterable[str] = ()) -> Iterator[torch.Tensor]:
+    """The tensors of every format copy `layer` holds but those of the formats in `skip` (a format's weight is
+    one tensor or a tuple of parts, some of them not tensors: an input width, a kernel)."""
+    for fmt, weight in layer.weights.items():
+        if fmt not in skip:
+            yield from (part for part in (weight if isinstance(weight, tuple) else (weight,))
+                        if isinstance(part, torch.Tensor))
 
 
 _PAGE = 4096
@@ -575,23 +582,14 @@ def weights_on_huge_pages(modules: Iterable[nn.Module]) -> int:
     and the numbers are the same bit for bit. One storage is copied at a time and freed once its tensors have
     moved, so the peak adds one storage, not the model. Where Linux has no transparent huge pages (or they are
     `never`) the hint is ignored and the mapping is plain memory."""
-    tensors: dict[int, torch.Tensor] = {}
-    for module in modules:
-        for m in module.modules():
-            if not isinstance(m, FormattedLinear):
-                continue
-            for fmt, weight in m.weights.items():
-                if fmt == "native":
-                    continue
-                for part in weight if isinstance(weight, tuple) else (weight,):
-                    if isinstance(part, torch.Tensor) and part.device.type == "cpu" and not part.is_mkldnn:
-                        tensors[id(part)] = part
+    tensors = {id(t): t for module in modules for m in module.modules() if isinstance(m, FormattedLinear)
+               for t in format_tensors(m, skip=("native",)) if t.device.type == "cpu" and not t.is_mkldnn}
     by_storage: dict[int, list[torch.Tensor]] = {}
     for t in tensors.values():
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
     # (the tensors only: a reference to an old storage kept here would keep it alive through the move)
-    moving = [(views, views[0].untyped_storage().nbytes()) for views in by_storage.values()]
-    moving = [(views, nbytes) for views, nbytes in moving if nbytes >= HUGE_PAGE]
+    moving = [(views, nbytes) for views in by_storage.values()
+              if (nbytes := views[0].untyped_storage().nbytes()) >= HUGE_PAGE]
     if not moving or _MADVISE is None:
         return 0
     slots, total = [], 0

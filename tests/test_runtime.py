@@ -402,17 +402,32 @@ def test_weights_on_huge_pages_move_big_storages_and_change_no_number():
 
 
 def test_an_engine_moves_its_model_once_and_only_when_asked(tiny_pair, monkeypatch):
-    import s2t.runtime as runtime
+    """The real move on the tiny model, whose weights are under 2 MB, so the threshold is a 4 KB page here:
+    every formatted weight, the fused layers' included, ends in one mapping, the forwards are bit for bit those
+    of an engine that did not move its model, a second engine over the model moves nothing, and huge_pages
+    False moves nothing."""
+    import s2t.weight_formats as wf
 
-    calls = []
-    monkeypatch.setattr(runtime, "weights_on_huge_pages", lambda modules: calls.append(list(modules)) or 0)
+    monkeypatch.setattr(wf, "HUGE_PAGE", 4096)
     fmt = "int8_vnni" if "int8_vnni" in available_formats() else "int8"
+
+    def big_storages(engine: Engine) -> set[int]:
+        layers = [m for m in engine.lm.model.modules() if isinstance(m, FormattedLinear)]
+        layers += [layer for pair in engine._fused for layer in pair if layer is not None]
+        return {t.untyped_storage().data_ptr() for layer in layers for t in wf.format_tensors(layer)
+                if t.untyped_storage().nbytes() >= 4096}
+
     lm = load_model(str(tiny_pair[0]), tiny_pair[0].parent, weight_formats=fmt)
     assert lm.huge_pages
-    first = Engine(lm)
+    moved = Engine(lm)
+    assert moved._fused and len(big_storages(moved)) == 1
+    pointers = [t.data_ptr() for m in lm.model.modules() if isinstance(m, FormattedLinear) for t in wf.format_tensors(m)]
     Engine(lm)  # a second engine over the same model: moved already
-    (modules,) = calls
-    assert modules[0] is lm.model and len(modules) == 1 + 2 * len(first._fused)  # the model, then the fused layers
-    calls.clear()
-    Engine(load_model(str(tiny_pair[0]), tiny_pair[0].parent, weight_formats=fmt, huge_pages=False))
-    assert calls == []
+    assert [t.data_ptr() for m in lm.model.modules() if isinstance(m, FormattedLinear)
+            for t in wf.format_tensors(m)] == pointers
+    kept = Engine(load_model(str(tiny_pair[0]), tiny_pair[0].parent, weight_formats=fmt, huge_pages=False))
+    assert len(big_storages(kept)) > 1
+    prompt, caches = list(range(3, 12)), [moved.new_cache(), kept.new_cache()]  # a prefill, then a one-row step
+    for feed, want in ((prompt, list(range(len(prompt)))), ([7], [0])):
+        a, b = (engine.forward([cache], [feed], [want])[0] for engine, cache in zip((moved, kept), caches))
+        assert torch.equal(a, b)
