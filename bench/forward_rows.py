@@ -15,6 +15,9 @@ direct and compiled steps turned off) beside the engine's own choice (--path eng
 (runtime.huge_pages), and interleaves the two like plans:
 
     taskset -c 1 python bench/forward_rows.py --name huge-pages-1.5b --plan auto --huge-pages off,on --rows 1,4,8
+
+--move-min-bytes 2097152,4096 loads each plan with huge pages on once per value of weight_formats.MOVE_MIN_BYTES
+(the smallest storage moved onto them), interleaved like plans.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from run_bench import RESULTS, results_header, write_results
+from s2t import weight_formats
 from s2t.runtime import Engine, load_model
 
 PROMPT_TOKENS = 100
@@ -57,20 +61,27 @@ def main(argv: list[str]) -> None:
                     help="how each plan's forwards run (repeatable; default: engine)")
     ap.add_argument("--huge-pages", default="on", help="'on', 'off' or 'off,on': the formatted weights on 2 MB pages "
                     "(runtime.huge_pages); both loads each plan twice")
+    ap.add_argument("--move-min-bytes", default=None, help="comma-separated values of weight_formats.MOVE_MIN_BYTES "
+                    "(the smallest storage moved onto huge pages): loads each plan with huge pages on once per value")
     args = ap.parse_args(argv)
     huge = {"on": [True], "off": [False], "off,on": [False, True], "on,off": [True, False]}.get(args.huge_pages)
     if huge is None:
         ap.error(f"--huge-pages: expected 'on', 'off' or 'off,on', not {args.huge_pages!r}")
     rows = [int(r) for r in args.rows.split(",")]
     paths = args.path or ["engine"]
+    move_min = [int(b) for b in args.move_min_bytes.split(",")] if args.move_min_bytes else [weight_formats.MOVE_MIN_BYTES]
+    loads = [(on, b) for on in huge for b in (move_min if on else [None])]
     engines, switches = {}, {}
     for i, spec in enumerate(args.plan):
-        for on in huge:
+        for on, min_bytes in loads:
+            if min_bytes is not None:
+                weight_formats.MOVE_MIN_BYTES = min_bytes  # read by the Engine's move, below
             engine = Engine(load_model(args.model, Path.home() / ".cache/s2t/models", spec, threads=1, huge_pages=on))
             print(f"plan {spec!r}: {engine.lm.plan.describe()}, {engine.lm.weight_bytes / 2**30:.2f} GiB held", flush=True)
             for path in paths:
                 key = (f"{i}: {spec}" + (f" ({path})" if len(paths) > 1 else "")
-                       + (f" (huge pages {'on' if on else 'off'})" if len(huge) > 1 else ""))
+                       + (f" (huge pages {'on' if on else 'off'})" if len(huge) > 1 else "")
+                       + (f" (storages from {min_bytes} B moved)" if len(move_min) > 1 and on else ""))
                 engines[key], switches[key] = engine, path_switch(engine, path)
     vocab = next(iter(engines.values())).lm.vocab_size
     prompt = [(1000 + i) % vocab for i in range(PROMPT_TOKENS)]
@@ -103,6 +114,7 @@ def main(argv: list[str]) -> None:
             print(f"M={m:3d} {key:50s} {med:8.1f} ms (min {min(ms[(key, m)]):.1f}) x{base / med:.2f}", flush=True)
     payload = results_header(args.name, "bench/forward_rows.py", argv)
     payload.update(model=args.model, threads=1, rounds=args.rounds, prompt_tokens=PROMPT_TOKENS, huge_pages=args.huge_pages,
+                   move_min_bytes=move_min if any(huge) else None,
                    plans={k: {"plan": e.lm.plan.describe(), "weight_gib": round(e.lm.weight_bytes / 2**30, 3)}
                           for k, e in engines.items()},
                    rows=out_rows)

@@ -560,6 +560,10 @@ def page_out(t: torch.Tensor) -> None:
 
 
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+# Storages from one 4 KB page up move: packed one after the other into the mapping, a storage smaller than a huge
+# page shares one with its neighbours. (Moving only storages of 2 MB or more left the 0.5B's q/k/v and o_proj
+# products, 1.0 and 0.8 MB a layer, 42 of its 475 MB of formatted weights, on 4 KB pages.)
+MOVE_MIN_BYTES = 4096
 _MADV_HUGEPAGE = 14
 _ARENA_ALIGN = 64  # each moved storage starts on a cache line (the kernels' loads)
 _TRIM_EVERY = 128 << 20  # bytes moved between two malloc_trim calls (each walks the heap: ~1 ms)
@@ -577,7 +581,7 @@ def weights_on_huge_pages(modules: Iterable[nn.Module]) -> int:
     (bench/forward_rows.py --huge-pages off,on): the 0.5B's one-row step 39.0 -> 33.9 ms, the 1.5B's 110.2 ->
     101.3 ms, 1.04-1.12x at 2-16 rows (README, issue #14).
 
-    Storages smaller than a huge page stay where they are. Each moved tensor keeps its identity (set_ onto the
+    Storages under MOVE_MIN_BYTES (a 4 KB page) stay where they are. Each moved tensor keeps its identity (set_ onto the
     mapping, same offset, sizes and strides), so views that share a storage (fused layers) still share it,
     and the numbers are the same bit for bit. One storage is copied at a time and freed once its tensors have
     moved, so the peak adds one storage, not the model. Where Linux has no transparent huge pages (or they are
@@ -589,7 +593,7 @@ def weights_on_huge_pages(modules: Iterable[nn.Module]) -> int:
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
     # (the tensors only: a reference to an old storage kept here would keep it alive through the move)
     moving = [(views, nbytes) for views in by_storage.values()
-              if (nbytes := views[0].untyped_storage().nbytes()) >= HUGE_PAGE]
+              if (nbytes := views[0].untyped_storage().nbytes()) >= MOVE_MIN_BYTES]
     if not moving or _MADVISE is None:
         return 0
     slots, total = [], 0

@@ -370,52 +370,59 @@ def _mapping_flags(address: int) -> list[str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-def test_weights_on_huge_pages_move_big_storages_and_change_no_number():
-    """q/k/v-shaped int8 layers fused (a storage over the 2 MB huge page, shared by four tensors), a small layer
-    and a native one: the big storage moves into the huge-page mapping, shared as before, every output the same
-    bit for bit; the small storage and the native weight stay where they were."""
-    from s2t.weight_formats import HUGE_PAGE, weights_on_huge_pages
+def test_weights_on_huge_pages_move_every_storage_of_a_page_and_change_no_number():
+    """q/k/v-shaped int8 layers fused (a weight storage over the 2 MB huge page, shared by four tensors, and their
+    scales'), a layer of 64 KB and one of 2 KB, and a native one: every format storage of at least a 4 KB page
+    moves into the one huge-page mapping, packed (the 64 KB layer too: under a huge page, it shares one with its
+    neighbours), shared as before, every output the same bit for bit; the 2 KB weight and the native one stay."""
+    from s2t.weight_formats import HUGE_PAGE, MOVE_MIN_BYTES, format_tensors, weights_on_huge_pages
 
     fmt = "int8_vnni" if "int8_vnni" in available_formats() else "int8"
     torch.manual_seed(0)
     layers = [FormattedLinear(nn.Linear(1024, n, bias=False), FormatPlan.uniform(fmt)) for n in (2048, 512, 512)]
     fused = fuse_outputs(layers, rows=1)
     small = FormattedLinear(nn.Linear(256, 256, bias=False), FormatPlan.uniform(fmt))
+    tiny = FormattedLinear(nn.Linear(64, 16, bias=False), FormatPlan.uniform(fmt))
     native = nn.Linear(1024, 1024, bias=False)  # 4 MB, but possibly a view of a checkpoint's mapping: not moved
     part = lambda layer: layer.weights[fmt][0]  # noqa: E731
-    assert part(fused).untyped_storage().nbytes() >= HUGE_PAGE > part(small).untyped_storage().nbytes()
+    assert part(fused).untyped_storage().nbytes() >= HUGE_PAGE > part(small).untyped_storage().nbytes() >= MOVE_MIN_BYTES
+    assert part(tiny).untyped_storage().nbytes() < MOVE_MIN_BYTES
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for m in (fused, small) for t in format_tensors(m) if t.untyped_storage().nbytes() >= MOVE_MIN_BYTES}
     x = torch.randn(3, 1024)
-    before = [m(x) for m in (fused, *layers)] + [small(x[:, :256])]
-    small_at, native_at = part(small).data_ptr(), native.weight.data_ptr()
-    moved = weights_on_huge_pages([fused, *layers, small, native])
-    # one storage moved, now in a mapping of its bytes plus a huge page of room to align them
-    assert moved == part(fused).untyped_storage().nbytes() - HUGE_PAGE
-    after = [m(x) for m in (fused, *layers)] + [small(x[:, :256])]
+    before = [m(x) for m in (fused, *layers)] + [small(x[:, :256]), tiny(x[:, :64])]
+    tiny_at, native_at = part(tiny).data_ptr(), native.weight.data_ptr()
+    moved = weights_on_huge_pages([fused, *layers, small, tiny, native])
+    # the fused weight, its scales, the 64 KB weight (its 1 KB scales stay), each from a cache line
+    assert moved == sum(-(-n // 64) * 64 for n in storages.values()) and len(storages) == 3
+    after = [m(x) for m in (fused, *layers)] + [small(x[:, :256]), tiny(x[:, :64])]
     for a, b in zip(before, after):
         assert torch.equal(a, b)
-    assert {part(m).untyped_storage().data_ptr() for m in (fused, *layers)} == {part(fused).untyped_storage().data_ptr()}
+    mapping = part(fused).untyped_storage().data_ptr()
+    assert {t.untyped_storage().data_ptr() for m in (fused, *layers, small) for t in format_tensors(m)
+            if t.untyped_storage().nbytes() >= MOVE_MIN_BYTES} == {mapping}
+    assert part(fused).untyped_storage().nbytes() == moved + HUGE_PAGE  # the mapping: its bytes + room to align
     assert part(fused).data_ptr() % HUGE_PAGE == 0  # the mapping's first huge page starts the first storage
-    assert part(small).data_ptr() == small_at and native.weight.data_ptr() == native_at
+    assert part(tiny).data_ptr() == tiny_at and native.weight.data_ptr() == native_at
     if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():  # a kernel with THP: the hint is set
         assert "hg" in _mapping_flags(part(fused).data_ptr())
-    assert weights_on_huge_pages([small, native]) == 0
+        assert "hg" in _mapping_flags(part(small).data_ptr())
+    assert weights_on_huge_pages([tiny, native]) == 0
 
 
-def test_an_engine_moves_its_model_once_and_only_when_asked(tiny_pair, monkeypatch):
-    """The real move on the tiny model, whose weights are under 2 MB, so the threshold is a 4 KB page here:
-    every formatted weight, the fused layers' included, ends in one mapping, the forwards are bit for bit those
-    of an engine that did not move its model, a second engine over the model moves nothing, and huge_pages
-    False moves nothing."""
+def test_an_engine_moves_its_model_once_and_only_when_asked(tiny_pair):
+    """The real move on the tiny model: every formatted weight of a 4 KB page or more, the fused layers'
+    included, ends in one mapping, the forwards are bit for bit those of an engine that did not move its model,
+    a second engine over the model moves nothing, and huge_pages False moves nothing."""
     import s2t.weight_formats as wf
 
-    monkeypatch.setattr(wf, "HUGE_PAGE", 4096)
     fmt = "int8_vnni" if "int8_vnni" in available_formats() else "int8"
 
     def big_storages(engine: Engine) -> set[int]:
         layers = [m for m in engine.lm.model.modules() if isinstance(m, FormattedLinear)]
         layers += [layer for pair in engine._fused for layer in pair if layer is not None]
         return {t.untyped_storage().data_ptr() for layer in layers for t in wf.format_tensors(layer)
-                if t.untyped_storage().nbytes() >= 4096}
+                if t.untyped_storage().nbytes() >= wf.MOVE_MIN_BYTES}
 
     lm = load_model(str(tiny_pair[0]), tiny_pair[0].parent, weight_formats=fmt)
     assert lm.huge_pages
