@@ -15,6 +15,10 @@ Or A/B a code change: `--a-rev REV` runs worker A on git revision REV's code (it
 to ~/.cache/s2t/worker-ab/<commit>/, with a torch extension directory of its own for its kernels' builds), and
 worker B (and the selector) on this tree's, uncommitted changes included.
 
+The interval is over problems, within one pair of worker processes: three A/A runs of the same code (one with
+--a-rev) gave 0.979x, 0.995x and 1.002x (bench/results/aa-ab-split, aa-same-tree-split, aa-arev-split), so read a
+paired ratio within +-2 % as no difference.
+
 Shapes: `split` (default) pins the selector to the second usable CPU and both workers to the first, one thread
 each, as bench/split_cores.py does; `shared` leaves every CPU to all three with one thread per CPU.
 """
