@@ -486,10 +486,11 @@ def apply_plan(model: nn.Module, plan: FormatPlan, skip: Iterable[str] = (),
 
 def held_weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights `model` holds: its parameters and every format copy of every FormattedLinear (not
-    buffers such as rotary tables: they are computed, not loaded), each storage counted once (a fused layer's
-    parts are views into one storage; a tied embedding is one tensor). Memory-mapped tensors count at their
-    full size, resident or not."""
-    seen: set[int] = set()
+    buffers such as rotary tables: they are computed, not loaded), each byte counted once: per storage, the bytes
+    its tensors span (a fused layer's parts are views into one storage; a tied embedding is one tensor; the
+    weights moved onto huge pages share one mapping, whose alignment slack is not weights). Memory-mapped
+    tensors count at their full size, resident or not."""
+    spans: dict[int, list[tuple[int, int]]] = {}
     total = 0
 
     def add(t: torch.Tensor) -> None:
@@ -497,10 +498,10 @@ def held_weight_bytes(model: nn.Module) -> int:
         if t.is_mkldnn:  # oneDNN's blocked layout has no storage to share: always its own copy
             total += t.numel() * t.element_size()
             return
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
+        if t.numel():
+            start = t.storage_offset() * t.element_size()
+            extent = 1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+            spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + extent * t.element_size()))
 
     for t in model.parameters():
         add(t)
@@ -510,6 +511,11 @@ def held_weight_bytes(model: nn.Module) -> int:
                 add(part)
             if module.bias is not None:
                 add(module.bias)
+    for ranges in spans.values():  # the union of each storage's spans
+        end = 0
+        for lo, hi in sorted(ranges):
+            total += max(0, hi - max(lo, end))
+            end = max(end, hi)
     return total
 
 
