@@ -51,12 +51,11 @@ def run(role: str, problems: int, max_new: int, overrides: list[str]) -> dict:
     from s2t import gsm8k
     from s2t.config import load_settings
     from s2t.prompts import chat_prompt_ids
-    from s2t.runtime import Engine, load_model
+    from s2t.runtime import Engine, load_with
 
     settings = load_settings(**{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in overrides)})
     section = settings.worker if role == "worker" else settings.selector
-    lm = load_model(section.model, settings.cache_dir, section.runtime.weight_formats, section.runtime.threads,
-                    huge_pages=section.runtime.huge_pages)
+    lm = load_with(section.model, settings.cache_dir, section.runtime)
     engine = Engine(lm)
     prompts = [chat_prompt_ids(lm.tokenizer, settings.worker.system_prompt, p["question"])
                for p in gsm8k.load("test", 0, problems)]

@@ -207,11 +207,10 @@ class SelectorCore:
     def from_settings(cls, settings, metrics: SelectorMetrics | None = None) -> "SelectorCore":
         """Load the selector model, its KL calibration and the selection log as configured."""
         from s2t.calibration import read_calibration
-        from s2t.runtime import load_model
+        from s2t.runtime import load_with
 
         sel = settings.selector
-        lm = load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats, sel.runtime.threads,
-                        sel.runtime.device, sel.runtime.huge_pages)
+        lm = load_with(sel.model, settings.cache_dir, sel.runtime)
         calibration = read_calibration(settings.calibration_file()) or {}
         selection_log = None
         if sel.log_enabled:

@@ -73,18 +73,15 @@ def cmd_calibrate(args) -> None:
     from . import gsm8k
     from .calibration import calibrate, write_calibration
     from .prompts import chat_prompt_ids
-    from .runtime import Engine, load_model
+    from .runtime import Engine, load_with
 
     settings = _settings(args)
     _fetch_needed(settings)
     ws, sel = settings.worker, settings.selector
-    slm = Engine(load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads,
-                             huge_pages=ws.runtime.huge_pages))
+    slm = Engine(load_with(ws.model, settings.cache_dir, ws.runtime))
     problems = gsm8k.load("train", 0, args.problems)
     prompts = [chat_prompt_ids(slm.lm.tokenizer, ws.system_prompt, p["question"]) for p in problems]
-    llm = None if args.no_llm else Engine(load_model(sel.model, settings.cache_dir, sel.runtime.weight_formats,
-                                                    sel.runtime.threads, sel.runtime.device,
-                                                    sel.runtime.huge_pages))
+    llm = None if args.no_llm else Engine(load_with(sel.model, settings.cache_dir, sel.runtime))
     result = calibrate(slm, llm, [list(p) for p in prompts], args.max_new_tokens, ws.warmup_steps,
                        ws.num_candidates, log=lambda m: print(m, file=sys.stderr))
     path = Path(args.output) if args.output else settings.calibration_file()
@@ -219,7 +216,7 @@ def cmd_run(args) -> None:
 def cmd_collect(args) -> None:
     """GSM8K train rollouts of the SLM, every position labelled by a selector (started here unless --selector)."""
     from .collect import collect
-    from .runtime import Engine, load_model
+    from .runtime import Engine, load_with
 
     settings = _settings(args)
     _fetch_needed(settings)
@@ -234,8 +231,7 @@ def cmd_collect(args) -> None:
               f"{settings.selection_log_dir()}", file=sys.stderr, flush=True)
         address, stop = serve_app.start(settings), serve_app.stop
     try:
-        engine = Engine(load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads,
-                                    huge_pages=ws.runtime.huge_pages))
+        engine = Engine(load_with(ws.model, settings.cache_dir, ws.runtime))
         summary = asyncio.run(collect(engine, address, sel.application if args.selector is None else (args.application or ""),
                           out_dir, args.problems, start=args.start, k=args.num_candidates,
                           max_new_tokens=args.max_new_tokens, max_positions=sel.max_positions, batch=args.batch,

@@ -24,7 +24,7 @@ from . import kernels
 from .weight_formats import (BUCKETS, FormatPlan, apply_plan, cpu_capability, format_available, fuse_outputs,
                              fused_row_function, held_weight_bytes, measure_plan, release_free_memory, row_function,
                              weights_on_huge_pages)
-from .config import ConfigError
+from .config import ConfigError, RuntimeSettings
 from .model_store import read_manifest, resolve_model
 from .vocab import vocab_hash, weights_sha256
 from .rerank import adapter_scope, set_active_adapter, tree_inputs
@@ -176,6 +176,12 @@ def load_model(spec: str, cache_dir: Path, weight_formats: str = "auto", threads
     lm = _loaded(model, path, plan, t0)
     lm.huge_pages = huge_pages
     return lm
+
+
+def load_with(spec: str, cache_dir: Path, runtime: RuntimeSettings) -> LoadedModel:
+    """load_model with a role's runtime settings (worker.runtime, selector.runtime): every one of them, so a
+    setting added there reaches every process that loads a model."""
+    return load_model(spec, cache_dir, runtime.weight_formats, runtime.threads, runtime.device, runtime.huge_pages)
 
 
 def _loaded(model: nn.Module, path: Path, plan: FormatPlan, t0: float) -> LoadedModel:

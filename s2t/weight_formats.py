@@ -587,9 +587,9 @@ def weights_on_huge_pages(modules: Iterable[nn.Module]) -> int:
     (bench/forward_rows.py --huge-pages off,on): the 0.5B's one-row step 39.0 -> 33.9 ms, the 1.5B's 110.2 ->
     101.3 ms, 1.04-1.12x at 2-16 rows (README, issue #14).
 
-    Storages under MOVE_MIN_BYTES (a 4 KB page) stay where they are. Each moved tensor keeps its identity (set_ onto the
-    mapping, same offset, sizes and strides), so views that share a storage (fused layers) still share it,
-    and the numbers are the same bit for bit. One storage is copied at a time and freed once its tensors have
+    Storages under MOVE_MIN_BYTES (a 4 KB page) stay where they are. Each moved tensor keeps its identity (set_
+    onto the mapping, same offset, sizes and strides), so views that share a storage (fused layers) still share
+    it, and the numbers are the same bit for bit. One storage is copied at a time and freed once its tensors have
     moved, so the peak adds one storage, not the model. Where Linux has no transparent huge pages (or they are
     `never`) the hint is ignored and the mapping is plain memory."""
     tensors = {id(t): t for module in modules for m in module.modules() if isinstance(m, FormattedLinear)

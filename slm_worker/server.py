@@ -21,7 +21,7 @@ from s2t.calibration import read_calibration
 from s2t.config import Settings
 from s2t.modes import Mode, TriggerKind
 from s2t.prompts import chat_ids
-from s2t.runtime import Engine, LoadedModel, load_model
+from s2t.runtime import Engine, LoadedModel, load_with
 from s2t.triggers import LocalTrigger, ThresholdTable
 from s2t.security import BearerTokens, add_port
 from s2t.tracing import (TracedRole, annotate_current_span, build_tracer_provider, client_interceptors,
@@ -71,8 +71,7 @@ class Worker:
         describes, which the worker builds and shuts down itself (None: tracing is off)."""
         self.settings = settings
         ws = settings.worker
-        self.lm = lm or load_model(ws.model, settings.cache_dir, ws.runtime.weight_formats, ws.runtime.threads,
-                                   huge_pages=ws.runtime.huge_pages)
+        self.lm = lm or load_with(ws.model, settings.cache_dir, ws.runtime)
         self.engine = Engine(self.lm)
         self._owns_tracer_provider = tracer_provider is None
         self.tracer_provider = (tracer_provider if tracer_provider is not None

@@ -9,7 +9,7 @@ from torch import nn
 
 from s2t.weight_formats import (BUCKETS, SHARE_TOLERANCE, FormatPlan, FormattedLinear, available_formats, fuse_outputs,
                                 held_weight_bytes, measure_plan, share_formats)
-from s2t.runtime import Engine, _padding_groups, load_model
+from s2t.runtime import Engine, _padding_groups, load_model, load_with
 
 
 @pytest.fixture(scope="module")
@@ -408,6 +408,23 @@ def test_weights_on_huge_pages_move_every_storage_of_a_page_and_change_no_number
         assert "hg" in _mapping_flags(part(fused).data_ptr())
         assert "hg" in _mapping_flags(part(small).data_ptr())
     assert weights_on_huge_pages([tiny, native]) == 0
+
+
+def test_load_with_takes_every_runtime_setting(tiny_pair):
+    """A role's runtime settings reach the load whole: formats, threads, device and huge pages."""
+    from s2t.config import RuntimeSettings
+
+    runtime = RuntimeSettings(weight_formats="fp32", threads=1, huge_pages=False)
+    threads = torch.get_num_threads()
+    try:
+        lm = load_with(str(tiny_pair[0]), tiny_pair[0].parent, runtime)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert lm.plan.formats == ("fp32",) * len(BUCKETS)
+    assert not lm.huge_pages
+    assert next(lm.model.parameters()).device.type == "cpu"
+    assert load_with(str(tiny_pair[0]), tiny_pair[0].parent, RuntimeSettings(weight_formats="fp32")).huge_pages
 
 
 def test_an_engine_moves_its_model_once_and_only_when_asked(tiny_pair):
